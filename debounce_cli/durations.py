@@ -1,0 +1,78 @@
+"""Parse and format durations such as ``250ms``, ``1m30s`` or ``0.5``.
+
+Kept free of imports beyond ``re`` because the client parses ``--delay`` on every call.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ms|s|m|h|d)")
+_BARE = re.compile(r"\d+(?:\.\d*)?|\.\d+")
+
+
+class DurationError(ValueError):
+    """A duration that cannot be parsed; the message says what to write instead."""
+
+
+def parse_duration(text: str) -> float:
+    """Return ``text`` as seconds.
+
+    Accepts a bare number of seconds (``0.5``) or one or more number-unit parts with the units
+    ``ms``, ``s``, ``m``, ``h`` and ``d`` (``1m30s``, ``1.5s``, ``250ms``). Each unit may appear
+    once, largest first, so ``30s1m`` and ``1m1m`` are refused rather than guessed at.
+    """
+    raw = text
+    text = text.strip().lower()
+    if not text:
+        raise DurationError("empty duration; write e.g. 250ms, 2s, 1m30s or 0.5")
+    if _BARE.fullmatch(text):
+        value = float(text)
+    else:
+        pos = 0
+        value = 0.0
+        last_rank = None
+        order = ["d", "h", "m", "s", "ms"]
+        while pos < len(text):
+            match = _PART.match(text, pos)
+            if not match:
+                raise DurationError(
+                    f"invalid duration {raw!r}; write e.g. 250ms, 2s, 1.5s, 1m30s, 2h or 0.5"
+                )
+            number, unit = match.groups()
+            rank = order.index(unit)
+            if last_rank is not None and rank <= last_rank:
+                raise DurationError(
+                    f"invalid duration {raw!r}: units must appear once each, largest first "
+                    "(e.g. 1m30s)"
+                )
+            last_rank = rank
+            value += float(number) * _UNITS[unit]
+            pos = match.end()
+    if not math.isfinite(value):
+        raise DurationError(f"invalid duration {raw!r}: too large")
+    return value
+
+
+def format_duration(seconds: float) -> str:
+    """Format seconds compactly for people: ``250ms``, ``2s``, ``1.5s``, ``1m30s``, ``2h5m``."""
+    if seconds < 0:
+        return "-" + format_duration(-seconds)
+    if seconds < 1:
+        return f"{round(seconds * 1000)}ms"
+    if seconds < 60:
+        text = f"{seconds:.1f}".rstrip("0").rstrip(".")
+        return f"{text}s"
+    total = round(seconds)
+    hours, rest = divmod(total, 3600)
+    minutes, secs = divmod(rest, 60)
+    parts = []
+    if hours:
+        parts.append(f"{hours}h")
+    if minutes:
+        parts.append(f"{minutes}m")
+    if secs and not hours:
+        parts.append(f"{secs}s")
+    return "".join(parts) or "0s"

@@ -1,0 +1,546 @@
+"""The debounce state machine: plain data, an injected clock, no I/O and no asyncio.
+
+Every rule of the SPEC's Semantics section lives here, so it can be tested exactly by moving a
+fake clock. The daemon feeds it events (``submit``, ``tick``, ``run_exited``, ``flush``,
+``cancel``) and carries out the effects each call returns (start a process, send a signal, tell
+waiters a run finished). It asks :meth:`Scheduler.next_deadline` when to call ``tick`` next, so
+nothing polls.
+
+Waiters are opaque tokens owned by the caller (a client connection, the stdin source). They sit
+on the invocation they wait for; when that invocation is superseded they move to its
+replacement, and when it starts they move to its run, so every waiter follows the chain of
+replacements to the run that finally stands for it.
+
+Every change of an invocation's or run's state goes through :meth:`Scheduler._transition`, the
+one place a journal hooks into (``observer``).
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+# Invocation states.
+PENDING = "pending"  # waiting for its quiet period, or due and waiting for its key to be free
+QUEUED = "queued"  # due, key free, waiting for a job slot
+SUPERSEDED = "superseded"  # replaced by a later invocation of the same key (see replaced_by)
+RUNNING = "running"  # attached to a run that is executing
+FINISHED = "finished"  # attached to a run that has ended
+CANCELLED = "cancelled"  # dropped by `debounce cancel`
+
+ON_BUSY = ("queue", "restart", "ignore")
+
+
+@dataclass(frozen=True, slots=True)
+class Options:
+    """Per-invocation rules; the latest invocation's options win, like its argv."""
+
+    delay: float = 1.0
+    max_wait: float | None = None
+    leading: bool = False
+    trailing: bool = True
+    on_busy: str = "queue"
+    stop_timeout: float = 5.0
+    timeout: float | None = None
+    defer: bool = True
+
+    def problems(self) -> list[str]:
+        """Usage errors, worded for the command line; empty when the options are usable."""
+        out = []
+        if self.delay < 0:
+            out.append("--delay must not be negative")
+        if self.max_wait is not None and self.max_wait <= 0:
+            out.append("--max-wait must be greater than 0")
+        if self.timeout is not None and self.timeout <= 0:
+            out.append("--timeout must be greater than 0")
+        if self.stop_timeout < 0:
+            out.append("--stop-timeout must not be negative")
+        if self.on_busy not in ON_BUSY:
+            out.append(f"--on-busy must be one of {', '.join(ON_BUSY)}, not {self.on_busy!r}")
+        if not self.trailing and not self.leading:
+            out.append(
+                "--no-trailing without --leading would never run anything; add --leading"
+            )
+        return out
+
+
+@dataclass(eq=False, slots=True)
+class Invocation:
+    """One submission. ``payload`` (argv, cwd, environment) is opaque to the scheduler."""
+
+    id: int
+    key: str
+    options: Options
+    received_at: float
+    payload: Any = None
+    state: str = PENDING
+    due: float = 0.0
+    first_at: float = 0.0  # first invocation of the chain this one ends; max-wait counts from it
+    coalesced: int = 1  # invocations this one stands for, itself included
+    leading_edge: bool = False  # first of a --leading burst: due at once
+    replaced_by: Invocation | None = None
+    run: Run | None = None
+    waiters: list[Any] = field(default_factory=list)
+
+    def head(self) -> Invocation:
+        """Follow the chain of replacements to the invocation that stands for this one now."""
+        inv = self
+        while inv.replaced_by is not None:
+            inv = inv.replaced_by
+        return inv
+
+
+@dataclass(eq=False, slots=True)
+class Run:
+    """One execution of the invocation that won."""
+
+    id: int
+    key: str
+    invocation: Invocation
+    coalesced: int
+    started_at: float
+    started_wall: float
+    state: str = RUNNING
+    waiters: list[Any] = field(default_factory=list)
+    deadline: float | None = None  # --timeout
+    stop_reason: str | None = None  # "timeout", "restart", "shutdown" once a stop was asked
+    kill_at: float | None = None  # SIGKILL if still running then
+    exit_code: int | None = None
+    finished_at: float | None = None
+    finished_wall: float | None = None
+    outcome: str | None = None  # "exited", "timeout", "restarted", "stopped"
+
+
+@dataclass(eq=False, slots=True)
+class KeyState:
+    key: str
+    pending: Invocation | None = None
+    running: Run | None = None
+    burst_until: float = 0.0  # a --leading burst lasts until a full delay passes quietly
+    burst_run: Run | None = None  # the leading run of the current burst
+    burst_leader: Invocation | None = None  # the leading invocation, before it has started
+
+
+# Effects the daemon carries out.
+@dataclass(frozen=True, slots=True)
+class StartRun:
+    run: Run
+
+
+@dataclass(frozen=True, slots=True)
+class SignalRun:
+    run: Run
+    signal: str  # "TERM" or "KILL"
+
+
+@dataclass(frozen=True, slots=True)
+class RunFinished:
+    """``waiters`` are told the run's result (some may have joined after it had ended)."""
+
+    run: Run
+    waiters: list[Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Joined:
+    """``waiters`` joined a run that is executing: they get its output so far, then the rest."""
+
+    run: Run
+    waiters: list[Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Updated:
+    """The pending invocation of a key changed (superseded, new due time, queued)."""
+
+    invocation: Invocation
+
+
+@dataclass(frozen=True, slots=True)
+class Cancelled:
+    invocation: Invocation
+    waiters: list[Any]
+
+
+Effect = StartRun | SignalRun | RunFinished | Joined | Updated | Cancelled
+
+
+class Scheduler:
+    """All pending invocations and running runs of one daemon.
+
+    Args:
+        clock: monotonic seconds; deadlines are in this time base.
+        wall: wall-clock seconds for the timestamps users see; defaults to ``clock``.
+        jobs: how many runs may execute at once (``None``: no limit).
+        observer: called as ``observer(kind, obj)`` after every state change, for the journal.
+    """
+
+    def __init__(
+        self,
+        clock: Callable[[], float],
+        *,
+        wall: Callable[[], float] | None = None,
+        jobs: int | None = None,
+        observer: Callable[[str, Any], None] | None = None,
+        first_id: int = 1,
+        first_run_id: int = 1,
+    ) -> None:
+        self.clock = clock
+        self.wall = wall or clock
+        self.jobs = jobs
+        self.observer = observer
+        self.keys: dict[str, KeyState] = {}
+        self.runs: dict[int, Run] = {}  # executing runs by id
+        self.queue: deque[str] = deque()  # keys whose pending invocation waits for a slot
+        self._due: list[tuple[float, int, Invocation]] = []  # heap, stale entries skipped
+        self._timers: list[tuple[float, int, Run]] = []  # timeout and kill deadlines, heap
+        self._bursts: list[tuple[float, int, str]] = []  # ends of --leading bursts, heap
+        self._seq = itertools.count()
+        self._ids = itertools.count(first_id)
+        self._run_ids = itertools.count(first_run_id)
+
+    # ----------------------------------------------------------------- events
+    def new_id(self) -> int:
+        return next(self._ids)
+
+    def submit(
+        self,
+        key: str,
+        options: Options,
+        payload: Any = None,
+        waiter: Any = None,
+        invocation_id: int | None = None,
+    ) -> tuple[Invocation, list[Effect]]:
+        """Accept one invocation; return it and the effects of accepting it.
+
+        The returned invocation may already be superseded-into, attached to a run, or finished
+        (``--no-trailing`` within a burst whose leading run has ended); follow ``head()`` and
+        ``run`` to see where it landed.
+        """
+        now = self.clock()
+        inv = Invocation(
+            id=invocation_id if invocation_id is not None else self.new_id(),
+            key=key,
+            options=options,
+            received_at=now,
+            payload=payload,
+            first_at=now,
+        )
+        if not options.defer:
+            inv.key = key = f"{key}#{inv.id}"
+        if waiter is not None:
+            inv.waiters.append(waiter)
+        effects: list[Effect] = []
+        ks = self.keys.get(key)
+        if ks is None:
+            ks = self.keys[key] = KeyState(key)
+        new_burst = now >= ks.burst_until
+        if options.leading:
+            ks.burst_until = now + options.delay
+            heapq.heappush(self._bursts, (ks.burst_until, next(self._seq), key))
+        if new_burst:
+            ks.burst_run = None
+            ks.burst_leader = None
+
+        running = ks.running
+        if running is not None and options.on_busy == "ignore" and running.stop_reason is None:
+            self._join_run(inv, running, effects)
+            return inv, effects
+
+        if options.leading and not new_burst and not options.trailing:
+            # Later invocations of a burst without a trailing edge start nothing: they share
+            # the leading invocation's result, whether it is still waiting, running or done.
+            leader = ks.burst_leader
+            if leader is not None and leader is ks.pending:
+                leader.waiters.extend(inv.waiters)
+                inv.waiters = []
+                leader.coalesced += 1
+                inv.replaced_by = leader
+                self._transition(inv, SUPERSEDED)
+                effects.append(Updated(leader))
+                return inv, effects
+            if ks.burst_run is not None:
+                self._join_run(inv, ks.burst_run, effects)
+                return inv, effects
+            new_burst = True  # nothing to join (e.g. cancelled): start a burst afresh
+
+        prev = ks.pending
+        inv.leading_edge = options.leading and new_burst
+        if prev is not None:
+            inv.first_at = prev.first_at
+            inv.coalesced = prev.coalesced + 1
+            inv.waiters = prev.waiters + inv.waiters
+            prev.waiters = []
+            prev.replaced_by = inv
+            was_queued = prev.state == QUEUED
+            inv.leading_edge = inv.leading_edge or prev.leading_edge
+            if ks.burst_leader is prev:
+                ks.burst_leader = inv
+            self._transition(prev, SUPERSEDED)
+            ks.pending = inv
+            if was_queued:
+                # Deferring in the backlog: take the queued one's place, no new quiet period.
+                inv.due = prev.due
+                self._transition(inv, QUEUED)
+                effects.append(Updated(inv))
+                return inv, effects
+        else:
+            ks.pending = inv
+        if inv.leading_edge and (prev is None or prev.leading_edge):
+            inv.due = now
+            ks.burst_leader = inv
+        else:
+            inv.due = now + options.delay
+            if options.max_wait is not None:
+                inv.due = min(inv.due, inv.first_at + options.max_wait)
+        self._transition(inv, PENDING)
+        heapq.heappush(self._due, (inv.due, next(self._seq), inv))
+        effects.append(Updated(inv))
+        self._advance(now, effects)
+        return inv, effects
+
+    def tick(self) -> list[Effect]:
+        """Do whatever has fallen due by now; call at :meth:`next_deadline`."""
+        effects: list[Effect] = []
+        self._advance(self.clock(), effects)
+        return effects
+
+    def run_exited(self, run_id: int, exit_code: int) -> list[Effect]:
+        """The process of a run has ended with ``exit_code`` (already mapped: 128+N for signals)."""
+        run = self.runs.pop(run_id)
+        now = self.clock()
+        run.exit_code = exit_code
+        run.finished_at = now
+        run.finished_wall = self.wall()
+        run.outcome = {
+            None: "exited",
+            "timeout": "timeout",
+            "restart": "restarted",
+            "shutdown": "stopped",
+        }[run.stop_reason]
+        run.invocation.state = FINISHED
+        self._transition(run, FINISHED)
+        waiters, run.waiters = run.waiters, []
+        effects: list[Effect] = [RunFinished(run, waiters)]
+        ks = self.keys[run.key]
+        ks.running = None
+        if ks.pending is not None and ks.pending.state == PENDING and ks.pending.due <= now:
+            self._ready(ks, now, effects)  # it fell due while the key was busy
+        self._advance(now, effects)
+        self._forget_if_idle(ks, now)
+        return effects
+
+    def flush(self, key: str) -> tuple[bool, list[Effect]]:
+        """Make what is pending for ``key`` due now. Returns whether anything was pending."""
+        ks = self.keys.get(key)
+        effects: list[Effect] = []
+        if ks is None or ks.pending is None:
+            return False, effects
+        inv = ks.pending
+        now = self.clock()
+        if inv.state == PENDING and inv.due > now:
+            inv.due = now
+            self._transition(inv, PENDING)
+            heapq.heappush(self._due, (now, next(self._seq), inv))
+            effects.append(Updated(inv))
+        self._advance(now, effects)
+        return True, effects
+
+    def cancel(self, key: str) -> tuple[bool, list[Effect]]:
+        """Drop what is pending for ``key``; its waiters are told so. Runs go on."""
+        ks = self.keys.get(key)
+        effects: list[Effect] = []
+        if ks is None or ks.pending is None:
+            return False, effects
+        inv = ks.pending
+        ks.pending = None
+        if ks.burst_leader is inv:
+            ks.burst_leader = None
+        if inv.state == QUEUED:
+            self.queue.remove(key)
+        waiters, inv.waiters = inv.waiters, []
+        self._transition(inv, CANCELLED)
+        effects.append(Cancelled(inv, waiters))
+        self._forget_if_idle(ks, self.clock())
+        return True, effects
+
+    def stop_all(self) -> list[Effect]:
+        """Stop every run as ``--on-busy restart`` would (shutdown); pending ones stay pending."""
+        now = self.clock()
+        effects: list[Effect] = []
+        for run in list(self.runs.values()):
+            self._stop(run, "shutdown", now, effects)
+        return effects
+
+    def attach(self, target: Invocation | Run, waiter: Any) -> list[Effect]:
+        """Add a waiter to an invocation (following replacements) or a run."""
+        if isinstance(target, Invocation):
+            head = target.head()
+            if head.run is None:
+                head.waiters.append(waiter)
+                return []
+            target = head.run
+        if target.state == RUNNING:
+            target.waiters.append(waiter)
+            return [Joined(target, [waiter])]
+        return [RunFinished(target, [waiter])]
+
+    def detach(self, waiter: Any) -> None:
+        """Forget a waiter that went away (Ctrl-C on a client); what it waited for goes on."""
+        for ks in self.keys.values():
+            for holder in (ks.pending, ks.running):
+                if holder is not None and waiter in holder.waiters:
+                    holder.waiters.remove(waiter)
+                    return
+
+    # ----------------------------------------------------------------- queries
+    def next_deadline(self) -> float | None:
+        """When :meth:`tick` must run next, or ``None`` when nothing is timed."""
+        self._prune()
+        times = [heap[0][0] for heap in (self._due, self._timers, self._bursts) if heap]
+        return min(times) if times else None
+
+    def is_idle(self) -> bool:
+        """Nothing pending and nothing running."""
+        return not self.runs and all(ks.pending is None for ks in self.keys.values())
+
+    def pending(self) -> Iterable[Invocation]:
+        return (ks.pending for ks in self.keys.values() if ks.pending is not None)
+
+    # ----------------------------------------------------------------- internals
+    def _transition(self, obj: Invocation | Run, state: str) -> None:
+        obj.state = state
+        if self.observer is not None:
+            self.observer(state, obj)
+
+    def _join_run(self, inv: Invocation, run: Run, effects: list[Effect]) -> None:
+        run.coalesced += 1
+        inv.run = run
+        waiters, inv.waiters = inv.waiters, []
+        if run.state == RUNNING:
+            self._transition(inv, RUNNING)
+            run.waiters.extend(waiters)
+            if waiters:
+                effects.append(Joined(run, waiters))
+        else:
+            self._transition(inv, FINISHED)
+            effects.append(RunFinished(run, waiters))
+
+    def _advance(self, now: float, effects: list[Effect]) -> None:
+        # Timeouts and kills first: they free slots and keys.
+        while self._timers and self._timers[0][0] <= now:
+            when, _, run = heapq.heappop(self._timers)
+            if run.state != RUNNING:
+                continue
+            if run.deadline is not None and run.deadline == when and run.stop_reason is None:
+                self._stop(run, "timeout", now, effects)
+            elif run.kill_at is not None and run.kill_at == when:
+                run.kill_at = None
+                effects.append(SignalRun(run, "KILL"))
+        # Pending invocations whose quiet period has passed.
+        while self._due and self._due[0][0] <= now:
+            due, _, inv = heapq.heappop(self._due)
+            if inv.state != PENDING or inv.due != due:
+                continue  # superseded, rescheduled or gone since this entry was pushed
+            self._ready(self.keys[inv.key], now, effects)
+        while self._bursts and self._bursts[0][0] <= now:
+            _, _, key = heapq.heappop(self._bursts)
+            ks = self.keys.get(key)
+            if ks is not None:
+                self._forget_if_idle(ks, now)
+        self._fill_slots(now, effects)
+
+    def _ready(self, ks: KeyState, now: float, effects: list[Effect]) -> None:
+        """The pending invocation of ``ks`` is due: start it, queue it, or wait for its key."""
+        inv = ks.pending
+        assert inv is not None
+        if ks.running is not None:
+            if inv.options.on_busy == "restart" and ks.running.stop_reason is None:
+                # Waiters of the stopped run follow the run that replaces it.
+                inv.waiters = ks.running.waiters + inv.waiters
+                ks.running.waiters = []
+                self._stop(ks.running, "restart", now, effects)
+                effects.append(Updated(inv))
+            return  # starts when the running one has ended (run_exited calls back here)
+        if self._slot_free() and not self.queue:
+            self._start(ks, now, effects)
+        else:
+            self._transition(inv, QUEUED)
+            self.queue.append(ks.key)
+            effects.append(Updated(inv))
+
+    def _slot_free(self) -> bool:
+        return self.jobs is None or len(self.runs) < self.jobs
+
+    def _fill_slots(self, now: float, effects: list[Effect]) -> None:
+        while self.queue and self._slot_free():
+            ks = self.keys[self.queue.popleft()]
+            self._start(ks, now, effects)
+
+    def _start(self, ks: KeyState, now: float, effects: list[Effect]) -> None:
+        inv = ks.pending
+        assert inv is not None and ks.running is None
+        ks.pending = None
+        run = Run(
+            id=next(self._run_ids),
+            key=ks.key,
+            invocation=inv,
+            coalesced=inv.coalesced,
+            started_at=now,
+            started_wall=self.wall(),
+            waiters=inv.waiters,
+        )
+        inv.waiters = []
+        inv.run = run
+        if inv.options.timeout is not None:
+            run.deadline = now + inv.options.timeout
+            heapq.heappush(self._timers, (run.deadline, next(self._seq), run))
+        if ks.burst_leader is inv:
+            ks.burst_leader = None
+            ks.burst_run = run
+        ks.running = run
+        self.runs[run.id] = run
+        self._transition(inv, RUNNING)
+        effects.append(StartRun(run))
+
+    def _stop(self, run: Run, reason: str, now: float, effects: list[Effect]) -> None:
+        if run.stop_reason is not None:
+            return
+        run.stop_reason = reason
+        effects.append(SignalRun(run, "TERM"))
+        run.kill_at = now + run.invocation.options.stop_timeout
+        heapq.heappush(self._timers, (run.kill_at, next(self._seq), run))
+
+    def _forget_if_idle(self, ks: KeyState, now: float) -> None:
+        if (
+            ks.pending is None
+            and ks.running is None
+            and now >= ks.burst_until
+            and self.keys.get(ks.key) is ks
+        ):
+            del self.keys[ks.key]
+
+    def _prune(self) -> None:
+        """Drop stale heap tops so next_deadline never wakes the daemon for nothing."""
+        while self._due and (
+            self._due[0][2].state != PENDING or self._due[0][2].due != self._due[0][0]
+        ):
+            heapq.heappop(self._due)
+        while self._timers:
+            when, _, run = self._timers[0]
+            live = run.state == RUNNING and (
+                (run.deadline == when and run.stop_reason is None) or run.kill_at == when
+            )
+            if live:
+                break
+            heapq.heappop(self._timers)
+        while self._bursts:
+            when, _, key = self._bursts[0]
+            ks = self.keys.get(key)
+            if ks is not None and ks.burst_until == when:
+                break
+            heapq.heappop(self._bursts)
