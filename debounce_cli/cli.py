@@ -1,0 +1,479 @@
+"""The command line: parse, build one request, hand it to the client, map the answer to an exit.
+
+Thin on purpose. Everything heavy is imported inside the command that needs it, so
+``debounce run`` on a pipe loads click, the protocol and the client and nothing else.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any, NoReturn
+
+import click
+
+from debounce_cli import __version__
+from debounce_cli.durations import DurationError, parse_duration
+from debounce_cli.exits import ExitStatus
+
+
+class Failure(Exception):
+    """A failure of debounce itself: one line for stderr and the exit status to leave with."""
+
+    def __init__(self, message: str, status: int):
+        super().__init__(message)
+        self.status = status
+
+
+class Duration(click.ParamType):
+    name = "DURATION"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> float:
+        if isinstance(value, (int, float)):
+            return float(value)
+        try:
+            return parse_duration(value)
+        except DurationError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+DURATION = Duration()
+
+
+def _socket_option(func: Any) -> Any:
+    return click.option(
+        "--socket",
+        "socket_path",
+        metavar="PATH",
+        help="Unix socket of the daemon [env: DEBOUNCE_SOCKET; default: "
+        "$XDG_RUNTIME_DIR/debounce/daemon.sock, else /tmp/debounce-$UID/daemon.sock].",
+    )(func)
+
+
+def _invocation_options(func: Any) -> Any:
+    """The scheduling options shared by ``run`` and ``daemon`` (defaults for stdin lines)."""
+    options = [
+        click.option(
+            "--delay",
+            type=DURATION,
+            envvar="DEBOUNCE_DELAY",
+            show_envvar=True,
+            default="1s",
+            show_default=True,
+            help="Quiet period: run once no invocation of the key came for this long "
+            "(250ms, 2s, 1m30s, 0.5).",
+        ),
+        click.option(
+            "--key",
+            "key_template",
+            metavar="TEMPLATE",
+            help="Defer key: {0} the command, {1}..{N} arguments, {args}, {cwd}, {env[NAME]}; "
+            "a plain string is a fixed key. Default: the whole invocation (cwd and argv).",
+        ),
+        click.option(
+            "--no-defer", is_flag=True, help="Keep the delay but never coalesce invocations."
+        ),
+        click.option(
+            "--max-wait",
+            type=DURATION,
+            metavar="DURATION",
+            help="Run no later than this after the first invocation of a burst.",
+        ),
+        click.option(
+            "--leading", is_flag=True, help="Run the first invocation of a burst at once."
+        ),
+        click.option(
+            "--no-trailing",
+            is_flag=True,
+            help="With --leading: later invocations of the burst start nothing and share the "
+            "leading run's result.",
+        ),
+        click.option(
+            "--on-busy",
+            type=click.Choice(["queue", "restart", "ignore"]),
+            default="queue",
+            show_default=True,
+            help="While the key's command runs: queue one more run after it, restart it, or "
+            "join it (ignore).",
+        ),
+        click.option(
+            "--stop-timeout",
+            type=DURATION,
+            default="5s",
+            show_default=True,
+            help="After SIGTERM, wait this long before SIGKILL.",
+        ),
+        click.option(
+            "--timeout",
+            type=DURATION,
+            metavar="DURATION",
+            help="Stop a run that lasts longer than this (SIGTERM, then SIGKILL).",
+        ),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def _options(
+    delay: float,
+    no_defer: bool,
+    max_wait: float | None,
+    leading: bool,
+    no_trailing: bool,
+    on_busy: str,
+    stop_timeout: float,
+    timeout: float | None,
+) -> dict[str, Any]:
+    """The RunRequest options object, checked by the same rules the daemon applies."""
+    from debounce_cli.scheduler import Options
+
+    values = {
+        "delay": delay,
+        "max_wait": max_wait,
+        "leading": leading,
+        "trailing": not no_trailing,
+        "on_busy": on_busy,
+        "stop_timeout": stop_timeout,
+        "timeout": timeout,
+        "defer": not no_defer,
+    }
+    problems = Options(**values).problems()
+    if problems:
+        raise click.UsageError(problems[0])
+    return values
+
+
+def _socket(option: str | None) -> str:
+    from debounce_cli.paths import PathError, socket_path
+
+    try:
+        return socket_path(option)
+    except PathError as exc:
+        raise Failure(str(exc), ExitStatus.USAGE) from None
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, "-V", "--version", prog_name="debounce")
+def cli() -> None:
+    """Run a command once after the calls to it have gone quiet.
+
+    Call `debounce run -- CMD ARGS...` as often as events happen. A per-user daemon (started
+    on demand) coalesces invocations with the same key, waits for a quiet period, runs the
+    latest one, and every coalesced caller exits with its exit status.
+    """
+
+
+# ------------------------------------------------------------------------------ run
+@cli.command(context_settings={"allow_interspersed_args": False})
+@_invocation_options
+@click.option("--no-wait", is_flag=True, help="Return once the daemon has accepted it (exit 0).")
+@click.option("-q", "--quiet", is_flag=True, help="Do not copy the run's output.")
+@click.option(
+    "--json", "as_json", is_flag=True,
+    help="Print the result as one JSON object on stdout (the run's stdout is not copied).",
+)
+@_socket_option
+@click.argument("command", nargs=-1, type=click.UNPROCESSED, metavar="[--] COMMAND [ARG]...")
+def run(
+    command: tuple[str, ...],
+    key_template: str | None,
+    no_wait: bool,
+    quiet: bool,
+    as_json: bool,
+    socket_path: str | None,
+    **scheduling: Any,
+) -> int:
+    """Submit COMMAND, wait for the run it coalesces into, and exit with its status.
+
+    Options stop at COMMAND, so `debounce run make -j4` passes -j4 to make.
+    """
+    from debounce_cli import protocol
+    from debounce_cli.keys import KeyTemplateError, compute_key
+
+    if not command:
+        raise click.UsageError("missing COMMAND: write debounce run [OPTIONS] -- COMMAND [ARG]...")
+    options = _options(**scheduling)
+    argv = list(command)
+    try:
+        cwd = os.getcwd()
+    except OSError as exc:
+        raise Failure(f"cannot read the current directory: {exc.strerror}", ExitStatus.USAGE)
+    env = dict(os.environ)
+    try:
+        key = compute_key(key_template, argv, cwd, env)
+    except KeyTemplateError as exc:
+        raise click.UsageError(str(exc)) from None
+    request = protocol.RunRequest(
+        argv=argv, cwd=cwd, env=env, key=key, options=options, wait=not no_wait
+    )
+    return _converse(_socket(socket_path), request, key, quiet, as_json, no_wait)
+
+
+def _converse(
+    sock: str,
+    request: Any,
+    key: str,
+    quiet: bool,
+    as_json: bool,
+    no_wait: bool = False,
+) -> int:
+    """Send a run or wait request and follow it to the end; return the exit status."""
+    from debounce_cli import client, protocol
+
+    try:
+        conn = client.connect(sock, request)
+    except client.ClientError as exc:
+        raise Failure(str(exc), ExitStatus.DAEMON_UNREACHABLE) from None
+    try:
+        if no_wait:
+            reply = conn.recv(timeout=30)
+            if isinstance(reply, protocol.Accepted):
+                if as_json:
+                    import json
+
+                    print(json.dumps({
+                        "id": reply.id, "key": reply.key, "state": reply.state,
+                        "due_in": reply.due_in, "coalesced": reply.coalesced,
+                    }))
+                return ExitStatus.SUCCESS
+            _refused(reply, key)
+        display: client.Display
+        if not quiet and not as_json and sys.stderr.isatty():
+            from debounce_cli.render import TerminalDisplay
+
+            display = TerminalDisplay()
+        else:
+            display = client.Display()
+        out = None
+        if not quiet:
+            out = client.write_output
+            if as_json:
+                def out(fd: int, data: bytes) -> None:  # keep stdout for the JSON object
+                    if fd == 2:
+                        client.write_output(fd, data)
+        try:
+            result = client.wait_for_run(conn, display, out)
+        except client.DaemonLost:
+            raise Failure(
+                f"lost the daemon while waiting for {key}; "
+                f"run 'debounce wait {_quote(key)}' to reattach",
+                ExitStatus.DAEMON_LOST,
+            ) from None
+        except KeyboardInterrupt:
+            # Stop waiting; the invocation stays with the daemon for the other waiters.
+            return 130
+        if isinstance(result, protocol.Finished):
+            if as_json:
+                from debounce_cli.render import finished_json
+
+                print(finished_json(result))
+            return result.exit_code
+        if isinstance(result, protocol.Cancelled):
+            raise Failure(f"{result.key} was cancelled before it ran", ExitStatus.CANCELLED)
+        _refused(result, key)
+    except client.ClientError as exc:
+        raise Failure(str(exc), ExitStatus.DAEMON_UNREACHABLE) from None
+    except TimeoutError:
+        raise Failure("the daemon did not answer within 30s", ExitStatus.DAEMON_UNREACHABLE)
+    finally:
+        conn.close()
+
+
+def _refused(reply: Any, key: str) -> NoReturn:
+    from debounce_cli import protocol
+
+    if reply is None:
+        raise Failure(f"the daemon closed the connection before accepting {key}",
+                      ExitStatus.DAEMON_LOST)
+    if isinstance(reply, protocol.Error):
+        status = {
+            "bad_request": ExitStatus.USAGE,
+            "not_found": ExitStatus.NOT_FOUND,
+        }.get(reply.code, ExitStatus.REFUSED)
+        raise Failure(reply.message, status)
+    raise Failure(f"unexpected answer from the daemon: {reply.type}", ExitStatus.REFUSED)
+
+
+def _quote(text: str) -> str:
+    import shlex
+
+    return shlex.quote(text)
+
+
+# ------------------------------------------------------------------------------ daemon
+@cli.command()
+@_socket_option
+@click.option("--stdin", "read_stdin", is_flag=True,
+              help="Also read invocations from standard input, one per line (a shell-quoted "
+              "command line or a JSON object); exit when input ends and all have run.")
+@click.option("--jobs", type=click.IntRange(min=1), metavar="N",
+              help="Run at most N commands at once; due invocations queue.  [default: no limit]")
+@click.option("--idle-exit", type=DURATION, default="10m", show_default=True,
+              help="Exit after this long with nothing pending, running or connected (0: never).")
+@_invocation_options
+@click.option("--ready-fd", type=int, hidden=True)
+def daemon(
+    socket_path: str | None,
+    read_stdin: bool,
+    jobs: int | None,
+    idle_exit: float,
+    key_template: str | None,
+    ready_fd: int | None,
+    **scheduling: Any,
+) -> int:
+    """Serve the socket in the foreground (clients start one on demand).
+
+    The scheduling options are the defaults for lines read with --stdin.
+    """
+    from debounce_cli import daemon as daemon_mod
+    from debounce_cli import keys
+    from debounce_cli.paths import PathError
+
+    defaults = _options(**scheduling)
+    if key_template is not None:
+        try:
+            keys.parse_template(key_template)
+        except keys.KeyTemplateError as exc:
+            raise click.UsageError(str(exc)) from None
+        defaults["key"] = key_template
+    config = daemon_mod.Config(
+        socket=_socket(socket_path),
+        jobs=jobs,
+        idle_exit=idle_exit or None,
+        stdin=read_stdin,
+        defaults=defaults,
+        ready_fd=ready_fd,
+    )
+    try:
+        return daemon_mod.run_daemon(config)
+    except (daemon_mod.DaemonError, PathError) as exc:
+        raise Failure(str(exc), 1) from None
+
+
+# ------------------------------------------------------------------------------ control
+@cli.command()
+@_socket_option
+def stop(socket_path: str | None) -> int:
+    """Stop the daemon as SIGTERM would, and wait until it has exited."""
+    import fcntl
+    import time
+
+    from debounce_cli import client, protocol
+
+    sock = _socket(socket_path)
+    try:
+        client.request(sock, protocol.StopRequest(), autostart=False)
+    except client.ClientError as exc:
+        if exc.code == "unreachable":
+            print(f"debounce: no daemon is running on {sock}", file=sys.stderr)
+            return ExitStatus.SUCCESS
+        raise Failure(str(exc), ExitStatus.DAEMON_UNREACHABLE) from None
+    except client.DaemonLost:
+        pass
+    # The daemon holds its lock file until its very end: once we can take it, it is gone.
+    try:
+        fd = os.open(sock + ".lock", os.O_RDWR | os.O_CLOEXEC)
+    except OSError:
+        return ExitStatus.SUCCESS
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return ExitStatus.SUCCESS
+            except BlockingIOError:
+                time.sleep(0.02)
+    finally:
+        os.close(fd)
+    raise Failure("the daemon did not exit within 60s", ExitStatus.DAEMON_UNREACHABLE)
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@_socket_option
+def status(as_json: bool, socket_path: str | None) -> int:
+    """Show pending and running keys."""
+    from debounce_cli import protocol, render
+
+    reply = _ask(socket_path, protocol.StatusRequest())
+    assert isinstance(reply, protocol.StatusReply)
+    if as_json:
+        print(render.status_json(reply))
+    else:
+        text = render.status_text(reply)
+        if text:
+            print(text)
+    return ExitStatus.SUCCESS
+
+
+@cli.command()
+@click.argument("key")
+@_socket_option
+def flush(key: str, socket_path: str | None) -> int:
+    """Run what is pending for KEY now."""
+    from debounce_cli import protocol
+
+    _ask(socket_path, protocol.FlushRequest(key=key))
+    return ExitStatus.SUCCESS
+
+
+@cli.command()
+@click.argument("key")
+@_socket_option
+def cancel(key: str, socket_path: str | None) -> int:
+    """Drop what is pending for KEY; its waiters exit with the cancelled status."""
+    from debounce_cli import protocol
+
+    _ask(socket_path, protocol.CancelRequest(key=key))
+    return ExitStatus.SUCCESS
+
+
+@cli.command()
+@click.argument("target", metavar="KEY|RUN_ID")
+@click.option("-q", "--quiet", is_flag=True, help="Do not copy the run's output.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
+@_socket_option
+def wait(target: str, quiet: bool, as_json: bool, socket_path: str | None) -> int:
+    """Wait for what is pending or running for KEY (or run RUN_ID), like run does."""
+    from debounce_cli import protocol
+
+    return _converse(_socket(socket_path), protocol.WaitRequest(target=target), target, quiet,
+                     as_json)
+
+
+def _ask(socket_path: str | None, message: Any) -> Any:
+    from debounce_cli import client, protocol
+
+    try:
+        reply = client.request(_socket(socket_path), message)
+    except client.ClientError as exc:
+        raise Failure(str(exc), ExitStatus.DAEMON_UNREACHABLE) from None
+    except client.DaemonLost:
+        raise Failure("the daemon closed the connection without answering",
+                      ExitStatus.DAEMON_LOST) from None
+    if isinstance(reply, protocol.Error):
+        _refused(reply, "")
+    return reply
+
+
+# ------------------------------------------------------------------------------ entry point
+def main(args: list[str] | None = None) -> NoReturn:
+    """Run the CLI; every failure ends as one line on stderr and a documented exit status."""
+    try:
+        status = cli.main(args=args, prog_name="debounce", standalone_mode=False)
+    except click.UsageError as exc:
+        where = exc.ctx.command_path if exc.ctx is not None else "debounce"
+        print(f"{where}: {exc.format_message()} (see '{where} --help')", file=sys.stderr)
+        sys.exit(ExitStatus.USAGE)
+    except click.exceptions.Abort:
+        sys.exit(130)
+    except click.ClickException as exc:
+        print(f"debounce: {exc.format_message()}", file=sys.stderr)
+        sys.exit(exc.exit_code)
+    except Failure as exc:
+        print(f"debounce: {exc}", file=sys.stderr)
+        sys.exit(exc.status)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    sys.exit(status or 0)

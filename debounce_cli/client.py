@@ -1,0 +1,264 @@
+"""The synchronous client: connect (starting a daemon when none answers), send, stream back.
+
+This is the hot path of ``debounce run``: it imports only the standard library's light
+modules, never asyncio, sqlite3, rich or watchfiles.
+"""
+
+from __future__ import annotations
+
+import binascii
+import os
+import socket
+import sys
+import time
+from collections.abc import Callable
+
+from debounce_cli import paths, protocol
+from debounce_cli.protocol import Message
+
+#: How long a client waits for an auto-started daemon to say it is ready.
+START_TIMEOUT = 10.0
+
+
+class ClientError(Exception):
+    """The daemon could not be reached or refused us; ``str()`` is the one-line reason."""
+
+    def __init__(self, message: str, code: str = "unreachable"):
+        super().__init__(message)
+        self.code = code
+
+
+class DaemonLost(Exception):
+    """The connection closed before the answer we waited for."""
+
+
+class Connection:
+    """One protocol conversation over a Unix socket."""
+
+    def __init__(self, sock: socket.socket):
+        self.sock = sock
+        self.buffer = b""
+
+    def send(self, *messages: Message) -> None:
+        self.sock.sendall(b"".join(protocol.encode(m) for m in messages))
+
+    def recv(self, timeout: float | None = None) -> Message | None:
+        """The next message, ``None`` at end of stream; raises TimeoutError after ``timeout``."""
+        while True:
+            newline = self.buffer.find(b"\n")
+            if newline >= 0:
+                line, self.buffer = self.buffer[: newline + 1], self.buffer[newline + 1 :]
+                try:
+                    return protocol.decode(line, protocol.REPLIES)
+                except protocol.ProtocolError as exc:
+                    raise ClientError(f"the daemon sent a malformed message: {exc}") from None
+            if len(self.buffer) > protocol.MAX_MESSAGE:
+                raise ClientError("the daemon sent an oversized message")
+            self.sock.settimeout(timeout)
+            try:
+                chunk = self.sock.recv(262144)
+            except socket.timeout:
+                raise TimeoutError from None
+            except ConnectionError:
+                chunk = b""
+            if not chunk:
+                return None
+            self.buffer += chunk
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def connect(sock_path: str, request: Message, autostart: bool = True) -> Connection:
+    """Open a conversation and send ``request`` after the hello; start a daemon if needed."""
+    paths.socket_dir_check(sock_path, create=False)
+    try:
+        conn = _connect(sock_path)
+    except (FileNotFoundError, ConnectionRefusedError):
+        if not autostart:
+            raise ClientError(f"no daemon is running on {sock_path}") from None
+        conn = _start_and_connect(sock_path)
+    except OSError as exc:
+        raise ClientError(f"cannot connect to {sock_path}: {exc.strerror}") from None
+    try:
+        conn.send(protocol.Hello(client="debounce"), request)
+        hello = conn.recv(timeout=START_TIMEOUT)
+    except (OSError, TimeoutError):
+        raise ClientError(f"the daemon on {sock_path} does not answer") from None
+    if isinstance(hello, protocol.Error):
+        raise ClientError(f"the daemon refused the connection: {hello.message}", hello.code)
+    if not isinstance(hello, protocol.HelloReply):
+        raise ClientError(f"the daemon on {sock_path} does not answer")
+    return conn
+
+
+def _connect(sock_path: str) -> Connection:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.connect(sock_path)
+    except BaseException:
+        sock.close()
+        raise
+    return Connection(sock)
+
+
+def _start_and_connect(sock_path: str) -> Connection:
+    """Start a daemon for ``sock_path`` unless a racing client already did, then connect.
+
+    Clients that race take turns on a start lock: the first starts the daemon and waits for it
+    to say it is listening; the others then find it answering and never start a second one.
+    """
+    import fcntl
+
+    paths.socket_dir_check(sock_path, create=True)
+    lock_fd = os.open(sock_path + ".start", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(lock_fd, fcntl.LOCK_EX)
+        try:
+            return _connect(sock_path)
+        except (FileNotFoundError, ConnectionRefusedError):
+            pass
+        try:
+            _spawn_daemon(sock_path)
+        except ClientError as failure:
+            # A daemon started by hand may have won the socket meanwhile: use it if it answers.
+            try:
+                return _connect(sock_path)
+            except OSError:
+                raise failure from None
+        try:
+            return _connect(sock_path)
+        except OSError as exc:
+            raise ClientError(
+                f"started a daemon but cannot connect to {sock_path}: {exc.strerror}"
+            ) from None
+    finally:
+        os.close(lock_fd)
+
+
+def daemon_log_path(sock_path: str) -> str:
+    """Where an auto-started daemon for ``sock_path`` writes its own messages."""
+    import hashlib
+
+    digest = hashlib.sha1(os.fsencode(sock_path)).hexdigest()[:12]
+    return os.path.join(paths.state_dir(), f"daemon-{digest}.log")
+
+
+def _spawn_daemon(sock_path: str) -> None:
+    import select
+    import subprocess
+
+    log_path = daemon_log_path(sock_path)
+    try:
+        paths.check_private_dir(os.path.dirname(log_path), "state directory", create=True)
+        log = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+    except (OSError, paths.PathError) as exc:
+        raise ClientError(f"cannot start the daemon: {exc}") from None
+    read_fd, write_fd = os.pipe()
+    try:
+        subprocess.Popen(
+            [sys.executable, "-m", "debounce_cli", "daemon", "--socket", sock_path,
+             "--ready-fd", str(write_fd)],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+            pass_fds=(write_fd,),
+            start_new_session=True,
+            cwd="/",
+        )
+    except OSError as exc:
+        raise ClientError(f"cannot start the daemon: {exc.strerror}") from None
+    finally:
+        os.close(write_fd)
+        os.close(log)
+    try:
+        deadline = time.monotonic() + START_TIMEOUT
+        answer = b""
+        while b"\n" not in answer:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([read_fd], [], [], left)[0]:
+                raise ClientError(f"the daemon did not start within {START_TIMEOUT:g}s; "
+                                  f"see {log_path}")
+            chunk = os.read(read_fd, 64)
+            if not chunk:
+                break
+            answer += chunk
+    finally:
+        os.close(read_fd)
+    if not answer.startswith(b"ready"):
+        raise ClientError(f"the daemon failed to start: {_last_line(log_path)}")
+
+
+def _last_line(path: str) -> str:
+    try:
+        with open(path, "rb") as f:
+            lines = f.read()[-4096:].decode(errors="replace").strip().splitlines()
+    except OSError:
+        return f"see {path}"
+    return lines[-1] if lines else f"see {path}"
+
+
+class Display:
+    """What a waiting client shows; the CLI picks the terminal or the plain version."""
+
+    def pending(self, msg: protocol.Accepted | protocol.Pending) -> None: ...
+    def started(self, msg: protocol.Started) -> None: ...
+    def tick(self) -> None: ...
+    def close(self) -> None: ...
+    refresh: float | None = None  # seconds between ticks, None for no ticking
+
+
+def wait_for_run(
+    conn: Connection,
+    display: Display,
+    out: Callable[[int, bytes], None] | None,
+) -> Message:
+    """Follow a conversation to its end: Finished, Cancelled or Error.
+
+    Output chunks go to ``out(fd, data)``; progress goes to ``display``. Raises
+    :class:`DaemonLost` when the daemon closes the connection first.
+    """
+    try:
+        while True:
+            try:
+                msg = conn.recv(timeout=display.refresh)
+            except TimeoutError:
+                display.tick()
+                continue
+            if msg is None:
+                raise DaemonLost
+            if isinstance(msg, protocol.Output):
+                if out is not None:
+                    out(msg.fd, binascii.a2b_base64(msg.data))
+            elif isinstance(msg, (protocol.Accepted, protocol.Pending)):
+                display.pending(msg)
+            elif isinstance(msg, protocol.Started):
+                display.started(msg)
+            elif isinstance(msg, (protocol.Finished, protocol.Cancelled, protocol.Error)):
+                return msg
+    finally:
+        display.close()
+
+
+def write_output(fd: int, data: bytes) -> None:
+    """Copy a chunk of the run's output to our own stdout or stderr, at once."""
+    stream = sys.stdout if fd == 1 else sys.stderr
+    try:
+        stream.buffer.write(data)
+        stream.buffer.flush()
+    except BrokenPipeError:
+        pass
+
+
+def request(sock_path: str, message: Message, autostart: bool = True) -> Message:
+    """A one-shot request (status, flush, cancel, stop): the daemon's single answer."""
+    conn = connect(sock_path, message, autostart=autostart)
+    try:
+        reply = conn.recv(timeout=30)
+    except TimeoutError:
+        raise ClientError("the daemon did not answer within 30s") from None
+    finally:
+        conn.close()
+    if reply is None:
+        raise DaemonLost
+    return reply

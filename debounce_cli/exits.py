@@ -1,0 +1,39 @@
+"""Exit statuses of debounce itself, defined once.
+
+A waiting client exits with the exit status of the run it ended up attached to, so debounce's
+own failures use numbers that ordinary commands rarely use by accident: above the 0-99 range
+most tools stay in, and below the shell's 125-127 and the 128+N of signals.
+"""
+
+from __future__ import annotations
+
+import enum
+
+
+class ExitStatus(enum.IntEnum):
+    """Exit statuses that debounce reports for itself (the man page and README list them)."""
+
+    SUCCESS = 0
+    #: The command line was wrong (unknown option, bad duration, bad key template...).
+    USAGE = 2
+    #: No daemon answered and none could be started.
+    DAEMON_UNREACHABLE = 112
+    #: The daemon went away while the client was waiting; ``debounce wait`` reattaches.
+    DAEMON_LOST = 113
+    #: The invocation was dropped by ``debounce cancel`` before it ran.
+    CANCELLED = 114
+    #: ``debounce wait --timeout`` ran out before the run finished.
+    WAIT_TIMEOUT = 115
+    #: The daemon refused the request (for example, it cannot store it).
+    REFUSED = 116
+    #: ``debounce wait``, ``flush``, ``cancel`` or ``logs`` found nothing by that name.
+    NOT_FOUND = 117
+
+
+def status_from_wait(status: int) -> int:
+    """Map a ``waitpid`` status to a shell-style exit code: 128+N for signal N."""
+    import os
+
+    if os.WIFSIGNALED(status):
+        return 128 + os.WTERMSIG(status)
+    return os.WEXITSTATUS(status)

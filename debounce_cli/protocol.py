@@ -1,0 +1,383 @@
+"""Every message between client and daemon, with framing, a size cap and validation.
+
+The wire format is newline-delimited JSON, one object per line, so a session can be read and
+typed by hand with ``socat - UNIX-CONNECT:$sock``. Each object has a ``type``; each type is a
+frozen dataclass below with a docstring saying when it is sent. Every connection starts with
+:class:`Hello` from the client and :class:`HelloReply` from the daemon carrying the protocol
+version, so a client never talks past a daemon of another version.
+
+Decoding validates field names and types against the dataclass and raises
+:class:`ProtocolError` with a message fit to send back to the peer; a malformed message never
+raises anything else.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+VERSION = 1
+#: Largest message either side accepts, newline included. A full argv plus environment is far
+#: below this (Linux caps both together at 2 MiB).
+MAX_MESSAGE = 4 * 1024 * 1024
+
+
+class ProtocolError(ValueError):
+    """A message that cannot be accepted; ``str()`` is the reply to send."""
+
+
+# Type tags for validation, kept as plain strings so no typing introspection runs at start-up.
+_STR, _INT, _NUM, _BOOL = "str", "int", "num", "bool"
+_OPT_STR, _OPT_NUM, _OPT_INT = "str?", "num?", "int?"
+_STRS, _ENV, _ANY, _OBJ, _OBJS = "list[str]", "dict[str,str]", "any", "dict", "list[dict]"
+
+
+@dataclass(frozen=True)
+class Message:
+    type: ClassVar[str] = ""
+    schema: ClassVar[dict[str, str]] = {}
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {"type": self.type}
+        for f in dataclasses.fields(self):
+            out[f.name] = getattr(self, f.name)
+        return out
+
+
+# --------------------------------------------------------------- client to daemon
+@dataclass(frozen=True)
+class Hello(Message):
+    """First line of every connection, from the client."""
+
+    type: ClassVar[str] = "hello"
+    schema: ClassVar[dict[str, str]] = {"version": _INT, "client": _STR}
+    version: int = VERSION
+    client: str = ""
+
+
+@dataclass(frozen=True)
+class RunRequest(Message):
+    """Submit one invocation (``debounce run`` or a stdin line).
+
+    ``key`` is already rendered by the client (templates can read the client's environment);
+    ``options`` holds the scheduling options by their field names in ``scheduler.Options``.
+    With ``wait`` the daemon keeps the connection and streams the run back; without it the
+    daemon answers :class:`Accepted` and closes.
+    """
+
+    type: ClassVar[str] = "run"
+    schema: ClassVar[dict[str, str]] = {
+        "argv": _STRS,
+        "cwd": _STR,
+        "env": _ENV,
+        "key": _STR,
+        "options": _OBJ,
+        "wait": _BOOL,
+    }
+    argv: list[str] = field(default_factory=list)
+    cwd: str = "/"
+    env: dict[str, str] = field(default_factory=dict)
+    key: str = ""
+    options: dict[str, Any] = field(default_factory=dict)
+    wait: bool = True
+
+
+@dataclass(frozen=True)
+class WaitRequest(Message):
+    """Attach to what is pending or running for a key or a run id (``debounce wait``)."""
+
+    type: ClassVar[str] = "wait"
+    schema: ClassVar[dict[str, str]] = {"target": _STR}
+    target: str = ""
+
+
+@dataclass(frozen=True)
+class StatusRequest(Message):
+    """Ask for every pending and running key (``debounce status``)."""
+
+    type: ClassVar[str] = "status"
+
+
+@dataclass(frozen=True)
+class FlushRequest(Message):
+    """Run what is pending for ``key`` now (``debounce flush``)."""
+
+    type: ClassVar[str] = "flush"
+    schema: ClassVar[dict[str, str]] = {"key": _STR}
+    key: str = ""
+
+
+@dataclass(frozen=True)
+class CancelRequest(Message):
+    """Drop what is pending for ``key`` (``debounce cancel``)."""
+
+    type: ClassVar[str] = "cancel"
+    schema: ClassVar[dict[str, str]] = {"key": _STR}
+    key: str = ""
+
+
+@dataclass(frozen=True)
+class StopRequest(Message):
+    """Shut the daemon down as SIGTERM would (``debounce stop``)."""
+
+    type: ClassVar[str] = "stop"
+
+
+# --------------------------------------------------------------- daemon to client
+@dataclass(frozen=True)
+class HelloReply(Message):
+    """The daemon's answer to :class:`Hello`."""
+
+    type: ClassVar[str] = "hello"
+    schema: ClassVar[dict[str, str]] = {"version": _INT, "pid": _INT}
+    version: int = VERSION
+    pid: int = 0
+
+
+@dataclass(frozen=True)
+class Accepted(Message):
+    """The invocation is accepted; ``state`` is where it landed (pending, queued, running...)."""
+
+    type: ClassVar[str] = "accepted"
+    schema: ClassVar[dict[str, str]] = {
+        "id": _INT,
+        "key": _STR,
+        "state": _STR,
+        "due_in": _OPT_NUM,
+        "coalesced": _INT,
+    }
+    id: int = 0
+    key: str = ""
+    state: str = ""
+    due_in: float | None = None
+    coalesced: int = 1
+
+
+@dataclass(frozen=True)
+class Pending(Message):
+    """What a waiter waits for changed: superseded, rescheduled, queued for a slot."""
+
+    type: ClassVar[str] = "pending"
+    schema: ClassVar[dict[str, str]] = {
+        "key": _STR,
+        "state": _STR,
+        "due_in": _OPT_NUM,
+        "coalesced": _INT,
+    }
+    key: str = ""
+    state: str = ""
+    due_in: float | None = None
+    coalesced: int = 1
+
+
+@dataclass(frozen=True)
+class Started(Message):
+    """The run a waiter is attached to started; output follows from its first byte."""
+
+    type: ClassVar[str] = "started"
+    schema: ClassVar[dict[str, str]] = {
+        "run_id": _INT,
+        "key": _STR,
+        "argv": _STRS,
+        "coalesced": _INT,
+        "started_at": _NUM,
+    }
+    run_id: int = 0
+    key: str = ""
+    argv: list[str] = field(default_factory=list)
+    coalesced: int = 1
+    started_at: float = 0.0
+
+
+@dataclass(frozen=True)
+class Output(Message):
+    """A chunk of the run's stdout (fd 1) or stderr (fd 2), base64 so any bytes pass."""
+
+    type: ClassVar[str] = "output"
+    schema: ClassVar[dict[str, str]] = {"fd": _INT, "data": _STR}
+    fd: int = 1
+    data: str = ""
+
+
+@dataclass(frozen=True)
+class Finished(Message):
+    """The run ended; the client exits with ``exit_code``. Fields match ``--json`` output."""
+
+    type: ClassVar[str] = "finished"
+    schema: ClassVar[dict[str, str]] = {
+        "run_id": _INT,
+        "key": _STR,
+        "argv": _STRS,
+        "exit_code": _INT,
+        "coalesced": _INT,
+        "started_at": _NUM,
+        "finished_at": _NUM,
+        "outcome": _STR,
+    }
+    run_id: int = 0
+    key: str = ""
+    argv: list[str] = field(default_factory=list)
+    exit_code: int = 0
+    coalesced: int = 1
+    started_at: float = 0.0
+    finished_at: float = 0.0
+    outcome: str = "exited"
+
+
+@dataclass(frozen=True)
+class Cancelled(Message):
+    """The invocation was dropped by ``debounce cancel`` before it ran."""
+
+    type: ClassVar[str] = "cancelled"
+    schema: ClassVar[dict[str, str]] = {"key": _STR}
+    key: str = ""
+
+
+@dataclass(frozen=True)
+class StatusReply(Message):
+    """Every pending and running key: a list of objects (see ``daemon.handle_status``)."""
+
+    type: ClassVar[str] = "status"
+    schema: ClassVar[dict[str, str]] = {"keys": _OBJS, "pid": _INT, "jobs": _OPT_INT}
+    keys: list[dict[str, Any]] = field(default_factory=list)
+    pid: int = 0
+    jobs: int | None = None
+
+
+@dataclass(frozen=True)
+class Done(Message):
+    """A control request was carried out (``ok``) or had nothing to act on."""
+
+    type: ClassVar[str] = "done"
+    schema: ClassVar[dict[str, str]] = {"ok": _BOOL, "message": _STR}
+    ok: bool = True
+    message: str = ""
+
+
+@dataclass(frozen=True)
+class Error(Message):
+    """The request was refused; ``message`` says what was wrong and how to mend it.
+
+    ``code`` is ``"bad_request"`` (the client sent something malformed), ``"refused"`` (the
+    daemon cannot take it now, e.g. shutting down) or ``"not_found"``.
+    """
+
+    type: ClassVar[str] = "error"
+    schema: ClassVar[dict[str, str]] = {"message": _STR, "code": _STR}
+    message: str = ""
+    code: str = "bad_request"
+
+
+REQUESTS: dict[str, type[Message]] = {
+    cls.type: cls
+    for cls in (Hello, RunRequest, WaitRequest, StatusRequest, FlushRequest, CancelRequest,
+                StopRequest)
+}
+REPLIES: dict[str, type[Message]] = {
+    cls.type: cls
+    for cls in (HelloReply, Accepted, Pending, Started, Output, Finished, Cancelled,
+                StatusReply, Done, Error)
+}
+
+
+def encode(msg: Message) -> bytes:
+    """One line of JSON, newline included."""
+    return json.dumps(msg.to_dict(), separators=(",", ":")).encode() + b"\n"
+
+
+def decode(line: bytes, kinds: dict[str, type[Message]]) -> Message:
+    """Parse and validate one line into the message class its ``type`` names."""
+    if len(line) > MAX_MESSAGE:
+        raise ProtocolError(f"message of {len(line)} bytes exceeds the limit of {MAX_MESSAGE}")
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ProtocolError(f"message is not valid UTF-8 (byte {exc.start})") from None
+    try:
+        obj = json.loads(text)
+    except (json.JSONDecodeError, RecursionError) as exc:
+        raise ProtocolError(f"message is not valid JSON: {exc}") from None
+    if not isinstance(obj, dict):
+        raise ProtocolError("message must be a JSON object")
+    kind = obj.pop("type", None)
+    if not isinstance(kind, str) or kind not in kinds:
+        names = ", ".join(sorted(kinds))
+        raise ProtocolError(f"unknown message type {kind!r}; expected one of {names}")
+    cls = kinds[kind]
+    schema = cls.schema
+    unknown = sorted(set(obj) - set(schema))
+    if unknown:
+        raise ProtocolError(f"{kind}: unknown field {unknown[0]!r}")
+    for name, value in obj.items():
+        if not _valid(schema[name], value):
+            raise ProtocolError(f"{kind}: field {name!r} must be {_DESCRIBE[schema[name]]}")
+    return cls(**obj)
+
+
+_DESCRIBE = {
+    _STR: "a string",
+    _INT: "an integer",
+    _NUM: "a number",
+    _BOOL: "true or false",
+    _OPT_STR: "a string or null",
+    _OPT_NUM: "a number or null",
+    _OPT_INT: "an integer or null",
+    _STRS: "a list of strings",
+    _ENV: "an object of string values",
+    _ANY: "any value",
+    _OBJ: "an object",
+    _OBJS: "a list of objects",
+}
+
+
+def _valid(tag: str, value: Any) -> bool:
+    if tag.endswith("?"):
+        if value is None:
+            return True
+        tag = tag[:-1]
+    if tag == _STR:
+        return isinstance(value, str)
+    if tag == _INT:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tag == _NUM:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if tag == _BOOL:
+        return isinstance(value, bool)
+    if tag == _STRS:
+        return isinstance(value, list) and all(isinstance(v, str) for v in value)
+    if tag == _ENV:
+        return isinstance(value, dict) and all(isinstance(v, str) for v in value.values())
+    if tag == _OBJ:
+        return isinstance(value, dict)
+    if tag == _OBJS:
+        return isinstance(value, list) and all(isinstance(v, dict) for v in value)
+    return True
+
+
+# ------------------------------------------------------------- scheduling options
+#: Option fields a RunRequest (or a stdin JSON line) may carry, with their types.
+OPTION_FIELDS: dict[str, str] = {
+    "delay": _NUM,
+    "max_wait": _OPT_NUM,
+    "leading": _BOOL,
+    "trailing": _BOOL,
+    "on_busy": _STR,
+    "stop_timeout": _NUM,
+    "timeout": _OPT_NUM,
+    "defer": _BOOL,
+}
+
+
+def check_options(options: dict[str, Any]) -> dict[str, Any]:
+    """Validate a RunRequest's ``options`` object field by field."""
+    for name, value in options.items():
+        tag = OPTION_FIELDS.get(name)
+        if tag is None:
+            raise ProtocolError(f"run: unknown option {name!r}")
+        if not _valid(tag, value):
+            raise ProtocolError(f"run: option {name!r} must be {_DESCRIBE[tag]}")
+        if tag in (_NUM, _OPT_NUM) and value is not None and not (0 <= value < 1e9):
+            raise ProtocolError(f"run: option {name!r} must be between 0 and 1e9 seconds")
+    return options

@@ -1,0 +1,101 @@
+"""Start and stop the processes of runs.
+
+Each run gets its own process group (``start_new_session``), so stopping a run reaches the
+children it started too (``make`` and its compilers): SIGTERM to the group, then SIGKILL if it
+is still there after the stop timeout (the scheduler times that). Output is read from pipes and
+handed to a callback chunk by chunk, as it comes.
+
+Failures to start are reported the way a shell reports them, so a waiter cannot tell debounce
+from ``sh -c``: a message on the run's stderr and exit status 127 (not found) or 126 (found but
+not executable).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import signal
+import subprocess
+from collections.abc import Callable
+
+#: How long to keep reading output after the process exited: a background child that inherited
+#: the pipes must not keep the run open forever.
+DRAIN_GRACE = 2.0
+
+OnOutput = Callable[[int, bytes], None]
+
+
+class RunProcess:
+    """One run's process: ``start`` it, ``signal`` it, ``wait`` for its exit status."""
+
+    def __init__(self, argv: list[str], cwd: str, env: dict[str, str], on_output: OnOutput):
+        self.argv = argv
+        self.cwd = cwd
+        self.env = env
+        self.on_output = on_output
+        self.proc: asyncio.subprocess.Process | None = None
+        self.start_error: tuple[int, str] | None = None
+
+    async def start(self) -> None:
+        """Spawn the process; on failure remember the shell-like status and message."""
+        name = self.argv[0]
+        if not os.path.isdir(self.cwd):
+            self.start_error = (126, f"debounce: cannot enter {self.cwd}: no such directory\n")
+            return
+        try:
+            self.proc = await asyncio.create_subprocess_exec(
+                *self.argv,
+                cwd=self.cwd,
+                env=self.env,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                start_new_session=True,
+            )
+        except FileNotFoundError:
+            self.start_error = (127, f"debounce: {name}: command not found\n")
+        except PermissionError:
+            self.start_error = (126, f"debounce: {name}: permission denied\n")
+        except OSError as exc:
+            code = 127 if exc.errno == errno.ENOENT else 126
+            self.start_error = (code, f"debounce: {name}: {exc.strerror}\n")
+        except ValueError as exc:  # an embedded NUL byte in argv, cwd or environment
+            self.start_error = (126, f"debounce: {name}: {exc}\n")
+
+    def signal(self, name: str) -> None:
+        """Send SIGTERM or SIGKILL to the run's whole process group."""
+        if self.proc is None or self.proc.returncode is not None:
+            return
+        sig = signal.SIGKILL if name == "KILL" else signal.SIGTERM
+        try:
+            os.killpg(self.proc.pid, sig)
+        except ProcessLookupError:
+            pass
+        except PermissionError:  # the group leader exited and its id was reused: leave it
+            pass
+
+    async def wait(self) -> int:
+        """Stream the output to ``on_output`` and return the shell-style exit status."""
+        if self.start_error is not None:
+            code, message = self.start_error
+            self.on_output(2, message.encode())
+            return code
+        proc = self.proc
+        assert proc is not None and proc.stdout is not None and proc.stderr is not None
+        readers = [
+            asyncio.ensure_future(self._pump(proc.stdout, 1)),
+            asyncio.ensure_future(self._pump(proc.stderr, 2)),
+        ]
+        status = await proc.wait()
+        _done, pending = await asyncio.wait(readers, timeout=DRAIN_GRACE)
+        for task in pending:
+            task.cancel()
+        return 128 - status if status < 0 else status
+
+    async def _pump(self, stream: asyncio.StreamReader, fd: int) -> None:
+        while True:
+            chunk = await stream.read(65536)
+            if not chunk:
+                return
+            self.on_output(fd, chunk)
