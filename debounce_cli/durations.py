@@ -73,6 +73,6 @@ def format_duration(seconds: float) -> str:
         parts.append(f"{hours}h")
     if minutes:
         parts.append(f"{minutes}m")
-    if secs and not hours:
+    if secs:
         parts.append(f"{secs}s")
     return "".join(parts) or "0s"
