@@ -217,6 +217,7 @@ def _converse(
     quiet: bool,
     as_json: bool,
     no_wait: bool = False,
+    wait_timeout: float | None = None,
 ) -> int:
     """Send a run or wait request and follow it to the end; return the exit status."""
     from debounce_cli import client, protocol
@@ -224,7 +225,7 @@ def _converse(
     try:
         conn = client.connect(sock, request)
     except client.ClientError as exc:
-        raise Failure(str(exc), ExitStatus.DAEMON_UNREACHABLE) from None
+        raise Failure(str(exc), _client_status(exc)) from None
     try:
         if no_wait:
             reply = conn.recv(timeout=30)
@@ -253,7 +254,12 @@ def _converse(
                     if fd == 2:
                         client.write_output(fd, data)
         try:
-            result = client.wait_for_run(conn, display, out)
+            result = client.wait_for_run(conn, display, out, wait_timeout)
+        except TimeoutError:
+            if wait_timeout is None:
+                raise
+            raise Failure(f"gave up waiting for {key} after {wait_timeout:g}s",
+                          ExitStatus.WAIT_TIMEOUT) from None
         except client.DaemonLost:
             raise Failure(
                 f"lost the daemon while waiting for {key}; "
@@ -278,6 +284,11 @@ def _converse(
         raise Failure("the daemon did not answer within 30s", ExitStatus.DAEMON_UNREACHABLE)
     finally:
         conn.close()
+
+
+def _client_status(exc: Any) -> int:
+    """An unsafe socket location is the user's to mend (usage); anything else is unreachable."""
+    return ExitStatus.USAGE if exc.code == "unsafe" else ExitStatus.DAEMON_UNREACHABLE
 
 
 def _refused(reply: Any, key: str) -> NoReturn:
@@ -347,7 +358,9 @@ def daemon(
     )
     try:
         return daemon_mod.run_daemon(config)
-    except (daemon_mod.DaemonError, PathError) as exc:
+    except PathError as exc:
+        raise Failure(str(exc), ExitStatus.USAGE) from None
+    except daemon_mod.DaemonError as exc:
         raise Failure(str(exc), 1) from None
 
 
@@ -368,7 +381,7 @@ def stop(socket_path: str | None) -> int:
         if exc.code == "unreachable":
             print(f"debounce: no daemon is running on {sock}", file=sys.stderr)
             return ExitStatus.SUCCESS
-        raise Failure(str(exc), ExitStatus.DAEMON_UNREACHABLE) from None
+        raise Failure(str(exc), _client_status(exc)) from None
     except client.DaemonLost:
         pass
     # The daemon holds its lock file until its very end: once we can take it, it is gone.
@@ -433,13 +446,20 @@ def cancel(key: str, socket_path: str | None) -> int:
 @click.argument("target", metavar="KEY|RUN_ID")
 @click.option("-q", "--quiet", is_flag=True, help="Do not copy the run's output.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
+@click.option("--timeout", type=DURATION, metavar="DURATION",
+              help="Give up after this long (exit 115); the run goes on.")
 @_socket_option
-def wait(target: str, quiet: bool, as_json: bool, socket_path: str | None) -> int:
-    """Wait for what is pending or running for KEY (or run RUN_ID), like run does."""
+def wait(
+    target: str, quiet: bool, as_json: bool, timeout: float | None, socket_path: str | None
+) -> int:
+    """Wait for what is pending or running for KEY or RUN_ID, like run does.
+
+    When nothing is, exit at once with the status of that run or of the key's latest run.
+    """
     from debounce_cli import protocol
 
     return _converse(_socket(socket_path), protocol.WaitRequest(target=target), target, quiet,
-                     as_json)
+                     as_json, wait_timeout=timeout)
 
 
 def _ask(socket_path: str | None, message: Any) -> Any:
@@ -448,7 +468,7 @@ def _ask(socket_path: str | None, message: Any) -> Any:
     try:
         reply = client.request(_socket(socket_path), message)
     except client.ClientError as exc:
-        raise Failure(str(exc), ExitStatus.DAEMON_UNREACHABLE) from None
+        raise Failure(str(exc), _client_status(exc)) from None
     except client.DaemonLost:
         raise Failure("the daemon closed the connection without answering",
                       ExitStatus.DAEMON_LOST) from None

@@ -71,7 +71,10 @@ class Connection:
 
 def connect(sock_path: str, request: Message, autostart: bool = True) -> Connection:
     """Open a conversation and send ``request`` after the hello; start a daemon if needed."""
-    paths.socket_dir_check(sock_path, create=False)
+    try:
+        paths.socket_dir_check(sock_path, create=False)
+    except paths.PathError as exc:
+        raise ClientError(str(exc), "unsafe") from None
     try:
         conn = _connect(sock_path)
     except (FileNotFoundError, ConnectionRefusedError):
@@ -110,7 +113,10 @@ def _start_and_connect(sock_path: str) -> Connection:
     """
     import fcntl
 
-    paths.socket_dir_check(sock_path, create=True)
+    try:
+        paths.socket_dir_check(sock_path, create=True)
+    except paths.PathError as exc:
+        raise ClientError(str(exc), "unsafe") from None
     lock_fd = os.open(sock_path + ".start", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
         fcntl.flock(lock_fd, fcntl.LOCK_EX)
@@ -212,16 +218,25 @@ def wait_for_run(
     conn: Connection,
     display: Display,
     out: Callable[[int, bytes], None] | None,
+    timeout: float | None = None,
 ) -> Message:
     """Follow a conversation to its end: Finished, Cancelled or Error.
 
     Output chunks go to ``out(fd, data)``; progress goes to ``display``. Raises
-    :class:`DaemonLost` when the daemon closes the connection first.
+    :class:`DaemonLost` when the daemon closes the connection first, and ``TimeoutError``
+    when ``timeout`` seconds pass first.
     """
+    deadline = None if timeout is None else time.monotonic() + timeout
     try:
         while True:
+            wait = display.refresh
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError
+                wait = left if wait is None else min(wait, left)
             try:
-                msg = conn.recv(timeout=display.refresh)
+                msg = conn.recv(timeout=wait)
             except TimeoutError:
                 display.tick()
                 continue

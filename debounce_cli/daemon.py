@@ -44,8 +44,10 @@ from debounce_cli.scheduler import (
 
 #: A connection must send its hello and request within this many seconds.
 READ_TIMEOUT = 10.0
-#: At most this many connections at once; more wait in the kernel's listen backlog.
+#: At most this many connections at once; more are refused with a clear error.
 MAX_CONNECTIONS = 1024
+#: Finished runs kept in memory for `debounce wait` and `status` ("last result").
+RECENT_RUNS = 1000
 
 
 class DaemonError(Exception):
@@ -148,6 +150,8 @@ class Daemon:
         self.lock_fd: int | None = None
         self.serving_socket = False
         self.tasks: set[asyncio.Task[Any]] = set()
+        self.recent: dict[int, Run] = {}  # finished runs by id, oldest first
+        self.last_by_key: dict[str, Run] = {}
 
     # -------------------------------------------------------------- start-up
     def acquire(self) -> None:
@@ -350,12 +354,26 @@ class Daemon:
         await self._hold(waiter, reader)
 
     def _find(self, target: str) -> Invocation | Run | None:
+        """What ``debounce wait TARGET`` follows: pending, else running, else the last result."""
         ks = self.scheduler.keys.get(target)
-        if ks is not None:
+        if ks is not None and (ks.pending or ks.running):
             return ks.pending or ks.running
+        if target in self.last_by_key:
+            return self.last_by_key[target]
         if target.isdigit():
-            return self.scheduler.runs.get(int(target))
+            run_id = int(target)
+            return self.scheduler.runs.get(run_id) or self.recent.get(run_id)
         return None
+
+    def _remember(self, run: Run) -> None:
+        if run.id in self.recent:
+            return
+        self.recent[run.id] = run
+        self.last_by_key[run.key] = run
+        while len(self.recent) > RECENT_RUNS:
+            old = self.recent.pop(next(iter(self.recent)))
+            if self.last_by_key.get(old.key) is old:
+                del self.last_by_key[old.key]
 
     async def _hold(self, waiter: ConnWaiter, reader: asyncio.StreamReader) -> None:
         """Keep the connection while the waiter waits; a client that leaves is detached."""
@@ -423,6 +441,10 @@ class Daemon:
                     "coalesced": run.coalesced,
                     "stopping": run.stop_reason,
                 }
+            last = self.last_by_key.get(ks.key)
+            row["last"] = None if last is None else {
+                "run_id": last.id, "exit_code": last.exit_code, "finished_at": last.finished_wall,
+            }
             rows.append(row)
         rows.sort(key=lambda r: r["key"])
         return protocol.StatusReply(keys=rows, pid=os.getpid(), jobs=self.config.jobs)
@@ -437,6 +459,7 @@ class Daemon:
                 if proc is not None:
                     proc.signal(effect.signal)
             elif isinstance(effect, RunFinished):
+                self._remember(effect.run)
                 msg = self._finished_msg(effect.run)
                 for waiter in _unique(effect.waiters):
                     waiter.finish(msg)
