@@ -199,6 +199,7 @@ class Scheduler:
         self._due: list[tuple[float, int, Invocation]] = []  # heap, stale entries skipped
         self._timers: list[tuple[float, int, Run]] = []  # timeout and kill deadlines, heap
         self._bursts: list[tuple[float, int, str]] = []  # ends of --leading bursts, heap
+        self.draining = False  # shutting down: runs are stopped and nothing new starts
         self._seq = itertools.count()
         self._ids = itertools.count(first_id)
         self._run_ids = itertools.count(first_run_id)
@@ -369,7 +370,12 @@ class Scheduler:
         return True, effects
 
     def stop_all(self) -> list[Effect]:
-        """Stop every run as ``--on-busy restart`` would (shutdown); pending ones stay pending."""
+        """Stop every run as ``--on-busy restart`` would (shutdown); pending ones stay pending.
+
+        From here on nothing starts, so what is pending at shutdown is still pending afterwards
+        for the journal to keep.
+        """
+        self.draining = True
         now = self.clock()
         effects: list[Effect] = []
         for run in list(self.runs.values()):
@@ -466,7 +472,7 @@ class Scheduler:
                 self._stop(ks.running, "restart", now, effects)
                 effects.append(Updated(inv))
             return  # starts when the running one has ended (run_exited calls back here)
-        if self._slot_free() and not self.queue:
+        if self._slot_free() and not self.queue and not self.draining:
             self._start(ks, now, effects)
         else:
             self._transition(inv, QUEUED)
@@ -477,7 +483,7 @@ class Scheduler:
         return self.jobs is None or len(self.runs) < self.jobs
 
     def _fill_slots(self, now: float, effects: list[Effect]) -> None:
-        while self.queue and self._slot_free():
+        while self.queue and self._slot_free() and not self.draining:
             ks = self.keys[self.queue.popleft()]
             self._start(ks, now, effects)
 

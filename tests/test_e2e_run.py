@@ -270,10 +270,6 @@ def test_bad_input_is_one_clear_line_and_exit_2(world, args, mentions):
     assert world.daemon_pid() is None  # refused before anything was started
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="client.connect raises PathError that cli._converse does not catch: traceback, exit 1",
-)
 def test_socket_directory_of_another_user_is_refused(world):
     foreign = world.root / "foreign"
     foreign.mkdir(mode=0o700)

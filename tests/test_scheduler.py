@@ -641,11 +641,6 @@ def test_leading_trailing_run_waits_for_the_leading_run_to_end():
 # -------------------------------------------------------------------------- daemon shutdown
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="suspected bug: run_exited after stop_all starts the pending/queued invocation, "
-    "so shutdown spawns a new process and the invocation is no longer pending to persist",
-)
 @pytest.mark.parametrize("jobs", [None, 1])
 def test_shutdown_keeps_pending_calls_pending_while_stopped_runs_exit(jobs):
     """On SIGTERM the daemon stops its runs; what was pending stays pending, nothing new starts."""
