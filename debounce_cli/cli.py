@@ -270,6 +270,11 @@ def _converse(
             # Stop waiting; the invocation stays with the daemon for the other waiters.
             return 130
         if isinstance(result, protocol.Finished):
+            if result.outcome == "lost":
+                raise Failure(
+                    f"run {result.run_id} of {result.key} was lost: its daemon died while it ran",
+                    ExitStatus.DAEMON_LOST,
+                )
             if as_json:
                 from debounce_cli.render import finished_json
 
@@ -322,6 +327,13 @@ def _quote(text: str) -> str:
               help="Run at most N commands at once; due invocations queue.  [default: no limit]")
 @click.option("--idle-exit", type=DURATION, default="10m", show_default=True,
               help="Exit after this long with nothing pending, running or connected (0: never).")
+@click.option("--journal/--no-journal", default=True, show_default=True,
+              help="Keep pending invocations and history in the state directory, so they "
+              "survive a crash; --no-journal keeps them in memory only.")
+@click.option("--keep-logs", type=click.IntRange(min=0), default=10, show_default=True,
+              metavar="N", help="Keep the output logs of the last N runs of each key.")
+@click.option("--keep-logs-total", type=click.IntRange(min=0), default=1000, show_default=True,
+              metavar="N", help="Keep at most N output logs in all.")
 @_invocation_options
 @click.option("--ready-fd", type=int, hidden=True)
 def daemon(
@@ -329,17 +341,21 @@ def daemon(
     read_stdin: bool,
     jobs: int | None,
     idle_exit: float,
+    journal: bool,
+    keep_logs: int,
+    keep_logs_total: int,
     key_template: str | None,
     ready_fd: int | None,
     **scheduling: Any,
 ) -> int:
     """Serve the socket in the foreground (clients start one on demand).
 
-    The scheduling options are the defaults for lines read with --stdin.
+    The scheduling options are the defaults for lines read with --stdin. Pending invocations,
+    run history and output logs are kept in $DEBOUNCE_STATE_DIR (mode 0700, files 0600).
     """
     from debounce_cli import daemon as daemon_mod
     from debounce_cli import keys
-    from debounce_cli.paths import PathError
+    from debounce_cli.paths import PathError, state_dir
 
     defaults = _options(**scheduling)
     if key_template is not None:
@@ -350,11 +366,16 @@ def daemon(
         defaults["key"] = key_template
     config = daemon_mod.Config(
         socket=_socket(socket_path),
+        state_dir=state_dir(),
         jobs=jobs,
         idle_exit=idle_exit or None,
         stdin=read_stdin,
         defaults=defaults,
         ready_fd=ready_fd,
+        journal=journal,
+        keep_logs=keep_logs,
+        keep_logs_total=keep_logs_total,
+        listen_fd=_listen_fd(),
     )
     try:
         return daemon_mod.run_daemon(config)
@@ -362,6 +383,19 @@ def daemon(
         raise Failure(str(exc), ExitStatus.USAGE) from None
     except daemon_mod.DaemonError as exc:
         raise Failure(str(exc), 1) from None
+
+
+def _listen_fd() -> int | None:
+    """A listening socket passed by systemd socket activation (LISTEN_PID, LISTEN_FDS)."""
+    if os.environ.get("LISTEN_PID") != str(os.getpid()):
+        return None
+    try:
+        count = int(os.environ.get("LISTEN_FDS", "0"))
+    except ValueError:
+        return None
+    for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+        os.environ.pop(name, None)  # not for the runs' environments
+    return 3 if count >= 1 else None
 
 
 # ------------------------------------------------------------------------------ control
@@ -460,6 +494,44 @@ def wait(
 
     return _converse(_socket(socket_path), protocol.WaitRequest(target=target), target, quiet,
                      as_json, wait_timeout=timeout)
+
+
+@cli.command()
+@click.argument("key", required=False)
+@click.option("--limit", type=click.IntRange(min=1), default=20, show_default=True,
+              help="Show at most this many runs, newest first.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object per line.")
+@_socket_option
+def history(key: str | None, limit: int, as_json: bool, socket_path: str | None) -> int:
+    """Show finished runs (of KEY, or of every key), newest first."""
+    from debounce_cli import protocol, render
+
+    reply = _ask(socket_path, protocol.HistoryRequest(key=key, limit=limit))
+    text = render.history_json(reply.runs) if as_json else render.history_text(reply.runs)
+    if text:
+        print(text)
+    return ExitStatus.SUCCESS
+
+
+@cli.command()
+@click.argument("target", metavar="RUN_ID|KEY")
+@_socket_option
+def logs(target: str, socket_path: str | None) -> int:
+    """Print the output of a run, or of the latest run of KEY (stdout and stderr apart)."""
+    from debounce_cli import client, protocol
+    from debounce_cli.logfile import read_log
+
+    reply = _ask(socket_path, protocol.LogsRequest(target=target))
+    assert isinstance(reply, protocol.LogsReply)
+    if not reply.log_path:
+        raise Failure(f"run {reply.run_id} keeps no log", ExitStatus.NOT_FOUND)
+    try:
+        for fd, data in read_log(reply.log_path):
+            client.write_output(fd, data)
+    except OSError as exc:
+        raise Failure(f"cannot read the log of run {reply.run_id}: {exc.strerror}",
+                      ExitStatus.NOT_FOUND) from None
+    return ExitStatus.SUCCESS
 
 
 def _ask(socket_path: str | None, message: Any) -> Any:

@@ -3,6 +3,13 @@
 One asyncio loop does everything. After each event the scheduler is asked for its next deadline
 and a single timer is set for it, so an idle daemon sleeps in ``epoll_wait`` with nothing to do.
 
+Durability follows one rule: change the scheduler, commit the journal, then act. Effects
+(starting a process, answering a client) wait in an outbox until the end of the loop's turn,
+when one commit covers every change made in that turn (group commit). A client is told its
+invocation was accepted only after the commit that holds it, and a process starts only after
+the commit that records its run, so after a crash the journal never promises less than the
+clients were told and never forgets a run that started.
+
 Start-up takes a lock file beside the socket before touching the socket, so two daemons racing
 for one socket end with exactly one serving; the loser sees the lock held and leaves. A socket
 file without a lock holder is stale (its daemon died) and is replaced.
@@ -22,13 +29,15 @@ import sys
 import threading
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from debounce_cli import keys, paths, protocol
 from debounce_cli.durations import DurationError, parse_duration
+from debounce_cli.journal import LOST, Journal, JournalError
+from debounce_cli.logfile import LogWriter, read_log
 from debounce_cli.protocol import ProtocolError
-from debounce_cli.runner import RunProcess
+from debounce_cli.runner import RunProcess, kill_leftovers
 from debounce_cli.scheduler import (
     Cancelled,
     Invocation,
@@ -65,40 +74,69 @@ class Job:
     argv: list[str]
     cwd: str
     env: dict[str, str]
+    pid: int | None = None
+    log_path: str | None = None
 
 
 @dataclass(eq=False)
 class Config:
     socket: str
+    state_dir: str = ""
     jobs: int | None = None
     idle_exit: float | None = 600.0
     stdin: bool = False
-    defaults: dict[str, Any] | None = None  # scheduling options and "key" for stdin lines
+    defaults: dict[str, Any] = field(default_factory=dict)  # options and "key" for stdin lines
     ready_fd: int | None = None
+    journal: bool = True
+    keep_logs: int = 10  # per key
+    keep_logs_total: int = 1000
+    listen_fd: int | None = None  # a listening socket handed over (systemd socket activation)
 
 
 # ------------------------------------------------------------------ waiters
 class ConnWaiter:
-    """A client connection waiting for a run: the run's events go down its socket."""
+    """A client connection waiting for a run: the run's events go down its socket.
 
-    def __init__(self, writer: asyncio.StreamWriter):
+    Until the client has been told its invocation was accepted (after the journal commit),
+    events are held back, so the client always reads ``accepted`` first.
+    """
+
+    def __init__(self, writer: asyncio.StreamWriter, acked: bool = False):
         self.writer = writer
         self.closed = False
+        self.acked = acked
+        self.held: list[protocol.Message] = []
         self.done = asyncio.get_running_loop().create_future()
 
     def send(self, msg: protocol.Message) -> None:
         if self.closed:
+            return
+        if not self.acked:
+            self.held.append(msg)
             return
         try:
             self.writer.write(protocol.encode(msg))
         except (ConnectionError, RuntimeError):
             self.closed = True
 
+    def ack(self, msg: protocol.Message) -> None:
+        self.acked = True
+        self.send(msg)
+        held, self.held = self.held, []
+        for item in held:
+            self.send(item)
+        if any(isinstance(m, (protocol.Finished, protocol.Cancelled)) for m in held):
+            self._done()
+
     def output(self, fd: int, data: bytes) -> None:
         self.send(protocol.Output(fd=fd, data=binascii.b2a_base64(data, newline=False).decode()))
 
     def finish(self, msg: protocol.Message) -> None:
         self.send(msg)
+        if self.acked:
+            self._done()
+
+    def _done(self) -> None:
         if not self.done.done():
             self.done.set_result(None)
 
@@ -132,18 +170,32 @@ def _unique(waiters: Iterable[Any]) -> list[Any]:
     return list(dict.fromkeys(waiters))
 
 
+@dataclass(eq=False, slots=True)
+class Ack:
+    """An answer owed to a submitter once the turn's commit is done."""
+
+    invocation: Invocation
+    writer: asyncio.StreamWriter | None
+    waiter: Any
+    future: asyncio.Future[None] | None
+    line: int | None = None  # stdin line number
+
+
 # ------------------------------------------------------------------ the daemon
 class Daemon:
     def __init__(self, config: Config):
         self.config = config
+        self.journal: Journal | None = None
         self.scheduler = Scheduler(time.monotonic, wall=time.time, jobs=config.jobs)
         self.procs: dict[int, RunProcess] = {}
-        self.outputs: dict[int, list[tuple[int, bytes]]] = {}  # running run id -> output so far
+        self.logs: dict[int, LogWriter] = {}
+        self.buffers: dict[int, list[tuple[int, bytes]]] = {}  # output of runs without a log
         self.connections = 0
         self.server: asyncio.AbstractServer | None = None
         self.timer: asyncio.TimerHandle | None = None
         self.idle_timer: asyncio.TimerHandle | None = None
         self.stopping = False
+        self.by_signal = False
         self.stopped: asyncio.Future[None] | None = None
         self.stdin_waiter = StdinWaiter() if config.stdin else None
         self.stdin_open = config.stdin
@@ -152,6 +204,10 @@ class Daemon:
         self.tasks: set[asyncio.Task[Any]] = set()
         self.recent: dict[int, Run] = {}  # finished runs by id, oldest first
         self.last_by_key: dict[str, Run] = {}
+        self.outbox: list[Any] = []
+        self.acks: list[Ack] = []
+        self.flush_handle: asyncio.Handle | None = None
+        self.log_dir = ""
 
     # -------------------------------------------------------------- start-up
     def acquire(self) -> None:
@@ -168,15 +224,67 @@ class Daemon:
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         self.lock_fd = fd
-        if os.path.lexists(sock):
+        if self.config.listen_fd is None and os.path.lexists(sock):
             # The lock is ours, so no live daemon of ours serves this socket: it is stale.
             os.unlink(sock)
+
+    def restore(self) -> None:
+        """Open the journal and take back what the previous daemon on this socket left."""
+        if not self.config.journal:
+            return
+        state = self.config.state_dir
+        paths.check_private_dir(state, "state directory", create=True)
+        digest = _digest(self.config.socket)
+        self.log_dir = os.path.join(state, "logs", digest)
+        try:
+            paths.check_private_dir(os.path.join(state, "logs"), "log directory", create=True)
+            paths.check_private_dir(self.log_dir, "log directory", create=True)
+        except paths.PathError as exc:
+            print(f"debounce: {exc}; runs will keep no logs", file=sys.stderr)
+            self.log_dir = ""
+        journal = Journal(state, self.config.socket)
+        try:
+            journal.open()
+            restored = journal.load()
+        except JournalError as exc:
+            raise DaemonError(str(exc)) from None
+        self.journal = journal
+        if restored.lost:
+            for run in restored.lost:
+                kill_leftovers(run["pid"], run["run_id"], run["key"])
+            journal.mark_lost([run["run_id"] for run in restored.lost])
+        journal.prune_envs()
+        self.scheduler = Scheduler(
+            time.monotonic, wall=time.time, jobs=self.config.jobs, observer=journal.observe,
+            first_id=restored.next_id, first_run_id=restored.next_run_id,
+        )
+        offset = time.time() - time.monotonic()
+        for row in restored.pending:
+            try:
+                options = _options(row["options"])
+            except (ProtocolError, ValueError, TypeError) as exc:
+                print(f"debounce: dropping a stored invocation of {row['key']!r}: {exc}",
+                      file=sys.stderr)
+                continue
+            self.scheduler.restore(
+                row["id"], row["key"], options, Job(row["argv"], row["cwd"], row["env"]),
+                received_at=row["received_at"] - offset, due=row["due_at"] - offset,
+                first_at=row["first_at"] - offset, coalesced=row["coalesced"],
+                leading_edge=row["leading_edge"],
+            )
+        journal.dirty_keys.clear()  # restored rows are already stored as they are
 
     async def serve(self) -> int:
         """Serve until stopped; return the process exit status."""
         loop = asyncio.get_running_loop()
         self.stopped = loop.create_future()
-        if self.serving_socket:
+        if self.config.listen_fd is not None:
+            sock = socket.socket(fileno=self.config.listen_fd)
+            sock.setblocking(False)
+            self.server = await asyncio.start_unix_server(
+                self._on_connection, sock=sock, limit=protocol.MAX_MESSAGE
+            )
+        elif self.serving_socket:
             old_umask = os.umask(0o177)
             try:
                 self.server = await asyncio.start_unix_server(
@@ -198,11 +306,9 @@ class Daemon:
         self._after()
         await self.stopped
         await self._finish_shutdown()
-        if self.stdin_waiter is not None and not self.shutting_down_by_signal:
+        if self.stdin_waiter is not None and not self.by_signal:
             return 1 if self.stdin_waiter.failures else 0
         return 0
-
-    shutting_down_by_signal = False
 
     # -------------------------------------------------------------- connections
     async def _on_connection(
@@ -224,14 +330,12 @@ class Daemon:
 
     async def _converse(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if not self._peer_allowed(writer):
-            writer.write(protocol.encode(protocol.Error(
-                message="permission denied: this daemon serves only its owner's uid",
-                code="refused",
-            )))
+            self._reply_error(
+                writer, "permission denied: this daemon serves only its owner's uid", "refused"
+            )
             return
         if self.connections > MAX_CONNECTIONS:
-            writer.write(protocol.encode(protocol.Error(
-                message="too many connections; try again", code="refused")))
+            self._reply_error(writer, "too many connections; try again", "refused")
             return
         hello = await self._read(reader, writer)
         if hello is None:
@@ -260,6 +364,10 @@ class Daemon:
             await self.handle_wait(request, reader, writer)
         elif isinstance(request, protocol.StatusRequest):
             writer.write(protocol.encode(self.handle_status()))
+        elif isinstance(request, protocol.HistoryRequest):
+            writer.write(protocol.encode(self.handle_history(request)))
+        elif isinstance(request, protocol.LogsRequest):
+            writer.write(protocol.encode(self.handle_logs(request)))
         elif isinstance(request, protocol.FlushRequest):
             found, effects = self.scheduler.flush(request.key)
             self._apply(effects)
@@ -283,6 +391,7 @@ class Daemon:
         return protocol.Error(message=f"nothing is pending for key {key!r}", code="not_found")
 
     def _peer_allowed(self, writer: asyncio.StreamWriter) -> bool:
+        """The kernel's word on who connected (SO_PEERCRED): only our own uid gets in."""
         sock = writer.get_extra_info("socket")
         if sock is None:
             return False
@@ -324,30 +433,43 @@ class Daemon:
     ) -> None:
         try:
             options = _options(req.options)
-            _check_job(req.argv, req.cwd, req.env)
+            _check_job(req.argv, req.cwd, req.key)
         except (ProtocolError, ValueError) as exc:
             self._reply_error(writer, str(exc))
             return
-        if not req.key:
-            self._reply_error(writer, "run: key must not be empty")
+        refusal = self._refusal()
+        if refusal:
+            self._reply_error(writer, refusal, "refused")
             return
         waiter = ConnWaiter(writer) if req.wait else None
-        inv = self.submit(req.key, options, Job(req.argv, req.cwd, req.env), waiter, accept=writer)
-        if waiter is None:
-            return
-        del inv
-        await self._hold(waiter, reader)
+        future = asyncio.get_running_loop().create_future()
+        self.submit(req.key, options, Job(req.argv, req.cwd, req.env), waiter,
+                    writer=writer, future=future)
+        await future
+        if waiter is not None and not waiter.closed:
+            await self._hold(waiter, reader)
+
+    def _refusal(self) -> str | None:
+        """Why new submissions cannot be accepted now, if they cannot."""
+        journal = self.journal
+        if journal is not None and journal.broken and not journal.probe():
+            return f"cannot store new invocations: {journal.broken}"
+        return None
 
     async def handle_wait(
         self, req: protocol.WaitRequest, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
         target = self._find(req.target)
         if target is None:
+            finished = self._finished_from_journal(req.target)
+            if finished is not None:
+                writer.write(protocol.encode(finished))
+                return
             self._reply_error(
-                writer, f"nothing pending or running for {req.target!r}", "not_found"
+                writer, f"no key or run {req.target!r} pending, running or finished", "not_found"
             )
             return
-        waiter = ConnWaiter(writer)
+        waiter = ConnWaiter(writer, acked=True)
         if isinstance(target, Invocation):
             waiter.send(self._pending_msg(target))
         self._apply(self.scheduler.attach(target, waiter))
@@ -364,6 +486,21 @@ class Daemon:
             run_id = int(target)
             return self.scheduler.runs.get(run_id) or self.recent.get(run_id)
         return None
+
+    def _finished_from_journal(self, target: str) -> protocol.Finished | None:
+        if self.journal is None:
+            return None
+        row = self.journal.finished_run(key=target)
+        if row is None and target.isdigit():
+            row = self.journal.finished_run(run_id=int(target))
+        if row is None:
+            return None
+        return protocol.Finished(
+            run_id=row["run_id"], key=row["key"], argv=row["argv"],
+            exit_code=row["exit_code"] if row["exit_code"] is not None else -1,
+            coalesced=row["coalesced"], started_at=row["started_at"],
+            finished_at=row["finished_at"], outcome=row["outcome"] or LOST,
+        )
 
     def _remember(self, run: Run) -> None:
         if run.id in self.recent:
@@ -396,24 +533,27 @@ class Daemon:
         options: Options,
         job: Job,
         waiter: Any,
-        accept: asyncio.StreamWriter | None = None,
+        writer: asyncio.StreamWriter | None = None,
+        future: asyncio.Future[None] | None = None,
+        line: int | None = None,
     ) -> Invocation:
+        """Hand an invocation to the scheduler; its answer goes out after the commit."""
         inv, effects = self.scheduler.submit(key, options, job, waiter)
-        if accept is not None:
-            head = inv.head()
-            if head.run is not None:
-                msg = protocol.Accepted(
-                    id=inv.id, key=head.key, state=head.run.state, due_in=None,
-                    coalesced=head.run.coalesced,
-                )
-            else:
-                msg = protocol.Accepted(
-                    id=inv.id, key=head.key, state=head.state, due_in=self._due_in(head),
-                    coalesced=head.coalesced,
-                )
-            accept.write(protocol.encode(msg))
+        self.acks.append(Ack(inv, writer, waiter, future, line))
         self._apply(effects)
         return inv
+
+    def _accepted_msg(self, inv: Invocation) -> protocol.Accepted:
+        head = inv.head()
+        if head.run is not None:
+            return protocol.Accepted(
+                id=inv.id, key=head.key, state=head.run.state, due_in=None,
+                coalesced=head.run.coalesced,
+            )
+        return protocol.Accepted(
+            id=inv.id, key=head.key, state=head.state, due_in=self._due_in(head),
+            coalesced=head.coalesced,
+        )
 
     def handle_status(self) -> protocol.StatusReply:
         now = time.monotonic()
@@ -449,35 +589,113 @@ class Daemon:
         rows.sort(key=lambda r: r["key"])
         return protocol.StatusReply(keys=rows, pid=os.getpid(), jobs=self.config.jobs)
 
-    # -------------------------------------------------------------- effects
+    def handle_history(self, req: protocol.HistoryRequest) -> protocol.Message:
+        if self.journal is not None:
+            runs = self.journal.history(req.key, max(0, req.limit))
+            for run in runs:
+                run.pop("log_path", None)
+            return protocol.HistoryReply(runs=runs)
+        rows = [r for r in reversed(self.recent.values()) if req.key in (None, r.key)]
+        return protocol.HistoryReply(runs=[_run_dict(r) for r in rows[: max(0, req.limit)]])
+
+    def handle_logs(self, req: protocol.LogsRequest) -> protocol.Message:
+        target = req.target
+        ks = self.scheduler.keys.get(target)
+        run = ks.running if ks is not None else None
+        if run is None and target.isdigit():
+            run = self.scheduler.runs.get(int(target))
+        if run is not None:
+            return protocol.LogsReply(run_id=run.id, key=run.key,
+                                      log_path=run.invocation.payload.log_path, running=True)
+        row = None
+        if self.journal is not None:
+            row = self.journal.finished_run(key=target)
+            if row is None and target.isdigit():
+                row = self.journal.finished_run(run_id=int(target))
+        if row is None:
+            return protocol.Error(message=f"no run of key or id {target!r} is known",
+                                  code="not_found")
+        if not row["log_path"]:
+            return protocol.Error(
+                message=f"the log of run {row['run_id']} is no longer kept", code="not_found")
+        return protocol.LogsReply(run_id=row["run_id"], key=row["key"],
+                                  log_path=row["log_path"], running=False)
+
+    # -------------------------------------------------------------- effects and commits
     def _apply(self, effects: list[Any]) -> None:
-        for effect in effects:
-            if isinstance(effect, StartRun):
-                self._start(effect.run)
-            elif isinstance(effect, SignalRun):
-                proc = self.procs.get(effect.run.id)
-                if proc is not None:
-                    proc.signal(effect.signal)
-            elif isinstance(effect, RunFinished):
-                self._remember(effect.run)
-                msg = self._finished_msg(effect.run)
-                for waiter in _unique(effect.waiters):
-                    waiter.finish(msg)
-            elif isinstance(effect, Joined):
-                started = self._started_msg(effect.run)
-                for waiter in _unique(effect.waiters):
-                    waiter.send(started)
-                    for fd, data in self.outputs.get(effect.run.id, ()):
-                        waiter.output(fd, data)
-            elif isinstance(effect, Updated):
-                msg = self._pending_msg(effect.invocation)
-                for waiter in _unique(effect.invocation.waiters):
-                    waiter.send(msg)
-            elif isinstance(effect, Cancelled):
-                msg = protocol.Cancelled(key=effect.invocation.key)
-                for waiter in _unique(effect.waiters):
-                    waiter.finish(msg)
+        """Queue effects until the end of this turn of the loop, when the commit is done."""
+        self.outbox.extend(effects)
+        if self.flush_handle is None:
+            self.flush_handle = asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        """Commit what changed in this turn, then answer submitters and carry out effects."""
+        self.flush_handle = None
+        failure = None
+        if self.journal is not None:
+            try:
+                self.journal.commit(self.scheduler, time.time() - time.monotonic())
+            except JournalError as exc:
+                failure = str(exc)
+        acks, self.acks = self.acks, []
+        for ack in acks:
+            self._answer(ack, failure)
+        while self.outbox:
+            effects, self.outbox = self.outbox, []
+            for effect in effects:
+                self._carry_out(effect)
         self._after()
+
+    def _answer(self, ack: Ack, failure: str | None) -> None:
+        if failure is None:
+            msg: protocol.Message = self._accepted_msg(ack.invocation)
+        else:
+            msg = protocol.Error(message=f"cannot store the invocation: {failure}",
+                                 code="refused")
+            if ack.line is not None:
+                print(f"debounce: stdin line {ack.line}: {msg.message}", file=sys.stderr,
+                      flush=True)
+                if self.stdin_waiter is not None:
+                    self.stdin_waiter.failures += 1
+        if isinstance(ack.waiter, ConnWaiter):
+            if failure is None:
+                ack.waiter.ack(msg)
+            else:
+                ack.waiter.closed = True
+                self.scheduler.detach(ack.waiter)
+                ack.writer.write(protocol.encode(msg))  # type: ignore[union-attr]
+        elif ack.writer is not None:
+            ack.writer.write(protocol.encode(msg))
+        if ack.future is not None and not ack.future.done():
+            ack.future.set_result(None)
+
+    def _carry_out(self, effect: Any) -> None:
+        if isinstance(effect, StartRun):
+            self._start(effect.run)
+        elif isinstance(effect, SignalRun):
+            proc = self.procs.get(effect.run.id)
+            if proc is not None:
+                proc.signal(effect.signal)
+        elif isinstance(effect, RunFinished):
+            self._remember(effect.run)
+            msg = self._finished_msg(effect.run)
+            for waiter in _unique(effect.waiters):
+                waiter.finish(msg)
+        elif isinstance(effect, Joined):
+            started = self._started_msg(effect.run)
+            replay = self._output_so_far(effect.run)
+            for waiter in _unique(effect.waiters):
+                waiter.send(started)
+                for fd, data in replay:
+                    waiter.output(fd, data)
+        elif isinstance(effect, Updated):
+            msg = self._pending_msg(effect.invocation)
+            for waiter in _unique(effect.invocation.waiters):
+                waiter.send(msg)
+        elif isinstance(effect, Cancelled):
+            cancelled = protocol.Cancelled(key=effect.invocation.key)
+            for waiter in _unique(effect.waiters):
+                waiter.finish(cancelled)
 
     def _after(self) -> None:
         """Set the one timer for the scheduler's next deadline; manage idle exit."""
@@ -494,17 +712,22 @@ class Daemon:
         self.timer = None
         self._apply(self.scheduler.tick())
 
+    # -------------------------------------------------------------- runs
     def _start(self, run: Run) -> None:
         job: Job = run.invocation.payload
         env = dict(job.env)
         env["DEBOUNCE_KEY"] = run.key
         env["DEBOUNCE_RUN_ID"] = str(run.id)
         env["DEBOUNCE_COALESCED"] = str(run.coalesced)
-        buffer: list[tuple[int, bytes]] = []
-        self.outputs[run.id] = buffer
+        log = self._open_log(run)
+        if log is None:
+            self.buffers[run.id] = []
 
         def on_output(fd: int, data: bytes) -> None:
-            buffer.append((fd, data))
+            if log is not None:
+                log.write(fd, data)
+            else:
+                self.buffers[run.id].append((fd, data))
             for waiter in _unique(run.waiters):
                 waiter.output(fd, data)
 
@@ -517,14 +740,68 @@ class Daemon:
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
+    def _open_log(self, run: Run) -> LogWriter | None:
+        if not self.log_dir:
+            return None
+        path = os.path.join(self.log_dir, f"{run.id}.log")
+        try:
+            log = LogWriter(path)
+        except OSError as exc:
+            print(f"debounce: run {run.id} keeps no log: {exc.strerror}", file=sys.stderr)
+            return None
+        self.logs[run.id] = log
+        run.invocation.payload.log_path = path
+        return log
+
+    def _output_so_far(self, run: Run) -> list[tuple[int, bytes]]:
+        if run.id in self.buffers:
+            return list(self.buffers[run.id])
+        path = run.invocation.payload.log_path
+        if path:
+            try:
+                return list(read_log(path))
+            except OSError:
+                return []
+        return []
+
     async def _execute(self, run: Run, proc: RunProcess) -> None:
         await proc.start()
+        job: Job = run.invocation.payload
+        if proc.proc is not None:
+            job.pid = proc.proc.pid
+            if self.journal is not None:
+                self.journal.note_run(run)
         if run.stop_reason is not None:  # stopped before it could start
             proc.signal("TERM")
         code = await proc.wait()
         self.procs.pop(run.id, None)
-        self.outputs.pop(run.id, None)
+        self.buffers.pop(run.id, None)
+        log = self.logs.pop(run.id, None)
+        if log is not None:
+            log.close()
         self._apply(self.scheduler.run_exited(run.id, code))
+        self._retain_logs()
+
+    def _retain_logs(self) -> None:
+        """Delete logs beyond the per-key and total limits (history rows stay)."""
+        journal = self.journal
+        if journal is None or journal.broken:
+            return
+        try:
+            old = journal.old_logs(self.config.keep_logs, self.config.keep_logs_total)
+        except Exception:  # noqa: BLE001 - retention must never take the daemon down
+            return
+        if not old:
+            return
+        for _run_id, path in old:
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+        try:
+            journal.forget_logs([run_id for run_id, _ in old])
+        except Exception:  # noqa: BLE001
+            pass
 
     # -------------------------------------------------------------- messages
     @staticmethod
@@ -579,17 +856,22 @@ class Daemon:
     def _on_stdin_line(self, number: int, raw: bytes) -> None:
         if self.stopping:
             return
+        assert self.stdin_waiter is not None
         try:
-            parsed = parse_stdin_line(raw, self.config.defaults or {})
+            parsed = parse_stdin_line(raw, self.config.defaults)
         except ValueError as exc:
             print(f"debounce: stdin line {number}: {exc}", file=sys.stderr, flush=True)
-            assert self.stdin_waiter is not None
             self.stdin_waiter.failures += 1
             return
         if parsed is None:
             return
+        refusal = self._refusal()
+        if refusal:
+            print(f"debounce: stdin line {number}: {refusal}", file=sys.stderr, flush=True)
+            self.stdin_waiter.failures += 1
+            return
         key, options, job = parsed
-        self.submit(key, options, job, self.stdin_waiter)
+        self.submit(key, options, job, self.stdin_waiter, line=number)
 
     def _on_stdin_eof(self) -> None:
         self.stdin_open = False
@@ -599,7 +881,8 @@ class Daemon:
     def _check_idle(self) -> None:
         if self.stopping or self.stopped is None:
             return
-        if not self.scheduler.is_idle() or self.connections:
+        busy = self.outbox or self.acks or not self.scheduler.is_idle() or self.connections
+        if busy:
             self._cancel_idle()
             return
         if self.config.stdin and not self.stdin_open:
@@ -621,10 +904,10 @@ class Daemon:
             self.stopped.set_result(None)
 
     def shutdown(self) -> None:
-        """SIGTERM, SIGINT or ``debounce stop``: stop accepting, stop runs, leave."""
+        """SIGTERM, SIGINT or ``debounce stop``: stop accepting, stop runs, keep what is pending."""
         if self.stopping:
             return
-        self.shutting_down_by_signal = True
+        self.by_signal = True
         self._apply(self.scheduler.stop_all())
         self._stop_now()
 
@@ -632,18 +915,39 @@ class Daemon:
         self._cancel_idle()
         if self.server is not None:
             self.server.close()
-        if self.tasks:
+        while self.tasks:
             await asyncio.wait(list(self.tasks))
+            await asyncio.sleep(0)  # let the last commit and answers go out
+        if self.flush_handle is not None:
+            self.flush_handle.cancel()
+            self._flush()
         if self.timer is not None:
             self.timer.cancel()
-        if self.serving_socket:
+        if self.serving_socket and self.config.listen_fd is None:
             try:
                 os.unlink(self.config.socket)
             except FileNotFoundError:
                 pass
+        if self.journal is not None:
+            self.journal.close()
 
 
 # ------------------------------------------------------------------ parsing helpers
+def _digest(sock: str) -> str:
+    import hashlib
+
+    return hashlib.sha1(os.fsencode(sock)).hexdigest()[:12]
+
+
+def _run_dict(run: Run) -> dict[str, Any]:
+    return {
+        "run_id": run.id, "key": run.key, "argv": run.invocation.payload.argv,
+        "cwd": run.invocation.payload.cwd, "exit_code": run.exit_code,
+        "coalesced": run.coalesced, "started_at": run.started_wall,
+        "finished_at": run.finished_wall, "outcome": run.outcome,
+    }
+
+
 def _options(raw: dict[str, Any]) -> Options:
     protocol.check_options(raw)
     options = Options(**raw)
@@ -653,11 +957,13 @@ def _options(raw: dict[str, Any]) -> Options:
     return options
 
 
-def _check_job(argv: list[str], cwd: str, env: dict[str, str]) -> None:
+def _check_job(argv: list[str], cwd: str, key: str) -> None:
     if not argv:
         raise ValueError("run: argv must name a command")
     if not os.path.isabs(cwd):
         raise ValueError(f"run: cwd must be an absolute path, not {cwd!r}")
+    if not key:
+        raise ValueError("run: key must not be empty")
 
 
 _STDIN_FIELDS = {"argv", "key", "cwd", "env"} | set(protocol.OPTION_FIELDS) | {"no_defer"}
@@ -752,5 +1058,8 @@ def run_daemon(config: Config) -> int:
     except AlreadyRunning as exc:
         if not config.stdin:
             raise
-        print(f"debounce: {exc}; reading stdin without a socket", file=sys.stderr)
+        # The other daemon owns this socket's journal; this one keeps its lines in memory.
+        config.journal = False
+        print(f"debounce: {exc}; reading stdin without a socket or journal", file=sys.stderr)
+    daemon.restore()
     return asyncio.run(daemon.serve())

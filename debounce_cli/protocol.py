@@ -119,6 +119,25 @@ class CancelRequest(Message):
 
 
 @dataclass(frozen=True)
+class HistoryRequest(Message):
+    """Finished runs, newest first, of one key or all (``debounce history``)."""
+
+    type: ClassVar[str] = "history"
+    schema: ClassVar[dict[str, str]] = {"key": _OPT_STR, "limit": _INT}
+    key: str | None = None
+    limit: int = 20
+
+
+@dataclass(frozen=True)
+class LogsRequest(Message):
+    """Where the output of a run (or a key's latest run) is (``debounce logs``)."""
+
+    type: ClassVar[str] = "logs"
+    schema: ClassVar[dict[str, str]] = {"target": _STR}
+    target: str = ""
+
+
+@dataclass(frozen=True)
 class StopRequest(Message):
     """Shut the daemon down as SIGTERM would (``debounce stop``)."""
 
@@ -247,6 +266,30 @@ class StatusReply(Message):
 
 
 @dataclass(frozen=True)
+class HistoryReply(Message):
+    """Finished runs: objects with run_id, key, argv, cwd, exit_code, coalesced, started_at,
+    finished_at, outcome."""
+
+    type: ClassVar[str] = "history"
+    schema: ClassVar[dict[str, str]] = {"runs": _OBJS}
+    runs: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class LogsReply(Message):
+    """The log file of a run; the client reads it itself (same user, see ``logfile``)."""
+
+    type: ClassVar[str] = "logs"
+    schema: ClassVar[dict[str, str]] = {
+        "run_id": _INT, "key": _STR, "log_path": _OPT_STR, "running": _BOOL,
+    }
+    run_id: int = 0
+    key: str = ""
+    log_path: str | None = None
+    running: bool = False
+
+
+@dataclass(frozen=True)
 class Done(Message):
     """A control request was carried out (``ok``) or had nothing to act on."""
 
@@ -273,12 +316,12 @@ class Error(Message):
 REQUESTS: dict[str, type[Message]] = {
     cls.type: cls
     for cls in (Hello, RunRequest, WaitRequest, StatusRequest, FlushRequest, CancelRequest,
-                StopRequest)
+                HistoryRequest, LogsRequest, StopRequest)
 }
 REPLIES: dict[str, type[Message]] = {
     cls.type: cls
     for cls in (HelloReply, Accepted, Pending, Started, Output, Finished, Cancelled,
-                StatusReply, Done, Error)
+                StatusReply, HistoryReply, LogsReply, Done, Error)
 }
 
 

@@ -132,3 +132,31 @@ def status_text(reply: protocol.StatusReply) -> str:
 
 def status_json(reply: protocol.StatusReply) -> str:
     return json.dumps({"pid": reply.pid, "jobs": reply.jobs, "keys": reply.keys})
+
+
+def history_text(runs: list[dict[str, Any]]) -> str:
+    """``debounce history`` on a pipe: one stable tab-separated line per run."""
+    import shlex
+
+    lines = []
+    for run in runs:
+        code = "-" if run["exit_code"] is None else str(run["exit_code"])
+        duration = (run["finished_at"] or run["started_at"]) - run["started_at"]
+        lines.append(
+            f"{run['run_id']}\t{code}\t{run['outcome']}\t{iso(run['started_at'])}\t"
+            f"{format_duration(duration)}\t{run['coalesced']}\t{run['key']}\t"
+            f"{shlex.join(run['argv'])}"
+        )
+    return "\n".join(lines)
+
+
+def history_json(runs: list[dict[str, Any]]) -> str:
+    """One JSON object per line, timestamps in ISO 8601."""
+    out = []
+    for run in runs:
+        row = dict(run)
+        row["started_at"] = iso(run["started_at"])
+        row["finished_at"] = iso(run["finished_at"]) if run["finished_at"] else None
+        row["duration"] = round((run["finished_at"] or run["started_at"]) - run["started_at"], 3)
+        out.append(json.dumps(row))
+    return "\n".join(out)

@@ -8,6 +8,12 @@ handed to a callback chunk by chunk, as it comes.
 Failures to start are reported the way a shell reports them, so a waiter cannot tell debounce
 from ``sh -c``: a message on the run's stderr and exit status 127 (not found) or 126 (found but
 not executable).
+
+Runs die with their daemon. On SIGTERM the daemon stops them itself; if the daemon is killed
+outright, the kernel sends SIGKILL to each run's first process (``PR_SET_PDEATHSIG``), and the
+next daemon on the socket kills what is left of those runs' process groups
+(:func:`kill_leftovers`) before it records them as lost. A run is never left going on its own
+while a new daemon could start the same key again.
 """
 
 from __future__ import annotations
@@ -52,6 +58,7 @@ class RunProcess:
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
                 start_new_session=True,
+                preexec_fn=_die_with_daemon(),
             )
         except FileNotFoundError:
             self.start_error = (127, f"debounce: {name}: command not found\n")
@@ -99,3 +106,71 @@ class RunProcess:
             if not chunk:
                 return
             self.on_output(fd, chunk)
+
+
+# ---------------------------------------------------------------- dying with the daemon
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_daemon() -> Callable[[], None] | None:
+    """A ``preexec_fn`` asking the kernel to SIGKILL the child if the daemon dies first."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        prctl = libc.prctl
+    except (OSError, AttributeError):
+        return None
+    parent = os.getpid()
+
+    def preexec() -> None:
+        prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != parent:  # the daemon died before the request took effect
+            os._exit(137)
+
+    return preexec
+
+
+def _stat_fields(pid: int) -> list[str] | None:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read().decode(errors="replace")
+    except OSError:
+        return None
+    # The command name is in parentheses and may hold anything; the fields follow the last ')'.
+    return data[data.rfind(")") + 2 :].split()
+
+
+def kill_leftovers(pgid: int | None, run_id: int, key: str) -> int:
+    """Kill what is left of a run whose daemon died; return how many processes were killed.
+
+    Only processes in the run's process group that still carry the run's ``DEBOUNCE_RUN_ID``
+    and ``DEBOUNCE_KEY`` in their environment are touched, so a process group id reused by an
+    unrelated program is left alone.
+    """
+    if not pgid:
+        return 0
+    marks = (f"DEBOUNCE_RUN_ID={run_id}".encode(), f"DEBOUNCE_KEY={key}".encode())
+    killed = 0
+    try:
+        names = os.listdir("/proc")
+    except OSError:
+        return 0
+    for name in names:
+        if not name.isdigit():
+            continue
+        fields = _stat_fields(int(name))
+        if not fields or len(fields) < 3 or fields[2] != str(pgid):
+            continue
+        try:
+            with open(f"/proc/{name}/environ", "rb") as f:
+                env = f.read().split(b"\0")
+        except OSError:
+            continue
+        if all(mark in env for mark in marks):
+            try:
+                os.kill(int(name), signal.SIGKILL)
+                killed += 1
+            except OSError:
+                pass
+    return killed

@@ -262,6 +262,7 @@ class Scheduler:
                 leader.coalesced += 1
                 inv.replaced_by = leader
                 self._transition(inv, SUPERSEDED)
+                self._transition(leader, leader.state)
                 effects.append(Updated(leader))
                 return inv, effects
             if ks.burst_run is not None:
@@ -303,6 +304,41 @@ class Scheduler:
         effects.append(Updated(inv))
         self._advance(now, effects)
         return inv, effects
+
+    def restore(
+        self,
+        invocation_id: int,
+        key: str,
+        options: Options,
+        payload: Any,
+        *,
+        received_at: float,
+        due: float,
+        first_at: float,
+        coalesced: int,
+        leading_edge: bool,
+    ) -> Invocation:
+        """Put back a pending invocation from the journal, due when it was due before.
+
+        An overdue one starts at the next :meth:`tick`. Restoring in order of receipt lets a
+        later row for the same key win, as it did before the restart.
+        """
+        inv = Invocation(
+            id=invocation_id, key=key, options=options, received_at=received_at,
+            payload=payload, due=due, first_at=first_at, coalesced=coalesced,
+            leading_edge=leading_edge,
+        )
+        ks = self.keys.get(key)
+        if ks is None:
+            ks = self.keys[key] = KeyState(key)
+        if ks.pending is not None:
+            inv.waiters = ks.pending.waiters
+            ks.pending.replaced_by = inv
+            self._transition(ks.pending, SUPERSEDED)
+        ks.pending = inv
+        self._transition(inv, PENDING)
+        heapq.heappush(self._due, (inv.due, next(self._seq), inv))
+        return inv
 
     def tick(self) -> list[Effect]:
         """Do whatever has fallen due by now; call at :meth:`next_deadline`."""
@@ -425,6 +461,7 @@ class Scheduler:
 
     def _join_run(self, inv: Invocation, run: Run, effects: list[Effect]) -> None:
         run.coalesced += 1
+        self._transition(run, run.state)
         inv.run = run
         waiters, inv.waiters = inv.waiters, []
         if run.state == RUNNING:
@@ -511,6 +548,7 @@ class Scheduler:
         ks.running = run
         self.runs[run.id] = run
         self._transition(inv, RUNNING)
+        self._transition(run, RUNNING)
         effects.append(StartRun(run))
 
     def _stop(self, run: Run, reason: str, now: float, effects: list[Effect]) -> None:

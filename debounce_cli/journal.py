@@ -1,0 +1,381 @@
+"""Durable state in SQLite: pending invocations, run history, and the output logs' index.
+
+The daemon changes its scheduler first and commits afterwards, once per turn of its event loop
+(group commit), and it acknowledges a submission and starts a process only after the commit
+that holds it. So the journal always holds a state the daemon really had, and everything a
+client was told is in it.
+
+What is written is a snapshot, not a log of events: the scheduler reports which keys and runs
+changed (its ``observer``), and :meth:`Journal.commit` writes each changed key's current
+pending invocation, or deletes the row when nothing is pending any more. A key touched a
+thousand times in one turn costs one row write.
+
+The database runs in WAL mode with ``synchronous=NORMAL``: a commit survives the daemon's death
+(``kill -9``, a crash, an OOM kill) because it is in the operating system's hands before the
+daemon goes on; a power cut may lose the last moments. Every daemon keeps its rows under its
+socket's path, so daemons on different sockets can share one state directory without seeing
+each other's work.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sqlite3
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from debounce_cli.scheduler import FINISHED, RUNNING, Invocation, Run, Scheduler
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS envs (
+    id INTEGER PRIMARY KEY,
+    digest TEXT NOT NULL UNIQUE,
+    env TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS pending (
+    socket TEXT NOT NULL,
+    key TEXT NOT NULL,
+    id INTEGER NOT NULL,
+    argv TEXT NOT NULL,
+    cwd TEXT NOT NULL,
+    env_id INTEGER NOT NULL REFERENCES envs(id),
+    options TEXT NOT NULL,
+    received_at REAL NOT NULL,
+    due_at REAL NOT NULL,
+    first_at REAL NOT NULL,
+    coalesced INTEGER NOT NULL,
+    leading_edge INTEGER NOT NULL,
+    state TEXT NOT NULL,
+    PRIMARY KEY (socket, key)
+);
+CREATE TABLE IF NOT EXISTS runs (
+    socket TEXT NOT NULL,
+    run_id INTEGER NOT NULL,
+    key TEXT NOT NULL,
+    argv TEXT NOT NULL,
+    cwd TEXT NOT NULL,
+    coalesced INTEGER NOT NULL,
+    started_at REAL NOT NULL,
+    finished_at REAL,
+    exit_code INTEGER,
+    outcome TEXT,
+    pid INTEGER,
+    log_path TEXT,
+    PRIMARY KEY (socket, run_id)
+);
+CREATE INDEX IF NOT EXISTS runs_by_key ON runs (socket, key, run_id);
+"""
+
+#: How a run that was executing when its daemon died is recorded.
+LOST = "lost"
+
+
+class JournalError(Exception):
+    """The journal cannot be written; ``str()`` says why and what to do."""
+
+
+@dataclass
+class Restored:
+    """What a daemon finds in the journal for its socket when it starts."""
+
+    pending: list[dict[str, Any]]
+    lost: list[dict[str, Any]]  # runs that were executing when the last daemon died
+    next_id: int
+    next_run_id: int
+
+
+def _describe(exc: sqlite3.Error, where: str) -> str:
+    text = str(exc)
+    lowered = text.lower()
+    if "full" in lowered:
+        return f"the disk holding {where} is full; free some space and retry"
+    if "readonly" in lowered or "read-only" in lowered or "permission" in lowered:
+        return f"{where} is read-only; make it writable and retry"
+    return f"cannot write {where} ({text}); check the disk and retry"
+
+
+class Journal:
+    """The state of one daemon (one socket) inside a shared state directory."""
+
+    def __init__(self, state_dir: str, socket: str):
+        self.state_dir = state_dir
+        self.socket = socket
+        self.path = os.path.join(state_dir, "journal.db")
+        self.db: sqlite3.Connection | None = None
+        self.dirty_keys: set[str] = set()
+        self.dirty_runs: dict[int, Run] = {}
+        self.env_ids: dict[str, int] = {}
+        self.broken: str | None = None  # why the last commit failed, until one succeeds
+
+    # ------------------------------------------------------------------ opening
+    def open(self) -> None:
+        old_umask = os.umask(0o077)
+        try:
+            self.db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=NORMAL")
+            self.db.execute("PRAGMA busy_timeout=5000")
+            self.db.executescript(_SCHEMA)
+            self.db.execute(
+                "INSERT OR IGNORE INTO meta (name, value) VALUES ('schema', ?)",
+                (str(SCHEMA_VERSION),),
+            )
+        except sqlite3.Error as exc:
+            raise JournalError(_describe(exc, self.path)) from None
+        finally:
+            os.umask(old_umask)
+        for suffix in ("", "-wal", "-shm"):
+            try:
+                os.chmod(self.path + suffix, 0o600)
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        if self.db is not None:
+            self.db.close()
+            self.db = None
+
+    # ------------------------------------------------------------------ writing
+    def observe(self, state: str, obj: Invocation | Run) -> None:
+        """The scheduler's observer: remember what changed until the next commit."""
+        if isinstance(obj, Run):
+            self.dirty_runs[obj.id] = obj
+        else:
+            self.dirty_keys.add(obj.key)
+
+    def note_run(self, run: Run) -> None:
+        """A run's details changed outside the scheduler (its pid, its log)."""
+        self.dirty_runs[run.id] = run
+
+    @property
+    def dirty(self) -> bool:
+        return bool(self.dirty_keys or self.dirty_runs)
+
+    def commit(self, scheduler: Scheduler, wall_offset: float) -> None:
+        """Write every changed key and run in one transaction; raise JournalError on failure.
+
+        ``wall_offset`` turns the scheduler's monotonic times into wall-clock times. On failure
+        nothing is forgotten: the same changes are written by the next commit that succeeds.
+        """
+        if not self.dirty:
+            return
+        db = self.db
+        assert db is not None
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            for key in self.dirty_keys:
+                ks = scheduler.keys.get(key)
+                inv = ks.pending if ks is not None else None
+                if inv is None:
+                    db.execute("DELETE FROM pending WHERE socket = ? AND key = ?",
+                               (self.socket, key))
+                else:
+                    self._write_pending(db, inv, wall_offset)
+            for run in self.dirty_runs.values():
+                self._write_run(db, run)
+            db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            try:
+                db.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass
+            self.env_ids.clear()  # ids handed out in the failed transaction are void
+            self.broken = _describe(exc, self.state_dir)
+            raise JournalError(self.broken) from None
+        self.broken = None
+        self.dirty_keys.clear()
+        self.dirty_runs.clear()
+
+    def probe(self) -> bool:
+        """After a failure: can the journal be written again? Clears ``broken`` when it can."""
+        db = self.db
+        assert db is not None
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            db.execute("INSERT OR REPLACE INTO meta (name, value) VALUES ('probe', ?)",
+                       (str(time.time()),))
+            db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            try:
+                db.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass
+            self.broken = _describe(exc, self.state_dir)
+            return False
+        self.broken = None
+        return True
+
+    def _env_id(self, db: sqlite3.Connection, env: dict[str, str]) -> int:
+        text = json.dumps(env, sort_keys=True, separators=(",", ":"))
+        digest = hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
+        env_id = self.env_ids.get(digest)
+        if env_id is None:
+            db.execute("INSERT OR IGNORE INTO envs (digest, env) VALUES (?, ?)", (digest, text))
+            env_id = db.execute("SELECT id FROM envs WHERE digest = ?", (digest,)).fetchone()[0]
+            self.env_ids[digest] = env_id
+        return env_id
+
+    def _write_pending(self, db: sqlite3.Connection, inv: Invocation, offset: float) -> None:
+        job = inv.payload
+        opts = inv.options
+        options = {
+            "delay": opts.delay, "max_wait": opts.max_wait, "leading": opts.leading,
+            "trailing": opts.trailing, "on_busy": opts.on_busy,
+            "stop_timeout": opts.stop_timeout, "timeout": opts.timeout, "defer": opts.defer,
+        }
+        db.execute(
+            "INSERT OR REPLACE INTO pending (socket, key, id, argv, cwd, env_id, options, "
+            "received_at, due_at, first_at, coalesced, leading_edge, state) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                self.socket, inv.key, inv.id, json.dumps(job.argv), job.cwd,
+                self._env_id(db, job.env), json.dumps(options), inv.received_at + offset,
+                inv.due + offset, inv.first_at + offset, inv.coalesced, int(inv.leading_edge),
+                inv.state,
+            ),
+        )
+
+    def _write_run(self, db: sqlite3.Connection, run: Run) -> None:
+        job = run.invocation.payload
+        db.execute(
+            "INSERT OR REPLACE INTO runs (socket, run_id, key, argv, cwd, coalesced, started_at, "
+            "finished_at, exit_code, outcome, pid, log_path) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                self.socket, run.id, run.key, json.dumps(job.argv), job.cwd, run.coalesced,
+                run.started_wall,
+                run.finished_wall if run.state == FINISHED else None,
+                run.exit_code if run.state == FINISHED else None,
+                run.outcome if run.state == FINISHED else None,
+                job.pid, job.log_path,
+            ),
+        )
+
+    # ------------------------------------------------------------------ start-up
+    def load(self) -> Restored:
+        """Read what the previous daemon on this socket left: pending work and lost runs."""
+        db = self.db
+        assert db is not None
+        pending = []
+        rows = db.execute(
+            "SELECT p.key, p.id, p.argv, p.cwd, e.env, p.options, p.received_at, p.due_at, "
+            "p.first_at, p.coalesced, p.leading_edge, p.state FROM pending p "
+            "JOIN envs e ON e.id = p.env_id WHERE p.socket = ? ORDER BY p.received_at",
+            (self.socket,),
+        )
+        for row in rows:
+            (key, inv_id, argv, cwd, env, options, received, due, first, coalesced, leading,
+             state) = row
+            pending.append({
+                "key": key, "id": inv_id, "argv": json.loads(argv), "cwd": cwd,
+                "env": json.loads(env), "options": json.loads(options), "received_at": received,
+                "due_at": due, "first_at": first, "coalesced": coalesced,
+                "leading_edge": bool(leading), "state": state,
+            })
+        lost = [
+            {"run_id": r[0], "key": r[1], "pid": r[2]}
+            for r in db.execute(
+                "SELECT run_id, key, pid FROM runs "
+                "WHERE socket = ? AND finished_at IS NULL",
+                (self.socket,),
+            )
+        ]
+        max_id = db.execute(
+            "SELECT max(id) FROM pending WHERE socket = ?", (self.socket,)
+        ).fetchone()[0]
+        max_run = db.execute(
+            "SELECT max(run_id) FROM runs WHERE socket = ?", (self.socket,)
+        ).fetchone()[0]
+        return Restored(pending, lost, (max_id or 0) + 1, (max_run or 0) + 1)
+
+    def mark_lost(self, run_ids: list[int]) -> None:
+        """Record runs that were executing when the previous daemon died."""
+        db = self.db
+        assert db is not None
+        now = time.time()
+        db.execute("BEGIN IMMEDIATE")
+        db.executemany(
+            "UPDATE runs SET finished_at = ?, outcome = ? WHERE socket = ? AND run_id = ?",
+            [(now, LOST, self.socket, run_id) for run_id in run_ids],
+        )
+        db.execute("COMMIT")
+
+    def prune_envs(self) -> None:
+        """Drop environment snapshots no pending invocation refers to any more."""
+        db = self.db
+        assert db is not None
+        db.execute("DELETE FROM envs WHERE id NOT IN (SELECT env_id FROM pending)")
+        self.env_ids.clear()
+
+    # ------------------------------------------------------------------ reading
+    def history(self, key: str | None = None, limit: int = 20) -> list[dict[str, Any]]:
+        """Finished runs, newest first."""
+        db = self.db
+        assert db is not None
+        query = (
+            "SELECT run_id, key, argv, cwd, exit_code, coalesced, started_at, finished_at, "
+            "outcome, log_path FROM runs WHERE socket = ? AND finished_at IS NOT NULL"
+        )
+        args: list[Any] = [self.socket]
+        if key is not None:
+            query += " AND key = ?"
+            args.append(key)
+        query += " ORDER BY run_id DESC LIMIT ?"
+        args.append(limit)
+        return [_run_row(r) for r in db.execute(query, args)]
+
+    def finished_run(self, run_id: int | None = None, key: str | None = None
+                     ) -> dict[str, Any] | None:
+        """One finished run by id, or the latest finished run of a key."""
+        db = self.db
+        assert db is not None
+        base = (
+            "SELECT run_id, key, argv, cwd, exit_code, coalesced, started_at, finished_at, "
+            "outcome, log_path FROM runs WHERE socket = ? AND finished_at IS NOT NULL"
+        )
+        if run_id is not None:
+            row = db.execute(base + " AND run_id = ?", (self.socket, run_id)).fetchone()
+        else:
+            row = db.execute(base + " AND key = ? ORDER BY run_id DESC LIMIT 1",
+                             (self.socket, key)).fetchone()
+        return _run_row(row) if row else None
+
+    def old_logs(self, keep_per_key: int, keep_total: int) -> list[tuple[int, str]]:
+        """Runs whose logs fall outside the retention limits: (run_id, log_path)."""
+        db = self.db
+        assert db is not None
+        rows = db.execute(
+            "SELECT run_id, log_path FROM ("
+            "  SELECT run_id, log_path, "
+            "    row_number() OVER (PARTITION BY key ORDER BY run_id DESC) AS per_key, "
+            "    row_number() OVER (ORDER BY run_id DESC) AS overall "
+            "  FROM runs WHERE socket = ? AND log_path IS NOT NULL AND finished_at IS NOT NULL"
+            ") WHERE per_key > ? OR overall > ?",
+            (self.socket, keep_per_key, keep_total),
+        ).fetchall()
+        return [(r[0], r[1]) for r in rows]
+
+    def forget_logs(self, run_ids: list[int]) -> None:
+        db = self.db
+        assert db is not None
+        db.executemany(
+            "UPDATE runs SET log_path = NULL WHERE socket = ? AND run_id = ?",
+            [(self.socket, run_id) for run_id in run_ids],
+        )
+
+
+def _run_row(r: tuple[Any, ...]) -> dict[str, Any]:
+    return {
+        "run_id": r[0], "key": r[1], "argv": json.loads(r[2]), "cwd": r[3], "exit_code": r[4],
+        "coalesced": r[5], "started_at": r[6], "finished_at": r[7], "outcome": r[8],
+        "log_path": r[9],
+    }
+
+
+__all__ = ["LOST", "RUNNING", "Journal", "JournalError", "Restored"]
