@@ -326,8 +326,11 @@ def test_ctrl_c_on_one_waiter_does_not_cancel_the_run_of_another(world):
     script = f'echo "$1" >> {log}; exit 5'
     base = ["--delay", "1500ms", "--key", "sig", "--", "sh", "-c", script, "sh"]
     start_daemon(world)
+    # A shell that starts pytest in the background leaves SIGINT ignored; a user's terminal
+    # does not, so the interrupted client gets the default disposition back.
+    default_sigint = {"preexec_fn": lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)}
     other, interrupted = submit_in_order(world, "sig", [([*base, "first"], {}),
-                                                         ([*base, "second"], {})])
+                                                         ([*base, "second"], default_sigint)])
     interrupted.send_signal(signal.SIGINT)
     code, _, err = finish(interrupted, timeout=5)
     assert code != 0 and code != 5, err
