@@ -6,6 +6,7 @@ Thin on purpose. Everything heavy is imported inside the command that needs it, 
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 from typing import Any, NoReturn
@@ -240,12 +241,6 @@ def _converse(
                 return ExitStatus.SUCCESS
             _refused(reply, key)
         display: client.Display
-        if not quiet and not as_json and sys.stderr.isatty():
-            from debounce_cli.render import TerminalDisplay
-
-            display = TerminalDisplay()
-        else:
-            display = client.Display()
         out = None
         if not quiet:
             out = client.write_output
@@ -253,6 +248,14 @@ def _converse(
                 def out(fd: int, data: bytes) -> None:  # keep stdout for the JSON object
                     if fd == 2:
                         client.write_output(fd, data)
+        if not quiet and not as_json and sys.stderr.isatty():
+            from debounce_cli.render import TerminalDisplay
+
+            terminal = TerminalDisplay()
+            display = terminal
+            out = functools.partial(terminal.output, write=client.write_output)
+        else:
+            display = client.Display()
         try:
             result = client.wait_for_run(conn, display, out, wait_timeout)
         except TimeoutError:
@@ -385,6 +388,65 @@ def daemon(
         raise Failure(str(exc), 1) from None
 
 
+# ------------------------------------------------------------------------------ watch
+class _SplitAtDashes(click.Command):
+    """Takes everything after the first ``--`` as COMMAND before click parses the rest."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if "--" in args:
+            at = args.index("--")
+            ctx.meta["debounce.command"] = args[at + 1 :]
+            args = args[:at]
+        return super().parse_args(ctx, args)
+
+
+@cli.command(cls=_SplitAtDashes)
+@click.argument("paths", nargs=-1, metavar="PATH... -- COMMAND [ARG]...",
+                type=click.Path(exists=True))
+@click.option("--filter", "filters", multiple=True, metavar="GLOB",
+              help="Only changes to matching files count (repeatable). A glob without '/' "
+              "matches the file name, with '/' the path relative to the current directory.")
+@click.option("--ignore", "ignores", multiple=True, metavar="GLOB",
+              help="Changes to matching files do not count (repeatable), on top of the default "
+              "ignores (.git, .hg, .svn, caches, node_modules, .venv, editor swap files).")
+@_invocation_options
+@click.option("-q", "--quiet", is_flag=True, help="Do not print the runs' output.")
+@_socket_option
+@click.pass_context
+def watch(
+    ctx: click.Context,
+    paths: tuple[str, ...],
+    filters: tuple[str, ...],
+    ignores: tuple[str, ...],
+    key_template: str | None,
+    quiet: bool,
+    socket_path: str | None,
+    **scheduling: Any,
+) -> int:
+    """Run COMMAND after each burst of changes under PATH (until Ctrl-C).
+
+    The changed paths of the whole burst reach the run in $DEBOUNCE_CHANGED_PATHS, one per
+    line. Submissions are keyed by COMMAND, so --delay, --max-wait and --on-busy work as in run.
+    """
+    from debounce_cli.keys import KeyTemplateError, compute_key
+
+    command = ctx.meta.get("debounce.command") or []
+    if not command:
+        raise click.UsageError("missing COMMAND: write debounce watch PATH... -- COMMAND [ARG]...")
+    if not paths:
+        raise click.UsageError("missing PATH: name at least one file or directory to watch")
+    options = _options(**scheduling)
+    cwd = os.getcwd()
+    try:
+        key = compute_key(key_template, command, cwd, dict(os.environ))
+    except KeyTemplateError as exc:
+        raise click.UsageError(str(exc)) from None
+    sock = _socket(socket_path)
+    from debounce_cli.watch import run_watch
+
+    return run_watch(sock, list(paths), list(command), key, options, filters, ignores, quiet)
+
+
 def _listen_fd() -> int | None:
     """A listening socket passed by systemd socket activation (LISTEN_PID, LISTEN_FDS)."""
     if os.environ.get("LISTEN_PID") != str(os.getpid()):
@@ -447,6 +509,8 @@ def status(as_json: bool, socket_path: str | None) -> int:
     assert isinstance(reply, protocol.StatusReply)
     if as_json:
         print(render.status_json(reply))
+    elif sys.stdout.isatty():
+        render.status_table(reply)
     else:
         text = render.status_text(reply)
         if text:
@@ -507,6 +571,9 @@ def history(key: str | None, limit: int, as_json: bool, socket_path: str | None)
     from debounce_cli import protocol, render
 
     reply = _ask(socket_path, protocol.HistoryRequest(key=key, limit=limit))
+    if not as_json and sys.stdout.isatty():
+        render.history_table(reply.runs)
+        return ExitStatus.SUCCESS
     text = render.history_json(reply.runs) if as_json else render.history_text(reply.runs)
     if text:
         print(text)

@@ -23,7 +23,13 @@ class QuietDisplay(Display):
 
 
 class TerminalDisplay(Display):
-    """One status line on stderr while waiting, cleared when the run starts."""
+    """One live status line at the bottom of the terminal, on stderr.
+
+    While waiting: the key, the countdown to due, how many invocations were coalesced. While
+    the run goes: "running" and the time since it started, kept below the run's output: the
+    line is cleared before each chunk of output and drawn again once the output has ended a
+    line, so it never cuts into what the command prints.
+    """
 
     refresh = 0.1
 
@@ -33,9 +39,11 @@ class TerminalDisplay(Display):
         self.key = ""
         self.state = ""
         self.due_at: float | None = None
+        self.started_at: float | None = None
         self.coalesced = 1
         self.shown = False
         self.waiting = True
+        self.at_line_start = True
 
     def pending(self, msg: protocol.Accepted | protocol.Pending) -> None:
         self.key = msg.key
@@ -47,9 +55,27 @@ class TerminalDisplay(Display):
 
     def started(self, msg: protocol.Started) -> None:
         self.waiting = False
+        self.key = msg.key
+        self.coalesced = msg.coalesced
+        self.started_at = time.monotonic()
+        self.tick()
+
+    def output(self, fd: int, data: bytes, write: Any) -> None:
+        """Write a chunk of the run's output above the status line."""
         self._clear()
+        write(fd, data)
+        if data:
+            self.at_line_start = data.endswith(b"\n")
+        self.tick()
 
     def tick(self) -> None:
+        if not self.at_line_start:
+            return
+        count = f"{self.coalesced} coalesced" if self.coalesced != 1 else "1 invocation"
+        if self.started_at is not None:
+            elapsed = format_duration(time.monotonic() - self.started_at)
+            self._draw(f"debounce: running {self.key} · {elapsed} · {count}")
+            return
         if not self.waiting:
             return
         if self.state == "queued":
@@ -59,8 +85,9 @@ class TerminalDisplay(Display):
             when = f"due in {format_duration(max(0.0, left))}" if left > 0 else "due, key busy"
         else:
             when = self.state
-        count = f"{self.coalesced} coalesced" if self.coalesced != 1 else "1 invocation"
-        text = f"debounce: waiting for {self.key} · {when} · {count}"
+        self._draw(f"debounce: waiting for {self.key} · {when} · {count}")
+
+    def _draw(self, text: str) -> None:
         width = shutil.get_terminal_size((80, 24)).columns
         if len(text) > width - 1:
             text = text[: max(0, width - 2)] + "…"
@@ -160,3 +187,69 @@ def history_json(runs: list[dict[str, Any]]) -> str:
         row["duration"] = round((run["finished_at"] or run["started_at"]) - run["started_at"], 3)
         out.append(json.dumps(row))
     return "\n".join(out)
+
+
+def when(ts: float) -> str:
+    """A local time for tables: the time of day today, the date and time before."""
+    from datetime import datetime
+
+    moment = datetime.fromtimestamp(ts)
+    if moment.date() == datetime.now().date():
+        return moment.strftime("%H:%M:%S")
+    return moment.strftime("%Y-%m-%d %H:%M")
+
+
+def _console() -> Any:
+    from rich.console import Console
+
+    return Console()  # rich itself honours NO_COLOR and the terminal's width
+
+
+def status_table(reply: protocol.StatusReply) -> None:
+    """``debounce status`` on a terminal: one row per key."""
+    from rich.table import Table
+
+    import shlex
+
+    table = Table(title=f"debounce daemon {reply.pid}" + (f", {reply.jobs} jobs" if reply.jobs
+                                                         else ""), title_justify="left")
+    for name in ("key", "state", "command", "due in / running for", "coalesced", "last"):
+        table.add_column(name, overflow="fold")
+    now = time.time()
+    for row in reply.keys:
+        last = row.get("last")
+        last_text = "" if not last else f"run {last['run_id']}: exit {last['exit_code']}"
+        running, pending = row["running"], row["pending"]
+        if running:
+            table.add_row(row["key"], "[bold green]running[/]", shlex.join(running["argv"]),
+                          format_duration(max(0.0, now - running["started_at"])),
+                          str(running["coalesced"]), last_text)
+        if pending:
+            table.add_row("" if running else row["key"], f"[yellow]{pending['state']}[/]",
+                          shlex.join(pending["argv"]), format_duration(pending["due_in"]),
+                          str(pending["coalesced"]), "" if running else last_text)
+    if not reply.keys:
+        _console().print(f"debounce daemon {reply.pid}: nothing pending or running")
+        return
+    _console().print(table)
+
+
+def history_table(runs: list[dict[str, Any]]) -> None:
+    """``debounce history`` on a terminal."""
+    from rich.table import Table
+
+    import shlex
+
+    table = Table()
+    for name in ("run", "exit", "outcome", "started", "took", "coalesced", "key", "command"):
+        table.add_column(name, overflow="fold")
+    for run in runs:
+        code = run["exit_code"]
+        style = "green" if code == 0 else "red"
+        duration = (run["finished_at"] or run["started_at"]) - run["started_at"]
+        table.add_row(
+            str(run["run_id"]), f"[{style}]{'-' if code is None else code}[/]", run["outcome"],
+            when(run["started_at"]), format_duration(duration), str(run["coalesced"]),
+            run["key"], shlex.join(run["argv"]),
+        )
+    _console().print(table)
