@@ -145,6 +145,22 @@ def _options(
     return values
 
 
+def _complete_keys(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[Any]:
+    """KEY arguments complete from the keys a running daemon has (never starting one)."""
+    from click.shell_completion import CompletionItem
+
+    from debounce_cli import client, protocol
+
+    try:
+        sock = _socket(ctx.params.get("socket_path"))
+        reply = client.request(sock, protocol.StatusRequest(), autostart=False)
+    except Exception:  # noqa: BLE001 - completion must stay silent
+        return []
+    if not isinstance(reply, protocol.StatusReply):
+        return []
+    return [CompletionItem(row["key"]) for row in reply.keys if row["key"].startswith(incomplete)]
+
+
 def _socket(option: str | None) -> str:
     from debounce_cli.paths import PathError, socket_path
 
@@ -519,7 +535,7 @@ def status(as_json: bool, socket_path: str | None) -> int:
 
 
 @cli.command()
-@click.argument("key")
+@click.argument("key", shell_complete=_complete_keys)
 @_socket_option
 def flush(key: str, socket_path: str | None) -> int:
     """Run what is pending for KEY now."""
@@ -530,7 +546,7 @@ def flush(key: str, socket_path: str | None) -> int:
 
 
 @cli.command()
-@click.argument("key")
+@click.argument("key", shell_complete=_complete_keys)
 @_socket_option
 def cancel(key: str, socket_path: str | None) -> int:
     """Drop what is pending for KEY; its waiters exit with the cancelled status."""
@@ -541,7 +557,7 @@ def cancel(key: str, socket_path: str | None) -> int:
 
 
 @cli.command()
-@click.argument("target", metavar="KEY|RUN_ID")
+@click.argument("target", metavar="KEY|RUN_ID", shell_complete=_complete_keys)
 @click.option("-q", "--quiet", is_flag=True, help="Do not copy the run's output.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
 @click.option("--timeout", type=DURATION, metavar="DURATION",
@@ -561,7 +577,7 @@ def wait(
 
 
 @cli.command()
-@click.argument("key", required=False)
+@click.argument("key", required=False, shell_complete=_complete_keys)
 @click.option("--limit", type=click.IntRange(min=1), default=20, show_default=True,
               help="Show at most this many runs, newest first.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object per line.")
@@ -581,7 +597,7 @@ def history(key: str | None, limit: int, as_json: bool, socket_path: str | None)
 
 
 @cli.command()
-@click.argument("target", metavar="RUN_ID|KEY")
+@click.argument("target", metavar="RUN_ID|KEY", shell_complete=_complete_keys)
 @_socket_option
 def logs(target: str, socket_path: str | None) -> int:
     """Print the output of a run, or of the latest run of KEY (stdout and stderr apart)."""
@@ -599,6 +615,27 @@ def logs(target: str, socket_path: str | None) -> int:
         raise Failure(f"cannot read the log of run {reply.run_id}: {exc.strerror}",
                       ExitStatus.NOT_FOUND) from None
     return ExitStatus.SUCCESS
+
+
+@cli.command()
+@click.argument("shell", type=click.Choice(["bash", "zsh", "fish"]))
+def completion(shell: str) -> int:
+    """Print the completion script for SHELL (bash, zsh or fish).
+
+    For bash: eval "$(debounce completion bash)" in ~/.bashrc. The same scripts are in the
+    completions/ directory of the source.
+    """
+    sys.stdout.write(completion_script(shell))
+    return ExitStatus.SUCCESS
+
+
+def completion_script(shell: str) -> str:
+    """The completion script click generates for ``shell`` (also written to completions/)."""
+    from click.shell_completion import get_completion_class
+
+    cls = get_completion_class(shell)
+    assert cls is not None
+    return cls(cli, {}, "debounce", "_DEBOUNCE_COMPLETE").source().rstrip("\n") + "\n"
 
 
 def _ask(socket_path: str | None, message: Any) -> Any:

@@ -23,3 +23,68 @@ def test_readme_starts_with_exactly_two_setup_commands():
 def test_ci_runs_the_readme_test_command():
     ci = (ROOT / ".ci" / "run").read_text().splitlines()
     assert _setup_lines()[1] in ci
+
+
+import shutil
+import subprocess
+import sys
+
+import click
+import pytest
+
+from debounce_cli.cli import cli
+
+GENDOCS = ROOT / "scripts" / "gendocs.py"
+
+
+def test_generated_man_pages_and_completions_are_fresh():
+    """man/ and completions/ match what the click definitions generate now."""
+    r = subprocess.run([sys.executable, str(GENDOCS), "--check"], capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+
+
+@pytest.mark.parametrize("name", sorted(cli.commands))
+def test_every_subcommand_page_names_each_option(name):
+    page = (ROOT / "man" / f"debounce-{name}.1").read_text().replace("\\-", "-")
+    command = cli.commands[name]
+    for param in command.params:
+        if isinstance(param, click.Option) and not param.hidden:
+            for opt in param.opts + param.secondary_opts:
+                assert opt in page, f"{opt} missing from man/debounce-{name}.1"
+    for section in ("OPTIONS", "EXIT STATUS", "ENVIRONMENT", "FILES", "EXAMPLES"):
+        assert f".SH {section}" in page
+
+
+def test_main_page_lists_every_subcommand():
+    page = (ROOT / "man" / "debounce.1").read_text().replace("\\-", "-")
+    for name in cli.commands:
+        assert f"debounce-{name}" in page
+
+
+@pytest.mark.skipif(shutil.which("groff") is None, reason="groff is not installed")
+def test_man_pages_render_without_warnings():
+    for page in sorted((ROOT / "man").glob("*.1")):
+        r = subprocess.run(["groff", "-man", "-ww", "-z", str(page)], capture_output=True,
+                           text=True, timeout=60)
+        assert r.returncode == 0 and r.stderr == "", f"{page.name}: {r.stderr}"
+
+
+@pytest.mark.parametrize(("shell", "name"), [("bash", "debounce.bash"), ("zsh", "_debounce"),
+                                             ("fish", "debounce.fish")])
+def test_completion_command_prints_the_shipped_script(shell, name):
+    r = subprocess.run([sys.executable, "-m", "debounce_cli", "completion", shell],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0
+    assert r.stdout == (ROOT / "completions" / name).read_text()
+
+
+def test_readme_documents_every_exit_status_and_command():
+    from debounce_cli.exits import ExitStatus
+
+    readme = (ROOT / "README.md").read_text()
+    for status in ExitStatus:
+        if status:
+            assert f"| {int(status)} |" in readme, f"exit status {int(status)} not in README"
+    for name in cli.commands:
+        assert f"debounce {name}" in readme, f"debounce {name} not in README"

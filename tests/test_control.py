@@ -1,0 +1,184 @@
+"""Control commands, the terminal display, watch, completion and socket activation, end to end."""
+
+from __future__ import annotations
+
+import json
+import os
+import pty
+import select
+import socket
+import subprocess
+import sys
+import time
+
+from conftest import wait_until
+
+
+def _status(world) -> dict:
+    r = world.run("status", "--json")
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+def test_status_lists_pending_and_running_keys(world):
+    """status shows each key with its argv, due time, coalesced count and running run."""
+    world.run("run", "--no-wait", "--key", "busy", "--delay", "10ms", "--", "sleep", "5")
+    wait_until(lambda: any(k["running"] for k in _status(world)["keys"]))
+    world.run("run", "--no-wait", "--key", "busy", "--delay", "20s", "--", "echo", "next")
+    world.run("run", "--no-wait", "--key", "other", "--delay", "20s", "--", "echo", "a")
+    world.run("run", "--no-wait", "--key", "other", "--delay", "20s", "--", "echo", "b")
+    keys = {k["key"]: k for k in _status(world)["keys"]}
+    assert set(keys) == {"busy", "other"}
+    assert keys["busy"]["running"]["argv"] == ["sleep", "5"]
+    assert keys["busy"]["pending"]["argv"] == ["echo", "next"]
+    assert keys["other"]["running"] is None
+    assert keys["other"]["pending"]["argv"] == ["echo", "b"]
+    assert keys["other"]["pending"]["coalesced"] == 2
+    assert 15 < keys["other"]["pending"]["due_in"] <= 20
+    text = world.run("status").stdout.splitlines()
+    assert any(line.startswith("running\tbusy\t") for line in text)
+    assert any(line.startswith("pending\tother\tdue in") and "2 coalesced" in line for line in text)
+
+
+def test_flush_and_cancel_of_unknown_keys_say_so(world):
+    for command in ("flush", "cancel"):
+        r = world.run(command, "nothing-here")
+        assert r.returncode == 117
+        assert r.stderr.strip() == "debounce: nothing is pending for key 'nothing-here'"
+
+
+def test_history_and_logs_of_a_key(world):
+    """history lists finished runs newest first; logs replays a run's stdout and stderr."""
+    for i in (1, 2):
+        r = world.run("run", "--key", "h", "--delay", "10ms", "--", "sh", "-c",
+                      f"echo out{i}; echo err{i} >&2; exit {i}")
+        assert r.returncode == i
+    rows = [json.loads(line) for line in world.run("history", "--json").stdout.splitlines()]
+    assert [row["exit_code"] for row in rows] == [2, 1]
+    assert set(rows[0]) >= {"run_id", "key", "argv", "exit_code", "coalesced", "started_at",
+                            "finished_at"}
+    logs = world.run("logs", "h")
+    assert (logs.stdout, logs.stderr) == ("out2\n", "err2\n")
+    first = world.run("logs", str(rows[1]["run_id"]))
+    assert (first.stdout, first.stderr) == ("out1\n", "err1\n")
+    assert len(world.run("history", "--limit", "1", "--json").stdout.splitlines()) == 1
+
+
+def _run_on_terminal(world, *args: str) -> tuple[int, str]:
+    """Run the CLI with stderr on a pseudo-terminal; return its status and what it drew."""
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(world.argv(*args), stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=slave, env=world.env,
+                            cwd=world.work)
+    os.close(slave)
+    chunks = []
+    while True:
+        ready, _, _ = select.select([master], [], [], 10)
+        if not ready:
+            break
+        try:
+            data = os.read(master, 4096)
+        except OSError:
+            break
+        if not data:
+            break
+        chunks.append(data)
+    os.close(master)
+    return proc.wait(timeout=10), b"".join(chunks).decode(errors="replace")
+
+
+def test_terminal_shows_what_it_waits_for_and_pipes_do_not(world):
+    """On a TTY stderr shows key, countdown and coalesced count, then clears the line."""
+    status, drawn = _run_on_terminal(world, "run", "--key", "tty", "--delay", "400ms", "--",
+                                     "sh", "-c", "sleep 0.3")
+    assert status == 0
+    assert "waiting for tty" in drawn and "due in" in drawn and "1 invocation" in drawn
+    assert "running tty" in drawn
+    assert drawn.endswith("\r\x1b[2K")  # the status line is cleared at the end
+    piped = world.run("run", "--key", "tty", "--delay", "100ms", "--", "true")
+    assert piped.stderr == ""
+
+
+def test_no_color_drops_the_styling(world):
+    world.env["NO_COLOR"] = "1"
+    _status_code, drawn = _run_on_terminal(world, "run", "--delay", "200ms", "--", "true")
+    assert "waiting for" in drawn and "\x1b[2m" not in drawn
+
+
+def test_watch_hands_the_whole_burst_to_one_run(world):
+    """A burst of saves gives one run that sees every changed path; ignores are ignored."""
+    src = world.work / "src"
+    src.mkdir()
+    (src / ".git").mkdir()
+    out = world.root / "runs.txt"
+    script = f'printf "%s\\n--\\n" "$DEBOUNCE_CHANGED_PATHS" >> {out}'
+    watch = world.popen("watch", "--delay", "400ms", "--ignore", "*.tmp", "src", "--",
+                        "sh", "-c", script)
+    # The watcher is ready once a change produces a run.
+    def primed():
+        (src / "probe").write_text(str(time.monotonic()))
+        return out.exists() and out.read_text()
+    wait_until(primed, timeout=15, interval=0.5)
+    wait_until(lambda: not any(k["pending"] or k["running"] for k in _status(world)["keys"]))
+    out.write_text("")
+    for name in ("a.c", "b.c", "c.c"):
+        (src / name).write_text(name)
+        time.sleep(0.1)
+    (src / "junk.tmp").write_text("x")
+    (src / ".git" / "index").write_text("x")
+    wait_until(lambda: out.read_text().endswith("--\n"), timeout=10)
+    time.sleep(0.6)  # a second run would show up within one more delay
+    runs = out.read_text().split("--\n")[:-1]
+    assert len(runs) == 1, runs
+    seen = set(runs[0].split())
+    assert {str(src / n) for n in ("a.c", "b.c", "c.c")} <= seen
+    assert not any(p.endswith(("junk.tmp", "index")) for p in seen)
+    watch.send_signal(2)
+    assert watch.wait(timeout=10) == 0
+    assert "Traceback" not in watch.stderr.read()
+
+
+def test_watch_needs_a_command_and_a_path(world):
+    (world.work / "src").mkdir()
+    r = world.run("watch", "src")
+    assert r.returncode == 2 and "missing COMMAND" in r.stderr
+    r = world.run("watch", "--", "true")
+    assert r.returncode == 2 and "missing PATH" in r.stderr
+
+
+def test_key_arguments_complete_from_the_running_daemon(world):
+    world.run("run", "--no-wait", "--key", "deploy-web", "--delay", "20s", "--", "true")
+    world.run("run", "--no-wait", "--key", "deploy-db", "--delay", "20s", "--", "true")
+    world.run("run", "--no-wait", "--key", "build", "--delay", "20s", "--", "true")
+    env = dict(world.env, _DEBOUNCE_COMPLETE="bash_complete", COMP_WORDS="debounce flush dep",
+               COMP_CWORD="2")
+    r = subprocess.run(world.argv(), env=env, capture_output=True, text=True, timeout=30)
+    assert sorted(r.stdout.split()) == ["plain,deploy-db", "plain,deploy-web"]
+
+
+def test_socket_activation_serves_a_socket_passed_by_systemd(world):
+    """The daemon takes a listening socket on fd 3 (LISTEN_FDS=1, LISTEN_PID=its pid)."""
+    world.sock_dir.mkdir(mode=0o700)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(world.socket)
+    listener.listen()
+    fd = listener.fileno()
+    daemon = subprocess.Popen(
+        ["bash", "-c", f'LISTEN_PID=$$ LISTEN_FDS=1 exec "$0" -m debounce_cli daemon 3<&{fd}',
+         sys.executable],
+        pass_fds=(fd,), env=world.env, cwd=world.work, stdin=subprocess.DEVNULL,
+        stderr=subprocess.PIPE, text=True,
+    )
+    world.procs.append(daemon)
+    try:
+        r = world.run("run", "--delay", "50ms", "--", "sh", "-c", "echo \"[$LISTEN_FDS$LISTEN_PID]\"")
+        if r.returncode:
+            daemon.terminate()
+            raise AssertionError(r.stderr + daemon.communicate(timeout=10)[1])
+        assert r.stdout == "[]\n"  # served, and LISTEN_* kept out of the run's env
+        assert _status(world)["pid"] == daemon.pid
+        world.run("stop")
+        assert daemon.wait(timeout=10) == 0
+        assert os.path.exists(world.socket)  # the socket belongs to systemd: left in place
+    finally:
+        listener.close()
