@@ -127,7 +127,7 @@ def _options(
     timeout: float | None,
 ) -> dict[str, Any]:
     """The RunRequest options object, checked by the same rules the daemon applies."""
-    from debounce_cli.scheduler import Options
+    from debounce_cli.protocol import usage_problems
 
     values = {
         "delay": delay,
@@ -139,7 +139,7 @@ def _options(
         "timeout": timeout,
         "defer": not no_defer,
     }
-    problems = Options(**values).problems()
+    problems = usage_problems(values)
     if problems:
         raise click.UsageError(problems[0])
     return values

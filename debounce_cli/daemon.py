@@ -352,17 +352,31 @@ class Daemon:
             )
             return
         writer.write(protocol.encode(protocol.HelloReply(pid=os.getpid())))
-        request = await self._read(reader, writer)
-        if request is None:
-            return
-        if self.stopping:
-            self._reply_error(writer, "the daemon is shutting down; retry", "refused")
-            return
+        while True:
+            request = await self._read(reader, writer)
+            if request is None:
+                return
+            if self.stopping:
+                self._reply_error(writer, "the daemon is shutting down; retry", "refused")
+                return
+            if not await self._handle(request, reader, writer):
+                return
+            await writer.drain()
+
+    async def _handle(
+        self,
+        request: protocol.Message,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+    ) -> bool:
+        """Answer one request; return whether the connection may carry another."""
         if isinstance(request, protocol.RunRequest):
             await self.handle_run(request, reader, writer)
-        elif isinstance(request, protocol.WaitRequest):
+            return not request.wait
+        if isinstance(request, protocol.WaitRequest):
             await self.handle_wait(request, reader, writer)
-        elif isinstance(request, protocol.StatusRequest):
+            return False
+        if isinstance(request, protocol.StatusRequest):
             writer.write(protocol.encode(self.handle_status()))
         elif isinstance(request, protocol.HistoryRequest):
             writer.write(protocol.encode(self.handle_history(request)))
@@ -380,9 +394,11 @@ class Daemon:
             writer.write(protocol.encode(protocol.Done(ok=True, message="stopping")))
             await writer.drain()
             self.shutdown()
+            return False
         else:
             self._reply_error(writer, f"{request.type} is not a request")
-        await writer.drain()
+            return False
+        return True
 
     @staticmethod
     def _done(found: bool, key: str, verb: str) -> protocol.Message:

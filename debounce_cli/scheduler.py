@@ -32,9 +32,6 @@ RUNNING = "running"  # attached to a run that is executing
 FINISHED = "finished"  # attached to a run that has ended
 CANCELLED = "cancelled"  # dropped by `debounce cancel`
 
-ON_BUSY = ("queue", "restart", "ignore")
-
-
 @dataclass(frozen=True, slots=True)
 class Options:
     """Per-invocation rules; the latest invocation's options win, like its argv."""
@@ -50,22 +47,13 @@ class Options:
 
     def problems(self) -> list[str]:
         """Usage errors, worded for the command line; empty when the options are usable."""
-        out = []
-        if self.delay < 0:
-            out.append("--delay must not be negative")
-        if self.max_wait is not None and self.max_wait <= 0:
-            out.append("--max-wait must be greater than 0")
-        if self.timeout is not None and self.timeout <= 0:
-            out.append("--timeout must be greater than 0")
-        if self.stop_timeout < 0:
-            out.append("--stop-timeout must not be negative")
-        if self.on_busy not in ON_BUSY:
-            out.append(f"--on-busy must be one of {', '.join(ON_BUSY)}, not {self.on_busy!r}")
-        if not self.trailing and not self.leading:
-            out.append(
-                "--no-trailing without --leading would never run anything; add --leading"
-            )
-        return out
+        from debounce_cli.protocol import usage_problems
+
+        return usage_problems({
+            "delay": self.delay, "max_wait": self.max_wait, "leading": self.leading,
+            "trailing": self.trailing, "on_busy": self.on_busy,
+            "stop_timeout": self.stop_timeout, "timeout": self.timeout,
+        })
 
 
 @dataclass(eq=False, slots=True)
