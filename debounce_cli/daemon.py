@@ -208,6 +208,7 @@ class Daemon:
         self.acks: list[Ack] = []
         self.flush_handle: asyncio.Handle | None = None
         self.log_dir = ""
+        self.shared = Shared()
 
     # -------------------------------------------------------------- start-up
     def acquire(self) -> None:
@@ -448,7 +449,7 @@ class Daemon:
         self, req: protocol.RunRequest, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
         try:
-            options = _options(req.options)
+            options = self.shared.options(req.options)
             _check_job(req.argv, req.cwd, req.key)
         except (ProtocolError, ValueError) as exc:
             self._reply_error(writer, str(exc))
@@ -459,7 +460,8 @@ class Daemon:
             return
         waiter = ConnWaiter(writer) if req.wait else None
         future = asyncio.get_running_loop().create_future()
-        self.submit(req.key, options, Job(req.argv, req.cwd, req.env), waiter,
+        job = Job(req.argv, sys.intern(req.cwd), self.shared.env(req.env))
+        self.submit(req.key, options, job, waiter,
                     writer=writer, future=future)
         await future
         if waiter is not None and not waiter.closed:
@@ -948,6 +950,43 @@ class Daemon:
             self.journal.close()
 
 
+class Shared:
+    """One copy of each distinct environment and option set among pending invocations.
+
+    Invocations from one shell session carry the same environment (a few kilobytes) and the
+    same options; sharing them keeps a pending invocation to a few hundred bytes. The tables
+    are bounded: once full they are cleared, which only ends the sharing for later arrivals.
+    """
+
+    LIMIT = 4096
+
+    def __init__(self) -> None:
+        self.envs: dict[frozenset[tuple[str, str]], dict[str, str]] = {}
+        self.option_sets: dict[tuple[tuple[str, Any], ...], Options] = {}
+
+    def env(self, env: dict[str, str]) -> dict[str, str]:
+        key = frozenset(env.items())
+        found = self.envs.get(key)
+        if found is None:
+            if len(self.envs) >= self.LIMIT:
+                self.envs.clear()
+            found = self.envs[key] = env
+        return found
+
+    def options(self, raw: dict[str, Any]) -> Options:
+        try:
+            key = tuple(sorted(raw.items()))
+            found = self.option_sets.get(key)
+        except TypeError:  # unhashable values: let validation say what is wrong
+            return _options(raw)
+        if found is None:
+            found = _options(raw)
+            if len(self.option_sets) >= self.LIMIT:
+                self.option_sets.clear()
+            self.option_sets[key] = found
+        return found
+
+
 # ------------------------------------------------------------------ parsing helpers
 def _digest(sock: str) -> str:
     import hashlib
@@ -960,7 +999,7 @@ def _run_dict(run: Run) -> dict[str, Any]:
         "run_id": run.id, "key": run.key, "argv": run.invocation.payload.argv,
         "cwd": run.invocation.payload.cwd, "exit_code": run.exit_code,
         "coalesced": run.coalesced, "started_at": run.started_wall,
-        "finished_at": run.finished_wall, "outcome": run.outcome,
+        "finished_at": run.finished_wall, "outcome": run.outcome, "due_at": run.due_wall,
     }
 
 

@@ -62,6 +62,7 @@ CREATE TABLE IF NOT EXISTS runs (
     cwd TEXT NOT NULL,
     coalesced INTEGER NOT NULL,
     started_at REAL NOT NULL,
+    due_at REAL,
     finished_at REAL,
     exit_code INTEGER,
     outcome TEXT,
@@ -122,6 +123,9 @@ class Journal:
             self.db.execute("PRAGMA synchronous=NORMAL")
             self.db.execute("PRAGMA busy_timeout=5000")
             self.db.executescript(_SCHEMA)
+            columns = {row[1] for row in self.db.execute("PRAGMA table_info(runs)")}
+            if "due_at" not in columns:  # journals written before runs recorded their due time
+                self.db.execute("ALTER TABLE runs ADD COLUMN due_at REAL")
             self.db.execute(
                 "INSERT OR IGNORE INTO meta (name, value) VALUES ('schema', ?)",
                 (str(SCHEMA_VERSION),),
@@ -245,11 +249,11 @@ class Journal:
         job = run.invocation.payload
         db.execute(
             "INSERT OR REPLACE INTO runs (socket, run_id, key, argv, cwd, coalesced, started_at, "
-            "finished_at, exit_code, outcome, pid, log_path) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "due_at, finished_at, exit_code, outcome, pid, log_path) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 self.socket, run.id, run.key, json.dumps(job.argv), job.cwd, run.coalesced,
-                run.started_wall,
+                run.started_wall, run.due_wall,
                 run.finished_wall if run.state == FINISHED else None,
                 run.exit_code if run.state == FINISHED else None,
                 run.outcome if run.state == FINISHED else None,
@@ -320,7 +324,7 @@ class Journal:
         assert db is not None
         query = (
             "SELECT run_id, key, argv, cwd, exit_code, coalesced, started_at, finished_at, "
-            "outcome, log_path FROM runs WHERE socket = ? AND finished_at IS NOT NULL"
+            "outcome, log_path, due_at FROM runs WHERE socket = ? AND finished_at IS NOT NULL"
         )
         args: list[Any] = [self.socket]
         if key is not None:
@@ -337,7 +341,7 @@ class Journal:
         assert db is not None
         base = (
             "SELECT run_id, key, argv, cwd, exit_code, coalesced, started_at, finished_at, "
-            "outcome, log_path FROM runs WHERE socket = ? AND finished_at IS NOT NULL"
+            "outcome, log_path, due_at FROM runs WHERE socket = ? AND finished_at IS NOT NULL"
         )
         if run_id is not None:
             row = db.execute(base + " AND run_id = ?", (self.socket, run_id)).fetchone()
@@ -374,7 +378,7 @@ def _run_row(r: tuple[Any, ...]) -> dict[str, Any]:
     return {
         "run_id": r[0], "key": r[1], "argv": json.loads(r[2]), "cwd": r[3], "exit_code": r[4],
         "coalesced": r[5], "started_at": r[6], "finished_at": r[7], "outcome": r[8],
-        "log_path": r[9],
+        "log_path": r[9], "due_at": r[10],
     }
 
 

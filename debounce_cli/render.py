@@ -184,6 +184,7 @@ def history_json(runs: list[dict[str, Any]]) -> str:
         row = dict(run)
         row["started_at"] = iso(run["started_at"])
         row["finished_at"] = iso(run["finished_at"]) if run["finished_at"] else None
+        row["due_at"] = iso(run["due_at"]) if run.get("due_at") else None
         row["duration"] = round((run["finished_at"] or run["started_at"]) - run["started_at"], 3)
         out.append(json.dumps(row))
     return "\n".join(out)

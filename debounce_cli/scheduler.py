@@ -92,6 +92,7 @@ class Run:
     coalesced: int
     started_at: float
     started_wall: float
+    due_wall: float = 0.0  # when it was due; started_wall - due_wall is how late it started
     state: str = RUNNING
     waiters: list[Any] = field(default_factory=list)
     deadline: float | None = None  # --timeout
@@ -523,6 +524,7 @@ class Scheduler:
             coalesced=inv.coalesced,
             started_at=now,
             started_wall=self.wall(),
+            due_wall=self.wall() - (now - inv.due),
             waiters=inv.waiters,
         )
         inv.waiters = []
