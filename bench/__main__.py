@@ -1,0 +1,310 @@
+"""debounce's benchmarks: ``python -m bench`` (full) or ``python -m bench --quick``.
+
+Prints one table of figures and the machine they were measured on. Every figure that is
+compared with another is measured in the same run, so ratios hold on a noisy shared machine;
+nothing here asserts a timing (tests/test_bench.py only checks that the quick mode runs).
+
+Figures:
+  client     round trip of `debounce run --no-wait` against a warm daemon, with the floors
+             `python -c pass` and `python -c "import click"` (and tsp/nq when installed)
+  submit     submissions per second over 8 persistent connections, journal on and off
+  lateness   start minus due time, p50/p99, of probe runs among many pending keys
+  memory     daemon memory per pending invocation
+  scaling    cost of one submission with 1k, 10k, 100k keys already pending
+  idle       CPU time an idle daemon uses in 10 s
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from debounce_cli import protocol  # noqa: E402
+
+BIN = Path(sys.executable).parent
+DEBOUNCE = str(BIN / "debounce") if (BIN / "debounce").exists() else None
+
+
+class Daemon:
+    """A daemon of our own on a private socket and state dir, for one measurement."""
+
+    def __init__(self, *args: str):
+        self.root = Path(tempfile.mkdtemp(prefix="dbb-", dir="/tmp"))
+        self.socket = str(self.root / "s" / "daemon.sock")
+        self.env = dict(os.environ, DEBOUNCE_SOCKET=self.socket,
+                        DEBOUNCE_STATE_DIR=str(self.root / "state"))
+        self.env.pop("DEBOUNCE_DELAY", None)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "debounce_cli", "daemon", "--idle-exit", "0", *args],
+            env=self.env, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            try:
+                self.session().close()
+                return
+            except OSError:
+                time.sleep(0.02)
+        raise RuntimeError("the daemon did not start")
+
+    def session(self) -> Session:
+        return Session(self.socket)
+
+    def rss_kib(self) -> int:
+        with open(f"/proc/{self.proc.pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+        return 0
+
+    def cpu_seconds(self) -> float:
+        with open(f"/proc/{self.proc.pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def close(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+class Session:
+    """A persistent protocol connection: hello once, then any number of one-shot requests."""
+
+    def __init__(self, path: str):
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.connect(path)
+        self.file = self.sock.makefile("rb")
+        self.sock.sendall(protocol.encode(protocol.Hello(client="bench")))
+        self.recv()
+
+    def recv(self) -> protocol.Message:
+        return protocol.decode(self.file.readline(), protocol.REPLIES)
+
+    def ask(self, msg: protocol.Message) -> protocol.Message:
+        self.sock.sendall(protocol.encode(msg))
+        return self.recv()
+
+    def submit(self, key: str, argv: list[str], delay: float, env: dict[str, str]) -> None:
+        reply = self.ask(protocol.RunRequest(argv=argv, cwd="/", env=env, key=key,
+                                             options={"delay": delay}, wait=False))
+        if not isinstance(reply, protocol.Accepted):
+            raise RuntimeError(f"submission refused: {reply}")
+
+    def close(self) -> None:
+        self.file.close()
+        self.sock.close()
+
+
+def percentile(values: list[float], p: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(p / 100 * (len(ordered) - 1))))]
+
+
+def timed(argv: list[str], runs: int, env: dict[str, str] | None = None) -> list[float]:
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        subprocess.run(argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL, check=False)
+        times.append((time.perf_counter() - start) * 1000)
+    return times
+
+
+# ----------------------------------------------------------------------------- measurements
+def bench_client(rows: list[tuple[str, str, str]], runs: int) -> None:
+    daemon = Daemon()
+    try:
+        client = [DEBOUNCE] if DEBOUNCE else [sys.executable, "-m", "debounce_cli"]
+        cases = {
+            "python -c pass": [sys.executable, "-c", "pass"],
+            'python -c "import click"': [sys.executable, "-c", "import click"],
+            "debounce run --no-wait": client + ["run", "--no-wait", "--delay", "1h", "--key",
+                                                "bench", "--", "true"],
+        }
+        if shutil.which("tsp"):
+            cases["tsp true"] = ["tsp", "true"]
+        if shutil.which("nq"):
+            cases["nq true"] = ["nq", "true"]
+        results: dict[str, list[float]] = {name: [] for name in cases}
+        for name, argv in cases.items():  # warm the page cache
+            timed(argv, 2, daemon.env)
+        for _ in range(runs):  # interleaved, so a noisy moment hits every case alike
+            for name, argv in cases.items():
+                results[name] += timed(argv, 1, daemon.env)
+        click_median = statistics.median(results['python -c "import click"'])
+        for name, times in results.items():
+            median = statistics.median(times)
+            rows.append((f"client: {name}",
+                         f"median {median:.1f} ms, p95 {percentile(times, 95):.1f} ms",
+                         f"{median / click_median:.2f}x import click"))
+    finally:
+        daemon.close()
+
+
+def bench_submissions(rows: list[tuple[str, str, str]], seconds: float) -> None:
+    env = dict(os.environ)
+    for journal in ("--journal", "--no-journal"):
+        daemon = Daemon(journal)
+        try:
+            counts = [0] * 8
+            stop = time.monotonic() + seconds
+
+            def sender(index: int) -> None:
+                session = daemon.session()
+                i = 0
+                while time.monotonic() < stop:
+                    session.submit(f"s{index}-{i % 200}", ["true"], 3600, env)
+                    i += 1
+                counts[index] = i
+                session.close()
+
+            threads = [threading.Thread(target=sender, args=(i,)) for i in range(8)]
+            start = time.monotonic()
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            rate = sum(counts) / (time.monotonic() - start)
+            rows.append((f"submit: 8 connections, {journal.lstrip('-')}",
+                         f"{rate:,.0f} submissions/s", ""))
+        finally:
+            daemon.close()
+
+
+def bench_lateness(rows: list[tuple[str, str, str]], pending: int, probes: int) -> None:
+    daemon = Daemon()
+    try:
+        env = dict(os.environ)
+        session = daemon.session()
+        for i in range(pending):
+            session.submit(f"idle-{i}", ["true"], 3600, env)
+        for i in range(probes):
+            session.submit(f"probe-{i}", ["true"], 0.5 + 2.0 * i / probes, env)
+        deadline = time.monotonic() + 60
+        runs: list[dict] = []
+        while time.monotonic() < deadline:
+            reply = session.ask(protocol.HistoryRequest(limit=probes))
+            runs = [r for r in reply.runs if r["key"].startswith("probe-")]  # type: ignore[attr-defined]
+            if len(runs) >= probes:
+                break
+            time.sleep(0.2)
+        session.close()
+        late = [(r["started_at"] - r["due_at"]) * 1000 for r in runs]
+        rows.append((f"lateness: {probes} probes among {pending:,} pending",
+                     f"p50 {percentile(late, 50):.2f} ms, p99 {percentile(late, 99):.2f} ms",
+                     "start minus due, as the daemon records them"))
+    finally:
+        daemon.close()
+
+
+def bench_memory_and_scaling(rows: list[tuple[str, str, str]], sizes: list[int],
+                             sample: int) -> None:
+    daemon = Daemon("--no-journal")
+    try:
+        env = dict(os.environ)
+        session = daemon.session()
+        time.sleep(0.2)
+        base = daemon.rss_kib()
+        held = 0
+        for size in sizes:
+            while held < size:
+                session.submit(f"mem-{held}", ["make", "-C", "docs", "html"], 3600, env)
+                held += 1
+            time.sleep(0.2)
+            per = (daemon.rss_kib() - base) * 1024 / held
+            start = time.perf_counter()
+            for i in range(sample):
+                session.submit(f"mem-{i}", ["make", "-C", "docs", "html"], 3600, env)
+            cost = (time.perf_counter() - start) / sample * 1e6
+            rows.append((f"memory: {size:,} pending", f"{per:,.0f} bytes per invocation",
+                         "same environment"))
+            rows.append((f"scaling: submit with {size:,} pending", f"{cost:.0f} µs each",
+                         "one connection, round trip"))
+        session.close()
+    finally:
+        daemon.close()
+
+
+def bench_idle(rows: list[tuple[str, str, str]], seconds: float) -> None:
+    daemon = Daemon()
+    try:
+        time.sleep(0.5)
+        before = daemon.cpu_seconds()
+        time.sleep(seconds)
+        used = daemon.cpu_seconds() - before
+        rows.append((f"idle: CPU over {seconds:g} s", f"{used * 1000:.0f} ms", ""))
+    finally:
+        daemon.close()
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    mem = ""
+    try:
+        with open("/proc/meminfo") as f:
+            mem = f"{int(f.readline().split()[1]) / 1024 / 1024:.0f} GiB"
+    except OSError:
+        pass
+    return (f"{platform.system()} {platform.release()}, {os.cpu_count()} CPUs ({cpu}), {mem}, "
+            f"Python {platform.python_version()}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a short run (used by the tests)")
+    parser.add_argument("--json", action="store_true", help="print the rows as JSON")
+    args = parser.parse_args(argv)
+    rows: list[tuple[str, str, str]] = []
+    if args.quick:
+        bench_client(rows, 3)
+        bench_submissions(rows, 0.5)
+        bench_lateness(rows, 500, 20)
+        bench_memory_and_scaling(rows, [1000, 3000], 200)
+        bench_idle(rows, 1)
+    else:
+        bench_client(rows, 30)
+        bench_submissions(rows, 3)
+        bench_lateness(rows, 10_000, 200)
+        bench_memory_and_scaling(rows, [1_000, 10_000, 100_000], 2000)
+        bench_idle(rows, 10)
+    if args.json:
+        print(json.dumps({"machine": machine(), "rows": rows}, indent=1))
+        return 0
+    print(f"machine: {machine()}")
+    width = max(len(r[0]) for r in rows)
+    value_width = max(len(r[1]) for r in rows)
+    for name, value, note in rows:
+        print(f"{name:<{width}}  {value:<{value_width}}  {note}".rstrip())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

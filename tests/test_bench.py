@@ -1,0 +1,25 @@
+"""The benchmark suite cannot rot: its quick mode runs and prints every figure."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.timeout(180)
+def test_quick_bench_runs_and_prints_every_figure():
+    r = subprocess.run([sys.executable, "-m", "bench", "--quick"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=170)
+    assert r.returncode == 0, r.stderr
+    out = r.stdout
+    assert out.startswith("machine: ")
+    for label in ("client: python -c pass", 'client: python -c "import click"',
+                  "client: debounce run --no-wait", "submit: 8 connections, journal",
+                  "submit: 8 connections, no-journal", "lateness:", "memory:", "scaling:",
+                  "idle: CPU"):
+        assert label in out, f"{label} missing from:\n{out}"
