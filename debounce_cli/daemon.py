@@ -94,51 +94,244 @@ class Config:
 
 
 # ------------------------------------------------------------------ waiters
-class ConnWaiter:
-    """A client connection waiting for a run: the run's events go down its socket.
+class Connection(asyncio.Protocol):
+    """One client connection: request lines in, answers out, in order.
 
-    Until the client has been told its invocation was accepted (after the journal commit),
-    events are held back, so the client always reads ``accepted`` first.
+    A connection carries one-shot requests one after the other; a request whose answer waits
+    for the journal commit holds back the lines after it, so answers never overtake each
+    other. A request that waits for a run (``run`` with ``wait``, ``wait``) makes the
+    connection a waiter of that run, and its last request: the scheduler moves it along the
+    chain of replacements like any waiter, and the run's events go down the socket. Until the
+    client has been told its invocation was accepted, those events are held back, so the
+    client always reads ``accepted`` first.
+
+    A connection that says nothing for ``READ_TIMEOUT`` seconds between requests is closed.
     """
 
-    def __init__(self, writer: asyncio.StreamWriter, acked: bool = False):
-        self.writer = writer
+    def __init__(self, daemon: Daemon):
+        self.daemon = daemon
+        self.transport: asyncio.Transport | None = None
+        self.buffer = bytearray()
+        self.greeted = False
+        self.owed = False  # an answer waits for the commit; later lines wait for it
+        self.waiting = False  # waits for a run: no more requests on this connection
+        self.acked = True
+        self.held: list[bytes] = []
         self.closed = False
-        self.acked = acked
-        self.held: list[protocol.Message] = []
-        self.done = asyncio.get_running_loop().create_future()
+        self.finishing = False  # the waiter's last message is out (or held): close after it
+        self.eof = False
+        self.timer: asyncio.TimerHandle | None = None
 
+    # ---------------------------------------------------------------- asyncio callbacks
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        daemon = self.daemon
+        daemon.connections += 1
+        daemon._cancel_idle()
+        if not _peer_allowed(transport):
+            self.refuse("permission denied: this daemon serves only its owner's uid", "refused")
+        elif daemon.connections > MAX_CONNECTIONS:
+            self.refuse("too many connections; try again", "refused")
+        else:
+            self._arm()
+
+    def data_received(self, data: bytes) -> None:
+        if self.closed or self.waiting:
+            return  # a waiting client has nothing more to say; only its going away counts
+        self.buffer += data
+        self._process()
+
+    def eof_received(self) -> bool:
+        if self.waiting:
+            self._gone()  # the client went away (Ctrl-C): stop waiting, the run goes on
+            return False
+        self.eof = True  # the client has said all it will; answer what it asked, then close
+        if not self.owed:
+            self.close()
+        return True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._gone()
+        self._disarm()
+        self.daemon.connections -= 1
+        self.daemon._after()
+
+    # ---------------------------------------------------------------- requests
+    def _process(self) -> None:
+        while not (self.owed or self.waiting or self.closed):
+            newline = self.buffer.find(b"\n")
+            if newline < 0:
+                if len(self.buffer) > protocol.MAX_MESSAGE:
+                    self.refuse(f"message exceeds the limit of {protocol.MAX_MESSAGE} bytes")
+                return
+            line = bytes(self.buffer[: newline + 1])
+            del self.buffer[: newline + 1]
+            self._arm()
+            try:
+                request = protocol.decode(line, protocol.REQUESTS)
+            except ProtocolError as exc:
+                self.refuse(str(exc))
+                return
+            try:
+                self._request(request)
+            except Exception as exc:  # noqa: BLE001 - one bad request must not end the daemon
+                import traceback
+
+                traceback.print_exc()
+                self.refuse(f"internal error: {type(exc).__name__}: {exc}", "refused")
+                return
+
+    def _request(self, request: protocol.Message) -> None:
+        daemon = self.daemon
+        if not self.greeted:
+            if not isinstance(request, protocol.Hello):
+                self.refuse("expected a hello message first")
+            elif request.version != protocol.VERSION:
+                self.refuse(
+                    f"protocol version {request.version} is not supported by this daemon "
+                    f"(version {protocol.VERSION}); run 'debounce stop' and retry",
+                    "refused",
+                )
+            else:
+                self.greeted = True
+                self.write(protocol.HelloReply(pid=os.getpid()))
+            return
+        if daemon.stopping:
+            self.refuse("the daemon is shutting down; retry", "refused")
+        elif isinstance(request, protocol.RunRequest):
+            daemon.handle_run(self, request)
+        elif isinstance(request, protocol.WaitRequest):
+            daemon.handle_wait(self, request)
+        elif isinstance(request, protocol.StatusRequest):
+            self.write(daemon.handle_status())
+        elif isinstance(request, protocol.HistoryRequest):
+            self.write(daemon.handle_history(request))
+        elif isinstance(request, protocol.LogsRequest):
+            self.write(daemon.handle_logs(request))
+        elif isinstance(request, protocol.FlushRequest):
+            found, effects = daemon.scheduler.flush(request.key)
+            daemon._apply(effects)
+            self.write(_done(found, request.key, "flushed"))
+        elif isinstance(request, protocol.CancelRequest):
+            found, effects = daemon.scheduler.cancel(request.key)
+            daemon._apply(effects)
+            self.write(_done(found, request.key, "cancelled"))
+        elif isinstance(request, protocol.StopRequest):
+            self.write(protocol.Done(ok=True, message="stopping"))
+            self.close()
+            daemon.shutdown()
+        else:
+            self.refuse(f"{request.type} is not a request")
+
+    def answered(self, msg: protocol.Message) -> None:
+        """The answer owed after the commit: send it, then go on with the lines held back."""
+        self.owed = False
+        if self.waiting:
+            if isinstance(msg, protocol.Error):
+                self.refuse(msg.message, msg.code)
+                self.daemon.scheduler.detach(self)
+                return
+            self.acked = True
+            self.write(msg)
+            held, self.held = self.held, []
+            for line in held:
+                self.raw(line)
+            if self.finishing:
+                self.close()
+            return
+        self.write(msg)
+        self._arm()
+        self._process()
+        if self.eof and not self.owed:
+            self.close()
+
+    # ---------------------------------------------------------------- waiter interface
     def send(self, msg: protocol.Message) -> None:
+        self.raw(protocol.encode(msg))
+
+    def raw(self, line: bytes) -> None:
         if self.closed:
             return
         if not self.acked:
-            self.held.append(msg)
+            self.held.append(line)
             return
-        try:
-            self.writer.write(protocol.encode(msg))
-        except (ConnectionError, RuntimeError):
-            self.closed = True
+        assert self.transport is not None
+        self.transport.write(line)
 
-    def ack(self, msg: protocol.Message) -> None:
-        self.acked = True
-        self.send(msg)
-        held, self.held = self.held, []
-        for item in held:
-            self.send(item)
-        if any(isinstance(m, (protocol.Finished, protocol.Cancelled)) for m in held):
-            self._done()
-
-    def output(self, fd: int, data: bytes) -> None:
-        self.send(protocol.Output(fd=fd, data=binascii.b2a_base64(data, newline=False).decode()))
+    def output(self, fd: int, data: bytes, line: bytes) -> None:
+        self.raw(line)
 
     def finish(self, msg: protocol.Message) -> None:
+        """The run's result (or its cancellation): the waiter's last message."""
+        self.finishing = True
         self.send(msg)
         if self.acked:
-            self._done()
+            self.close()
 
-    def _done(self) -> None:
-        if not self.done.done():
-            self.done.set_result(None)
+    # ---------------------------------------------------------------- helpers
+    def write(self, msg: protocol.Message) -> None:
+        if not self.closed and self.transport is not None:
+            self.transport.write(protocol.encode(msg))
+
+    def refuse(self, message: str, code: str = "bad_request") -> None:
+        """Answer with an error and close: used for anything malformed or not allowed."""
+        self.write(protocol.Error(message=message, code=code))
+        self.close()
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self._disarm()
+            if self.transport is not None:
+                self.transport.close()  # after what was written has been sent
+
+    def wait_for_runs(self, acked: bool) -> None:
+        """From now on this connection is a waiter; it stops reading requests."""
+        self.waiting = True
+        self.acked = acked
+        self._disarm()
+
+    def _gone(self) -> None:
+        if not self.closed:
+            self.closed = True
+            if self.waiting:
+                self.daemon.scheduler.detach(self)  # Ctrl-C: the invocation stays
+
+    def _arm(self) -> None:
+        self._disarm()
+        if not self.waiting and not self.closed:
+            loop = asyncio.get_running_loop()
+            self.timer = loop.call_later(READ_TIMEOUT, self._timed_out)
+
+    def _disarm(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+    def _timed_out(self) -> None:
+        self.timer = None
+        if not (self.owed or self.waiting or self.closed):
+            self.refuse(f"no request within {READ_TIMEOUT:g}s; closing")
+
+
+def _peer_allowed(transport: asyncio.BaseTransport) -> bool:
+    """The kernel's word on who connected (SO_PEERCRED): only our own uid gets in."""
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return False
+    try:
+        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    except OSError:
+        return False
+    _pid, uid, _gid = struct.unpack("3i", creds)
+    return uid == os.getuid()
+
+
+def _done(found: bool, key: str, verb: str) -> protocol.Message:
+    if found:
+        return protocol.Done(ok=True, message=f"{verb} {key}")
+    return protocol.Error(message=f"nothing is pending for key {key!r}", code="not_found")
 
 
 class StdinWaiter:
@@ -150,7 +343,7 @@ class StdinWaiter:
     def send(self, msg: protocol.Message) -> None:
         pass
 
-    def output(self, fd: int, data: bytes) -> None:
+    def output(self, fd: int, data: bytes, line: bytes) -> None:
         stream = sys.stdout.buffer if fd == 1 else sys.stderr.buffer
         try:
             stream.write(data)
@@ -175,9 +368,7 @@ class Ack:
     """An answer owed to a submitter once the turn's commit is done."""
 
     invocation: Invocation
-    writer: asyncio.StreamWriter | None
-    waiter: Any
-    future: asyncio.Future[None] | None
+    connection: Connection | None
     line: int | None = None  # stdin line number
 
 
@@ -209,6 +400,7 @@ class Daemon:
         self.flush_handle: asyncio.Handle | None = None
         self.log_dir = ""
         self.shared = Shared()
+        self.retention_due = False
 
     # -------------------------------------------------------------- start-up
     def acquire(self) -> None:
@@ -282,14 +474,12 @@ class Daemon:
         if self.config.listen_fd is not None:
             sock = socket.socket(fileno=self.config.listen_fd)
             sock.setblocking(False)
-            self.server = await asyncio.start_unix_server(
-                self._on_connection, sock=sock, limit=protocol.MAX_MESSAGE
-            )
+            self.server = await loop.create_unix_server(lambda: Connection(self), sock=sock)
         elif self.serving_socket:
             old_umask = os.umask(0o177)
             try:
-                self.server = await asyncio.start_unix_server(
-                    self._on_connection, path=self.config.socket, limit=protocol.MAX_MESSAGE
+                self.server = await loop.create_unix_server(
+                    lambda: Connection(self), path=self.config.socket
                 )
             finally:
                 os.umask(old_umask)
@@ -311,161 +501,23 @@ class Daemon:
             return 1 if self.stdin_waiter.failures else 0
         return 0
 
-    # -------------------------------------------------------------- connections
-    async def _on_connection(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> None:
-        self.connections += 1
-        self._cancel_idle()
-        try:
-            await self._converse(reader, writer)
-        except (ConnectionError, asyncio.IncompleteReadError):
-            pass
-        finally:
-            self.connections -= 1
-            try:
-                writer.close()
-            except Exception:  # noqa: BLE001 - the peer may already be gone
-                pass
-            self._after()
-
-    async def _converse(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if not self._peer_allowed(writer):
-            self._reply_error(
-                writer, "permission denied: this daemon serves only its owner's uid", "refused"
-            )
-            return
-        if self.connections > MAX_CONNECTIONS:
-            self._reply_error(writer, "too many connections; try again", "refused")
-            return
-        hello = await self._read(reader, writer)
-        if hello is None:
-            return
-        if not isinstance(hello, protocol.Hello):
-            self._reply_error(writer, "expected a hello message first")
-            return
-        if hello.version != protocol.VERSION:
-            self._reply_error(
-                writer,
-                f"protocol version {hello.version} is not supported by this daemon "
-                f"(version {protocol.VERSION}); run 'debounce stop' and retry",
-                "refused",
-            )
-            return
-        writer.write(protocol.encode(protocol.HelloReply(pid=os.getpid())))
-        while True:
-            request = await self._read(reader, writer)
-            if request is None:
-                return
-            if self.stopping:
-                self._reply_error(writer, "the daemon is shutting down; retry", "refused")
-                return
-            if not await self._handle(request, reader, writer):
-                return
-            await writer.drain()
-
-    async def _handle(
-        self,
-        request: protocol.Message,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
-    ) -> bool:
-        """Answer one request; return whether the connection may carry another."""
-        if isinstance(request, protocol.RunRequest):
-            await self.handle_run(request, reader, writer)
-            return not request.wait
-        if isinstance(request, protocol.WaitRequest):
-            await self.handle_wait(request, reader, writer)
-            return False
-        if isinstance(request, protocol.StatusRequest):
-            writer.write(protocol.encode(self.handle_status()))
-        elif isinstance(request, protocol.HistoryRequest):
-            writer.write(protocol.encode(self.handle_history(request)))
-        elif isinstance(request, protocol.LogsRequest):
-            writer.write(protocol.encode(self.handle_logs(request)))
-        elif isinstance(request, protocol.FlushRequest):
-            found, effects = self.scheduler.flush(request.key)
-            self._apply(effects)
-            writer.write(protocol.encode(self._done(found, request.key, "flushed")))
-        elif isinstance(request, protocol.CancelRequest):
-            found, effects = self.scheduler.cancel(request.key)
-            self._apply(effects)
-            writer.write(protocol.encode(self._done(found, request.key, "cancelled")))
-        elif isinstance(request, protocol.StopRequest):
-            writer.write(protocol.encode(protocol.Done(ok=True, message="stopping")))
-            await writer.drain()
-            self.shutdown()
-            return False
-        else:
-            self._reply_error(writer, f"{request.type} is not a request")
-            return False
-        return True
-
-    @staticmethod
-    def _done(found: bool, key: str, verb: str) -> protocol.Message:
-        if found:
-            return protocol.Done(ok=True, message=f"{verb} {key}")
-        return protocol.Error(message=f"nothing is pending for key {key!r}", code="not_found")
-
-    def _peer_allowed(self, writer: asyncio.StreamWriter) -> bool:
-        """The kernel's word on who connected (SO_PEERCRED): only our own uid gets in."""
-        sock = writer.get_extra_info("socket")
-        if sock is None:
-            return False
-        try:
-            creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-        except OSError:
-            return False
-        _pid, uid, _gid = struct.unpack("3i", creds)
-        return uid == os.getuid()
-
-    async def _read(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> protocol.Message | None:
-        try:
-            line = await asyncio.wait_for(reader.readline(), READ_TIMEOUT)
-        except asyncio.TimeoutError:
-            self._reply_error(writer, f"no request within {READ_TIMEOUT:g}s; closing")
-            return None
-        except (asyncio.LimitOverrunError, ValueError):
-            self._reply_error(
-                writer, f"message exceeds the limit of {protocol.MAX_MESSAGE} bytes"
-            )
-            return None
-        if not line:
-            return None
-        try:
-            return protocol.decode(line, protocol.REQUESTS)
-        except ProtocolError as exc:
-            self._reply_error(writer, str(exc))
-            return None
-
-    @staticmethod
-    def _reply_error(writer: asyncio.StreamWriter, message: str, code: str = "bad_request") -> None:
-        writer.write(protocol.encode(protocol.Error(message=message, code=code)))
-
     # -------------------------------------------------------------- requests
-    async def handle_run(
-        self, req: protocol.RunRequest, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> None:
+    def handle_run(self, conn: Connection, req: protocol.RunRequest) -> None:
         try:
             options = self.shared.options(req.options)
             _check_job(req.argv, req.cwd, req.key)
         except (ProtocolError, ValueError) as exc:
-            self._reply_error(writer, str(exc))
+            conn.refuse(str(exc))
             return
         refusal = self._refusal()
         if refusal:
-            self._reply_error(writer, refusal, "refused")
+            conn.refuse(refusal, "refused")
             return
-        waiter = ConnWaiter(writer) if req.wait else None
-        future = asyncio.get_running_loop().create_future()
+        conn.owed = True
+        if req.wait:
+            conn.wait_for_runs(acked=False)
         job = Job(req.argv, sys.intern(req.cwd), self.shared.env(req.env))
-        self.submit(req.key, options, job, waiter,
-                    writer=writer, future=future)
-        await future
-        if waiter is not None and not waiter.closed:
-            await self._hold(waiter, reader)
+        self.submit(req.key, options, job, conn if req.wait else None, conn=conn)
 
     def _refusal(self) -> str | None:
         """Why new submissions cannot be accepted now, if they cannot."""
@@ -474,24 +526,21 @@ class Daemon:
             return f"cannot store new invocations: {journal.broken}"
         return None
 
-    async def handle_wait(
-        self, req: protocol.WaitRequest, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> None:
+    def handle_wait(self, conn: Connection, req: protocol.WaitRequest) -> None:
         target = self._find(req.target)
         if target is None:
             finished = self._finished_from_journal(req.target)
             if finished is not None:
-                writer.write(protocol.encode(finished))
-                return
-            self._reply_error(
-                writer, f"no key or run {req.target!r} pending, running or finished", "not_found"
-            )
+                conn.write(finished)
+                conn.close()
+            else:
+                conn.refuse(f"no key or run {req.target!r} pending, running or finished",
+                            "not_found")
             return
-        waiter = ConnWaiter(writer, acked=True)
+        conn.wait_for_runs(acked=True)
         if isinstance(target, Invocation):
-            waiter.send(self._pending_msg(target))
-        self._apply(self.scheduler.attach(target, waiter))
-        await self._hold(waiter, reader)
+            conn.send(self._pending_msg(target))
+        self._apply(self.scheduler.attach(target, conn))
 
     def _find(self, target: str) -> Invocation | Run | None:
         """What ``debounce wait TARGET`` follows: pending, else running, else the last result."""
@@ -500,8 +549,8 @@ class Daemon:
             return ks.pending or ks.running
         if target in self.last_by_key:
             return self.last_by_key[target]
-        if target.isdigit():
-            run_id = int(target)
+        run_id = _run_id(target)
+        if run_id is not None:
             return self.scheduler.runs.get(run_id) or self.recent.get(run_id)
         return None
 
@@ -509,8 +558,8 @@ class Daemon:
         if self.journal is None:
             return None
         row = self.journal.finished_run(key=target)
-        if row is None and target.isdigit():
-            row = self.journal.finished_run(run_id=int(target))
+        if row is None and _run_id(target) is not None:
+            row = self.journal.finished_run(run_id=_run_id(target))
         if row is None:
             return None
         return protocol.Finished(
@@ -530,34 +579,18 @@ class Daemon:
             if self.last_by_key.get(old.key) is old:
                 del self.last_by_key[old.key]
 
-    async def _hold(self, waiter: ConnWaiter, reader: asyncio.StreamReader) -> None:
-        """Keep the connection while the waiter waits; a client that leaves is detached."""
-        gone = asyncio.ensure_future(reader.read(1))
-        try:
-            await asyncio.wait([waiter.done, gone], return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            if not waiter.done.done():
-                waiter.closed = True
-                self.scheduler.detach(waiter)
-            gone.cancel()
-        try:
-            await waiter.writer.drain()
-        except ConnectionError:
-            pass
-
     def submit(
         self,
         key: str,
         options: Options,
         job: Job,
         waiter: Any,
-        writer: asyncio.StreamWriter | None = None,
-        future: asyncio.Future[None] | None = None,
+        conn: Connection | None = None,
         line: int | None = None,
     ) -> Invocation:
         """Hand an invocation to the scheduler; its answer goes out after the commit."""
         inv, effects = self.scheduler.submit(key, options, job, waiter)
-        self.acks.append(Ack(inv, writer, waiter, future, line))
+        self.acks.append(Ack(inv, conn, line))
         self._apply(effects)
         return inv
 
@@ -620,16 +653,16 @@ class Daemon:
         target = req.target
         ks = self.scheduler.keys.get(target)
         run = ks.running if ks is not None else None
-        if run is None and target.isdigit():
-            run = self.scheduler.runs.get(int(target))
+        if run is None and _run_id(target) is not None:
+            run = self.scheduler.runs.get(_run_id(target))
         if run is not None:
             return protocol.LogsReply(run_id=run.id, key=run.key,
                                       log_path=run.invocation.payload.log_path, running=True)
         row = None
         if self.journal is not None:
             row = self.journal.finished_run(key=target)
-            if row is None and target.isdigit():
-                row = self.journal.finished_run(run_id=int(target))
+            if row is None and _run_id(target) is not None:
+                row = self.journal.finished_run(run_id=_run_id(target))
         if row is None:
             return protocol.Error(message=f"no run of key or id {target!r} is known",
                                   code="not_found")
@@ -658,6 +691,9 @@ class Daemon:
         acks, self.acks = self.acks, []
         for ack in acks:
             self._answer(ack, failure)
+        if failure is None and self.retention_due:
+            self.retention_due = False
+            self._retain_logs()
         while self.outbox:
             effects, self.outbox = self.outbox, []
             for effect in effects:
@@ -665,8 +701,12 @@ class Daemon:
         self._after()
 
     def _answer(self, ack: Ack, failure: str | None) -> None:
+        inv = ack.invocation
+        if failure is not None and not self.scheduler.withdraw(inv, ack.connection):
+            failure = None  # its run already started: it was not refused after all
+        inv.replaced = inv.joined = None  # only needed to take it back; let the chain go
         if failure is None:
-            msg: protocol.Message = self._accepted_msg(ack.invocation)
+            msg: protocol.Message = self._accepted_msg(inv)
         else:
             msg = protocol.Error(message=f"cannot store the invocation: {failure}",
                                  code="refused")
@@ -675,17 +715,8 @@ class Daemon:
                       flush=True)
                 if self.stdin_waiter is not None:
                     self.stdin_waiter.failures += 1
-        if isinstance(ack.waiter, ConnWaiter):
-            if failure is None:
-                ack.waiter.ack(msg)
-            else:
-                ack.waiter.closed = True
-                self.scheduler.detach(ack.waiter)
-                ack.writer.write(protocol.encode(msg))  # type: ignore[union-attr]
-        elif ack.writer is not None:
-            ack.writer.write(protocol.encode(msg))
-        if ack.future is not None and not ack.future.done():
-            ack.future.set_result(None)
+        if ack.connection is not None:
+            ack.connection.answered(msg)
 
     def _carry_out(self, effect: Any) -> None:
         if isinstance(effect, StartRun):
@@ -702,10 +733,11 @@ class Daemon:
         elif isinstance(effect, Joined):
             started = self._started_msg(effect.run)
             replay = self._output_so_far(effect.run)
+            lines = [(fd, data, _output_line(fd, data)) for fd, data in replay]
             for waiter in _unique(effect.waiters):
                 waiter.send(started)
-                for fd, data in replay:
-                    waiter.output(fd, data)
+                for fd, data, line in lines:
+                    waiter.output(fd, data, line)
         elif isinstance(effect, Updated):
             msg = self._pending_msg(effect.invocation)
             for waiter in _unique(effect.invocation.waiters):
@@ -746,8 +778,9 @@ class Daemon:
                 log.write(fd, data)
             else:
                 self.buffers[run.id].append((fd, data))
+            line = _output_line(fd, data)
             for waiter in _unique(run.waiters):
-                waiter.output(fd, data)
+                waiter.output(fd, data, line)
 
         proc = RunProcess(job.argv, job.cwd, env, on_output)
         self.procs[run.id] = proc
@@ -789,6 +822,7 @@ class Daemon:
             job.pid = proc.proc.pid
             if self.journal is not None:
                 self.journal.note_run(run)
+                self._apply([])  # commit it soon: the next daemon needs it to clean up
         if run.stop_reason is not None:  # stopped before it could start
             proc.signal("TERM")
         code = await proc.wait()
@@ -797,8 +831,8 @@ class Daemon:
         log = self.logs.pop(run.id, None)
         if log is not None:
             log.close()
+        self.retention_due = True  # after the commit that records this run
         self._apply(self.scheduler.run_exited(run.id, code))
-        self._retain_logs()
 
     def _retain_logs(self) -> None:
         """Delete logs beyond the per-key and total limits (history rows stay)."""
@@ -988,6 +1022,20 @@ class Shared:
 
 
 # ------------------------------------------------------------------ parsing helpers
+def _run_id(target: str) -> int | None:
+    """``target`` as a run id, if it can be one (digits, and small enough to be stored)."""
+    if target.isascii() and target.isdigit() and len(target) <= 18:
+        return int(target)
+    return None
+
+
+def _output_line(fd: int, data: bytes) -> bytes:
+    """One Output message, encoded once for all the waiters of a run."""
+    return protocol.encode(
+        protocol.Output(fd=fd, data=binascii.b2a_base64(data, newline=False).decode())
+    )
+
+
 def _digest(sock: str) -> str:
     import hashlib
 

@@ -367,7 +367,7 @@ def decode(line: bytes, kinds: dict[str, type[Message]]) -> Message:
 
 _DESCRIBE = {
     _STR: "a string",
-    _INT: "an integer",
+    _INT: "an integer of at most 64 bits",
     _NUM: "a number",
     _BOOL: "true or false",
     _OPT_STR: "a string or null",
@@ -388,8 +388,8 @@ def _valid(tag: str, value: Any) -> bool:
         tag = tag[:-1]
     if tag == _STR:
         return isinstance(value, str)
-    if tag == _INT:
-        return isinstance(value, int) and not isinstance(value, bool)
+    if tag == _INT:  # the journal stores integers in 64 bits
+        return isinstance(value, int) and not isinstance(value, bool) and -2**63 <= value < 2**63
     if tag == _NUM:
         return isinstance(value, (int, float)) and not isinstance(value, bool)
     if tag == _BOOL:

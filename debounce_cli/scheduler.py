@@ -71,6 +71,8 @@ class Invocation:
     coalesced: int = 1  # invocations this one stands for, itself included
     leading_edge: bool = False  # first of a --leading burst: due at once
     replaced_by: Invocation | None = None
+    replaced: Invocation | None = None  # the pending one this replaced (for withdraw)
+    joined: Invocation | Run | None = None  # the leader or run it joined without replacing
     run: Run | None = None
     waiters: list[Any] = field(default_factory=list)
 
@@ -250,6 +252,7 @@ class Scheduler:
                 inv.waiters = []
                 leader.coalesced += 1
                 inv.replaced_by = leader
+                inv.joined = leader
                 self._transition(inv, SUPERSEDED)
                 self._transition(leader, leader.state)
                 effects.append(Updated(leader))
@@ -267,6 +270,7 @@ class Scheduler:
             inv.waiters = prev.waiters + inv.waiters
             prev.waiters = []
             prev.replaced_by = inv
+            inv.replaced = prev
             was_queued = prev.state == QUEUED
             inv.leading_edge = inv.leading_edge or prev.leading_edge
             if ks.burst_leader is prev:
@@ -394,6 +398,46 @@ class Scheduler:
         self._forget_if_idle(ks, self.clock())
         return True, effects
 
+    def withdraw(self, inv: Invocation, waiter: Any = None) -> bool:
+        """Take back an invocation the daemon could not store, as if it had never come.
+
+        What it replaced is pending again, as it was (same due time, same waiters but
+        ``waiter``); what it joined counts one invocation fewer. Returns False, and changes
+        nothing, when it can no longer be taken back: its run has already started.
+        """
+        ks = self.keys.get(inv.key)
+        if inv.joined is not None:
+            inv.joined.coalesced -= 1
+            if waiter is not None and waiter in inv.joined.waiters:
+                inv.joined.waiters.remove(waiter)
+            self._transition(inv.joined, inv.joined.state)
+            return True
+        if ks is None or ks.pending is not inv:
+            return False
+        others = [w for w in inv.waiters if w is not waiter]
+        prev = inv.replaced
+        was_queued = inv.state == QUEUED
+        if was_queued and prev is None:
+            self.queue.remove(inv.key)
+        self._transition(inv, CANCELLED)
+        if prev is None:
+            ks.pending = None
+            if ks.burst_leader is inv:
+                ks.burst_leader = None
+            self._forget_if_idle(ks, self.clock())
+            return True
+        prev.replaced_by = None
+        prev.waiters = others
+        ks.pending = prev
+        if ks.burst_leader is inv:
+            ks.burst_leader = prev
+        if was_queued:
+            self._transition(prev, QUEUED)  # it keeps the place in the queue
+        else:
+            self._transition(prev, PENDING)
+            heapq.heappush(self._due, (prev.due, next(self._seq), prev))
+        return True
+
     def stop_all(self) -> list[Effect]:
         """Stop every run as ``--on-busy restart`` would (shutdown); pending ones stay pending.
 
@@ -450,6 +494,7 @@ class Scheduler:
 
     def _join_run(self, inv: Invocation, run: Run, effects: list[Effect]) -> None:
         run.coalesced += 1
+        inv.joined = run
         self._transition(run, run.state)
         inv.run = run
         waiters, inv.waiters = inv.waiters, []

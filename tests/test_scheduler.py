@@ -862,3 +862,56 @@ def test_property_runs_that_take_time_never_overlap_and_lose_no_caller(
         chain = chains[id(run.invocation)]
         assert run.invocation is max(chain, key=lambda inv: inv.id)
     assert sum(r.coalesced for r in sim.runs()) == len(invocations)
+
+
+# ---------------------------------------------------------------- withdraw (journal failure)
+
+
+def test_withdraw_puts_back_what_the_refused_invocation_replaced():
+    """A submission the daemon could not store leaves the acknowledged one pending, unchanged."""
+    sim = Sim()
+    a = sim.submit("k", at=0.0, payload="a", waiter="wa")
+    b = sim.submit("k", at=0.5, payload="b", waiter="wb")
+    assert sim.sched.withdraw(b, "wb")
+    assert b.state == CANCELLED and a.state == PENDING and a.replaced_by is None
+    assert a.head() is a and a.waiters == ["wa"] and a.coalesced == 1
+    sim.advance(5.0)
+    assert sim.starts() == [(1.0, "a")]  # a's own due time; b never runs
+    sim.exit(sim.last_run(), at=5.0)
+    assert sim.finished()[-1][2] == ["wa"]
+
+
+def test_withdraw_of_a_first_invocation_leaves_nothing_pending():
+    sim = Sim()
+    a = sim.submit("k", at=0.0, payload="a", waiter="wa")
+    assert sim.sched.withdraw(a, "wa")
+    assert sim.sched.is_idle() and sim.sched.next_deadline() is None
+    sim.advance(5.0)
+    assert sim.starts() == []
+
+
+def test_withdraw_keeps_a_queued_place_and_undoes_a_join():
+    """A refused replacement of a queued call gives the place back; a refused join is uncounted."""
+    sim = Sim(jobs=1)
+    sim.submit("busy", at=0.0, payload="busy", options=Options(on_busy="ignore"))
+    q = sim.submit("q", at=0.25, payload="q")
+    sim.advance(1.5)
+    assert q.state == QUEUED
+    q2 = sim.submit("q", at=1.5, payload="q2", waiter="w")
+    assert sim.sched.withdraw(q2, "w")
+    assert q.state == QUEUED and list(sim.sched.queue) == ["q"]
+    run = sim.last_run()
+    joined = sim.submit("busy", at=1.75, payload="late", waiter="wj",
+                        options=Options(on_busy="ignore"))
+    assert run.coalesced == 2
+    assert sim.sched.withdraw(joined, "wj")
+    assert run.coalesced == 1 and "wj" not in run.waiters
+    sim.exit(run, at=2.0)
+    assert sim.starts()[-1] == (2.0, "q")
+
+
+def test_withdraw_refuses_once_the_run_has_started():
+    sim = Sim()
+    a = sim.submit("k", at=0.0, payload="a", options=Options(delay=0))
+    assert a.state == RUNNING
+    assert not sim.sched.withdraw(a)
