@@ -121,6 +121,7 @@ class Connection(asyncio.Protocol):
         self.finishing = False  # the waiter's last message is out (or held): close after it
         self.eof = False
         self.timer: asyncio.TimerHandle | None = None
+        self.active = 0.0  # loop time of the last request or answer
 
     # ---------------------------------------------------------------- asyncio callbacks
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -299,10 +300,11 @@ class Connection(asyncio.Protocol):
                 self.daemon.scheduler.detach(self)  # Ctrl-C: the invocation stays
 
     def _arm(self) -> None:
-        self._disarm()
-        if not self.waiting and not self.closed:
-            loop = asyncio.get_running_loop()
-            self.timer = loop.call_later(READ_TIMEOUT, self._timed_out)
+        """Note activity. One timer per connection checks it, so requests never touch timers."""
+        loop = self.daemon.loop
+        self.active = loop.time()
+        if self.timer is None and not (self.waiting or self.closed):
+            self.timer = loop.call_at(self.active + READ_TIMEOUT, self._timed_out)
 
     def _disarm(self) -> None:
         if self.timer is not None:
@@ -311,8 +313,13 @@ class Connection(asyncio.Protocol):
 
     def _timed_out(self) -> None:
         self.timer = None
-        if not (self.owed or self.waiting or self.closed):
+        if self.owed or self.waiting or self.closed:
+            return
+        loop = self.daemon.loop
+        if loop.time() - self.active >= READ_TIMEOUT:
             self.refuse(f"no request within {READ_TIMEOUT:g}s; closing")
+        else:
+            self.timer = loop.call_at(self.active + READ_TIMEOUT, self._timed_out)
 
 
 def _peer_allowed(transport: asyncio.BaseTransport) -> bool:
@@ -401,6 +408,7 @@ class Daemon:
         self.log_dir = ""
         self.shared = Shared()
         self.retention_due = False
+        self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]  # set by serve
 
     # -------------------------------------------------------------- start-up
     def acquire(self) -> None:
@@ -469,7 +477,7 @@ class Daemon:
 
     async def serve(self) -> int:
         """Serve until stopped; return the process exit status."""
-        loop = asyncio.get_running_loop()
+        loop = self.loop = asyncio.get_running_loop()
         self.stopped = loop.create_future()
         if self.config.listen_fd is not None:
             sock = socket.socket(fileno=self.config.listen_fd)
@@ -677,7 +685,7 @@ class Daemon:
         """Queue effects until the end of this turn of the loop, when the commit is done."""
         self.outbox.extend(effects)
         if self.flush_handle is None:
-            self.flush_handle = asyncio.get_running_loop().call_soon(self._flush)
+            self.flush_handle = self.loop.call_soon(self._flush)
 
     def _flush(self) -> None:
         """Commit what changed in this turn, then answer submitters and carry out effects."""
@@ -749,13 +757,16 @@ class Daemon:
 
     def _after(self) -> None:
         """Set the one timer for the scheduler's next deadline; manage idle exit."""
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
         deadline = self.scheduler.next_deadline()
-        if deadline is not None:
-            loop = asyncio.get_running_loop()
-            self.timer = loop.call_at(deadline, self._on_timer)
+        timer = self.timer
+        if timer is not None and deadline is not None and timer.when() == deadline:
+            pass  # most submissions leave the earliest deadline where it was
+        else:
+            if timer is not None:
+                timer.cancel()
+                self.timer = None
+            if deadline is not None:
+                self.timer = self.loop.call_at(deadline, self._on_timer)
         self._check_idle()
 
     def _on_timer(self) -> None:

@@ -18,6 +18,7 @@ raises anything else.
 from __future__ import annotations
 
 import json
+from itertools import repeat
 from typing import Any, ClassVar
 
 VERSION = 1
@@ -394,10 +395,10 @@ def _valid(tag: str, value: Any) -> bool:
         return isinstance(value, (int, float)) and not isinstance(value, bool)
     if tag == _BOOL:
         return isinstance(value, bool)
-    if tag == _STRS:
-        return isinstance(value, list) and all(isinstance(v, str) for v in value)
+    if tag == _STRS:  # map() keeps the per-item check in C: an environment has many items
+        return isinstance(value, list) and all(map(isinstance, value, repeat(str)))
     if tag == _ENV:
-        return isinstance(value, dict) and all(isinstance(v, str) for v in value.values())
+        return isinstance(value, dict) and all(map(isinstance, value.values(), repeat(str)))
     if tag == _OBJ:
         return isinstance(value, dict)
     if tag == _OBJS:

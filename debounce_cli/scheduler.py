@@ -190,6 +190,7 @@ class Scheduler:
         self._due: list[tuple[float, int, Invocation]] = []  # heap, stale entries skipped
         self._timers: list[tuple[float, int, Run]] = []  # timeout and kill deadlines, heap
         self._bursts: list[tuple[float, int, str]] = []  # ends of --leading bursts, heap
+        self.pending_count = 0  # keys with a pending invocation
         self.draining = False  # shutting down: runs are stopped and nothing new starts
         self._seq = itertools.count()
         self._ids = itertools.count(first_id)
@@ -276,7 +277,7 @@ class Scheduler:
             if ks.burst_leader is prev:
                 ks.burst_leader = inv
             self._transition(prev, SUPERSEDED)
-            ks.pending = inv
+            self._set_pending(ks, inv)
             if was_queued:
                 # Deferring in the backlog: take the queued one's place, no new quiet period.
                 inv.due = prev.due
@@ -284,7 +285,7 @@ class Scheduler:
                 effects.append(Updated(inv))
                 return inv, effects
         else:
-            ks.pending = inv
+            self._set_pending(ks, inv)
         if inv.leading_edge and (prev is None or prev.leading_edge):
             inv.due = now
             ks.burst_leader = inv
@@ -328,7 +329,7 @@ class Scheduler:
             inv.waiters = ks.pending.waiters
             ks.pending.replaced_by = inv
             self._transition(ks.pending, SUPERSEDED)
-        ks.pending = inv
+        self._set_pending(ks, inv)
         self._transition(inv, PENDING)
         heapq.heappush(self._due, (inv.due, next(self._seq), inv))
         return inv
@@ -387,7 +388,7 @@ class Scheduler:
         if ks is None or ks.pending is None:
             return False, effects
         inv = ks.pending
-        ks.pending = None
+        self._set_pending(ks, None)
         if ks.burst_leader is inv:
             ks.burst_leader = None
         if inv.state == QUEUED:
@@ -421,14 +422,14 @@ class Scheduler:
             self.queue.remove(inv.key)
         self._transition(inv, CANCELLED)
         if prev is None:
-            ks.pending = None
+            self._set_pending(ks, None)
             if ks.burst_leader is inv:
                 ks.burst_leader = None
             self._forget_if_idle(ks, self.clock())
             return True
         prev.replaced_by = None
         prev.waiters = others
-        ks.pending = prev
+        self._set_pending(ks, prev)
         if ks.burst_leader is inv:
             ks.burst_leader = prev
         if was_queued:
@@ -481,7 +482,12 @@ class Scheduler:
 
     def is_idle(self) -> bool:
         """Nothing pending and nothing running."""
-        return not self.runs and all(ks.pending is None for ks in self.keys.values())
+        return not self.runs and not self.pending_count
+
+    def _set_pending(self, ks: KeyState, inv: Invocation | None) -> None:
+        """The one place a key's pending invocation changes, so the count stays true."""
+        self.pending_count += (inv is not None) - (ks.pending is not None)
+        ks.pending = inv
 
     def pending(self) -> Iterable[Invocation]:
         return (ks.pending for ks in self.keys.values() if ks.pending is not None)
@@ -561,7 +567,7 @@ class Scheduler:
     def _start(self, ks: KeyState, now: float, effects: list[Effect]) -> None:
         inv = ks.pending
         assert inv is not None and ks.running is None
-        ks.pending = None
+        self._set_pending(ks, None)
         run = Run(
             id=next(self._run_ids),
             key=ks.key,
