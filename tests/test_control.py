@@ -182,3 +182,35 @@ def test_socket_activation_serves_a_socket_passed_by_systemd(world):
         assert os.path.exists(world.socket)  # the socket belongs to systemd: left in place
     finally:
         listener.close()
+
+
+def test_stop_ends_the_daemon_and_is_idempotent(world):
+    """stop waits for the daemon to exit and removes its socket; a second stop says so."""
+    assert world.run("status").returncode == 0
+    pid = world.daemon_pid()
+    assert pid
+    r = world.run("stop")
+    assert r.returncode == 0 and r.stderr == ""
+    assert world.daemon_pid() is None and not os.path.exists(world.socket)
+    assert not _alive(pid)
+    again = world.run("stop")
+    assert again.returncode == 0
+    assert again.stderr.strip() == f"debounce: no daemon is running on {world.socket}"
+
+
+def _alive(pid: int) -> bool:
+    """Running, as opposed to gone or a zombie waiting for whoever adopted it to reap it."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_idle_daemon_exits_on_its_own(world):
+    """An auto-started daemon leaves after --idle-exit with nothing to do."""
+    daemon = world.popen("daemon", "--idle-exit", "500ms")
+    wait_until(lambda: os.path.exists(world.socket))
+    assert world.run("run", "--delay", "10ms", "--", "true").returncode == 0
+    assert daemon.wait(timeout=10) == 0
+    assert not os.path.exists(world.socket)

@@ -137,3 +137,36 @@ def test_option_objects_are_checked():
         protocol.check_options({"delay": "1s"})
     with pytest.raises(protocol.ProtocolError, match="between 0 and"):
         protocol.check_options({"delay": -1})
+
+
+_STDIN_VALUES = st.one_of(
+    st.none(), st.booleans(), st.integers(-5, 5), st.floats(allow_nan=True),
+    st.text(max_size=6), st.lists(st.text(max_size=4), max_size=3),
+    st.dictionaries(st.text(max_size=4), st.text(max_size=4), max_size=2),
+    st.sampled_from(["250ms", "1x", "queue", "restart", "{1}", "{0.__class__}", "/tmp"]),
+)
+
+
+@settings(max_examples=2000, deadline=None)
+@given(st.one_of(
+    st.binary(max_size=80),
+    st.text(max_size=80).map(str.encode),
+    st.dictionaries(
+        st.sampled_from(["argv", "key", "delay", "cwd", "env", "max_wait", "leading",
+                         "trailing", "on_busy", "stop_timeout", "timeout", "defer",
+                         "no_defer", "bogus"]),
+        _STDIN_VALUES,
+    ).map(lambda obj: json.dumps(obj).encode()),
+))
+def test_stdin_line_parser_never_raises_anything_else(raw):
+    """Any stdin line is an invocation, a blank, or a ValueError with a one-line reason."""
+    from debounce_cli.daemon import parse_stdin_line
+
+    try:
+        parsed = parse_stdin_line(raw, {"delay": 1.0})
+    except ValueError as exc:
+        assert "\n" not in str(exc) and str(exc)
+        return
+    if parsed is not None:
+        key, options, job = parsed
+        assert isinstance(key, str) and job.argv and options.problems() == []
