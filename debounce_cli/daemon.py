@@ -28,6 +28,7 @@ import struct
 import sys
 import threading
 import time
+from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,7 +38,7 @@ from debounce_cli.durations import DurationError, parse_duration
 from debounce_cli.journal import LOST, Journal, JournalError
 from debounce_cli.logfile import LogWriter, read_log
 from debounce_cli.protocol import ProtocolError
-from debounce_cli.runner import RunProcess, kill_leftovers
+from debounce_cli.runner import RunProcess, _pdeathsig_prefix, kill_leftovers
 from debounce_cli.scheduler import (
     Cancelled,
     Invocation,
@@ -55,6 +56,8 @@ from debounce_cli.scheduler import (
 READ_TIMEOUT = 10.0
 #: At most this many connections at once; more are refused with a clear error.
 MAX_CONNECTIONS = 1024
+#: Processes started per turn of the event loop, at most (see Daemon._spawn_some).
+SPAWNS_PER_TURN = 8
 #: Finished runs kept in memory for `debounce wait` and `status` ("last result").
 RECENT_RUNS = 1000
 
@@ -409,6 +412,7 @@ class Daemon:
         self.shared = Shared()
         self.retention_due = False
         self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]  # set by serve
+        self.to_spawn: deque[tuple[Run, RunProcess]] = deque()
 
     # -------------------------------------------------------------- start-up
     def acquire(self) -> None:
@@ -798,9 +802,25 @@ class Daemon:
         started = self._started_msg(run)
         for waiter in _unique(run.waiters):
             waiter.send(started)
-        task = asyncio.ensure_future(self._execute(run, proc))
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
+        self.to_spawn.append((run, proc))
+        if len(self.to_spawn) == 1:
+            self.loop.call_soon(self._spawn_some)
+
+    def _spawn_some(self) -> None:
+        """Start a few runs per turn of the loop, so clients are answered between the forks.
+
+        When thousands of invocations fall due together, starting them all in one turn would
+        leave every connection unanswered until the last fork.
+        """
+        for _ in range(SPAWNS_PER_TURN):
+            if not self.to_spawn:
+                return
+            run, proc = self.to_spawn.popleft()
+            task = asyncio.ensure_future(self._execute(run, proc))
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+        if self.to_spawn:
+            self.loop.call_soon(self._spawn_some)
 
     def _open_log(self, run: Run) -> LogWriter | None:
         if not self.log_dir:
@@ -1176,4 +1196,13 @@ def run_daemon(config: Config) -> int:
         config.journal = False
         print(f"debounce: {exc}; reading stdin without a socket or journal", file=sys.stderr)
     daemon.restore()
+    _pdeathsig_prefix()  # probe setpriv now, not in the middle of the first run's start
+    if sys.version_info < (3, 12) and hasattr(os, "pidfd_open"):
+        # 3.11 watches each child with a thread of its own; a pidfd is one file descriptor in
+        # the loop instead (3.12 does this by itself).
+        try:
+            os.close(os.pidfd_open(os.getpid()))
+            asyncio.set_child_watcher(asyncio.PidfdChildWatcher())
+        except OSError:
+            pass
     return asyncio.run(daemon.serve())
