@@ -528,7 +528,7 @@ class Daemon:
         conn.owed = True
         if req.wait:
             conn.wait_for_runs(acked=False)
-        job = Job(req.argv, sys.intern(req.cwd), self.shared.env(req.env))
+        job = Job(self.shared.argv(req.argv), sys.intern(req.cwd), self.shared.env(req.env))
         self.submit(req.key, options, job, conn if req.wait else None, conn=conn)
 
     def _refusal(self) -> str | None:
@@ -1016,7 +1016,7 @@ class Daemon:
 
 
 class Shared:
-    """One copy of each distinct environment and option set among pending invocations.
+    """One copy of each distinct environment, command line and option set.
 
     Invocations from one shell session carry the same environment (a few kilobytes) and the
     same options; sharing them keeps a pending invocation to a few hundred bytes. The tables
@@ -1028,6 +1028,7 @@ class Shared:
     def __init__(self) -> None:
         self.envs: dict[frozenset[tuple[str, str]], dict[str, str]] = {}
         self.option_sets: dict[tuple[tuple[str, Any], ...], Options] = {}
+        self.argvs: dict[tuple[str, ...], list[str]] = {}
 
     def env(self, env: dict[str, str]) -> dict[str, str]:
         key = frozenset(env.items())
@@ -1036,6 +1037,16 @@ class Shared:
             if len(self.envs) >= self.LIMIT:
                 self.envs.clear()
             found = self.envs[key] = env
+        return found
+
+    def argv(self, argv: list[str]) -> list[str]:
+        """The same command line from many keys (a template key) is kept once."""
+        key = tuple(argv)
+        found = self.argvs.get(key)
+        if found is None:
+            if len(self.argvs) >= self.LIMIT:
+                self.argvs.clear()
+            found = self.argvs[key] = argv
         return found
 
     def options(self, raw: dict[str, Any]) -> Options:

@@ -19,6 +19,7 @@ each other's work.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -27,7 +28,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from debounce_cli.scheduler import FINISHED, RUNNING, Invocation, Run, Scheduler
+from debounce_cli.scheduler import FINISHED, RUNNING, Invocation, Options, Run, Scheduler
 
 SCHEMA_VERSION = 1
 
@@ -112,6 +113,7 @@ class Journal:
         self.dirty_keys: set[str] = set()
         self.dirty_runs: dict[int, Run] = {}
         self.env_ids: dict[str, int] = {}
+        self.env_objects: dict[int, tuple[dict[str, str], int]] = {}
         self.broken: str | None = None  # why the last commit failed, until one succeeds
 
     # ------------------------------------------------------------------ opening
@@ -173,14 +175,23 @@ class Journal:
         assert db is not None
         try:
             db.execute("BEGIN IMMEDIATE")
+            gone, rows = [], []
             for key in self.dirty_keys:
                 ks = scheduler.keys.get(key)
                 inv = ks.pending if ks is not None else None
                 if inv is None:
-                    db.execute("DELETE FROM pending WHERE socket = ? AND key = ?",
-                               (self.socket, key))
+                    gone.append((self.socket, key))
                 else:
-                    self._write_pending(db, inv, wall_offset)
+                    rows.append(self._pending_row(db, inv, wall_offset))
+            if gone:
+                db.executemany("DELETE FROM pending WHERE socket = ? AND key = ?", gone)
+            if rows:
+                db.executemany(
+                    "INSERT OR REPLACE INTO pending (socket, key, id, argv, cwd, env_id, "
+                    "options, received_at, due_at, first_at, coalesced, leading_edge, state) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    rows,
+                )
             for run in self.dirty_runs.values():
                 self._write_run(db, run)
             db.execute("COMMIT")
@@ -190,6 +201,7 @@ class Journal:
             except sqlite3.Error:
                 pass
             self.env_ids.clear()  # ids handed out in the failed transaction are void
+            self.env_objects.clear()
             self.broken = _describe(exc, self.state_dir)
             raise JournalError(self.broken) from None
         self.broken = None
@@ -216,6 +228,11 @@ class Journal:
         return True
 
     def _env_id(self, db: sqlite3.Connection, env: dict[str, str]) -> int:
+        # The daemon hands identical environments over as one shared dict, so most look-ups
+        # end here, by identity, without serialising the environment again.
+        known = self.env_objects.get(id(env))
+        if known is not None and known[0] is env:
+            return known[1]
         text = json.dumps(env, sort_keys=True, separators=(",", ":"))
         digest = hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
         env_id = self.env_ids.get(digest)
@@ -223,26 +240,18 @@ class Journal:
             db.execute("INSERT OR IGNORE INTO envs (digest, env) VALUES (?, ?)", (digest, text))
             env_id = db.execute("SELECT id FROM envs WHERE digest = ?", (digest,)).fetchone()[0]
             self.env_ids[digest] = env_id
+        if len(self.env_objects) >= 4096:
+            self.env_objects.clear()
+        self.env_objects[id(env)] = (env, env_id)  # holding env keeps its id from being reused
         return env_id
 
-    def _write_pending(self, db: sqlite3.Connection, inv: Invocation, offset: float) -> None:
+    def _pending_row(self, db: sqlite3.Connection, inv: Invocation, offset: float) -> tuple:
         job = inv.payload
-        opts = inv.options
-        options = {
-            "delay": opts.delay, "max_wait": opts.max_wait, "leading": opts.leading,
-            "trailing": opts.trailing, "on_busy": opts.on_busy,
-            "stop_timeout": opts.stop_timeout, "timeout": opts.timeout, "defer": opts.defer,
-        }
-        db.execute(
-            "INSERT OR REPLACE INTO pending (socket, key, id, argv, cwd, env_id, options, "
-            "received_at, due_at, first_at, coalesced, leading_edge, state) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (
-                self.socket, inv.key, inv.id, json.dumps(job.argv), job.cwd,
-                self._env_id(db, job.env), json.dumps(options), inv.received_at + offset,
-                inv.due + offset, inv.first_at + offset, inv.coalesced, int(inv.leading_edge),
-                inv.state,
-            ),
+        return (
+            self.socket, inv.key, inv.id, json.dumps(job.argv), job.cwd,
+            self._env_id(db, job.env), _options_json(inv.options), inv.received_at + offset,
+            inv.due + offset, inv.first_at + offset, inv.coalesced, int(inv.leading_edge),
+            inv.state,
         )
 
     def _write_run(self, db: sqlite3.Connection, run: Run) -> None:
@@ -316,6 +325,7 @@ class Journal:
         assert db is not None
         db.execute("DELETE FROM envs WHERE id NOT IN (SELECT env_id FROM pending)")
         self.env_ids.clear()
+        self.env_objects.clear()
 
     # ------------------------------------------------------------------ reading
     def history(self, key: str | None = None, limit: int = 20) -> list[dict[str, Any]]:
@@ -372,6 +382,16 @@ class Journal:
             "UPDATE runs SET log_path = NULL WHERE socket = ? AND run_id = ?",
             [(self.socket, run_id) for run_id in run_ids],
         )
+
+
+@functools.lru_cache(maxsize=4096)
+def _options_json(opts: Options) -> str:
+    """Options are shared and immutable: each distinct set is serialised once."""
+    return json.dumps({
+        "delay": opts.delay, "max_wait": opts.max_wait, "leading": opts.leading,
+        "trailing": opts.trailing, "on_busy": opts.on_busy, "stop_timeout": opts.stop_timeout,
+        "timeout": opts.timeout, "defer": opts.defer,
+    })
 
 
 def _run_row(r: tuple[Any, ...]) -> dict[str, Any]:

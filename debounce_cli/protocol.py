@@ -44,16 +44,17 @@ class Message:
     schema: ClassVar[dict[str, str]] = {}
 
     def __init__(self, **values: Any) -> None:
-        for name in self.schema:
+        cls = type(self)
+        unknown = values.keys() - cls.schema.keys()
+        if unknown:
+            raise TypeError(f"{cls.__name__} has no field {sorted(unknown)[0]!r}")
+        fields = self.__dict__  # written directly: __setattr__ refuses, that is the point
+        for name in cls.schema:
             if name in values:
-                value = values.pop(name)
+                fields[name] = values[name]
             else:
-                value = getattr(type(self), name)
-                if isinstance(value, (list, dict)):
-                    value = value.copy()
-            object.__setattr__(self, name, value)
-        if values:
-            raise TypeError(f"{type(self).__name__} has no field {sorted(values)[0]!r}")
+                value = getattr(cls, name)
+                fields[name] = value.copy() if isinstance(value, (list, dict)) else value
 
     def __setattr__(self, name: str, value: Any) -> None:
         raise AttributeError(f"{type(self).__name__} is immutable")
@@ -332,9 +333,13 @@ REPLIES: dict[str, type[Message]] = {
 }
 
 
+#: One encoder for every message: json.dumps() with arguments builds a new one per call.
+_ENCODER = json.JSONEncoder(separators=(",", ":"))
+
+
 def encode(msg: Message) -> bytes:
     """One line of JSON, newline included."""
-    return json.dumps(msg.to_dict(), separators=(",", ":")).encode() + b"\n"
+    return (_ENCODER.encode(msg.to_dict()) + "\n").encode()
 
 
 def decode(line: bytes, kinds: dict[str, type[Message]]) -> Message:
@@ -357,12 +362,13 @@ def decode(line: bytes, kinds: dict[str, type[Message]]) -> Message:
         raise ProtocolError(f"unknown message type {kind!r}; expected one of {names}")
     cls = kinds[kind]
     schema = cls.schema
-    unknown = sorted(set(obj) - set(schema))
+    unknown = obj.keys() - schema.keys()
     if unknown:
-        raise ProtocolError(f"{kind}: unknown field {unknown[0]!r}")
+        raise ProtocolError(f"{kind}: unknown field {sorted(unknown)[0]!r}")
     for name, value in obj.items():
-        if not _valid(schema[name], value):
-            raise ProtocolError(f"{kind}: field {name!r} must be {_DESCRIBE[schema[name]]}")
+        tag = schema[name]
+        if not _CHECKS[tag](value):
+            raise ProtocolError(f"{kind}: field {name!r} must be {_DESCRIBE[tag]}")
     return cls(**obj)
 
 
@@ -382,28 +388,37 @@ _DESCRIBE = {
 }
 
 
+def _is_int(value: Any) -> bool:  # the journal stores integers in 64 bits
+    return type(value) is int and -(2**63) <= value < 2**63
+
+
+def _is_num(value: Any) -> bool:
+    return type(value) is float or _is_int(value)
+
+
+def _maybe(check: Any) -> Any:
+    return lambda value: value is None or check(value)
+
+
+#: One check per type tag. map() keeps the per-item checks in C: an environment has many items.
+_CHECKS: dict[str, Any] = {
+    _STR: lambda value: type(value) is str,
+    _INT: _is_int,
+    _NUM: _is_num,
+    _BOOL: lambda value: type(value) is bool,
+    _STRS: lambda value: type(value) is list and all(map(isinstance, value, repeat(str))),
+    _ENV: lambda value: (
+        type(value) is dict and all(map(isinstance, value.values(), repeat(str)))
+    ),
+    _ANY: lambda value: True,
+    _OBJ: lambda value: type(value) is dict,
+    _OBJS: lambda value: type(value) is list and all(map(isinstance, value, repeat(dict))),
+}
+_CHECKS.update({tag + "?": _maybe(_CHECKS[tag]) for tag in (_STR, _INT, _NUM)})
+
+
 def _valid(tag: str, value: Any) -> bool:
-    if tag.endswith("?"):
-        if value is None:
-            return True
-        tag = tag[:-1]
-    if tag == _STR:
-        return isinstance(value, str)
-    if tag == _INT:  # the journal stores integers in 64 bits
-        return isinstance(value, int) and not isinstance(value, bool) and -2**63 <= value < 2**63
-    if tag == _NUM:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if tag == _BOOL:
-        return isinstance(value, bool)
-    if tag == _STRS:  # map() keeps the per-item check in C: an environment has many items
-        return isinstance(value, list) and all(map(isinstance, value, repeat(str)))
-    if tag == _ENV:
-        return isinstance(value, dict) and all(map(isinstance, value.values(), repeat(str)))
-    if tag == _OBJ:
-        return isinstance(value, dict)
-    if tag == _OBJS:
-        return isinstance(value, list) and all(isinstance(v, dict) for v in value)
-    return True
+    return _CHECKS[tag](value)
 
 
 # ------------------------------------------------------------- scheduling options
