@@ -1,14 +1,15 @@
 """The synchronous client: connect (starting a daemon when none answers), send, stream back.
 
 This is the hot path of ``debounce run``: it imports only the standard library's light
-modules, never asyncio, sqlite3, rich or watchfiles.
+modules, never asyncio, sqlite3, rich or watchfiles (nor ``socket``, whose enum set-up alone
+costs more than this whole module; the ``_socket`` C module underneath does the same work).
 """
 
 from __future__ import annotations
 
+import _socket  # the C module: socket.py's enum conversions cost ~4 ms at start-up
 import binascii
 import os
-import socket
 import sys
 import time
 from collections.abc import Callable
@@ -35,7 +36,7 @@ class DaemonLost(Exception):
 class Connection:
     """One protocol conversation over a Unix socket."""
 
-    def __init__(self, sock: socket.socket):
+    def __init__(self, sock: _socket.socket):
         self.sock = sock
         self.buffer = b""
 
@@ -57,7 +58,7 @@ class Connection:
             self.sock.settimeout(timeout)
             try:
                 chunk = self.sock.recv(262144)
-            except socket.timeout:
+            except TimeoutError:
                 raise TimeoutError from None
             except ConnectionError:
                 chunk = b""
@@ -96,7 +97,7 @@ def connect(sock_path: str, request: Message, autostart: bool = True) -> Connect
 
 
 def _connect(sock_path: str) -> Connection:
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
     try:
         sock.connect(sock_path)
     except BaseException:
