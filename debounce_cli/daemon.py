@@ -751,9 +751,10 @@ class Daemon:
                 for fd, data, line in lines:
                     waiter.output(fd, data, line)
         elif isinstance(effect, Updated):
-            msg = self._pending_msg(effect.invocation)
-            for waiter in _unique(effect.invocation.waiters):
-                waiter.send(msg)
+            if effect.invocation.waiters:  # --no-wait submissions have nobody to tell
+                msg = self._pending_msg(effect.invocation)
+                for waiter in _unique(effect.invocation.waiters):
+                    waiter.send(msg)
         elif isinstance(effect, Cancelled):
             cancelled = protocol.Cancelled(key=effect.invocation.key)
             for waiter in _unique(effect.waiters):
