@@ -256,22 +256,18 @@ def _converse(
                     }))
                 return ExitStatus.SUCCESS
             _refused(reply, key)
-        display: client.Display
-        out = None
-        if not quiet:
-            out = client.write_output
-            if as_json:
-                def out(fd: int, data: bytes) -> None:  # keep stdout for the JSON object
-                    if fd == 2:
-                        client.write_output(fd, data)
-        if not quiet and not as_json and sys.stderr.isatty():
+        display: client.Display = client.Display()
+        out: Any = None if quiet else client.write_output
+        if quiet:
+            pass
+        elif as_json:
+            out = _stderr_only  # stdout is for the JSON object
+        elif sys.stderr.isatty():
             from debounce_cli.render import TerminalDisplay
 
             terminal = TerminalDisplay()
             display = terminal
             out = functools.partial(terminal.output, write=client.write_output)
-        else:
-            display = client.Display()
         try:
             result = client.wait_for_run(conn, display, out, wait_timeout)
         except TimeoutError:
@@ -308,6 +304,13 @@ def _converse(
         raise Failure("the daemon did not answer within 30s", ExitStatus.DAEMON_UNREACHABLE)
     finally:
         conn.close()
+
+
+def _stderr_only(fd: int, data: bytes) -> None:
+    from debounce_cli import client
+
+    if fd == 2:
+        client.write_output(fd, data)
 
 
 def _client_status(exc: Any) -> int:

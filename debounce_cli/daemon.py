@@ -24,6 +24,7 @@ import os
 import shlex
 import signal
 import socket
+import sqlite3
 import struct
 import sys
 import threading
@@ -457,8 +458,14 @@ class Daemon:
         if restored.lost:
             for run in restored.lost:
                 kill_leftovers(run["pid"], run["run_id"], run["key"])
-            journal.mark_lost([run["run_id"] for run in restored.lost])
-        journal.prune_envs()
+        try:
+            if restored.lost:
+                journal.mark_lost([run["run_id"] for run in restored.lost])
+            journal.prune_envs()
+        except (JournalError, sqlite3.Error) as exc:
+            # Serve what was restored anyway; new submissions are refused while this lasts.
+            journal.broken = journal.broken or str(exc)
+            print(f"debounce: {journal.broken}", file=sys.stderr)
         self.scheduler = Scheduler(
             time.monotonic, wall=time.time, jobs=self.config.jobs, observer=journal.observe,
             first_id=restored.next_id, first_run_id=restored.next_run_id,

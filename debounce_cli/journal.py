@@ -19,12 +19,14 @@ each other's work.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
 import os
 import sqlite3
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -171,10 +173,7 @@ class Journal:
         """
         if not self.dirty:
             return
-        db = self.db
-        assert db is not None
-        try:
-            db.execute("BEGIN IMMEDIATE")
+        with self._transaction() as db:
             gone, rows = [], []
             for key in self.dirty_keys:
                 ks = scheduler.keys.get(key)
@@ -194,6 +193,27 @@ class Journal:
                 )
             for run in self.dirty_runs.values():
                 self._write_run(db, run)
+        self.dirty_keys.clear()
+        self.dirty_runs.clear()
+
+    def probe(self) -> bool:
+        """After a failure: can the journal be written again? Clears ``broken`` when it can."""
+        try:
+            with self._transaction() as db:
+                db.execute("INSERT OR REPLACE INTO meta (name, value) VALUES ('probe', ?)",
+                           (str(time.time()),))
+        except JournalError:
+            return False
+        return True
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction; a failure rolls it back, sets ``broken`` and raises."""
+        db = self.db
+        assert db is not None
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            yield db
             db.execute("COMMIT")
         except sqlite3.Error as exc:
             try:
@@ -205,27 +225,6 @@ class Journal:
             self.broken = _describe(exc, self.state_dir)
             raise JournalError(self.broken) from None
         self.broken = None
-        self.dirty_keys.clear()
-        self.dirty_runs.clear()
-
-    def probe(self) -> bool:
-        """After a failure: can the journal be written again? Clears ``broken`` when it can."""
-        db = self.db
-        assert db is not None
-        try:
-            db.execute("BEGIN IMMEDIATE")
-            db.execute("INSERT OR REPLACE INTO meta (name, value) VALUES ('probe', ?)",
-                       (str(time.time()),))
-            db.execute("COMMIT")
-        except sqlite3.Error as exc:
-            try:
-                db.execute("ROLLBACK")
-            except sqlite3.Error:
-                pass
-            self.broken = _describe(exc, self.state_dir)
-            return False
-        self.broken = None
-        return True
 
     def _env_id(self, db: sqlite3.Connection, env: dict[str, str]) -> int:
         # The daemon hands identical environments over as one shared dict, so most look-ups
@@ -309,15 +308,12 @@ class Journal:
 
     def mark_lost(self, run_ids: list[int]) -> None:
         """Record runs that were executing when the previous daemon died."""
-        db = self.db
-        assert db is not None
         now = time.time()
-        db.execute("BEGIN IMMEDIATE")
-        db.executemany(
-            "UPDATE runs SET finished_at = ?, outcome = ? WHERE socket = ? AND run_id = ?",
-            [(now, LOST, self.socket, run_id) for run_id in run_ids],
-        )
-        db.execute("COMMIT")
+        with self._transaction() as db:
+            db.executemany(
+                "UPDATE runs SET finished_at = ?, outcome = ? WHERE socket = ? AND run_id = ?",
+                [(now, LOST, self.socket, run_id) for run_id in run_ids],
+            )
 
     def prune_envs(self) -> None:
         """Drop environment snapshots no pending invocation refers to any more."""

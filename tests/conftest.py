@@ -31,6 +31,28 @@ def wait_until(predicate: Callable[[], object], timeout: float = 10.0, interval:
         time.sleep(interval)
 
 
+def lines(path: Path) -> list[str]:
+    """The non-empty lines of ``path``; [] while it does not exist."""
+    try:
+        return [line for line in path.read_text().splitlines() if line.strip()]
+    except FileNotFoundError:
+        return []
+
+
+def status(world: World, env: dict[str, str] | None = None) -> dict:
+    """``debounce status --json`` of the world's daemon (started if need be), parsed."""
+    import json
+
+    proc = world.run("status", "--json", timeout=30, **({"env": env} if env else {}))
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+def status_pid(world: World) -> int:
+    """The pid of the daemon that answers: the same number means it never crashed."""
+    return status(world)["pid"]
+
+
 class World:
     """One isolated debounce installation: socket, state dir, environment, CLI helpers."""
 

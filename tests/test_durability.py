@@ -22,19 +22,12 @@ from pathlib import Path
 
 import pytest
 
-from conftest import wait_until
+from conftest import lines, status, wait_until
 
 # ----------------------------------------------------------------------------- helpers
 
 #: A command that appends "<key> <wall-clock time>" to a file: what ran, and when.
 STAMP = 'echo "$DEBOUNCE_KEY $(date +%s.%N)" >> "$0"'
-
-
-def lines(path: Path) -> list[str]:
-    try:
-        return [line for line in path.read_text().splitlines() if line.strip()]
-    except FileNotFoundError:
-        return []
 
 
 def stamps(path: Path) -> list[tuple[str, float]]:
@@ -44,12 +37,6 @@ def stamps(path: Path) -> list[tuple[str, float]]:
         key, when = line.split()
         out.append((key, float(when)))
     return out
-
-
-def status(world, env=None) -> dict:
-    proc = world.run("status", "--json", timeout=20, **({"env": env} if env else {}))
-    assert proc.returncode == 0, proc.stderr
-    return json.loads(proc.stdout)
 
 
 def history(world, *args: str, env=None) -> list[dict]:

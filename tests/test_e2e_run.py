@@ -17,23 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import wait_until
+from conftest import lines, status, wait_until
 
 # ----------------------------------------------------------------------------- helpers
-
-
-def lines(path: Path) -> list[str]:
-    """The non-empty lines of ``path``; [] while it does not exist."""
-    try:
-        return [line for line in path.read_text().splitlines() if line.strip()]
-    except FileNotFoundError:
-        return []
-
-
-def status(world) -> dict:
-    proc = world.run("status", "--json", timeout=15)
-    assert proc.returncode == 0, proc.stderr
-    return json.loads(proc.stdout)
 
 
 def pending_coalesced(world, key: str) -> int:

@@ -19,24 +19,11 @@ from pathlib import Path
 
 import pytest
 
-from conftest import wait_until
+from conftest import lines, status, wait_until
 
 HELLO = b'{"type":"hello","version":1,"client":"load-test"}\n'
 #: Appends the run's key to the file given as $0.
 APPEND_KEY = 'echo "$DEBOUNCE_KEY" >> "$0"'
-
-
-def lines(path: Path) -> list[str]:
-    try:
-        return [line for line in path.read_text().splitlines() if line.strip()]
-    except FileNotFoundError:
-        return []
-
-
-def status(world) -> dict:
-    proc = world.run("status", "--json", timeout=30)
-    assert proc.returncode == 0, proc.stderr
-    return json.loads(proc.stdout)
 
 
 def submit_raw(world, key: str, log: Path, delay: float, patience: float = 30) -> list[dict]:

@@ -19,6 +19,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from conftest import status_pid
+
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -81,12 +83,6 @@ def assert_refused(replies: list[dict], after_hello: bool) -> None:
     if replies:
         assert [r["type"] for r in replies] == ["error"], replies
         assert isinstance(replies[0].get("message"), str) and replies[0]["message"].strip()
-
-
-def status_pid(world) -> int:
-    proc = world.run("status", "--json", timeout=20)
-    assert proc.returncode == 0, proc.stderr
-    return json.loads(proc.stdout)["pid"]
 
 
 def still_serving(world, pid: int) -> None:

@@ -14,7 +14,7 @@ import sys
 
 import pytest
 
-from conftest import wait_until
+from conftest import status_pid, wait_until
 
 NOBODY = 65534
 
@@ -57,12 +57,6 @@ else:
     report["reply"] = data.decode(errors="replace")
 print(json.dumps(report))
 """
-
-
-def status_pid(world) -> int:
-    proc = world.run("status", "--json", timeout=20)
-    assert proc.returncode == 0, proc.stderr
-    return json.loads(proc.stdout)["pid"]
 
 
 # ----------------------------------------------------------------------------- peer uid
