@@ -182,7 +182,8 @@ def cli() -> None:
 
 
 # ------------------------------------------------------------------------------ run
-@cli.command(context_settings={"allow_interspersed_args": False})
+@cli.command(context_settings={"allow_interspersed_args": False},
+             short_help="Run COMMAND once the calls to it go quiet, and wait for it.")
 @_invocation_options
 @click.option("--no-wait", is_flag=True, help="Return once the daemon has accepted it (exit 0).")
 @click.option("-q", "--quiet", is_flag=True, help="Do not copy the run's output.")
@@ -340,7 +341,7 @@ def _quote(text: str) -> str:
 
 
 # ------------------------------------------------------------------------------ daemon
-@cli.command()
+@cli.command(short_help="Serve the socket in the foreground.")
 @_socket_option
 @click.option("--stdin", "read_stdin", is_flag=True,
               help="Also read invocations from standard input, one per line (a shell-quoted "
@@ -419,7 +420,7 @@ class _SplitAtDashes(click.Command):
         return super().parse_args(ctx, args)
 
 
-@cli.command(cls=_SplitAtDashes)
+@cli.command(cls=_SplitAtDashes, short_help="Run COMMAND after each burst of file changes under PATH.")
 @click.argument("paths", nargs=-1, metavar="PATH... -- COMMAND [ARG]...",
                 type=click.Path(exists=True))
 @click.option("--filter", "filters", multiple=True, metavar="GLOB",
@@ -480,7 +481,7 @@ def _listen_fd() -> int | None:
 
 
 # ------------------------------------------------------------------------------ control
-@cli.command()
+@cli.command(short_help="Stop the daemon and wait until it has exited.")
 @_socket_option
 def stop(socket_path: str | None) -> int:
     """Stop the daemon as SIGTERM would, and wait until it has exited."""
@@ -548,7 +549,7 @@ def flush(key: str, socket_path: str | None) -> int:
     return ExitStatus.SUCCESS
 
 
-@cli.command()
+@cli.command(short_help="Drop what is pending for KEY.")
 @click.argument("key", shell_complete=_complete_keys)
 @_socket_option
 def cancel(key: str, socket_path: str | None) -> int:
@@ -559,7 +560,7 @@ def cancel(key: str, socket_path: str | None) -> int:
     return ExitStatus.SUCCESS
 
 
-@cli.command()
+@cli.command(short_help="Wait for what is pending or running for KEY or RUN_ID.")
 @click.argument("target", metavar="KEY|RUN_ID", shell_complete=_complete_keys)
 @click.option("-q", "--quiet", is_flag=True, help="Do not copy the run's output.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
@@ -599,7 +600,7 @@ def history(key: str | None, limit: int, as_json: bool, socket_path: str | None)
     return ExitStatus.SUCCESS
 
 
-@cli.command()
+@cli.command(short_help="Print the output of a run, or of the latest run of KEY.")
 @click.argument("target", metavar="RUN_ID|KEY", shell_complete=_complete_keys)
 @_socket_option
 def logs(target: str, socket_path: str | None) -> int:
