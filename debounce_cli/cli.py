@@ -72,7 +72,9 @@ def _invocation_options(func: Any) -> Any:
             "a plain string is a fixed key. Default: the whole invocation (cwd and argv).",
         ),
         click.option(
-            "--no-defer", is_flag=True, help="Keep the delay but never coalesce invocations."
+            "--no-defer", is_flag=True,
+            help="Keep the delay but never coalesce: each invocation gets a key of its own "
+            "(KEY#ID).",
         ),
         click.option(
             "--max-wait",
@@ -204,7 +206,10 @@ def run(
 ) -> int:
     """Submit COMMAND, wait for the run it coalesces into, and exit with its status.
 
-    Options stop at COMMAND, so `debounce run make -j4` passes -j4 to make.
+    Options stop at COMMAND, so `debounce run make -j4` passes -j4 to make. The run's output
+    streams to this command's stdout and stderr. debounce's own failures exit 2 (usage), 112
+    (no daemon), 113 (daemon lost; `debounce wait KEY` reattaches), 114 (cancelled) or 116
+    (refused).
     """
     from debounce_cli import protocol
     from debounce_cli.keys import KeyTemplateError, compute_key
