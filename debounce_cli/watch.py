@@ -129,6 +129,11 @@ def run_watch(
     quiet: bool,
 ) -> int:
     """Watch ``paths`` until Ctrl-C, submitting ``argv`` for every batch of changes."""
+    import logging
+
+    # watchfiles says "KeyboardInterrupt caught, stopping watch" through logging; Ctrl-C is
+    # the normal way to stop here, not something to warn about.
+    logging.getLogger("watchfiles").setLevel(logging.ERROR)
     watcher = Watcher(sock, argv, key, options, quiet)
     watch_filter = GlobFilter(filters, ignores)
     print(f"debounce: watching {', '.join(paths)} (Ctrl-C to stop)", file=sys.stderr,
