@@ -362,6 +362,8 @@ def _quote(text: str) -> str:
               metavar="N", help="Keep the output logs of the last N runs of each key.")
 @click.option("--keep-logs-total", type=click.IntRange(min=0), default=1000, show_default=True,
               metavar="N", help="Keep at most N output logs in all.")
+@click.option("--keep-history", type=click.IntRange(min=1), default=10000, show_default=True,
+              metavar="N", help="Keep the last N finished runs in the history.")
 @_invocation_options
 @click.option("--ready-fd", type=int, hidden=True)
 def daemon(
@@ -372,6 +374,7 @@ def daemon(
     journal: bool,
     keep_logs: int,
     keep_logs_total: int,
+    keep_history: int,
     key_template: str | None,
     ready_fd: int | None,
     **scheduling: Any,
@@ -403,6 +406,7 @@ def daemon(
         journal=journal,
         keep_logs=keep_logs,
         keep_logs_total=keep_logs_total,
+        keep_history=keep_history,
         listen_fd=_listen_fd(),
     )
     try:

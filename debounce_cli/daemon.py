@@ -94,6 +94,7 @@ class Config:
     journal: bool = True
     keep_logs: int = 10  # per key
     keep_logs_total: int = 1000
+    keep_history: int = 10000
     listen_fd: int | None = None  # a listening socket handed over (systemd socket activation)
 
 
@@ -712,7 +713,7 @@ class Daemon:
             self._answer(ack, failure)
         if failure is None and self.retention_due:
             self.retention_due = False
-            self._retain_logs()
+            self._retain()
         while self.outbox:
             effects, self.outbox = self.outbox, []
             for effect in effects:
@@ -873,26 +874,23 @@ class Daemon:
         self.retention_due = True  # after the commit that records this run
         self._apply(self.scheduler.run_exited(run.id, code))
 
-    def _retain_logs(self) -> None:
-        """Delete logs beyond the per-key and total limits (history rows stay)."""
+    def _retain(self) -> None:
+        """Keep history and logs within their limits (--keep-history, --keep-logs...)."""
         journal = self.journal
         if journal is None or journal.broken:
             return
         try:
             old = journal.old_logs(self.config.keep_logs, self.config.keep_logs_total)
-        except Exception:  # noqa: BLE001 - retention must never take the daemon down
-            return
-        if not old:
-            return
-        for _run_id, path in old:
+            if old:
+                journal.forget_logs([run_id for run_id, _ in old])
+            paths = [path for _, path in old] + journal.prune_history(self.config.keep_history)
+        except sqlite3.Error:
+            return  # retention must never take the daemon down; the next run tries again
+        for path in paths:
             try:
                 os.unlink(path)
             except OSError:
                 pass
-        try:
-            journal.forget_logs([run_id for run_id, _ in old])
-        except Exception:  # noqa: BLE001
-            pass
 
     # -------------------------------------------------------------- messages
     @staticmethod

@@ -371,6 +371,25 @@ class Journal:
         ).fetchall()
         return [(r[0], r[1]) for r in rows]
 
+    def prune_history(self, keep: int) -> list[str]:
+        """Drop finished runs beyond the newest ``keep``; return the logs they still had."""
+        db = self.db
+        assert db is not None
+        cutoff = db.execute(
+            "SELECT run_id FROM runs WHERE socket = ? AND finished_at IS NOT NULL "
+            "ORDER BY run_id DESC LIMIT 1 OFFSET ?",
+            (self.socket, keep),
+        ).fetchone()
+        if cutoff is None:
+            return []
+        where = "socket = ? AND finished_at IS NOT NULL AND run_id <= ?"
+        logs = [r[0] for r in db.execute(
+            f"SELECT log_path FROM runs WHERE {where} AND log_path IS NOT NULL",
+            (self.socket, cutoff[0]),
+        )]
+        db.execute(f"DELETE FROM runs WHERE {where}", (self.socket, cutoff[0]))
+        return logs
+
     def forget_logs(self, run_ids: list[int]) -> None:
         db = self.db
         assert db is not None

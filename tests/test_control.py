@@ -215,3 +215,19 @@ def test_idle_daemon_exits_on_its_own(world):
     assert world.run("run", "--delay", "10ms", "--", "true").returncode == 0
     assert daemon.wait(timeout=10) == 0
     assert not os.path.exists(world.socket)
+
+
+def test_history_keeps_the_last_runs_only(world):
+    """--keep-history N bounds the journal: older runs and their logs go."""
+    daemon = world.popen("daemon", "--keep-history", "2")
+    wait_until(lambda: os.path.exists(world.socket))
+    for i in range(4):
+        r = world.run("run", "--key", "k", "--delay", "10ms", "--", "echo", str(i))
+        assert r.returncode == 0, r.stderr
+    rows = [json.loads(line) for line in world.run("history", "--json").stdout.splitlines()]
+    assert [row["argv"][-1] for row in rows] == ["3", "2"]
+    first = min(row["run_id"] for row in rows) - 2
+    assert world.run("logs", str(first)).returncode == 117
+    assert world.run("logs", "k").stdout == "3\n"
+    world.run("stop")
+    assert daemon.wait(timeout=10) == 0
