@@ -11,6 +11,7 @@ Figures:
   lateness   start minus due time, p50/p99, of probe runs among many pending keys
   memory     daemon memory per pending invocation
   scaling    cost of one submission with 1k, 10k, 100k keys already pending
+  burst      1,000 runs falling due at once: time to start them all, and client latency
   idle       CPU time an idle daemon uses in 10 s
 """
 
@@ -261,6 +262,31 @@ def bench_memory_and_scaling(rows: list[tuple[str, str, str]], sizes: list[int],
         daemon.close()
 
 
+def bench_burst(rows: list[tuple[str, str, str]], runs: int) -> None:
+    """Many runs falling due at once: how fast they start, and whether clients still get in."""
+    daemon = Daemon("--no-journal")
+    try:
+        env = dict(os.environ)
+        session = daemon.session()
+        for i in range(runs):
+            session.submit(f"burst-{i}", ["true"], 0.5, env)
+        start = time.monotonic()
+        worst = 0.0
+        while True:
+            asked = time.monotonic()
+            reply = session.ask(protocol.StatusRequest())
+            worst = max(worst, time.monotonic() - asked)
+            if not reply.keys:  # type: ignore[attr-defined]
+                break
+            time.sleep(0.05)
+        session.close()
+        took = time.monotonic() - start
+        rows.append((f"burst: {runs:,} runs due at once", f"all done in {took:.2f} s",
+                     f"slowest status answer meanwhile {worst * 1000:.0f} ms"))
+    finally:
+        daemon.close()
+
+
 def bench_idle(rows: list[tuple[str, str, str]], seconds: float) -> None:
     daemon = Daemon()
     try:
@@ -304,12 +330,14 @@ def main(argv: list[str] | None = None) -> int:
         bench_submissions(rows, 0.5)
         bench_lateness(rows, 500, 20)
         bench_memory_and_scaling(rows, [1000, 3000], 200)
+        bench_burst(rows, 100)
         bench_idle(rows, 1)
     else:
         bench_client(rows, 30)
         bench_submissions(rows, 3)
         bench_lateness(rows, 10_000, 200)
         bench_memory_and_scaling(rows, [1_000, 10_000, 100_000], 2000)
+        bench_burst(rows, 1000)
         bench_idle(rows, 10)
     if args.json:
         print(json.dumps({"machine": machine(), "rows": rows}, indent=1))

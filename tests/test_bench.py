@@ -21,5 +21,5 @@ def test_quick_bench_runs_and_prints_every_figure():
     for label in ("client: python -c pass", 'client: python -c "import click"',
                   "client: debounce run --no-wait", "submit: 8 connections, journal",
                   "submit: 8 connections, no-journal", "lateness:", "memory:", "scaling:",
-                  "idle: CPU"):
+                  "burst:", "idle: CPU"):
         assert label in out, f"{label} missing from:\n{out}"
