@@ -57,6 +57,8 @@ from debounce_cli.scheduler import (
 READ_TIMEOUT = 10.0
 #: At most this many connections at once; more are refused with a clear error.
 MAX_CONNECTIONS = 1024
+#: Unsent output a waiting client may fall behind by before its copy stops (see output()).
+OUTPUT_BACKLOG = 16 * 1024 * 1024
 #: Processes started per turn of the event loop, at most (see Daemon._spawn_some).
 SPAWNS_PER_TURN = 8
 #: Finished runs kept in memory for `debounce wait` and `status` ("last result").
@@ -125,6 +127,7 @@ class Connection(asyncio.Protocol):
         self.closed = False
         self.finishing = False  # the waiter's last message is out (or held): close after it
         self.eof = False
+        self.output_dropped = False
         self.timer: asyncio.TimerHandle | None = None
         self.active = 0.0  # loop time of the last request or answer
 
@@ -266,11 +269,25 @@ class Connection(asyncio.Protocol):
         self.transport.write(line)
 
     def output(self, fd: int, data: bytes, line: bytes) -> None:
+        """A chunk of the run's output, unless this client has fallen too far behind.
+
+        A client that stops reading (a pager, a suspended terminal) must not make the daemon
+        hold the whole output in memory: past OUTPUT_BACKLOG unsent bytes its copy stops, it
+        is told so at the end, and the full output stays in the run's log.
+        """
+        transport = self.transport
+        if transport is not None and transport.get_write_buffer_size() > OUTPUT_BACKLOG:
+            self.output_dropped = True
+            return
         self.raw(line)
 
     def finish(self, msg: protocol.Message) -> None:
         """The run's result (or its cancellation): the waiter's last message."""
         self.finishing = True
+        if self.output_dropped and isinstance(msg, protocol.Finished):
+            note = (f"debounce: this client read too slowly and missed some of the output; "
+                    f"'debounce logs {msg.run_id}' has all of it\n").encode()
+            self.raw(_output_line(2, note))
         self.send(msg)
         if self.acked:
             self.close()

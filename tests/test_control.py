@@ -231,3 +231,36 @@ def test_history_keeps_the_last_runs_only(world):
     assert world.run("logs", "k").stdout == "3\n"
     world.run("stop")
     assert daemon.wait(timeout=10) == 0
+
+
+def test_a_client_that_stops_reading_does_not_make_the_daemon_hoard_output(world):
+    """Past the backlog limit the slow client's copy stops; it is told, and logs has it all."""
+    import socket as socket_mod
+
+    world.run("status")
+    sock = socket_mod.socket(socket_mod.AF_UNIX)
+    sock.setsockopt(socket_mod.SOL_SOCKET, socket_mod.SO_RCVBUF, 4096)
+    sock.connect(world.socket)
+    request = {"type": "run", "argv": ["sh", "-c", "head -c 40000000 /dev/zero; echo end"],
+               "cwd": str(world.work), "env": dict(world.env), "key": "flood",
+               "options": {"delay": 0.01}, "wait": True}
+    sock.sendall(b'{"type":"hello","version":1,"client":"t"}\n' + json.dumps(request).encode()
+                 + b"\n")
+    wait_until(lambda: world.run("history", "flood", "--json").stdout, timeout=30)
+    daemon = world.daemon_pid()
+    with open(f"/proc/{daemon}/status") as f:
+        rss_kib = next(int(line.split()[1]) for line in f if line.startswith("VmRSS"))
+    assert rss_kib < 40_000 * 1.5, f"the daemon holds the output in memory ({rss_kib} KiB)"
+    data = b""
+    while True:
+        chunk = sock.recv(1 << 20)
+        if not chunk:
+            break
+        data += chunk
+    sock.close()
+    last = [json.loads(line) for line in data.splitlines()[-2:]]
+    assert last[1]["type"] == "finished" and last[1]["exit_code"] == 0
+    assert b"missed some of the output" in __import__("base64").b64decode(last[0]["data"])
+    logs = subprocess.run(world.argv("logs", "flood"), env=world.env, capture_output=True,
+                          timeout=60)
+    assert len(logs.stdout) == 40_000_000 + len(b"end\n")
