@@ -94,7 +94,24 @@ class Restored:
     next_run_id: int
 
 
-def _describe(exc: sqlite3.Error, where: str) -> str:
+def _t(text: str) -> str | bytes:
+    """Text for SQLite. A key or path from bytes that are not UTF-8 (Python carries them as
+    surrogates) cannot be stored as TEXT; it is stored as the original bytes instead."""
+    if text.isascii():
+        return text
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "surrogateescape")
+
+
+def _s(value: str | bytes) -> str:
+    """The text stored by :func:`_t`, as Python had it."""
+    return value.decode("utf-8", "surrogateescape") if isinstance(value, bytes) else value
+
+
+def _describe(exc: Exception, where: str) -> str:
     text = str(exc)
     lowered = text.lower()
     if "full" in lowered:
@@ -109,7 +126,7 @@ class Journal:
 
     def __init__(self, state_dir: str, socket: str):
         self.state_dir = state_dir
-        self.socket = socket
+        self.socket = _t(socket)
         self.path = os.path.join(state_dir, "journal.db")
         self.db: sqlite3.Connection | None = None
         self.dirty_keys: set[str] = set()
@@ -179,7 +196,7 @@ class Journal:
                 ks = scheduler.keys.get(key)
                 inv = ks.pending if ks is not None else None
                 if inv is None:
-                    gone.append((self.socket, key))
+                    gone.append((self.socket, _t(key)))
                 else:
                     rows.append(self._pending_row(db, inv, wall_offset))
             if gone:
@@ -215,7 +232,7 @@ class Journal:
             db.execute("BEGIN IMMEDIATE")
             yield db
             db.execute("COMMIT")
-        except sqlite3.Error as exc:
+        except Exception as exc:  # noqa: BLE001 - whatever failed, the transaction must end
             try:
                 db.execute("ROLLBACK")
             except sqlite3.Error:
@@ -247,7 +264,7 @@ class Journal:
     def _pending_row(self, db: sqlite3.Connection, inv: Invocation, offset: float) -> tuple:
         job = inv.payload
         return (
-            self.socket, inv.key, inv.id, json.dumps(job.argv), job.cwd,
+            self.socket, _t(inv.key), inv.id, json.dumps(job.argv), _t(job.cwd),
             self._env_id(db, job.env), _options_json(inv.options), inv.received_at + offset,
             inv.due + offset, inv.first_at + offset, inv.coalesced, int(inv.leading_edge),
             inv.state,
@@ -260,7 +277,7 @@ class Journal:
             "due_at, finished_at, exit_code, outcome, pid, log_path) "
             "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
-                self.socket, run.id, run.key, json.dumps(job.argv), job.cwd, run.coalesced,
+                self.socket, run.id, _t(run.key), json.dumps(job.argv), _t(job.cwd), run.coalesced,
                 run.started_wall, run.due_wall,
                 run.finished_wall if run.state == FINISHED else None,
                 run.exit_code if run.state == FINISHED else None,
@@ -285,13 +302,13 @@ class Journal:
             (key, inv_id, argv, cwd, env, options, received, due, first, coalesced, leading,
              state) = row
             pending.append({
-                "key": key, "id": inv_id, "argv": json.loads(argv), "cwd": cwd,
+                "key": _s(key), "id": inv_id, "argv": json.loads(argv), "cwd": _s(cwd),
                 "env": json.loads(env), "options": json.loads(options), "received_at": received,
                 "due_at": due, "first_at": first, "coalesced": coalesced,
                 "leading_edge": bool(leading), "state": state,
             })
         lost = [
-            {"run_id": r[0], "key": r[1], "pid": r[2]}
+            {"run_id": r[0], "key": _s(r[1]), "pid": r[2]}
             for r in db.execute(
                 "SELECT run_id, key, pid FROM runs "
                 "WHERE socket = ? AND finished_at IS NULL",
@@ -335,7 +352,7 @@ class Journal:
         args: list[Any] = [self.socket]
         if key is not None:
             query += " AND key = ?"
-            args.append(key)
+            args.append(_t(key))
         query += " ORDER BY run_id DESC LIMIT ?"
         args.append(limit)
         return [_run_row(r) for r in db.execute(query, args)]
@@ -353,7 +370,7 @@ class Journal:
             row = db.execute(base + " AND run_id = ?", (self.socket, run_id)).fetchone()
         else:
             row = db.execute(base + " AND key = ? ORDER BY run_id DESC LIMIT 1",
-                             (self.socket, key)).fetchone()
+                             (self.socket, _t(key))).fetchone()
         return _run_row(row) if row else None
 
     def old_logs(self, keep_per_key: int, keep_total: int) -> list[tuple[int, str]]:
@@ -411,7 +428,8 @@ def _options_json(opts: Options) -> str:
 
 def _run_row(r: tuple[Any, ...]) -> dict[str, Any]:
     return {
-        "run_id": r[0], "key": r[1], "argv": json.loads(r[2]), "cwd": r[3], "exit_code": r[4],
+        "run_id": r[0], "key": _s(r[1]), "argv": json.loads(r[2]), "cwd": _s(r[3]),
+        "exit_code": r[4],
         "coalesced": r[5], "started_at": r[6], "finished_at": r[7], "outcome": r[8],
         "log_path": r[9], "due_at": r[10],
     }

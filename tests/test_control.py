@@ -264,3 +264,18 @@ def test_a_client_that_stops_reading_does_not_make_the_daemon_hoard_output(world
     logs = subprocess.run(world.argv("logs", "flood"), env=world.env, capture_output=True,
                           timeout=60)
     assert len(logs.stdout) == 40_000_000 + len(b"end\n")
+
+
+def test_arguments_and_directories_that_are_not_utf8_run_and_are_stored(world):
+    """Linux file names are bytes: debounce passes them through and the journal keeps them."""
+    odd = os.fsdecode(b"caf\xe9")
+    where = world.work / odd
+    where.mkdir()
+    for _ in range(2):  # the second run proves the journal was not wedged by the first
+        r = subprocess.run(world.argv("run", "--delay", "10ms", "--", "sh", "-c",
+                                      'printf "%s|%s" "$1" "$(pwd)"', "sh", odd),
+                           cwd=where, env=world.env, capture_output=True, timeout=30)
+        assert r.returncode == 0, r.stderr
+        assert r.stdout == b"caf\xe9|" + os.fsencode(str(where))
+    rows = [json.loads(line) for line in world.run("history", "--json").stdout.splitlines()]
+    assert len(rows) == 2
