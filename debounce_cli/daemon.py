@@ -875,8 +875,8 @@ class Daemon:
     async def _execute(self, run: Run, proc: RunProcess) -> None:
         await proc.start()
         job: Job = run.invocation.payload
-        if proc.proc is not None:
-            job.pid = proc.proc.pid
+        if proc.pid is not None:
+            job.pid = proc.pid
             if self.journal is not None:
                 self.journal.note_run(run)
                 self._apply([])  # commit it soon: the next daemon needs it to clean up

@@ -9,6 +9,11 @@ Failures to start are reported the way a shell reports them, so a waiter cannot 
 from ``sh -c``: a message on the run's stderr and exit status 127 (not found) or 126 (found but
 not executable).
 
+A run ends when its command exits and its output is read; a background child that still holds
+the pipes open gets ``DRAIN_GRACE`` to let go and is then left alone, like a shell leaves a job
+started with ``&``. Until then, stopping the run (timeout, restart) reaches it through the
+process group.
+
 Runs die with their daemon. On SIGTERM the daemon stops them itself; if the daemon is killed
 outright, the kernel sends SIGKILL to each run's first process (``PR_SET_PDEATHSIG``, set by
 ``setpriv`` where util-linux has it, else by a ``preexec_fn``), and the
@@ -27,11 +32,36 @@ import signal
 import subprocess
 from collections.abc import Callable
 
-#: How long to keep reading output after the process exited: a background child that inherited
-#: the pipes must not keep the run open forever.
-DRAIN_GRACE = 2.0
+#: How long to keep reading output after the command exited: a background child that inherited
+#: the pipes must not keep the run open.
+DRAIN_GRACE = 1.0
 
 OnOutput = Callable[[int, bytes], None]
+
+
+class _Protocol(asyncio.SubprocessProtocol):
+    """Output as it comes, and the process's exit apart from its pipes closing.
+
+    asyncio's ``Process.wait()`` (3.11) returns only once the pipes are closed too, so a
+    background child that inherited them would hold the run open after the command exited.
+    """
+
+    def __init__(self, on_output: OnOutput):
+        loop = asyncio.get_running_loop()
+        self.on_output = on_output
+        self.exited: asyncio.Future[None] = loop.create_future()
+        self.drained: asyncio.Future[None] = loop.create_future()
+
+    def pipe_data_received(self, fd: int, data: bytes) -> None:
+        self.on_output(fd, data)
+
+    def process_exited(self) -> None:
+        if not self.exited.done():
+            self.exited.set_result(None)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.drained.done():
+            self.drained.set_result(None)
 
 
 class RunProcess:
@@ -42,7 +72,10 @@ class RunProcess:
         self.cwd = cwd
         self.env = env
         self.on_output = on_output
-        self.proc: asyncio.subprocess.Process | None = None
+        self.pid: int | None = None
+        self.transport: asyncio.SubprocessTransport | None = None
+        self.protocol: _Protocol | None = None
+        self.finished = False
         self.start_error: tuple[int, str] | None = None
 
     async def start(self) -> None:
@@ -56,8 +89,10 @@ class RunProcess:
             self.start_error = problem
             return
         prefix = _pdeathsig_prefix()
+        loop = asyncio.get_running_loop()
         try:
-            self.proc = await asyncio.create_subprocess_exec(
+            self.transport, self.protocol = await loop.subprocess_exec(
+                lambda: _Protocol(self.on_output),
                 *prefix,
                 *self.argv,
                 cwd=self.cwd,
@@ -68,6 +103,7 @@ class RunProcess:
                 start_new_session=True,
                 preexec_fn=None if prefix else _die_with_daemon(),
             )
+            self.pid = self.transport.get_pid()
         except FileNotFoundError:
             self.start_error = (127, f"debounce: {name}: command not found\n")
         except PermissionError:
@@ -79,41 +115,41 @@ class RunProcess:
             self.start_error = (126, f"debounce: {name}: {exc}\n")
 
     def signal(self, name: str) -> None:
-        """Send SIGTERM or SIGKILL to the run's whole process group."""
-        if self.proc is None or self.proc.returncode is not None:
+        """Send SIGTERM or SIGKILL to the run's whole process group.
+
+        Also after the first process exited, while the run drains: the rest of the group (a
+        background child holding the output open) is part of the run. A process group id is
+        not reused while any member of the group lives.
+        """
+        if self.pid is None or self.finished:
             return
         sig = signal.SIGKILL if name == "KILL" else signal.SIGTERM
         try:
-            os.killpg(self.proc.pid, sig)
-        except ProcessLookupError:
-            pass
-        except PermissionError:  # the group leader exited and its id was reused: leave it
-            pass
+            os.killpg(self.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass  # the whole group is gone
 
     async def wait(self) -> int:
         """Stream the output to ``on_output`` and return the shell-style exit status."""
         if self.start_error is not None:
             code, message = self.start_error
             self.on_output(2, message.encode())
+            self.finished = True
             return code
-        proc = self.proc
-        assert proc is not None and proc.stdout is not None and proc.stderr is not None
-        readers = [
-            asyncio.ensure_future(self._pump(proc.stdout, 1)),
-            asyncio.ensure_future(self._pump(proc.stderr, 2)),
-        ]
-        status = await proc.wait()
-        _done, pending = await asyncio.wait(readers, timeout=DRAIN_GRACE)
-        for task in pending:
-            task.cancel()
+        transport, protocol = self.transport, self.protocol
+        assert transport is not None and protocol is not None
+        await protocol.exited
+        # What the command wrote before it exited is still in the pipes: read it, but do not
+        # wait for a background child that keeps them open.
+        try:
+            await asyncio.wait_for(asyncio.shield(protocol.drained), DRAIN_GRACE)
+        except asyncio.TimeoutError:
+            pass
+        status = transport.get_returncode()
+        transport.close()
+        self.finished = True
+        assert status is not None
         return 128 - status if status < 0 else status
-
-    async def _pump(self, stream: asyncio.StreamReader, fd: int) -> None:
-        while True:
-            chunk = await stream.read(65536)
-            if not chunk:
-                return
-            self.on_output(fd, chunk)
 
 
 def _check_program(name: str, path: str, cwd: str) -> tuple[int, str] | None:

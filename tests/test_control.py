@@ -279,3 +279,13 @@ def test_arguments_and_directories_that_are_not_utf8_run_and_are_stored(world):
         assert r.stdout == b"caf\xe9|" + os.fsencode(str(where))
     rows = [json.loads(line) for line in world.run("history", "--json").stdout.splitlines()]
     assert len(rows) == 2
+
+
+def test_a_background_child_holding_the_output_does_not_hold_the_run(world):
+    """`cmd &` inside the command: the run ends when the command does, as in a shell."""
+    started = time.monotonic()
+    r = world.run("run", "--delay", "10ms", "--timeout", "20s", "--", "sh", "-c",
+                  "echo before; sleep 30 & exit 3", timeout=25)
+    assert (r.returncode, r.stdout) == (3, "before\n")
+    assert time.monotonic() - started < 10
+    subprocess.run(["pkill", "-f", "sleep 30"], check=False)
