@@ -281,10 +281,11 @@ def _converse(
                 raise
             raise Failure(f"gave up waiting for {key} after {wait_timeout:g}s",
                           ExitStatus.WAIT_TIMEOUT) from None
-        except client.DaemonLost:
+        except client.DaemonLost as lost:
+            filed = lost.key or key
             raise Failure(
-                f"lost the daemon while waiting for {key}; "
-                f"run 'debounce wait {_quote(key)}' to reattach",
+                f"lost the daemon while waiting for {filed}; "
+                f"run 'debounce wait {_quote(filed)}' to reattach",
                 ExitStatus.DAEMON_LOST,
             ) from None
         except KeyboardInterrupt:

@@ -30,7 +30,15 @@ class ClientError(Exception):
 
 
 class DaemonLost(Exception):
-    """The connection closed before the answer we waited for."""
+    """The connection closed before the answer we waited for.
+
+    ``key`` is the key the daemon filed the invocation under, when it said so (it differs
+    from the client's for --no-defer), for the ``debounce wait`` hint.
+    """
+
+    def __init__(self, key: str | None = None):
+        super().__init__(key)
+        self.key = key
 
 
 class Connection:
@@ -38,7 +46,8 @@ class Connection:
 
     def __init__(self, sock: _socket.socket):
         self.sock = sock
-        self.buffer = b""
+        self.buffer = bytearray()
+        self.scanned = 0  # no newline before this offset of the buffer
 
     def send(self, *messages: Message) -> None:
         self.sock.sendall(b"".join(protocol.encode(m) for m in messages))
@@ -46,14 +55,18 @@ class Connection:
     def recv(self, timeout: float | None = None) -> Message | None:
         """The next message, ``None`` at end of stream; raises TimeoutError after ``timeout``."""
         while True:
-            newline = self.buffer.find(b"\n")
-            if newline >= 0:
-                line, self.buffer = self.buffer[: newline + 1], self.buffer[newline + 1 :]
+            newline = self.buffer.find(b"\n", self.scanned)
+            if newline < 0:
+                self.scanned = len(self.buffer)
+            else:
+                line = bytes(self.buffer[: newline + 1])
+                del self.buffer[: newline + 1]
+                self.scanned = 0
                 try:
-                    return protocol.decode(line, protocol.REPLIES)
+                    return protocol.decode(line, protocol.REPLIES, protocol.MAX_REPLY)
                 except protocol.ProtocolError as exc:
                     raise ClientError(f"the daemon sent a malformed message: {exc}") from None
-            if len(self.buffer) > protocol.MAX_MESSAGE:
+            if len(self.buffer) > protocol.MAX_REPLY:
                 raise ClientError("the daemon sent an oversized message")
             self.sock.settimeout(timeout)
             try:
@@ -228,6 +241,7 @@ def wait_for_run(
     when ``timeout`` seconds pass first.
     """
     deadline = None if timeout is None else time.monotonic() + timeout
+    key = None
     try:
         while True:
             wait = display.refresh
@@ -242,11 +256,12 @@ def wait_for_run(
                 display.tick()
                 continue
             if msg is None:
-                raise DaemonLost
+                raise DaemonLost(key)
             if isinstance(msg, protocol.Output):
                 if out is not None:
                     out(msg.fd, binascii.a2b_base64(msg.data))
             elif isinstance(msg, (protocol.Accepted, protocol.Pending)):
+                key = msg.key
                 display.pending(msg)
             elif isinstance(msg, protocol.Started):
                 display.started(msg)

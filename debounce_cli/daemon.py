@@ -25,6 +25,7 @@ import shlex
 import signal
 import socket
 import sqlite3
+import stat
 import struct
 import sys
 import threading
@@ -372,6 +373,9 @@ class StdinWaiter:
     def send(self, msg: protocol.Message) -> None:
         pass
 
+    def raw(self, line: bytes) -> None:
+        pass
+
     def output(self, fd: int, data: bytes, line: bytes) -> None:
         stream = sys.stdout.buffer if fd == 1 else sys.stderr.buffer
         try:
@@ -430,6 +434,7 @@ class Daemon:
         self.log_dir = ""
         self.shared = Shared()
         self.retention_due = False
+        self.runs_since_prune = 0
         self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]  # set by serve
         self.to_spawn: deque[tuple[Run, RunProcess]] = deque()
 
@@ -449,6 +454,10 @@ class Daemon:
         os.write(fd, f"{os.getpid()}\n".encode())
         self.lock_fd = fd
         if self.config.listen_fd is None and os.path.lexists(sock):
+            if not stat.S_ISSOCK(os.lstat(sock).st_mode):
+                os.close(fd)
+                self.lock_fd = None
+                raise DaemonError(f"{sock} exists and is not a socket; choose another --socket")
             # The lock is ours, so no live daemon of ours serves this socket: it is stale.
             os.unlink(sock)
 
@@ -490,6 +499,10 @@ class Daemon:
         )
         offset = time.time() - time.monotonic()
         for row in restored.pending:
+            if row["env"] is None:
+                print(f"debounce: the stored environment of {row['key']!r} is missing; "
+                      "it runs with the daemon's own", file=sys.stderr)
+                row["env"] = dict(os.environ)
             try:
                 options = _options(row["options"])
             except (ProtocolError, ValueError, TypeError) as exc:
@@ -725,22 +738,27 @@ class Daemon:
                 self.journal.commit(self.scheduler, time.time() - time.monotonic())
             except JournalError as exc:
                 failure = str(exc)
+        # Only what this commit covers is acted on: answering a client may read its next
+        # request, whose effects wait for the next commit.
         acks, self.acks = self.acks, []
+        effects, self.outbox = self.outbox, []
+        refused = set()
+        if failure is not None:
+            for ack in reversed(acks):  # newest first, so each one's predecessor is back
+                if self.scheduler.withdraw(ack.invocation, ack.connection):
+                    refused.add(ack)
         for ack in acks:
-            self._answer(ack, failure)
+            self._answer(ack, failure if ack in refused else None)
         if failure is None and self.retention_due:
             self.retention_due = False
             self._retain()
-        while self.outbox:
-            effects, self.outbox = self.outbox, []
-            for effect in effects:
-                self._carry_out(effect)
+        for effect in effects:
+            self._carry_out(effect)
         self._after()
 
     def _answer(self, ack: Ack, failure: str | None) -> None:
+        """Tell a submitter: accepted, or refused (``failure``) and already taken back."""
         inv = ack.invocation
-        if failure is not None and not self.scheduler.withdraw(inv, ack.connection):
-            failure = None  # its run already started: it was not refused after all
         inv.replaced = inv.joined = None  # only needed to take it back; let the chain go
         if failure is None:
             msg: protocol.Message = self._accepted_msg(inv)
@@ -777,9 +795,9 @@ class Daemon:
                     waiter.output(fd, data, line)
         elif isinstance(effect, Updated):
             if effect.invocation.waiters:  # --no-wait submissions have nobody to tell
-                msg = self._pending_msg(effect.invocation)
+                line = protocol.encode(self._pending_msg(effect.invocation))
                 for waiter in _unique(effect.invocation.waiters):
-                    waiter.send(msg)
+                    waiter.raw(line)
         elif isinstance(effect, Cancelled):
             cancelled = protocol.Cancelled(key=effect.invocation.key)
             for waiter in _unique(effect.waiters):
@@ -896,7 +914,11 @@ class Daemon:
         journal = self.journal
         if journal is None or journal.broken:
             return
+        self.runs_since_prune += 1
         try:
+            if self.runs_since_prune >= 256:  # environments no pending invocation uses
+                self.runs_since_prune = 0
+                journal.prune_envs()
             old = journal.old_logs(self.config.keep_logs, self.config.keep_logs_total)
             if old:
                 journal.forget_logs([run_id for run_id, _ in old])

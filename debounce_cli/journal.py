@@ -39,7 +39,8 @@ CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS envs (
     id INTEGER PRIMARY KEY,
     digest TEXT NOT NULL UNIQUE,
-    env TEXT NOT NULL
+    env TEXT NOT NULL,
+    socket TEXT
 );
 CREATE TABLE IF NOT EXISTS pending (
     socket TEXT NOT NULL,
@@ -66,6 +67,7 @@ CREATE TABLE IF NOT EXISTS runs (
     coalesced INTEGER NOT NULL,
     started_at REAL NOT NULL,
     due_at REAL,
+    inv_id INTEGER,
     finished_at REAL,
     exit_code INTEGER,
     outcome TEXT,
@@ -75,6 +77,11 @@ CREATE TABLE IF NOT EXISTS runs (
 );
 CREATE INDEX IF NOT EXISTS runs_by_key ON runs (socket, key, run_id);
 """
+
+#: Columns added after the first journals were written: (table, column, type).
+_ADDED_COLUMNS = [
+    ("runs", "due_at", "REAL"), ("runs", "inv_id", "INTEGER"), ("envs", "socket", "TEXT"),
+]
 
 #: How a run that was executing when its daemon died is recorded.
 LOST = "lost"
@@ -127,6 +134,7 @@ class Journal:
     def __init__(self, state_dir: str, socket: str):
         self.state_dir = state_dir
         self.socket = _t(socket)
+        self.socket_path = socket
         self.path = os.path.join(state_dir, "journal.db")
         self.db: sqlite3.Connection | None = None
         self.dirty_keys: set[str] = set()
@@ -144,9 +152,10 @@ class Journal:
             self.db.execute("PRAGMA synchronous=NORMAL")
             self.db.execute("PRAGMA busy_timeout=5000")
             self.db.executescript(_SCHEMA)
-            columns = {row[1] for row in self.db.execute("PRAGMA table_info(runs)")}
-            if "due_at" not in columns:  # journals written before runs recorded their due time
-                self.db.execute("ALTER TABLE runs ADD COLUMN due_at REAL")
+            for table, column, kind in _ADDED_COLUMNS:  # journals written by earlier versions
+                columns = {row[1] for row in self.db.execute(f"PRAGMA table_info({table})")}
+                if column not in columns:
+                    self.db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
             self.db.execute(
                 "INSERT OR IGNORE INTO meta (name, value) VALUES ('schema', ?)",
                 (str(SCHEMA_VERSION),),
@@ -250,11 +259,16 @@ class Journal:
         if known is not None and known[0] is env:
             return known[1]
         text = json.dumps(env, sort_keys=True, separators=(",", ":"))
-        digest = hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
+        # Each socket keeps its own rows, so one daemon's clean-up never takes another's.
+        digest = hashlib.blake2b(os.fsencode(self.socket_path) + b"\0" + text.encode(),
+                                 digest_size=16).hexdigest()
         env_id = self.env_ids.get(digest)
         if env_id is None:
-            db.execute("INSERT OR IGNORE INTO envs (digest, env) VALUES (?, ?)", (digest, text))
+            db.execute("INSERT OR IGNORE INTO envs (digest, env, socket) VALUES (?, ?, ?)",
+                       (digest, text, self.socket))
             env_id = db.execute("SELECT id FROM envs WHERE digest = ?", (digest,)).fetchone()[0]
+            if len(self.env_ids) >= 4096:
+                self.env_ids.clear()
             self.env_ids[digest] = env_id
         if len(self.env_objects) >= 4096:
             self.env_objects.clear()
@@ -274,11 +288,11 @@ class Journal:
         job = run.invocation.payload
         db.execute(
             "INSERT OR REPLACE INTO runs (socket, run_id, key, argv, cwd, coalesced, started_at, "
-            "due_at, finished_at, exit_code, outcome, pid, log_path) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "due_at, inv_id, finished_at, exit_code, outcome, pid, log_path) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 self.socket, run.id, _t(run.key), json.dumps(job.argv), _t(job.cwd), run.coalesced,
-                run.started_wall, run.due_wall,
+                run.started_wall, run.due_wall, run.invocation.id,
                 run.finished_wall if run.state == FINISHED else None,
                 run.exit_code if run.state == FINISHED else None,
                 run.outcome if run.state == FINISHED else None,
@@ -295,7 +309,7 @@ class Journal:
         rows = db.execute(
             "SELECT p.key, p.id, p.argv, p.cwd, e.env, p.options, p.received_at, p.due_at, "
             "p.first_at, p.coalesced, p.leading_edge, p.state FROM pending p "
-            "JOIN envs e ON e.id = p.env_id WHERE p.socket = ? ORDER BY p.received_at",
+            "LEFT JOIN envs e ON e.id = p.env_id WHERE p.socket = ? ORDER BY p.received_at",
             (self.socket,),
         )
         for row in rows:
@@ -303,7 +317,8 @@ class Journal:
              state) = row
             pending.append({
                 "key": _s(key), "id": inv_id, "argv": json.loads(argv), "cwd": _s(cwd),
-                "env": json.loads(env), "options": json.loads(options), "received_at": received,
+                "env": json.loads(env) if env is not None else None,
+                "options": json.loads(options), "received_at": received,
                 "due_at": due, "first_at": first, "coalesced": coalesced,
                 "leading_edge": bool(leading), "state": state,
             })
@@ -315,8 +330,11 @@ class Journal:
                 (self.socket,),
             )
         ]
+        # Invocation ids name --no-defer keys (KEY#ID): never hand out one a run already had.
         max_id = db.execute(
-            "SELECT max(id) FROM pending WHERE socket = ?", (self.socket,)
+            "SELECT max(m) FROM (SELECT max(id) AS m FROM pending WHERE socket = ? "
+            "UNION ALL SELECT max(inv_id) FROM runs WHERE socket = ?)",
+            (self.socket, self.socket),
         ).fetchone()[0]
         max_run = db.execute(
             "SELECT max(run_id) FROM runs WHERE socket = ?", (self.socket,)
@@ -336,7 +354,11 @@ class Journal:
         """Drop environment snapshots no pending invocation refers to any more."""
         db = self.db
         assert db is not None
-        db.execute("DELETE FROM envs WHERE id NOT IN (SELECT env_id FROM pending)")
+        db.execute(
+            "DELETE FROM envs WHERE socket = ? AND id NOT IN "
+            "(SELECT env_id FROM pending WHERE socket = ?)",
+            (self.socket, self.socket),
+        )
         self.env_ids.clear()
         self.env_objects.clear()
 

@@ -22,9 +22,11 @@ from itertools import repeat
 from typing import Any, ClassVar
 
 VERSION = 1
-#: Largest message either side accepts, newline included. A full argv plus environment is far
+#: Largest request the daemon accepts, newline included. A full argv plus environment is far
 #: below this (Linux caps both together at 2 MiB).
 MAX_MESSAGE = 4 * 1024 * 1024
+#: Largest answer a client accepts: status and history grow with the daemon's keys and runs.
+MAX_REPLY = 512 * 1024 * 1024
 
 
 class ProtocolError(ValueError):
@@ -342,10 +344,10 @@ def encode(msg: Message) -> bytes:
     return (_ENCODER.encode(msg.to_dict()) + "\n").encode()
 
 
-def decode(line: bytes, kinds: dict[str, type[Message]]) -> Message:
+def decode(line: bytes, kinds: dict[str, type[Message]], limit: int = MAX_MESSAGE) -> Message:
     """Parse and validate one line into the message class its ``type`` names."""
-    if len(line) > MAX_MESSAGE:
-        raise ProtocolError(f"message of {len(line)} bytes exceeds the limit of {MAX_MESSAGE}")
+    if len(line) > limit:
+        raise ProtocolError(f"message of {len(line)} bytes exceeds the limit of {limit}")
     try:
         text = line.decode("utf-8")
     except UnicodeDecodeError as exc:

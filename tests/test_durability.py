@@ -519,3 +519,19 @@ def _two_sockets(world, log: Path, sock_b: str, env_a: dict, env_b: dict) -> Non
     assert [r["key"] for r in history(world, env=env_b)] == ["shared"]
     time.sleep(0.3)
     assert lines(log) == ["B", "A"]
+
+
+def test_a_daemon_starting_on_another_socket_does_not_lose_this_ones_invocations(world):
+    """One daemon's start-up clean-up of the shared state dir leaves the other's rows alone."""
+    sock_a = str(world.root / "s2" / "daemon.sock")
+    env_a = dict(world.env, DEBOUNCE_SOCKET=sock_a)
+    env_b = world.env
+    try:
+        proc = world.run("run", "--delay", "200ms", "--", "true", env=env_b)
+        assert proc.returncode == 0, proc.stderr  # B has stored (and cached) its environment
+        status(world, env_a)  # A starts and cleans up what no pending invocation uses
+        no_wait(world, "keepme", "1h", "true", env=env_b)
+        kill9(world.socket)
+        assert "keepme" in pending_keys(world, env_b), "B lost an acknowledged invocation"
+    finally:
+        world.run("stop", env=env_a, timeout=60)

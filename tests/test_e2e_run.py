@@ -290,21 +290,27 @@ def test_racing_clients_start_exactly_one_daemon(world):
             assert "already serves" not in (world.state / name).read_text()
 
 
-@pytest.mark.parametrize("kind", ["plain-file", "unlistened-socket"])
-def test_stale_socket_file_is_replaced(world, kind):
+def test_stale_socket_file_is_replaced(world):
     os.makedirs(os.path.dirname(world.socket), mode=0o700)
-    if kind == "plain-file":
-        Path(world.socket).write_text("stale")
-    else:
-        stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        stale.bind(world.socket)
-        stale.close()  # the file stays behind, nobody listens
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stale.bind(world.socket)
+    stale.close()  # the file stays behind, nobody listens
     assert os.path.lexists(world.socket)
     marker = world.work / "ran"
     proc = world.run("run", "--delay", "100ms", "--", "touch", str(marker), timeout=20)
     assert proc.returncode == 0, proc.stderr
     assert marker.exists()
     assert status(world)["pid"] == world.daemon_pid()
+
+
+def test_a_file_that_is_not_a_socket_is_left_alone(world):
+    """A mistyped --socket pointing at a real file must not delete it."""
+    os.makedirs(os.path.dirname(world.socket), mode=0o700)
+    Path(world.socket).write_text("my notes")
+    proc = world.run("run", "--delay", "100ms", "--", "true", timeout=20)
+    assert proc.returncode == 112
+    assert "is not a socket" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    assert Path(world.socket).read_text() == "my notes"
 
 
 def test_ctrl_c_on_one_waiter_does_not_cancel_the_run_of_another(world):
