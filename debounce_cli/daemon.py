@@ -60,6 +60,8 @@ READ_TIMEOUT = 10.0
 MAX_CONNECTIONS = 1024
 #: Unsent output a waiting client may fall behind by before its copy stops (see output()).
 OUTPUT_BACKLOG = 16 * 1024 * 1024
+#: Output kept in memory for clients joining a run that has no log (--no-journal).
+REPLAY_BUFFER = 8 * 1024 * 1024
 #: Processes started per turn of the event loop, at most (see Daemon._spawn_some).
 SPAWNS_PER_TURN = 8
 #: Finished runs kept in memory for `debounce wait` and `status` ("last result").
@@ -129,6 +131,7 @@ class Connection(asyncio.Protocol):
         self.finishing = False  # the waiter's last message is out (or held): close after it
         self.eof = False
         self.output_dropped = False
+        self.run_id: int | None = None  # the run whose output this waiter gets
         self.timer: asyncio.TimerHandle | None = None
         self.active = 0.0  # loop time of the last request or answer
 
@@ -269,6 +272,14 @@ class Connection(asyncio.Protocol):
         assert self.transport is not None
         self.transport.write(line)
 
+    def follows(self, run_id: int) -> bool:
+        """Has this waiter been told the run started (and so gets its output live)?"""
+        return self.run_id == run_id
+
+    def start(self, run_id: int, line: bytes) -> None:
+        self.run_id = run_id
+        self.raw(line)
+
     def output(self, fd: int, data: bytes, line: bytes) -> None:
         """A chunk of the run's output, unless this client has fallen too far behind.
 
@@ -369,12 +380,19 @@ class StdinWaiter:
 
     def __init__(self) -> None:
         self.failures = 0
+        self.runs: set[int] = set()  # runs whose output goes to stdout/stderr now
 
     def send(self, msg: protocol.Message) -> None:
         pass
 
     def raw(self, line: bytes) -> None:
         pass
+
+    def follows(self, run_id: int) -> bool:
+        return run_id in self.runs
+
+    def start(self, run_id: int, line: bytes) -> None:
+        self.runs.add(run_id)
 
     def output(self, fd: int, data: bytes, line: bytes) -> None:
         stream = sys.stdout.buffer if fd == 1 else sys.stderr.buffer
@@ -385,6 +403,8 @@ class StdinWaiter:
             pass
 
     def finish(self, msg: protocol.Message) -> None:
+        if isinstance(msg, protocol.Finished):
+            self.runs.discard(msg.run_id)
         if isinstance(msg, protocol.Finished) and msg.exit_code != 0:
             self.failures += 1
         elif isinstance(msg, protocol.Cancelled):
@@ -786,13 +806,18 @@ class Daemon:
             for waiter in _unique(effect.waiters):
                 waiter.finish(msg)
         elif isinstance(effect, Joined):
-            started = self._started_msg(effect.run)
-            replay = self._output_so_far(effect.run)
-            lines = [(fd, data, _output_line(fd, data)) for fd, data in replay]
-            for waiter in _unique(effect.waiters):
-                waiter.send(started)
-                for fd, data, line in lines:
-                    waiter.output(fd, data, line)
+            # Output that came between joining and now was not sent live (the waiter did not
+            # follow the run yet): the replay from the log covers it, once.
+            run = effect.run
+            joining = [w for w in _unique(effect.waiters) if not w.follows(run.id)]
+            if joining:
+                started = protocol.encode(self._started_msg(run))
+                for waiter in joining:
+                    waiter.start(run.id, started)
+                for fd, data in self._output_so_far(run):
+                    line = _output_line(fd, data)
+                    for waiter in joining:
+                        waiter.output(fd, data, line)
         elif isinstance(effect, Updated):
             if effect.invocation.waiters:  # --no-wait submissions have nobody to tell
                 line = protocol.encode(self._pending_msg(effect.invocation))
@@ -831,21 +856,25 @@ class Daemon:
         log = self._open_log(run)
         if log is None:
             self.buffers[run.id] = []
+        buffered = 0
 
         def on_output(fd: int, data: bytes) -> None:
+            nonlocal buffered
             if log is not None:
                 log.write(fd, data)
-            else:
+            elif buffered < REPLAY_BUFFER:  # without a log, late joiners get the first part
                 self.buffers[run.id].append((fd, data))
+                buffered += len(data)
             line = _output_line(fd, data)
             for waiter in _unique(run.waiters):
-                waiter.output(fd, data, line)
+                if waiter.follows(run.id):
+                    waiter.output(fd, data, line)
 
         proc = RunProcess(job.argv, job.cwd, env, on_output)
         self.procs[run.id] = proc
-        started = self._started_msg(run)
+        started = protocol.encode(self._started_msg(run))
         for waiter in _unique(run.waiters):
-            waiter.send(started)
+            waiter.start(run.id, started)
         self.to_spawn.append((run, proc))
         if len(self.to_spawn) == 1:
             self.loop.call_soon(self._spawn_some)
@@ -879,13 +908,13 @@ class Daemon:
         run.invocation.payload.log_path = path
         return log
 
-    def _output_so_far(self, run: Run) -> list[tuple[int, bytes]]:
+    def _output_so_far(self, run: Run) -> Iterable[tuple[int, bytes]]:
         if run.id in self.buffers:
             return list(self.buffers[run.id])
         path = run.invocation.payload.log_path
         if path:
             try:
-                return list(read_log(path))
+                return read_log(path)
             except OSError:
                 return []
         return []

@@ -38,15 +38,21 @@ class LogWriter:
 
 
 def read_log(path: str) -> Iterator[tuple[int, bytes]]:
-    """The (stream, chunk) records of a log; a record cut short by a crash ends the log."""
-    with open(path, "rb") as f:
-        data = f.read()
-    pos = 0
-    while pos + _HEADER.size <= len(data):
-        fd, size = _HEADER.unpack_from(data, pos)
-        pos += _HEADER.size
-        chunk = data[pos : pos + size]
-        if len(chunk) < size:
-            return
-        pos += size
-        yield fd, chunk
+    """The (stream, chunk) records of a log, read as they are needed; a record cut short (the
+    run is still writing it, or a crash) ends the log. Opening happens at once, so a missing
+    log raises OSError here rather than at the first record."""
+    f = open(path, "rb")  # noqa: SIM115 - closed by the generator
+
+    def records() -> Iterator[tuple[int, bytes]]:
+        with f:
+            while True:
+                header = f.read(_HEADER.size)
+                if len(header) < _HEADER.size:
+                    return
+                fd, size = _HEADER.unpack(header)
+                chunk = f.read(size)
+                if len(chunk) < size:
+                    return
+                yield fd, chunk
+
+    return records()

@@ -289,3 +289,19 @@ def test_a_background_child_holding_the_output_does_not_hold_the_run(world):
     assert (r.returncode, r.stdout) == (3, "before\n")
     assert time.monotonic() - started < 10
     subprocess.run(["pkill", "-f", "sleep 30"], check=False)
+
+
+def test_clients_joining_a_running_run_get_its_output_once_and_in_order(world):
+    """--on-busy ignore: a late caller sees the whole output from the start, no line twice."""
+    count = 3000
+    script = f"import sys, time\nfor i in range({count}):\n print(i, flush=True)\n time.sleep(0.0005)"
+    args = ["run", "--on-busy", "ignore", "--key", "join", "--delay", "10ms", "--",
+            sys.executable, "-c", script]
+    first = world.popen(*args)
+    wait_until(lambda: any(k["running"] for k in _status(world)["keys"]))
+    joiners = [world.popen(*args) for _ in range(6)]
+    expected = "".join(f"{i}\n" for i in range(count))
+    for proc in [first, *joiners]:
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, err
+        assert out == expected
