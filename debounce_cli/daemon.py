@@ -633,7 +633,8 @@ class Daemon:
         if row is None:
             return None
         return protocol.Finished(
-            run_id=row["run_id"], key=row["key"], argv=row["argv"],
+            run_id=row["run_id"], invocation=row["invocation"] or 0, key=row["key"],
+            argv=row["argv"],
             exit_code=row["exit_code"] if row["exit_code"] is not None else -1,
             coalesced=row["coalesced"], started_at=row["started_at"],
             finished_at=row["finished_at"], outcome=row["outcome"] or LOST,
@@ -974,6 +975,7 @@ class Daemon:
     def _started_msg(run: Run) -> protocol.Started:
         return protocol.Started(
             run_id=run.id,
+            invocation=run.invocation.id,
             key=run.key,
             argv=run.invocation.payload.argv,
             coalesced=run.coalesced,
@@ -984,6 +986,7 @@ class Daemon:
     def _finished_msg(run: Run) -> protocol.Finished:
         return protocol.Finished(
             run_id=run.id,
+            invocation=run.invocation.id,
             key=run.key,
             argv=run.invocation.payload.argv,
             exit_code=run.exit_code if run.exit_code is not None else -1,
@@ -1164,6 +1167,7 @@ def _run_dict(run: Run) -> dict[str, Any]:
         "cwd": run.invocation.payload.cwd, "exit_code": run.exit_code,
         "coalesced": run.coalesced, "started_at": run.started_wall,
         "finished_at": run.finished_wall, "outcome": run.outcome, "due_at": run.due_wall,
+        "invocation": run.invocation.id,
     }
 
 

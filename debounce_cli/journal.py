@@ -369,7 +369,8 @@ class Journal:
         assert db is not None
         query = (
             "SELECT run_id, key, argv, cwd, exit_code, coalesced, started_at, finished_at, "
-            "outcome, log_path, due_at FROM runs WHERE socket = ? AND finished_at IS NOT NULL"
+            "outcome, log_path, due_at, inv_id FROM runs "
+            "WHERE socket = ? AND finished_at IS NOT NULL"
         )
         args: list[Any] = [self.socket]
         if key is not None:
@@ -386,7 +387,8 @@ class Journal:
         assert db is not None
         base = (
             "SELECT run_id, key, argv, cwd, exit_code, coalesced, started_at, finished_at, "
-            "outcome, log_path, due_at FROM runs WHERE socket = ? AND finished_at IS NOT NULL"
+            "outcome, log_path, due_at, inv_id FROM runs "
+            "WHERE socket = ? AND finished_at IS NOT NULL"
         )
         if run_id is not None:
             row = db.execute(base + " AND run_id = ?", (self.socket, run_id)).fetchone()
@@ -453,7 +455,7 @@ def _run_row(r: tuple[Any, ...]) -> dict[str, Any]:
         "run_id": r[0], "key": _s(r[1]), "argv": json.loads(r[2]), "cwd": _s(r[3]),
         "exit_code": r[4],
         "coalesced": r[5], "started_at": r[6], "finished_at": r[7], "outcome": r[8],
-        "log_path": r[9], "due_at": r[10],
+        "log_path": r[9], "due_at": r[10], "invocation": r[11],
     }
 
 

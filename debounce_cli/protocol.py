@@ -216,12 +216,14 @@ class Started(Message):
     type: ClassVar[str] = "started"
     schema: ClassVar[dict[str, str]] = {
         "run_id": _INT,
+        "invocation": _INT,
         "key": _STR,
         "argv": _STRS,
         "coalesced": _INT,
         "started_at": _NUM,
     }
     run_id: int = 0
+    invocation: int = 0  # the id (from Accepted) of the invocation that won
     key: str = ""
     argv: list[str] = []
     coalesced: int = 1
@@ -243,6 +245,7 @@ class Finished(Message):
     type: ClassVar[str] = "finished"
     schema: ClassVar[dict[str, str]] = {
         "run_id": _INT,
+        "invocation": _INT,
         "key": _STR,
         "argv": _STRS,
         "exit_code": _INT,
@@ -259,6 +262,7 @@ class Finished(Message):
     started_at: float = 0.0
     finished_at: float = 0.0
     outcome: str = "exited"
+    invocation: int = 0  # the id of the invocation that won
 
 
 class Cancelled(Message):

@@ -11,7 +11,7 @@ import subprocess
 import sys
 import time
 
-from conftest import wait_until
+from conftest import lines, wait_until
 
 
 def _status(world) -> dict:
@@ -305,3 +305,27 @@ def test_clients_joining_a_running_run_get_its_output_once_and_in_order(world):
         out, err = proc.communicate(timeout=60)
         assert proc.returncode == 0, err
         assert out == expected
+
+
+def test_watch_holds_few_connections_however_many_changes(world):
+    """A stream of saves reuses one submitting and one following connection, not one each."""
+    src = world.work / "src"
+    src.mkdir()
+    out = world.root / "runs.txt"
+    world.run("status")  # the daemon, before the watcher has anything to say
+    daemon = world.daemon_pid()
+    watch = world.popen("watch", "--delay", "400ms", "src", "--", "sh", "-c",
+                        f"echo run >> {out}")
+    baseline = len(os.listdir(f"/proc/{daemon}/fd"))
+    most = 0
+    deadline = time.monotonic() + 3
+    i = 0
+    while time.monotonic() < deadline:
+        (src / f"f{i % 5}").write_text(str(i))
+        i += 1
+        time.sleep(0.03)
+        most = max(most, len(os.listdir(f"/proc/{daemon}/fd")))
+    assert most - baseline < 12, f"{most - baseline} more descriptors than at rest"
+    wait_until(lambda: out.exists() and lines(out), timeout=10)
+    watch.send_signal(2)
+    assert watch.wait(timeout=10) == 0
