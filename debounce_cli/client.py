@@ -158,10 +158,7 @@ def _start_and_connect(sock_path: str) -> Connection:
 
 def daemon_log_path(sock_path: str) -> str:
     """Where an auto-started daemon for ``sock_path`` writes its own messages."""
-    import hashlib
-
-    digest = hashlib.sha1(os.fsencode(sock_path)).hexdigest()[:12]
-    return os.path.join(paths.state_dir(), f"daemon-{digest}.log")
+    return os.path.join(paths.state_dir(), f"daemon-{paths.socket_digest(sock_path)}.log")
 
 
 def _spawn_daemon(sock_path: str) -> None:

@@ -487,7 +487,7 @@ class Daemon:
             return
         state = self.config.state_dir
         paths.check_private_dir(state, "state directory", create=True)
-        digest = _digest(self.config.socket)
+        digest = paths.socket_digest(self.config.socket)
         self.log_dir = os.path.join(state, "logs", digest)
         try:
             paths.check_private_dir(os.path.join(state, "logs"), "log directory", create=True)
@@ -624,12 +624,17 @@ class Daemon:
             return self.scheduler.runs.get(run_id) or self.recent.get(run_id)
         return None
 
-    def _finished_from_journal(self, target: str) -> protocol.Finished | None:
+    def _stored_run(self, target: str) -> dict[str, Any] | None:
+        """The journal's latest finished run of key ``target``, else its run of that id."""
         if self.journal is None:
             return None
         row = self.journal.finished_run(key=target)
         if row is None and _run_id(target) is not None:
             row = self.journal.finished_run(run_id=_run_id(target))
+        return row
+
+    def _finished_from_journal(self, target: str) -> protocol.Finished | None:
+        row = self._stored_run(target)
         if row is None:
             return None
         return protocol.Finished(
@@ -729,11 +734,7 @@ class Daemon:
         if run is not None:
             return protocol.LogsReply(run_id=run.id, key=run.key,
                                       log_path=run.invocation.payload.log_path, running=True)
-        row = None
-        if self.journal is not None:
-            row = self.journal.finished_run(key=target)
-            if row is None and _run_id(target) is not None:
-                row = self.journal.finished_run(run_id=_run_id(target))
+        row = self._stored_run(target)
         if row is None:
             return protocol.Error(message=f"no run of key or id {target!r} is known",
                                   code="not_found")
@@ -1153,12 +1154,6 @@ def _output_line(fd: int, data: bytes) -> bytes:
     return protocol.encode(
         protocol.Output(fd=fd, data=binascii.b2a_base64(data, newline=False).decode())
     )
-
-
-def _digest(sock: str) -> str:
-    import hashlib
-
-    return hashlib.sha1(os.fsencode(sock)).hexdigest()[:12]
 
 
 def _run_dict(run: Run) -> dict[str, Any]:

@@ -29,11 +29,3 @@ class ExitStatus(enum.IntEnum):
     #: ``debounce wait``, ``flush``, ``cancel`` or ``logs`` found nothing by that name.
     NOT_FOUND = 117
 
-
-def status_from_wait(status: int) -> int:
-    """Map a ``waitpid`` status to a shell-style exit code: 128+N for signal N."""
-    import os
-
-    if os.WIFSIGNALED(status):
-        return 128 + os.WTERMSIG(status)
-    return os.WEXITSTATUS(status)

@@ -20,6 +20,7 @@ each other's work.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import hashlib
 import json
@@ -443,11 +444,7 @@ class Journal:
 @functools.lru_cache(maxsize=4096)
 def _options_json(opts: Options) -> str:
     """Options are shared and immutable: each distinct set is serialised once."""
-    return json.dumps({
-        "delay": opts.delay, "max_wait": opts.max_wait, "leading": opts.leading,
-        "trailing": opts.trailing, "on_busy": opts.on_busy, "stop_timeout": opts.stop_timeout,
-        "timeout": opts.timeout, "defer": opts.defer,
-    })
+    return json.dumps(dataclasses.asdict(opts))
 
 
 def _run_row(r: tuple[Any, ...]) -> dict[str, Any]:

@@ -81,3 +81,10 @@ def check_private_dir(path: str, what: str, create: bool) -> None:
 
 def socket_dir_check(sock: str, create: bool) -> None:
     check_private_dir(os.path.dirname(sock), "socket directory", create)
+
+
+def socket_digest(sock: str) -> str:
+    """A short name for a socket path, for the files kept per socket in the state directory."""
+    import hashlib
+
+    return hashlib.sha1(os.fsencode(sock)).hexdigest()[:12]

@@ -18,10 +18,6 @@ from debounce_cli.client import Display
 from debounce_cli.durations import format_duration
 
 
-class QuietDisplay(Display):
-    """Pipes and ``--quiet``: nothing about the wait itself."""
-
-
 class TerminalDisplay(Display):
     """One live status line at the bottom of the terminal, on stderr.
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import heapq
 import itertools
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -314,8 +314,7 @@ class Scheduler:
     ) -> Invocation:
         """Put back a pending invocation from the journal, due when it was due before.
 
-        An overdue one starts at the next :meth:`tick`. Restoring in order of receipt lets a
-        later row for the same key win, as it did before the restart.
+        An overdue one starts at the next :meth:`tick`. The journal holds one row per key.
         """
         inv = Invocation(
             id=invocation_id, key=key, options=options, received_at=received_at,
@@ -325,10 +324,6 @@ class Scheduler:
         ks = self.keys.get(key)
         if ks is None:
             ks = self.keys[key] = KeyState(key)
-        if ks.pending is not None:
-            inv.waiters = ks.pending.waiters
-            ks.pending.replaced_by = inv
-            self._transition(ks.pending, SUPERSEDED)
         self._set_pending(ks, inv)
         self._transition(inv, PENDING)
         heapq.heappush(self._due, (inv.due, next(self._seq), inv))
@@ -489,8 +484,6 @@ class Scheduler:
         self.pending_count += (inv is not None) - (ks.pending is not None)
         ks.pending = inv
 
-    def pending(self) -> Iterable[Invocation]:
-        return (ks.pending for ks in self.keys.values() if ks.pending is not None)
 
     # ----------------------------------------------------------------- internals
     def _transition(self, obj: Invocation | Run, state: str) -> None:
