@@ -510,18 +510,22 @@ def stop(socket_path: str | None) -> int:
         raise Failure(str(exc), _client_status(exc)) from None
     except client.DaemonLost:
         pass
-    # The daemon holds its lock file until its very end: once we can take it, it is gone.
+    # The daemon holds its lock file until its very end: it is gone once we can take the
+    # lock, or once a newer daemon (started by a client meanwhile) has taken it.
     try:
         fd = os.open(sock + ".lock", os.O_RDWR | os.O_CLOEXEC)
     except OSError:
         return ExitStatus.SUCCESS
     try:
+        stopping = os.pread(fd, 32, 0)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 return ExitStatus.SUCCESS
             except BlockingIOError:
+                if os.pread(fd, 32, 0) != stopping:
+                    return ExitStatus.SUCCESS
                 time.sleep(0.02)
     finally:
         os.close(fd)

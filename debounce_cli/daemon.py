@@ -60,6 +60,8 @@ READ_TIMEOUT = 10.0
 MAX_CONNECTIONS = 1024
 #: Unsent output a waiting client may fall behind by before its copy stops (see output()).
 OUTPUT_BACKLOG = 16 * 1024 * 1024
+#: How long an auto-started daemon waits for a previous one that is still shutting down.
+LOCK_PATIENCE = 30.0
 #: Output kept in memory for clients joining a run that has no log (--no-journal).
 REPLAY_BUFFER = 8 * 1024 * 1024
 #: Processes started per turn of the event loop, at most (see Daemon._spawn_some).
@@ -465,11 +467,21 @@ class Daemon:
         paths.socket_dir_check(sock, create=True)
         lock_path = sock + ".lock"
         fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise AlreadyRunning(f"another debounce daemon already serves {sock}") from None
+        # An auto-started daemon may find the previous one still finishing (it has stopped
+        # listening and is stopping its runs): it waits to take over. By hand, it says so.
+        patience = LOCK_PATIENCE if self.config.ready_fd is not None else 0.0
+        deadline = time.monotonic() + patience
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    os.close(fd)
+                    raise AlreadyRunning(
+                        f"another debounce daemon already serves {sock}"
+                    ) from None
+                time.sleep(0.05)
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         self.lock_fd = fd
@@ -1060,7 +1072,20 @@ class Daemon:
             self.idle_timer = None
 
     def _stop_now(self) -> None:
-        self.stopping = True
+        """Stop accepting at once; the rest of the shutdown (runs, journal) follows.
+
+        The socket goes first, so a client arriving meanwhile starts the next daemon instead
+        of being refused; that one takes over when this one has released the lock.
+        """
+        if not self.stopping:
+            self.stopping = True
+            if self.server is not None:
+                self.server.close()
+            if self.serving_socket and self.config.listen_fd is None:
+                try:
+                    os.unlink(self.config.socket)
+                except FileNotFoundError:
+                    pass
         if self.stopped is not None and not self.stopped.done():
             self.stopped.set_result(None)
 
@@ -1074,8 +1099,6 @@ class Daemon:
 
     async def _finish_shutdown(self) -> None:
         self._cancel_idle()
-        if self.server is not None:
-            self.server.close()
         while self.tasks:
             await asyncio.wait(list(self.tasks))
             await asyncio.sleep(0)  # let the last commit and answers go out
@@ -1084,11 +1107,6 @@ class Daemon:
             self._flush()
         if self.timer is not None:
             self.timer.cancel()
-        if self.serving_socket and self.config.listen_fd is None:
-            try:
-                os.unlink(self.config.socket)
-            except FileNotFoundError:
-                pass
         if self.journal is not None:
             self.journal.close()
 

@@ -329,3 +329,17 @@ def test_watch_holds_few_connections_however_many_changes(world):
     wait_until(lambda: out.exists() and lines(out), timeout=10)
     watch.send_signal(2)
     assert watch.wait(timeout=10) == 0
+
+
+def test_a_client_arriving_while_the_daemon_shuts_down_is_served_by_the_next(world):
+    """Between `debounce stop` and the daemon's exit, new work starts the next daemon."""
+    world.run("run", "--no-wait", "--key", "slow", "--delay", "10ms", "--stop-timeout", "2s",
+              "--", "sh", "-c", "trap '' TERM; sleep 5")
+    wait_until(lambda: any(k["running"] for k in _status(world)["keys"]))
+    old = world.daemon_pid()
+    stopping = world.popen("stop")
+    wait_until(lambda: not os.path.exists(world.socket), timeout=10)  # it stopped listening
+    r = world.run("run", "--delay", "10ms", "--", "echo", "served", timeout=40)
+    assert (r.returncode, r.stdout) == (0, "served\n"), r.stderr
+    assert stopping.wait(timeout=30) == 0
+    assert world.daemon_pid() not in (None, old)
