@@ -343,3 +343,27 @@ def test_a_client_arriving_while_the_daemon_shuts_down_is_served_by_the_next(wor
     assert (r.returncode, r.stdout) == (0, "served\n"), r.stderr
     assert stopping.wait(timeout=30) == 0
     assert world.daemon_pid() not in (None, old)
+
+
+def test_status_of_a_daemon_with_many_keys_is_not_cut_off(world):
+    """An answer larger than the 4 MiB request cap (here ~5 MiB of status) still arrives."""
+    import socket as socket_mod
+
+    world.run("status")
+    sock = socket_mod.socket(socket_mod.AF_UNIX)
+    sock.connect(world.socket)
+    reader = sock.makefile("rb")
+    sock.sendall(b'{"type":"hello","version":1,"client":"t"}\n')
+    reader.readline()
+    long_arg = "x" * 300
+    count = 12_000
+    for i in range(count):
+        request = {"type": "run", "argv": ["echo", long_arg], "cwd": "/", "env": {},
+                   "key": f"k{i}", "options": {"delay": 3600.0}, "wait": False}
+        sock.sendall(json.dumps(request).encode() + b"\n")
+        assert reader.readline().startswith(b'{"type":"accepted"')
+    sock.close()
+    r = world.run("status", "--json", timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert len(r.stdout) > 4 * 1024 * 1024
+    assert len(json.loads(r.stdout)["keys"]) == count
