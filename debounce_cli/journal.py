@@ -142,6 +142,7 @@ class Journal:
         self.dirty_runs: dict[int, Run] = {}
         self.env_ids: dict[str, int] = {}
         self.env_objects: dict[int, tuple[dict[str, str], int]] = {}
+        self.argv_objects: dict[int, tuple[list[str], str]] = {}
         self.broken: str | None = None  # why the last commit failed, until one succeeds
 
     # ------------------------------------------------------------------ opening
@@ -152,6 +153,7 @@ class Journal:
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=NORMAL")
             self.db.execute("PRAGMA busy_timeout=5000")
+            self.db.execute("PRAGMA wal_autocheckpoint=10000")  # fewer checkpoints (fsyncs)
             self.db.executescript(_SCHEMA)
             for table, column, kind in _ADDED_COLUMNS:  # journals written by earlier versions
                 columns = {row[1] for row in self.db.execute(f"PRAGMA table_info({table})")}
@@ -276,10 +278,21 @@ class Journal:
         self.env_objects[id(env)] = (env, env_id)  # holding env keeps its id from being reused
         return env_id
 
+    def _argv_json(self, argv: list[str]) -> str:
+        """Command lines are shared like environments: serialise each list once."""
+        known = self.argv_objects.get(id(argv))
+        if known is not None and known[0] is argv:
+            return known[1]
+        text = json.dumps(argv)
+        if len(self.argv_objects) >= 4096:
+            self.argv_objects.clear()
+        self.argv_objects[id(argv)] = (argv, text)  # holding argv keeps its id from reuse
+        return text
+
     def _pending_row(self, db: sqlite3.Connection, inv: Invocation, offset: float) -> tuple:
         job = inv.payload
         return (
-            self.socket, _t(inv.key), inv.id, json.dumps(job.argv), _t(job.cwd),
+            self.socket, _t(inv.key), inv.id, self._argv_json(job.argv), _t(job.cwd),
             self._env_id(db, job.env), _options_json(inv.options), inv.received_at + offset,
             inv.due + offset, inv.first_at + offset, inv.coalesced, int(inv.leading_edge),
             inv.state,
