@@ -58,7 +58,7 @@ CREATE TABLE IF NOT EXISTS pending (
     leading_edge INTEGER NOT NULL,
     state TEXT NOT NULL,
     PRIMARY KEY (socket, key)
-);
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS runs (
     socket TEXT NOT NULL,
     run_id INTEGER NOT NULL,
