@@ -118,7 +118,7 @@ class Session:
 
 def percentile(values: list[float], p: float) -> float:
     ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(p / 100 * (len(ordered) - 1))))]
+    return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
 
 
 def timed(argv: list[str], runs: int, env: dict[str, str] | None = None) -> list[float]:
@@ -145,7 +145,7 @@ def bench_client(rows: list[tuple[str, str, str]], runs: int) -> None:
         cases = {
             "python -c pass": [sys.executable, "-c", "pass"],
             'python -c "import click"': [sys.executable, "-c", "import click"],
-            "debounce run --no-wait": client + ["run", "--no-wait", "--delay", "1h", "--key",
+            "debounce run --no-wait": [*client, "run", "--no-wait", "--delay", "1h", "--key",
                                                 "bench", "--", "true"],
         }
         if shutil.which("tsp"):
@@ -153,7 +153,7 @@ def bench_client(rows: list[tuple[str, str, str]], runs: int) -> None:
         if shutil.which("nq"):
             cases["nq true"] = ["nq", "true"]
         results: dict[str, list[float]] = {name: [] for name in cases}
-        for name, argv in cases.items():  # warm the page cache
+        for argv in cases.values():  # warm the page cache
             timed(argv, 2, daemon.env)
         for _ in range(runs):  # interleaved, so a noisy moment hits every case alike
             for name, argv in cases.items():
@@ -176,7 +176,7 @@ def bench_submissions(rows: list[tuple[str, str, str]], seconds: float) -> None:
             counts = [0] * 8
             stop = time.monotonic() + seconds
 
-            def sender(index: int) -> None:
+            def sender(daemon: Daemon, stop: float, counts: list[int], index: int) -> None:
                 # Requests are encoded up front and answers only checked, so the figure is the
                 # daemon's rate rather than this client's JSON work.
                 session = daemon.session()
@@ -192,7 +192,8 @@ def bench_submissions(rows: list[tuple[str, str, str]], seconds: float) -> None:
                 counts[index] = i
                 session.close()
 
-            threads = [threading.Thread(target=sender, args=(i,)) for i in range(8)]
+            threads = [threading.Thread(target=sender, args=(daemon, stop, counts, i))
+                       for i in range(8)]
             cpu_before = daemon.cpu_seconds()
             start = time.monotonic()
             for t in threads:
@@ -218,15 +219,16 @@ def bench_lateness(rows: list[tuple[str, str, str]], pending: int, probes: int) 
         for i in range(probes):
             session.submit(f"probe-{i}", ["true"], 0.5 + 2.0 * i / probes, env)
         deadline = time.monotonic() + 60
-        runs: list[dict] = []
+        runs: list[protocol.RunRecord] = []
         while time.monotonic() < deadline:
             reply = session.ask(protocol.HistoryRequest(limit=probes))
-            runs = [r for r in reply.runs if r["key"].startswith("probe-")]  # type: ignore[attr-defined]
+            assert isinstance(reply, protocol.HistoryReply)
+            runs = [r for r in reply.runs if r.key.startswith("probe-")]
             if len(runs) >= probes:
                 break
             time.sleep(0.2)
         session.close()
-        late = [(r["started_at"] - r["due_at"]) * 1000 for r in runs]
+        late = [(r.started_at - (r.due_at or r.started_at)) * 1000 for r in runs]
         rows.append((f"lateness: {probes} probes among {pending:,} pending",
                      f"p50 {percentile(late, 50):.2f} ms, p99 {percentile(late, 99):.2f} ms",
                      "start minus due, as the daemon records them"))

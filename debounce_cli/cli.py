@@ -16,6 +16,8 @@ import click
 from debounce_cli import __version__
 from debounce_cli.durations import DurationError, parse_duration
 from debounce_cli.exits import ExitStatus
+from debounce_cli.options import HISTORY_LIMIT
+from debounce_cli.states import BAD_REQUEST, LOST, NOT_FOUND
 
 
 class Failure(Exception):
@@ -26,7 +28,7 @@ class Failure(Exception):
         self.status = status
 
 
-class Duration(click.ParamType):
+class Duration(click.ParamType):  # type: ignore[type-arg]  # generic only in click's stubs
     name = "DURATION"
 
     def convert(self, value: Any, param: Any, ctx: Any) -> float:
@@ -52,99 +54,72 @@ def _socket_option(func: Any) -> Any:
 
 
 def _invocation_options(func: Any) -> Any:
-    """The scheduling options shared by ``run`` and ``daemon`` (defaults for stdin lines)."""
-    options = [
-        click.option(
-            "--delay",
-            type=DURATION,
-            envvar="DEBOUNCE_DELAY",
-            show_envvar=True,
-            default="1s",
-            show_default=True,
-            help="Quiet period: run once no invocation of the key came for this long "
-            "(250ms, 2s, 1m30s, 0.5).",
-        ),
-        click.option(
-            "--key",
-            "key_template",
-            metavar="TEMPLATE",
-            help="Defer key: {0} the command, {1}..{N} arguments, {args}, {cwd}, {env[NAME]}; "
-            "a plain string is a fixed key. Default: the whole invocation (cwd and argv).",
-        ),
-        click.option(
-            "--no-defer", is_flag=True,
-            help="Keep the delay but never coalesce: each invocation gets a key of its own "
-            "(KEY#ID).",
-        ),
-        click.option(
-            "--max-wait",
-            type=DURATION,
-            metavar="DURATION",
-            help="Run no later than this after the first invocation of a burst.",
-        ),
-        click.option(
-            "--leading", is_flag=True, help="Run the first invocation of a burst at once."
-        ),
-        click.option(
-            "--no-trailing",
-            is_flag=True,
-            help="With --leading: later invocations of the burst start nothing and share the "
-            "leading run's result.",
-        ),
-        click.option(
-            "--on-busy",
-            type=click.Choice(["queue", "restart", "ignore"]),
-            default="queue",
-            show_default=True,
-            help="While the key's command runs: queue one more run after it, restart it, or "
-            "join it (ignore).",
-        ),
-        click.option(
-            "--stop-timeout",
-            type=DURATION,
-            default="5s",
-            show_default=True,
-            help="After SIGTERM, wait this long before SIGKILL.",
-        ),
-        click.option(
-            "--timeout",
-            type=DURATION,
-            metavar="DURATION",
-            help="Stop a run that lasts longer than this (SIGTERM, then SIGKILL).",
-        ),
-    ]
-    for option in reversed(options):
-        func = option(func)
+    """The scheduling options shared by ``run``, ``daemon`` (defaults for stdin lines) and
+    ``watch``, made from the one table in ``options.RUN_OPTIONS``; ``--key`` follows --delay."""
+    from debounce_cli import options as table
+    from debounce_cli.durations import format_duration
+
+    decorators = []
+    for option in table.RUN_OPTIONS:
+        kwargs: dict[str, Any] = {"help": option.help}
+        if option.kind == table.DURATION:
+            kwargs["type"] = DURATION
+            if option.default is None:
+                kwargs["metavar"] = option.metavar
+            else:
+                kwargs.update(default=format_duration(option.default), show_default=True)
+        elif option.kind == table.CHOICE:
+            kwargs.update(type=click.Choice(list(option.choices)), default=option.default,
+                          show_default=True)
+        else:
+            kwargs["is_flag"] = True
+        if option.envvar:
+            kwargs.update(envvar=option.envvar, show_envvar=True)
+        decorators.append(click.option(option.flag, option.param, **kwargs))
+    decorators.insert(1, click.option(
+        "--key",
+        "key_template",
+        metavar="TEMPLATE",
+        help="Defer key: {0} the command, {1}..{N} arguments, {args}, {cwd}, {env[NAME]}; "
+        "a plain string is a fixed key. Default: the whole invocation (cwd and argv).",
+    ))
+    for decorator in reversed(decorators):
+        func = decorator(func)
     return func
 
 
-def _options(
-    delay: float,
-    no_defer: bool,
-    max_wait: float | None,
-    leading: bool,
-    no_trailing: bool,
-    on_busy: str,
-    stop_timeout: float,
-    timeout: float | None,
-) -> dict[str, Any]:
-    """The RunRequest options object, checked by the same rules the daemon applies."""
-    from debounce_cli.protocol import usage_problems
+def _daemon_options(func: Any) -> Any:
+    """The settings of ``debounce daemon``, from ``options.DAEMON_OPTIONS``."""
+    from debounce_cli import options as table
+    from debounce_cli.durations import format_duration
 
-    values = {
-        "delay": delay,
-        "max_wait": max_wait,
-        "leading": leading,
-        "trailing": not no_trailing,
-        "on_busy": on_busy,
-        "stop_timeout": stop_timeout,
-        "timeout": timeout,
-        "defer": not no_defer,
-    }
-    problems = usage_problems(values)
+    decorators = []
+    for option in table.DAEMON_OPTIONS:
+        kwargs: dict[str, Any] = {"help": option.help}
+        if option.kind == table.DURATION:
+            kwargs.update(type=DURATION, default=format_duration(option.default),
+                          show_default=True)
+        elif option.kind == table.FLAG:
+            kwargs.update(default=option.default, show_default=True)
+        else:
+            kwargs.update(type=click.IntRange(min=option.minimum), metavar=option.metavar)
+            if option.default is not None:
+                kwargs.update(default=option.default, show_default=True)
+        decorators.append(click.option(option.flag, option.name, **kwargs))
+    for decorator in reversed(decorators):
+        func = decorator(func)
+    return func
+
+
+def _options(**values: Any) -> dict[str, Any]:
+    """The RunRequest options object, checked by the same rules the daemon applies."""
+    from debounce_cli.options import from_flags, usage_problems
+
+    options = from_flags(values)
+    problems = usage_problems(options)
     if problems:
         raise click.UsageError(problems[0])
-    return values
+    return options
 
 
 def _complete_keys(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[Any]:
@@ -160,7 +135,7 @@ def _complete_keys(ctx: click.Context, param: click.Parameter, incomplete: str) 
         return []
     if not isinstance(reply, protocol.StatusReply):
         return []
-    return [CompletionItem(row["key"]) for row in reply.keys if row["key"].startswith(incomplete)]
+    return [CompletionItem(row.key) for row in reply.keys if row.key.startswith(incomplete)]
 
 
 def _socket(option: str | None) -> str:
@@ -221,7 +196,8 @@ def run(
     try:
         cwd = os.getcwd()
     except OSError as exc:
-        raise Failure(f"cannot read the current directory: {exc.strerror}", ExitStatus.USAGE)
+        raise Failure(f"cannot read the current directory: {exc.strerror}",
+                      ExitStatus.USAGE) from None
     env = dict(os.environ)
     try:
         key = compute_key(key_template, argv, cwd, env)
@@ -290,9 +266,9 @@ def _converse(
             ) from None
         except KeyboardInterrupt:
             # Stop waiting; the invocation stays with the daemon for the other waiters.
-            return 130
+            return ExitStatus.INTERRUPTED
         if isinstance(result, protocol.Finished):
-            if result.outcome == "lost":
+            if result.outcome == LOST:
                 raise Failure(
                     f"run {result.run_id} of {result.key} was lost: its daemon died while it ran",
                     ExitStatus.DAEMON_LOST,
@@ -308,7 +284,8 @@ def _converse(
     except client.ClientError as exc:
         raise Failure(str(exc), ExitStatus.DAEMON_UNREACHABLE) from None
     except TimeoutError:
-        raise Failure("the daemon did not answer within 30s", ExitStatus.DAEMON_UNREACHABLE)
+        raise Failure("the daemon did not answer within 30s",
+                      ExitStatus.DAEMON_UNREACHABLE) from None
     finally:
         conn.close()
 
@@ -333,8 +310,8 @@ def _refused(reply: Any, key: str) -> NoReturn:
                       ExitStatus.DAEMON_LOST)
     if isinstance(reply, protocol.Error):
         status = {
-            "bad_request": ExitStatus.USAGE,
-            "not_found": ExitStatus.NOT_FOUND,
+            BAD_REQUEST: ExitStatus.USAGE,
+            NOT_FOUND: ExitStatus.NOT_FOUND,
         }.get(reply.code, ExitStatus.REFUSED)
         raise Failure(reply.message, status)
     raise Failure(f"unexpected answer from the daemon: {reply.type}", ExitStatus.REFUSED)
@@ -352,19 +329,7 @@ def _quote(text: str) -> str:
 @click.option("--stdin", "read_stdin", is_flag=True,
               help="Also read invocations from standard input, one per line (a shell-quoted "
               "command line or a JSON object); exit when input ends and all have run.")
-@click.option("--jobs", type=click.IntRange(min=1), metavar="N",
-              help="Run at most N commands at once; due invocations queue.  [default: no limit]")
-@click.option("--idle-exit", type=DURATION, default="10m", show_default=True,
-              help="Exit after this long with nothing pending, running or connected (0: never).")
-@click.option("--journal/--no-journal", default=True, show_default=True,
-              help="Keep pending invocations and history in the state directory, so they "
-              "survive a crash; --no-journal keeps them in memory only.")
-@click.option("--keep-logs", type=click.IntRange(min=0), default=10, show_default=True,
-              metavar="N", help="Keep the output logs of the last N runs of each key.")
-@click.option("--keep-logs-total", type=click.IntRange(min=0), default=1000, show_default=True,
-              metavar="N", help="Keep at most N output logs in all.")
-@click.option("--keep-history", type=click.IntRange(min=1), default=10000, show_default=True,
-              metavar="N", help="Keep the last N finished runs in the history.")
+@_daemon_options
 @_invocation_options
 @click.option("--ready-fd", type=int, hidden=True)
 def daemon(
@@ -415,7 +380,7 @@ def daemon(
     except PathError as exc:
         raise Failure(str(exc), ExitStatus.USAGE) from None
     except daemon_mod.DaemonError as exc:
-        raise Failure(str(exc), 1) from None
+        raise Failure(str(exc), ExitStatus.FAILURE) from None
 
 
 # ------------------------------------------------------------------------------ watch
@@ -430,7 +395,8 @@ class _SplitAtDashes(click.Command):
         return super().parse_args(ctx, args)
 
 
-@cli.command(cls=_SplitAtDashes, short_help="Run COMMAND after each burst of file changes under PATH.")
+@cli.command(cls=_SplitAtDashes,
+             short_help="Run COMMAND after each burst of file changes under PATH.")
 @click.argument("paths", nargs=-1, metavar="PATH... -- COMMAND [ARG]...",
                 type=click.Path(exists=True))
 @click.option("--filter", "filters", multiple=True, metavar="GLOB",
@@ -445,6 +411,7 @@ class _SplitAtDashes(click.Command):
 @click.pass_context
 def watch(
     ctx: click.Context,
+    /,
     paths: tuple[str, ...],
     filters: tuple[str, ...],
     ignores: tuple[str, ...],
@@ -495,9 +462,6 @@ def _listen_fd() -> int | None:
 @_socket_option
 def stop(socket_path: str | None) -> int:
     """Stop the daemon as SIGTERM would, and wait until it has exited."""
-    import fcntl
-    import time
-
     from debounce_cli import client, protocol
 
     sock = _socket(socket_path)
@@ -510,25 +474,8 @@ def stop(socket_path: str | None) -> int:
         raise Failure(str(exc), _client_status(exc)) from None
     except client.DaemonLost:
         pass
-    # The daemon holds its lock file until its very end: it is gone once we can take the
-    # lock, or once a newer daemon (started by a client meanwhile) has taken it.
-    try:
-        fd = os.open(sock + ".lock", os.O_RDWR | os.O_CLOEXEC)
-    except OSError:
+    if client.wait_until_gone(sock, timeout=60):
         return ExitStatus.SUCCESS
-    try:
-        stopping = os.pread(fd, 32, 0)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                return ExitStatus.SUCCESS
-            except BlockingIOError:
-                if os.pread(fd, 32, 0) != stopping:
-                    return ExitStatus.SUCCESS
-                time.sleep(0.02)
-    finally:
-        os.close(fd)
     raise Failure("the daemon did not exit within 60s", ExitStatus.DAEMON_UNREACHABLE)
 
 
@@ -596,7 +543,7 @@ def wait(
 
 @cli.command()
 @click.argument("key", required=False, shell_complete=_complete_keys)
-@click.option("--limit", type=click.IntRange(min=1), default=20, show_default=True,
+@click.option("--limit", type=click.IntRange(min=1), default=HISTORY_LIMIT, show_default=True,
               help="Show at most this many runs, newest first.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object per line.")
 @_socket_option
@@ -681,7 +628,7 @@ def main(args: list[str] | None = None) -> NoReturn:
         print(f"{where}: {exc.format_message()} (see '{where} --help')", file=sys.stderr)
         sys.exit(ExitStatus.USAGE)
     except click.exceptions.Abort:
-        sys.exit(130)
+        sys.exit(ExitStatus.INTERRUPTED)
     except click.ClickException as exc:
         print(f"debounce: {exc.format_message()}", file=sys.stderr)
         sys.exit(exc.exit_code)
@@ -689,5 +636,5 @@ def main(args: list[str] | None = None) -> NoReturn:
         print(f"debounce: {exc}", file=sys.stderr)
         sys.exit(exc.status)
     except KeyboardInterrupt:
-        sys.exit(130)
+        sys.exit(ExitStatus.INTERRUPTED)
     sys.exit(status or 0)

@@ -131,7 +131,8 @@ def _start_and_connect(sock_path: str) -> Connection:
         paths.socket_dir_check(sock_path, create=True)
     except paths.PathError as exc:
         raise ClientError(str(exc), "unsafe") from None
-    lock_fd = os.open(sock_path + ".start", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC
+    lock_fd = os.open(paths.start_lock_path(sock_path), flags, 0o600)
     try:
         fcntl.flock(lock_fd, fcntl.LOCK_EX)
         try:
@@ -154,6 +155,35 @@ def _start_and_connect(sock_path: str) -> Connection:
             ) from None
     finally:
         os.close(lock_fd)
+
+
+def wait_until_gone(sock_path: str, timeout: float) -> bool:
+    """After a stop request: wait until the daemon on ``sock_path`` has exited.
+
+    The daemon holds its lock file until its very end: it is gone once we can take the lock,
+    or once a newer daemon (started by a client meanwhile) has taken it over. False when
+    ``timeout`` passes first.
+    """
+    import fcntl
+
+    try:
+        fd = os.open(paths.lock_path(sock_path), os.O_RDWR | os.O_CLOEXEC)
+    except OSError:
+        return True
+    try:
+        stopping = os.pread(fd, 32, 0)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return True
+            except BlockingIOError:
+                if os.pread(fd, 32, 0) != stopping:
+                    return True
+                time.sleep(0.02)
+    finally:
+        os.close(fd)
+    return False
 
 
 def daemon_log_path(sock_path: str) -> str:

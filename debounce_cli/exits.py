@@ -14,6 +14,8 @@ class ExitStatus(enum.IntEnum):
     """Exit statuses that debounce reports for itself (the man page and README list them)."""
 
     SUCCESS = 0
+    #: ``debounce daemon`` could not start; with ``--stdin``, a line or a run failed.
+    FAILURE = 1
     #: The command line was wrong (unknown option, bad duration, bad key template...).
     USAGE = 2
     #: No daemon answered and none could be started.
@@ -28,4 +30,6 @@ class ExitStatus(enum.IntEnum):
     REFUSED = 116
     #: ``debounce wait``, ``flush``, ``cancel`` or ``logs`` found nothing by that name.
     NOT_FOUND = 117
+    #: Ctrl-C (SIGINT) while waiting: the client stops; the invocation stays with the daemon.
+    INTERRUPTED = 130
 

@@ -31,7 +31,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from debounce_cli.scheduler import FINISHED, RUNNING, Invocation, Options, Run, Scheduler
+from debounce_cli.options import HISTORY_LIMIT
+from debounce_cli.protocol import RunRecord
+from debounce_cli.scheduler import Invocation, Options, Run, Scheduler
+from debounce_cli.states import FINISHED, LOST
 
 SCHEMA_VERSION = 1
 
@@ -84,20 +87,46 @@ _ADDED_COLUMNS = [
     ("runs", "due_at", "REAL"), ("runs", "inv_id", "INTEGER"), ("envs", "socket", "TEXT"),
 ]
 
-#: How a run that was executing when its daemon died is recorded.
-LOST = "lost"
-
-
 class JournalError(Exception):
     """The journal cannot be written; ``str()`` says why and what to do."""
+
+
+@dataclass(slots=True)
+class StoredInvocation:
+    """A pending invocation as the journal keeps it; times are wall-clock seconds.
+
+    ``env`` is ``None`` when its environment row is missing (a journal damaged by hand).
+    """
+
+    key: str
+    id: int
+    argv: list[str]
+    cwd: str
+    env: dict[str, str] | None
+    options: dict[str, Any]
+    received_at: float
+    due_at: float
+    first_at: float
+    coalesced: int
+    leading_edge: bool
+    state: str
+
+
+@dataclass(slots=True)
+class LostRun:
+    """A run that was executing when its daemon died: ``pid`` leads to what is left of it."""
+
+    run_id: int
+    key: str
+    pid: int | None
 
 
 @dataclass
 class Restored:
     """What a daemon finds in the journal for its socket when it starts."""
 
-    pending: list[dict[str, Any]]
-    lost: list[dict[str, Any]]  # runs that were executing when the last daemon died
+    pending: list[StoredInvocation]
+    lost: list[LostRun]  # runs that were executing when the last daemon died
     next_id: int
     next_run_id: int
 
@@ -119,8 +148,10 @@ def _s(value: str | bytes) -> str:
     return value.decode("utf-8", "surrogateescape") if isinstance(value, bytes) else value
 
 
-def _describe(exc: Exception, where: str) -> str:
+def _describe(exc: Exception, where: str, reading: bool = False) -> str:
     text = str(exc)
+    if reading:
+        return f"cannot read {where} ({text}); check the file, or move it aside to start afresh"
     lowered = text.lower()
     if "full" in lowered:
         return f"the disk holding {where} is full; free some space and retry"
@@ -225,6 +256,16 @@ class Journal:
         self.dirty_keys.clear()
         self.dirty_runs.clear()
 
+    def refusal(self) -> str | None:
+        """Why new invocations cannot be stored now, or ``None`` when they can.
+
+        After a failed commit every call probes the disk again, so the daemon takes new
+        submissions as soon as space is freed.
+        """
+        if self.broken is not None and not self.probe():
+            return self.broken
+        return None
+
     def probe(self) -> bool:
         """After a failure: can the journal be written again? Clears ``broken`` when it can."""
         try:
@@ -289,7 +330,8 @@ class Journal:
         self.argv_objects[id(argv)] = (argv, text)  # holding argv keeps its id from reuse
         return text
 
-    def _pending_row(self, db: sqlite3.Connection, inv: Invocation, offset: float) -> tuple:
+    def _pending_row(self, db: sqlite3.Connection, inv: Invocation, offset: float
+                     ) -> tuple[Any, ...]:
         job = inv.payload
         return (
             self.socket, _t(inv.key), inv.id, self._argv_json(job.argv), _t(job.cwd),
@@ -317,6 +359,12 @@ class Journal:
     # ------------------------------------------------------------------ start-up
     def load(self) -> Restored:
         """Read what the previous daemon on this socket left: pending work and lost runs."""
+        try:
+            return self._load()
+        except (sqlite3.Error, ValueError) as exc:
+            raise JournalError(_describe(exc, self.path, reading=True)) from None
+
+    def _load(self) -> Restored:
         db = self.db
         assert db is not None
         pending = []
@@ -329,18 +377,17 @@ class Journal:
         for row in rows:
             (key, inv_id, argv, cwd, env, options, received, due, first, coalesced, leading,
              state) = row
-            pending.append({
-                "key": _s(key), "id": inv_id, "argv": json.loads(argv), "cwd": _s(cwd),
-                "env": json.loads(env) if env is not None else None,
-                "options": json.loads(options), "received_at": received,
-                "due_at": due, "first_at": first, "coalesced": coalesced,
-                "leading_edge": bool(leading), "state": state,
-            })
+            pending.append(StoredInvocation(
+                key=_s(key), id=inv_id, argv=json.loads(argv), cwd=_s(cwd),
+                env=json.loads(env) if env is not None else None,
+                options=json.loads(options), received_at=received,
+                due_at=due, first_at=first, coalesced=coalesced,
+                leading_edge=bool(leading), state=state,
+            ))
         lost = [
-            {"run_id": r[0], "key": _s(r[1]), "pid": r[2]}
+            LostRun(run_id=r[0], key=_s(r[1]), pid=r[2])
             for r in db.execute(
-                "SELECT run_id, key, pid FROM runs "
-                "WHERE socket = ? AND finished_at IS NULL",
+                "SELECT run_id, key, pid FROM runs WHERE socket = ? AND finished_at IS NULL",
                 (self.socket,),
             )
         ]
@@ -366,8 +413,10 @@ class Journal:
 
     def prune_envs(self) -> None:
         """Drop environment snapshots no pending invocation refers to any more."""
-        db = self.db
-        assert db is not None
+        with self._transaction() as db:
+            self._prune_envs(db)
+
+    def _prune_envs(self, db: sqlite3.Connection) -> None:
         db.execute(
             "DELETE FROM envs WHERE socket = ? AND id NOT IN "
             "(SELECT env_id FROM pending WHERE socket = ?)",
@@ -377,81 +426,77 @@ class Journal:
         self.env_objects.clear()
 
     # ------------------------------------------------------------------ reading
-    def history(self, key: str | None = None, limit: int = 20) -> list[dict[str, Any]]:
+    def history(self, key: str | None = None, limit: int = HISTORY_LIMIT) -> list[RunRecord]:
         """Finished runs, newest first."""
-        db = self.db
-        assert db is not None
-        query = (
-            "SELECT run_id, key, argv, cwd, exit_code, coalesced, started_at, finished_at, "
-            "outcome, log_path, due_at, inv_id FROM runs "
-            "WHERE socket = ? AND finished_at IS NOT NULL"
-        )
+        query = _RUN_COLUMNS + " WHERE socket = ? AND finished_at IS NOT NULL"
         args: list[Any] = [self.socket]
         if key is not None:
             query += " AND key = ?"
             args.append(_t(key))
         query += " ORDER BY run_id DESC LIMIT ?"
         args.append(limit)
-        return [_run_row(r) for r in db.execute(query, args)]
+        return [_run_record(r) for r in self._read(query, args)]
 
     def finished_run(self, run_id: int | None = None, key: str | None = None
-                     ) -> dict[str, Any] | None:
+                     ) -> RunRecord | None:
         """One finished run by id, or the latest finished run of a key."""
-        db = self.db
-        assert db is not None
-        base = (
-            "SELECT run_id, key, argv, cwd, exit_code, coalesced, started_at, finished_at, "
-            "outcome, log_path, due_at, inv_id FROM runs "
-            "WHERE socket = ? AND finished_at IS NOT NULL"
-        )
+        base = _RUN_COLUMNS + " WHERE socket = ? AND finished_at IS NOT NULL"
         if run_id is not None:
-            row = db.execute(base + " AND run_id = ?", (self.socket, run_id)).fetchone()
+            rows = self._read(base + " AND run_id = ?", (self.socket, run_id))
         else:
-            row = db.execute(base + " AND key = ? ORDER BY run_id DESC LIMIT 1",
-                             (self.socket, _t(key))).fetchone()
-        return _run_row(row) if row else None
+            rows = self._read(base + " AND key = ? ORDER BY run_id DESC LIMIT 1",
+                              (self.socket, _t(key or "")))
+        return _run_record(rows[0]) if rows else None
 
-    def old_logs(self, keep_per_key: int, keep_total: int) -> list[tuple[int, str]]:
-        """Runs whose logs fall outside the retention limits: (run_id, log_path)."""
+    def _read(self, query: str, args: Any) -> list[tuple[Any, ...]]:
         db = self.db
         assert db is not None
-        rows = db.execute(
-            "SELECT run_id, log_path FROM ("
-            "  SELECT run_id, log_path, "
-            "    row_number() OVER (PARTITION BY key ORDER BY run_id DESC) AS per_key, "
-            "    row_number() OVER (ORDER BY run_id DESC) AS overall "
-            "  FROM runs WHERE socket = ? AND log_path IS NOT NULL AND finished_at IS NOT NULL"
-            ") WHERE per_key > ? OR overall > ?",
-            (self.socket, keep_per_key, keep_total),
-        ).fetchall()
-        return [(r[0], r[1]) for r in rows]
+        try:
+            return db.execute(query, args).fetchall()
+        except sqlite3.Error as exc:
+            raise JournalError(_describe(exc, self.path, reading=True)) from None
 
-    def prune_history(self, keep: int) -> list[str]:
-        """Drop finished runs beyond the newest ``keep``; return the logs they still had."""
-        db = self.db
-        assert db is not None
-        cutoff = db.execute(
-            "SELECT run_id FROM runs WHERE socket = ? AND finished_at IS NOT NULL "
-            "ORDER BY run_id DESC LIMIT 1 OFFSET ?",
-            (self.socket, keep),
-        ).fetchone()
-        if cutoff is None:
-            return []
-        where = "socket = ? AND finished_at IS NOT NULL AND run_id <= ?"
-        logs = [r[0] for r in db.execute(
-            f"SELECT log_path FROM runs WHERE {where} AND log_path IS NOT NULL",
-            (self.socket, cutoff[0]),
-        )]
-        db.execute(f"DELETE FROM runs WHERE {where}", (self.socket, cutoff[0]))
-        return logs
+    # ------------------------------------------------------------------ retention
+    def retain(self, keep_logs: int, keep_logs_total: int, keep_history: int,
+               prune_envs: bool = False) -> list[str]:
+        """Apply the retention limits in one transaction; return the log files to delete.
 
-    def forget_logs(self, run_ids: list[int]) -> None:
-        db = self.db
-        assert db is not None
-        db.executemany(
-            "UPDATE runs SET log_path = NULL WHERE socket = ? AND run_id = ?",
-            [(self.socket, run_id) for run_id in run_ids],
-        )
+        Logs beyond ``keep_logs`` per key or ``keep_logs_total`` in all are forgotten, and
+        finished runs beyond the newest ``keep_history``; with ``prune_envs``, environments
+        no pending invocation uses any more are dropped too.
+        """
+        with self._transaction() as db:
+            if prune_envs:
+                self._prune_envs(db)
+            old = db.execute(
+                "SELECT run_id, log_path FROM ("
+                "  SELECT run_id, log_path, "
+                "    row_number() OVER (PARTITION BY key ORDER BY run_id DESC) AS per_key, "
+                "    row_number() OVER (ORDER BY run_id DESC) AS overall "
+                "  FROM runs WHERE socket = ? AND log_path IS NOT NULL "
+                "  AND finished_at IS NOT NULL"
+                ") WHERE per_key > ? OR overall > ?",
+                (self.socket, keep_logs, keep_logs_total),
+            ).fetchall()
+            if old:
+                db.executemany(
+                    "UPDATE runs SET log_path = NULL WHERE socket = ? AND run_id = ?",
+                    [(self.socket, run_id) for run_id, _ in old],
+                )
+            files = [path for _, path in old]
+            cutoff = db.execute(
+                "SELECT run_id FROM runs WHERE socket = ? AND finished_at IS NOT NULL "
+                "ORDER BY run_id DESC LIMIT 1 OFFSET ?",
+                (self.socket, keep_history),
+            ).fetchone()
+            if cutoff is not None:
+                where = "socket = ? AND finished_at IS NOT NULL AND run_id <= ?"
+                files += [r[0] for r in db.execute(
+                    f"SELECT log_path FROM runs WHERE {where} AND log_path IS NOT NULL",
+                    (self.socket, cutoff[0]),
+                )]
+                db.execute(f"DELETE FROM runs WHERE {where}", (self.socket, cutoff[0]))
+        return files
 
 
 @functools.lru_cache(maxsize=4096)
@@ -460,13 +505,19 @@ def _options_json(opts: Options) -> str:
     return json.dumps(dataclasses.asdict(opts))
 
 
-def _run_row(r: tuple[Any, ...]) -> dict[str, Any]:
-    return {
-        "run_id": r[0], "key": _s(r[1]), "argv": json.loads(r[2]), "cwd": _s(r[3]),
-        "exit_code": r[4],
-        "coalesced": r[5], "started_at": r[6], "finished_at": r[7], "outcome": r[8],
-        "log_path": r[9], "due_at": r[10], "invocation": r[11],
-    }
+_RUN_COLUMNS = (
+    "SELECT run_id, key, argv, cwd, exit_code, coalesced, started_at, finished_at, "
+    "outcome, log_path, due_at, inv_id FROM runs"
+)
 
 
-__all__ = ["LOST", "RUNNING", "Journal", "JournalError", "Restored"]
+def _run_record(r: tuple[Any, ...]) -> RunRecord:
+    """A row selected with ``_RUN_COLUMNS``."""
+    return RunRecord(
+        run_id=r[0], key=_s(r[1]), argv=json.loads(r[2]), cwd=_s(r[3]), exit_code=r[4],
+        coalesced=r[5], started_at=r[6], finished_at=r[7], outcome=r[8],
+        log_path=None if r[9] is None else _s(r[9]), due_at=r[10], invocation=r[11],
+    )
+
+
+__all__ = ["LOST", "Journal", "JournalError", "LostRun", "Restored", "StoredInvocation"]

@@ -38,7 +38,8 @@ def socket_path(option: str | None = None) -> str:
 
 
 def state_dir() -> str:
-    """``$DEBOUNCE_STATE_DIR``, else ``$XDG_STATE_HOME/debounce``, else ``~/.local/state/debounce``."""
+    """``$DEBOUNCE_STATE_DIR``, else ``$XDG_STATE_HOME/debounce``, else
+    ``~/.local/state/debounce``."""
     path = os.environ.get("DEBOUNCE_STATE_DIR")
     if not path:
         base = os.environ.get("XDG_STATE_HOME") or os.path.join(
@@ -81,6 +82,16 @@ def check_private_dir(path: str, what: str, create: bool) -> None:
 
 def socket_dir_check(sock: str, create: bool) -> None:
     check_private_dir(os.path.dirname(sock), "socket directory", create)
+
+
+def lock_path(sock: str) -> str:
+    """The daemon's lock beside its socket: held for as long as that daemon lives."""
+    return sock + ".lock"
+
+
+def start_lock_path(sock: str) -> str:
+    """Clients take turns on this lock to start one daemon between them."""
+    return sock + ".start"
 
 
 def socket_digest(sock: str) -> str:

@@ -4,11 +4,12 @@ The wire format is newline-delimited JSON, one object per line, so a session can
 typed by hand with ``socat - UNIX-CONNECT:$sock``. Each object has a ``type``; each type is a
 frozen record class below with a docstring saying when it is sent. A connection may carry any
 number of one-shot requests, one after the other; a request that waits for a run (``run`` with
-``wait``, ``wait``) is its connection's last. (Not dataclasses: creating
-twenty dataclasses costs ~15 ms at import, a third of the client's start-up budget; the
-:class:`Message` base gives the same keyword construction, immutability and equality.) Every connection starts with
+``wait``, ``wait``) is its connection's last. (Not dataclasses: creating twenty dataclasses
+costs ~15 ms at import, a third of the client's start-up budget; the :class:`Message` base
+gives the same keyword construction, immutability and equality.) Every connection starts with
 :class:`Hello` from the client and :class:`HelloReply` from the daemon carrying the protocol
-version, so a client never talks past a daemon of another version.
+version, so a client never talks past a daemon of another version. Rows inside messages
+(status rows, finished runs) are :class:`Record` classes, decoded and checked the same way.
 
 Decoding validates field names and types against the class's schema and raises
 :class:`ProtocolError` with a message fit to send back to the peer; a malformed message never
@@ -18,8 +19,12 @@ raises anything else.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from itertools import repeat
 from typing import Any, ClassVar
+
+from debounce_cli import states
+from debounce_cli.options import HISTORY_LIMIT, RUN_OPTIONS
 
 VERSION = 1
 #: Largest request the daemon accepts, newline included. A full argv plus environment is far
@@ -47,22 +52,26 @@ class Message:
 
     def __init__(self, **values: Any) -> None:
         cls = type(self)
-        unknown = values.keys() - cls.schema.keys()
-        if unknown:
-            raise TypeError(f"{cls.__name__} has no field {sorted(unknown)[0]!r}")
         fields = self.__dict__  # written directly: __setattr__ refuses, that is the point
-        for name in cls.schema:
+        given = 0
+        for name in cls.schema:  # in schema order, so to_dict() needs no sorting
             if name in values:
                 fields[name] = values[name]
+                given += 1
             else:
                 value = getattr(cls, name)
                 fields[name] = value.copy() if isinstance(value, (list, dict)) else value
+        if given != len(values):
+            unknown = sorted(values.keys() - cls.schema.keys())
+            raise TypeError(f"{cls.__name__} has no field {unknown[0]!r}")
 
     def __setattr__(self, name: str, value: Any) -> None:
         raise AttributeError(f"{type(self).__name__} is immutable")
 
     def __eq__(self, other: object) -> bool:
-        return type(other) is type(self) and self.to_dict() == other.to_dict()  # type: ignore[attr-defined]
+        return isinstance(other, Message) and type(other) is type(self) and (
+            self.to_dict() == other.to_dict()
+        )
 
     __hash__ = None  # type: ignore[assignment]
 
@@ -71,10 +80,7 @@ class Message:
         return f"{type(self).__name__}({fields})"
 
     def to_dict(self) -> dict[str, Any]:
-        out = {"type": self.type}
-        for name in self.schema:
-            out[name] = getattr(self, name)
-        return out
+        return {"type": self.type, **self.__dict__}
 
 
 # --------------------------------------------------------------- client to daemon
@@ -149,7 +155,7 @@ class HistoryRequest(Message):
     type: ClassVar[str] = "history"
     schema: ClassVar[dict[str, str]] = {"key": _OPT_STR, "limit": _INT}
     key: str | None = None
-    limit: int = 20
+    limit: int = HISTORY_LIMIT
 
 
 class LogsRequest(Message):
@@ -261,7 +267,7 @@ class Finished(Message):
     coalesced: int = 1
     started_at: float = 0.0
     finished_at: float = 0.0
-    outcome: str = "exited"
+    outcome: str = states.EXITED
     invocation: int = 0  # the id of the invocation that won
 
 
@@ -274,22 +280,21 @@ class Cancelled(Message):
 
 
 class StatusReply(Message):
-    """Every pending and running key: a list of objects (see ``daemon.handle_status``)."""
+    """Every pending and running key, sorted by key."""
 
     type: ClassVar[str] = "status"
-    schema: ClassVar[dict[str, str]] = {"keys": _OBJS, "pid": _INT, "jobs": _OPT_INT}
-    keys: list[dict[str, Any]] = []
+    schema: ClassVar[dict[str, str]] = {"keys": "list[KeyStatus]", "pid": _INT, "jobs": _OPT_INT}
+    keys: list[KeyStatus] = []
     pid: int = 0
     jobs: int | None = None
 
 
 class HistoryReply(Message):
-    """Finished runs: objects with run_id, key, argv, cwd, exit_code, coalesced, started_at,
-    finished_at, outcome."""
+    """Finished runs, newest first."""
 
     type: ClassVar[str] = "history"
-    schema: ClassVar[dict[str, str]] = {"runs": _OBJS}
-    runs: list[dict[str, Any]] = []
+    schema: ClassVar[dict[str, str]] = {"runs": "list[RunRecord]"}
+    runs: list[RunRecord] = []
 
 
 class LogsReply(Message):
@@ -317,14 +322,121 @@ class Done(Message):
 class Error(Message):
     """The request was refused; ``message`` says what was wrong and how to mend it.
 
-    ``code`` is ``"bad_request"`` (the client sent something malformed), ``"refused"`` (the
-    daemon cannot take it now, e.g. shutting down) or ``"not_found"``.
+    ``code`` is one of ``states.BAD_REQUEST`` (the client sent something malformed),
+    ``states.REFUSED`` (the daemon cannot take it now, e.g. shutting down or a full disk) and
+    ``states.NOT_FOUND``.
     """
 
     type: ClassVar[str] = "error"
     schema: ClassVar[dict[str, str]] = {"message": _STR, "code": _STR}
     message: str = ""
-    code: str = "bad_request"
+    code: str = states.BAD_REQUEST
+
+
+# --------------------------------------------------------------- records inside messages
+class Record(Message):
+    """A typed row inside a message (a status row, a finished run); no ``type`` of its own.
+
+    On the wire it is a plain JSON object; :func:`decode` turns it into its class, checked
+    field by field like a message, so nothing reads rows by string keys.
+    """
+
+    @classmethod
+    def from_dict(cls, obj: dict[str, Any], where: str) -> Record:
+        return cls(**_checked(obj, cls.schema, where))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+class RunRecord(Record):
+    """One run as history, ``wait`` and ``logs`` know it (the journal's row, or a live run).
+
+    ``exit_code``, ``finished_at`` and ``outcome`` are ``None`` while it runs; ``invocation``
+    is the id of the invocation that won.
+    """
+
+    schema: ClassVar[dict[str, str]] = {
+        "run_id": _INT, "key": _STR, "argv": _STRS, "cwd": _STR, "exit_code": _OPT_INT,
+        "coalesced": _INT, "started_at": _NUM, "finished_at": _OPT_NUM, "outcome": _OPT_STR,
+        "due_at": _OPT_NUM, "invocation": _OPT_INT, "log_path": _OPT_STR,
+    }
+    run_id: int = 0
+    key: str = ""
+    argv: list[str] = []
+    cwd: str = "/"
+    exit_code: int | None = None
+    coalesced: int = 1
+    started_at: float = 0.0
+    finished_at: float | None = None
+    outcome: str | None = None
+    due_at: float | None = None
+    invocation: int | None = None
+    log_path: str | None = None
+
+    def started(self) -> Started:
+        return Started(run_id=self.run_id, invocation=self.invocation or 0, key=self.key,
+                       argv=self.argv, coalesced=self.coalesced, started_at=self.started_at)
+
+    def finished(self) -> Finished:
+        """The message that ends a waiter's conversation about this (finished) run."""
+        return Finished(
+            run_id=self.run_id, invocation=self.invocation or 0, key=self.key, argv=self.argv,
+            exit_code=-1 if self.exit_code is None else self.exit_code,
+            coalesced=self.coalesced, started_at=self.started_at,
+            finished_at=self.finished_at if self.finished_at is not None else self.started_at,
+            outcome=self.outcome or states.LOST,
+        )
+
+
+class PendingRow(Record):
+    """``status``: the invocation pending for a key."""
+
+    schema: ClassVar[dict[str, str]] = {
+        "id": _INT, "argv": _STRS, "cwd": _STR, "state": _STR, "due_in": _NUM, "coalesced": _INT,
+    }
+    id: int = 0
+    argv: list[str] = []
+    cwd: str = "/"
+    state: str = states.PENDING
+    due_in: float = 0.0
+    coalesced: int = 1
+
+
+class RunningRow(Record):
+    """``status``: the run executing for a key; ``stopping`` says why it is being stopped."""
+
+    schema: ClassVar[dict[str, str]] = {
+        "run_id": _INT, "argv": _STRS, "started_at": _NUM, "coalesced": _INT,
+        "stopping": _OPT_STR,
+    }
+    run_id: int = 0
+    argv: list[str] = []
+    started_at: float = 0.0
+    coalesced: int = 1
+    stopping: str | None = None
+
+
+class LastRun(Record):
+    """``status``: the result of a key's latest finished run."""
+
+    schema: ClassVar[dict[str, str]] = {"run_id": _INT, "exit_code": _OPT_INT,
+                                        "finished_at": _OPT_NUM}
+    run_id: int = 0
+    exit_code: int | None = None
+    finished_at: float | None = None
+
+
+class KeyStatus(Record):
+    """``status``: one key with what is pending and running for it."""
+
+    schema: ClassVar[dict[str, str]] = {
+        "key": _STR, "pending": "PendingRow?", "running": "RunningRow?", "last": "LastRun?",
+    }
+    key: str = ""
+    pending: PendingRow | None = None
+    running: RunningRow | None = None
+    last: LastRun | None = None
 
 
 REQUESTS: dict[str, type[Message]] = {
@@ -339,8 +451,15 @@ REPLIES: dict[str, type[Message]] = {
 }
 
 
+def _plain(obj: Any) -> Any:
+    """How the encoder writes what JSON does not know: records inside messages."""
+    if isinstance(obj, Record):
+        return obj.to_dict()
+    raise TypeError(f"{type(obj).__name__} cannot be sent")
+
+
 #: One encoder for every message: json.dumps() with arguments builds a new one per call.
-_ENCODER = json.JSONEncoder(separators=(",", ":"))
+_ENCODER = json.JSONEncoder(separators=(",", ":"), default=_plain)
 
 
 def encode(msg: Message) -> bytes:
@@ -367,15 +486,71 @@ def decode(line: bytes, kinds: dict[str, type[Message]], limit: int = MAX_MESSAG
         names = ", ".join(sorted(kinds))
         raise ProtocolError(f"unknown message type {kind!r}; expected one of {names}")
     cls = kinds[kind]
-    schema = cls.schema
-    unknown = obj.keys() - schema.keys()
-    if unknown:
-        raise ProtocolError(f"{kind}: unknown field {sorted(unknown)[0]!r}")
+    return cls(**_checked(obj, cls.schema, kind))
+
+
+def _checked(obj: dict[str, Any], schema: dict[str, str], where: str) -> dict[str, Any]:
+    """``obj``'s fields checked against ``schema``, with records made into their classes."""
+    compiled = _COMPILED.get(id(schema))
+    if compiled is None:
+        compiled = _compile(schema)
+    checks, records = compiled
     for name, value in obj.items():
-        tag = schema[name]
-        if not _CHECKS[tag](value):
-            raise ProtocolError(f"{kind}: field {name!r} must be {_DESCRIBE[tag]}")
-    return cls(**obj)
+        check = checks.get(name)
+        if check is None:
+            raise ProtocolError(f"{where}: unknown field {name!r}")
+        if not check(value):
+            tag = schema[name]
+            raise ProtocolError(f"{where}: field {name!r} must be {_DESCRIBE[tag]}")
+    for name in records:
+        if name in obj:
+            obj[name] = _record_field(schema[name], obj[name], f"{where}.{name}")
+    return obj
+
+
+#: Per schema (by identity; schemas are class attributes): each field's check, and the fields
+#: holding records. Built on first use, so the client pays only for the messages it reads.
+_COMPILED: dict[int, tuple[dict[str, Check], list[str]]] = {}
+
+
+def _compile(schema: dict[str, str]) -> tuple[dict[str, Check], list[str]]:
+    checks: dict[str, Check] = {}
+    records = []
+    for name, tag in schema.items():
+        check = _CHECKS.get(tag)
+        if check is None:  # a record tag: checked while it is converted
+            records.append(name)
+            check = _CHECKS[_ANY]
+        checks[name] = check
+    _COMPILED[id(schema)] = (checks, records)
+    return checks, records
+
+
+def _record_field(tag: str, value: Any, where: str) -> Any:
+    """A field whose tag names a record class: ``Name``, ``Name?`` or ``list[Name]``."""
+    if tag.startswith("list["):
+        cls = _RECORDS[tag[5:-1]]
+        if type(value) is not list:
+            raise ProtocolError(f"{where} must be a list of objects")
+        return [_record(cls, item, where) for item in value]
+    if tag.endswith("?"):
+        if value is None:
+            return None
+        tag = tag[:-1]
+    return _record(_RECORDS[tag], value, where)
+
+
+def _record(cls: type[Record], value: Any, where: str) -> Record:
+    if isinstance(value, cls):
+        return value
+    if type(value) is not dict:
+        raise ProtocolError(f"{where} must be an object")
+    return cls.from_dict(value, where)
+
+
+_RECORDS: dict[str, type[Record]] = {
+    cls.__name__: cls for cls in (RunRecord, PendingRow, RunningRow, LastRun, KeyStatus)
+}
 
 
 _DESCRIBE = {
@@ -402,12 +577,15 @@ def _is_num(value: Any) -> bool:
     return type(value) is float or _is_int(value)
 
 
-def _maybe(check: Any) -> Any:
+Check = Callable[[Any], bool]
+
+
+def _maybe(check: Check) -> Check:
     return lambda value: value is None or check(value)
 
 
 #: One check per type tag. map() keeps the per-item checks in C: an environment has many items.
-_CHECKS: dict[str, Any] = {
+_CHECKS: dict[str, Check] = {
     _STR: lambda value: type(value) is str,
     _INT: _is_int,
     _NUM: _is_num,
@@ -429,16 +607,7 @@ def _valid(tag: str, value: Any) -> bool:
 
 # ------------------------------------------------------------- scheduling options
 #: Option fields a RunRequest (or a stdin JSON line) may carry, with their types.
-OPTION_FIELDS: dict[str, str] = {
-    "delay": _NUM,
-    "max_wait": _OPT_NUM,
-    "leading": _BOOL,
-    "trailing": _BOOL,
-    "on_busy": _STR,
-    "stop_timeout": _NUM,
-    "timeout": _OPT_NUM,
-    "defer": _BOOL,
-}
+OPTION_FIELDS: dict[str, str] = {option.name: option.wire for option in RUN_OPTIONS}
 
 
 def check_options(options: dict[str, Any]) -> dict[str, Any]:
@@ -452,32 +621,3 @@ def check_options(options: dict[str, Any]) -> dict[str, Any]:
         if tag in (_NUM, _OPT_NUM) and value is not None and not (0 <= value < 1e9):
             raise ProtocolError(f"run: option {name!r} must be between 0 and 1e9 seconds")
     return options
-
-
-ON_BUSY = ("queue", "restart", "ignore")
-
-
-def usage_problems(options: dict[str, Any]) -> list[str]:
-    """Usage errors of a set of scheduling options, worded for the command line.
-
-    Shared by the client (before it submits) and the daemon (stdin lines, and requests from
-    clients that skipped the check), so the rules are written once.
-    """
-    out = []
-    delay = options.get("delay", 1.0)
-    max_wait, timeout = options.get("max_wait"), options.get("timeout")
-    if delay < 0:
-        out.append("--delay must not be negative")
-    if max_wait is not None and max_wait <= 0:
-        out.append("--max-wait must be greater than 0")
-    if timeout is not None and timeout <= 0:
-        out.append("--timeout must be greater than 0")
-    if options.get("stop_timeout", 5.0) < 0:
-        out.append("--stop-timeout must not be negative")
-    on_busy = options.get("on_busy", "queue")
-    if on_busy not in ON_BUSY:
-        out.append(f"--on-busy must be one of {', '.join(ON_BUSY)}, not {on_busy!r}")
-    if not options.get("trailing", True) and not options.get("leading", False):
-        out.append("--no-trailing without --leading would never run anything; add --leading")
-    return out
-

@@ -11,11 +11,15 @@ import os
 import shutil
 import sys
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TextIO
 
 from debounce_cli import protocol
 from debounce_cli.client import Display
 from debounce_cli.durations import format_duration
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 
 class TerminalDisplay(Display):
@@ -29,7 +33,7 @@ class TerminalDisplay(Display):
 
     refresh = 0.1
 
-    def __init__(self, stream: Any = None):
+    def __init__(self, stream: TextIO | None = None):
         self.stream = stream or sys.stderr
         self.color = "NO_COLOR" not in os.environ
         self.key = ""
@@ -56,7 +60,7 @@ class TerminalDisplay(Display):
         self.started_at = time.monotonic()
         self.tick()
 
-    def output(self, fd: int, data: bytes, write: Any) -> None:
+    def output(self, fd: int, data: bytes, write: Callable[[int, bytes], None]) -> None:
         """Write a chunk of the run's output above the status line."""
         self._clear()
         write(fd, data)
@@ -110,9 +114,9 @@ class TerminalDisplay(Display):
 
 def iso(ts: float) -> str:
     """UTC ISO 8601 with milliseconds, as the JSON output and history use."""
-    from datetime import datetime, timezone
+    from datetime import UTC, datetime
 
-    return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="milliseconds").replace(
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace(
         "+00:00", "Z"
     )
 
@@ -138,50 +142,63 @@ def status_text(reply: protocol.StatusReply) -> str:
     """``debounce status`` on a pipe: one stable tab-separated line per key."""
     lines = []
     for row in reply.keys:
-        pending, running = row["pending"], row["running"]
+        pending, running = row.pending, row.running
         if running:
             lines.append(
-                f"running\t{row['key']}\trun {running['run_id']}\t"
-                f"{running['coalesced']} coalesced\t"
-                f"for {format_duration(max(0.0, time.time() - running['started_at']))}"
+                f"running\t{row.key}\trun {running.run_id}\t{running.coalesced} coalesced\t"
+                f"for {format_duration(max(0.0, time.time() - running.started_at))}"
             )
         if pending:
             lines.append(
-                f"{pending['state']}\t{row['key']}\tdue in {format_duration(pending['due_in'])}\t"
-                f"{pending['coalesced']} coalesced"
+                f"{pending.state}\t{row.key}\tdue in {format_duration(pending.due_in)}\t"
+                f"{pending.coalesced} coalesced"
             )
     return "\n".join(lines)
 
 
 def status_json(reply: protocol.StatusReply) -> str:
-    return json.dumps({"pid": reply.pid, "jobs": reply.jobs, "keys": reply.keys})
+    keys = [row.to_dict() for row in reply.keys]
+    return json.dumps({"pid": reply.pid, "jobs": reply.jobs, "keys": keys}, default=_plain)
 
 
-def history_text(runs: list[dict[str, Any]]) -> str:
+def _plain(obj: Any) -> Any:
+    if isinstance(obj, protocol.Record):
+        return obj.to_dict()
+    raise TypeError(type(obj).__name__)
+
+
+def _took(run: protocol.RunRecord) -> float:
+    return (run.finished_at or run.started_at) - run.started_at
+
+
+def history_text(runs: list[protocol.RunRecord]) -> str:
     """``debounce history`` on a pipe: one stable tab-separated line per run."""
     import shlex
 
     lines = []
     for run in runs:
-        code = "-" if run["exit_code"] is None else str(run["exit_code"])
-        duration = (run["finished_at"] or run["started_at"]) - run["started_at"]
+        code = "-" if run.exit_code is None else str(run.exit_code)
         lines.append(
-            f"{run['run_id']}\t{code}\t{run['outcome']}\t{iso(run['started_at'])}\t"
-            f"{format_duration(duration)}\t{run['coalesced']}\t{run['key']}\t"
-            f"{shlex.join(run['argv'])}"
+            f"{run.run_id}\t{code}\t{run.outcome}\t{iso(run.started_at)}\t"
+            f"{format_duration(_took(run))}\t{run.coalesced}\t{run.key}\t{shlex.join(run.argv)}"
         )
     return "\n".join(lines)
 
 
-def history_json(runs: list[dict[str, Any]]) -> str:
+#: The fields of ``debounce history --json``, in order.
+HISTORY_FIELDS = ("run_id", "key", "argv", "cwd", "exit_code", "coalesced", "started_at",
+                  "finished_at", "outcome", "due_at", "invocation")
+
+
+def history_json(runs: list[protocol.RunRecord]) -> str:
     """One JSON object per line, timestamps in ISO 8601."""
     out = []
     for run in runs:
-        row = dict(run)
-        row["started_at"] = iso(run["started_at"])
-        row["finished_at"] = iso(run["finished_at"]) if run["finished_at"] else None
-        row["due_at"] = iso(run["due_at"]) if run.get("due_at") else None
-        row["duration"] = round((run["finished_at"] or run["started_at"]) - run["started_at"], 3)
+        row = {name: getattr(run, name) for name in HISTORY_FIELDS}
+        row["started_at"] = iso(run.started_at)
+        row["finished_at"] = iso(run.finished_at) if run.finished_at else None
+        row["due_at"] = iso(run.due_at) if run.due_at else None
+        row["duration"] = round(_took(run), 3)
         out.append(json.dumps(row))
     return "\n".join(out)
 
@@ -196,7 +213,7 @@ def when(ts: float) -> str:
     return moment.strftime("%Y-%m-%d %H:%M")
 
 
-def _console() -> Any:
+def _console() -> Console:
     from rich.console import Console
 
     return Console()  # rich itself honours NO_COLOR and the terminal's width
@@ -204,9 +221,9 @@ def _console() -> Any:
 
 def status_table(reply: protocol.StatusReply) -> None:
     """``debounce status`` on a terminal: one row per key."""
-    from rich.table import Table
-
     import shlex
+
+    from rich.table import Table
 
     table = Table(title=f"debounce daemon {reply.pid}" + (f", {reply.jobs} jobs" if reply.jobs
                                                          else ""), title_justify="left")
@@ -214,39 +231,38 @@ def status_table(reply: protocol.StatusReply) -> None:
         table.add_column(name, overflow="fold")
     now = time.time()
     for row in reply.keys:
-        last = row.get("last")
-        last_text = "" if not last else f"run {last['run_id']}: exit {last['exit_code']}"
-        running, pending = row["running"], row["pending"]
+        last = row.last
+        last_text = "" if not last else f"run {last.run_id}: exit {last.exit_code}"
+        running, pending = row.running, row.pending
         if running:
-            table.add_row(row["key"], "[bold green]running[/]", shlex.join(running["argv"]),
-                          format_duration(max(0.0, now - running["started_at"])),
-                          str(running["coalesced"]), last_text)
+            table.add_row(row.key, "[bold green]running[/]", shlex.join(running.argv),
+                          format_duration(max(0.0, now - running.started_at)),
+                          str(running.coalesced), last_text)
         if pending:
-            table.add_row("" if running else row["key"], f"[yellow]{pending['state']}[/]",
-                          shlex.join(pending["argv"]), format_duration(pending["due_in"]),
-                          str(pending["coalesced"]), "" if running else last_text)
+            table.add_row("" if running else row.key, f"[yellow]{pending.state}[/]",
+                          shlex.join(pending.argv), format_duration(pending.due_in),
+                          str(pending.coalesced), "" if running else last_text)
     if not reply.keys:
         _console().print(f"debounce daemon {reply.pid}: nothing pending or running")
         return
     _console().print(table)
 
 
-def history_table(runs: list[dict[str, Any]]) -> None:
+def history_table(runs: list[protocol.RunRecord]) -> None:
     """``debounce history`` on a terminal."""
-    from rich.table import Table
-
     import shlex
+
+    from rich.table import Table
 
     table = Table()
     for name in ("run", "exit", "outcome", "started", "took", "coalesced", "key", "command"):
         table.add_column(name, overflow="fold")
     for run in runs:
-        code = run["exit_code"]
+        code = run.exit_code
         style = "green" if code == 0 else "red"
-        duration = (run["finished_at"] or run["started_at"]) - run["started_at"]
         table.add_row(
-            str(run["run_id"]), f"[{style}]{'-' if code is None else code}[/]", run["outcome"],
-            when(run["started_at"]), format_duration(duration), str(run["coalesced"]),
-            run["key"], shlex.join(run["argv"]),
+            str(run.run_id), f"[{style}]{'-' if code is None else code}[/]", run.outcome or "",
+            when(run.started_at), format_duration(_took(run)), str(run.coalesced),
+            run.key, shlex.join(run.argv),
         )
     _console().print(table)

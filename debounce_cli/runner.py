@@ -88,7 +88,7 @@ class RunProcess:
         if problem is not None:
             self.start_error = problem
             return
-        prefix = _pdeathsig_prefix()
+        prefix = pdeathsig_prefix()
         loop = asyncio.get_running_loop()
         try:
             self.transport, self.protocol = await loop.subprocess_exec(
@@ -143,7 +143,7 @@ class RunProcess:
         # wait for a background child that keeps them open.
         try:
             await asyncio.wait_for(asyncio.shield(protocol.drained), DRAIN_GRACE)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             pass
         status = transport.get_returncode()
         transport.close()
@@ -180,7 +180,7 @@ _PR_SET_PDEATHSIG = 1
 
 
 @functools.cache
-def _pdeathsig_prefix() -> tuple[str, ...]:
+def pdeathsig_prefix() -> tuple[str, ...]:
     """``setpriv --pdeathsig KILL --`` when util-linux's setpriv can do it, else nothing.
 
     A parent-death signal needs code in the child between fork and exec. Python's

@@ -24,31 +24,32 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-# Invocation states.
-PENDING = "pending"  # waiting for its quiet period, or due and waiting for its key to be free
-QUEUED = "queued"  # due, key free, waiting for a job slot
-SUPERSEDED = "superseded"  # replaced by a later invocation of the same key (see replaced_by)
-RUNNING = "running"  # attached to a run that is executing
-FINISHED = "finished"  # attached to a run that has ended
-CANCELLED = "cancelled"  # dropped by `debounce cancel`
+from debounce_cli import states
+from debounce_cli.options import DEFAULTS, usage_problems
+from debounce_cli.states import CANCELLED, FINISHED, PENDING, QUEUED, RUNNING, SUPERSEDED
+
+__all__ = [
+    "CANCELLED", "FINISHED", "PENDING", "QUEUED", "RUNNING", "SUPERSEDED",
+    "Cancelled", "Effect", "Invocation", "Joined", "KeyState", "Options", "Run", "RunFinished",
+    "Scheduler", "SignalRun", "StartRun", "Updated",
+]
+
 
 @dataclass(frozen=True, slots=True)
 class Options:
     """Per-invocation rules; the latest invocation's options win, like its argv."""
 
-    delay: float = 1.0
-    max_wait: float | None = None
-    leading: bool = False
-    trailing: bool = True
-    on_busy: str = "queue"
-    stop_timeout: float = 5.0
-    timeout: float | None = None
-    defer: bool = True
+    delay: float = DEFAULTS["delay"]
+    max_wait: float | None = DEFAULTS["max_wait"]
+    leading: bool = DEFAULTS["leading"]
+    trailing: bool = DEFAULTS["trailing"]
+    on_busy: str = DEFAULTS["on_busy"]
+    stop_timeout: float = DEFAULTS["stop_timeout"]
+    timeout: float | None = DEFAULTS["timeout"]
+    defer: bool = DEFAULTS["defer"]
 
     def problems(self) -> list[str]:
         """Usage errors, worded for the command line; empty when the options are usable."""
-        from debounce_cli.protocol import usage_problems
-
         return usage_problems({
             "delay": self.delay, "max_wait": self.max_wait, "leading": self.leading,
             "trailing": self.trailing, "on_busy": self.on_busy,
@@ -98,12 +99,12 @@ class Run:
     state: str = RUNNING
     waiters: list[Any] = field(default_factory=list)
     deadline: float | None = None  # --timeout
-    stop_reason: str | None = None  # "timeout", "restart", "shutdown" once a stop was asked
+    stop_reason: str | None = None  # states.STOP_* once a stop was asked
     kill_at: float | None = None  # SIGKILL if still running then
     exit_code: int | None = None
     finished_at: float | None = None
     finished_wall: float | None = None
-    outcome: str | None = None  # "exited", "timeout", "restarted", "stopped"
+    outcome: str | None = None  # states.EXITED, TIMED_OUT, RESTARTED or STOPPED
 
 
 @dataclass(eq=False, slots=True)
@@ -342,12 +343,7 @@ class Scheduler:
         run.exit_code = exit_code
         run.finished_at = now
         run.finished_wall = self.wall()
-        run.outcome = {
-            None: "exited",
-            "timeout": "timeout",
-            "restart": "restarted",
-            "shutdown": "stopped",
-        }[run.stop_reason]
+        run.outcome = states.OUTCOME_OF_STOP[run.stop_reason]
         run.invocation.state = FINISHED
         self._transition(run, FINISHED)
         waiters, run.waiters = run.waiters, []
@@ -411,6 +407,7 @@ class Scheduler:
         if ks is None or ks.pending is not inv:
             return False
         others = [w for w in inv.waiters if w is not waiter]
+        inv.waiters = []  # nobody waits for it any more: no news of it goes out
         prev = inv.replaced
         was_queued = inv.state == QUEUED
         if was_queued and prev is None:
@@ -444,7 +441,7 @@ class Scheduler:
         now = self.clock()
         effects: list[Effect] = []
         for run in list(self.runs.values()):
-            self._stop(run, "shutdown", now, effects)
+            self._stop(run, states.STOP_SHUTDOWN, now, effects)
         return effects
 
     def attach(self, target: Invocation | Run, waiter: Any) -> list[Effect]:
@@ -513,7 +510,7 @@ class Scheduler:
             if run.state != RUNNING:
                 continue
             if run.deadline is not None and run.deadline == when and run.stop_reason is None:
-                self._stop(run, "timeout", now, effects)
+                self._stop(run, states.STOP_TIMEOUT, now, effects)
             elif run.kill_at is not None and run.kill_at == when:
                 run.kill_at = None
                 effects.append(SignalRun(run, "KILL"))
@@ -539,7 +536,7 @@ class Scheduler:
                 # Waiters of the stopped run follow the run that replaces it.
                 inv.waiters = ks.running.waiters + inv.waiters
                 ks.running.waiters = []
-                self._stop(ks.running, "restart", now, effects)
+                self._stop(ks.running, states.STOP_RESTART, now, effects)
                 effects.append(Updated(inv))
             return  # starts when the running one has ended (run_exited calls back here)
         if self._slot_free() and not self.queue and not self.draining:

@@ -48,9 +48,7 @@ class GlobFilter(DefaultFilter):
             return False
         if self.ignores and self._matches(self.ignores, path):
             return False
-        if self.filters and not self._matches(self.filters, path):
-            return False
-        return True
+        return not self.filters or self._matches(self.filters, path)
 
 
 class Watcher:

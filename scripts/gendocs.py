@@ -38,6 +38,10 @@ EXIT_MEANINGS = {
     ExitStatus.REFUSED: "The daemon refused the request, for example because its state "
     "directory is full or read-only.",
     ExitStatus.NOT_FOUND: "Nothing by that key or run id (wait, flush, cancel, logs).",
+    ExitStatus.FAILURE: "debounce daemon could not start; with --stdin, a line failed to "
+    "parse or a run failed.",
+    ExitStatus.INTERRUPTED: "Interrupted (Ctrl-C) while waiting; the invocation stays with "
+    "the daemon and its other waiters.",
 }
 
 ENVIRONMENT = [
@@ -76,7 +80,8 @@ EXAMPLES = {
         ("Coalesce identical calls; the latest runs 2 seconds after the last call:",
          "debounce run \\-\\-delay 2s \\-\\- make \\-C docs html"),
         ("Deploy the latest push at most a minute late, never two at once:",
-         "debounce run \\-\\-key deploy \\-\\-delay 10s \\-\\-max\\-wait 1m \\-\\- ./deploy.sh \"$1\""),
+         "debounce run \\-\\-key deploy \\-\\-delay 10s \\-\\-max\\-wait 1m "
+         "\\-\\- ./deploy.sh \"$1\""),
         ("Run the first call at once, and one more after the burst:",
          "debounce run \\-\\-leading \\-\\-delay 1s \\-\\- ./notify.sh"),
         ("Fire and forget from a git hook:",

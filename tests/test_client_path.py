@@ -9,16 +9,16 @@ import pytest
 
 HEAVY = ("rich", "asyncio", "sqlite3", "watchfiles")
 
-PROBE = """
+PROBE = f"""
 import sys
 from debounce_cli import cli
 try:
     cli.main(sys.argv[1:])
 except SystemExit as exc:
     status = exc.code
-loaded = [m for m in %r if m in sys.modules]
+loaded = [m for m in {HEAVY!r} if m in sys.modules]
 print("LOADED=" + ",".join(loaded), file=sys.__stderr__)
-""" % (HEAVY,)
+"""
 
 
 @pytest.mark.parametrize(

@@ -172,7 +172,8 @@ def test_socket_activation_serves_a_socket_passed_by_systemd(world):
     )
     world.procs.append(daemon)
     try:
-        r = world.run("run", "--delay", "50ms", "--", "sh", "-c", "echo \"[$LISTEN_FDS$LISTEN_PID]\"")
+        r = world.run("run", "--delay", "50ms", "--", "sh", "-c",
+                      "echo \"[$LISTEN_FDS$LISTEN_PID]\"")
         if r.returncode:
             daemon.terminate()
             raise AssertionError(r.stderr + daemon.communicate(timeout=10)[1])
@@ -294,7 +295,8 @@ def test_a_background_child_holding_the_output_does_not_hold_the_run(world):
 def test_clients_joining_a_running_run_get_its_output_once_and_in_order(world):
     """--on-busy ignore: a late caller sees the whole output from the start, no line twice."""
     count = 3000
-    script = f"import sys, time\nfor i in range({count}):\n print(i, flush=True)\n time.sleep(0.0005)"
+    script = (f"import sys, time\nfor i in range({count}):\n print(i, flush=True)\n"
+              " time.sleep(0.0005)")
     args = ["run", "--on-busy", "ignore", "--key", "join", "--delay", "10ms", "--",
             sys.executable, "-c", script]
     first = world.popen(*args)

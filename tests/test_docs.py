@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
+import shutil
+import subprocess
+import sys
 from pathlib import Path
+
+import click
+import pytest
+
+from debounce_cli.cli import cli
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -24,15 +32,6 @@ def test_ci_runs_the_readme_test_command():
     ci = (ROOT / ".ci" / "run").read_text().splitlines()
     assert _setup_lines()[1] in ci
 
-
-import shutil
-import subprocess
-import sys
-
-import click
-import pytest
-
-from debounce_cli.cli import cli
 
 GENDOCS = ROOT / "scripts" / "gendocs.py"
 

@@ -112,14 +112,11 @@ def fill(path: Path) -> None:
 
 def start_daemon_by_hand(world, *options: str, env=None) -> subprocess.Popen:
     """``debounce daemon OPTIONS`` in the background, output to a file; wait until it serves."""
-    out = open(world.root / "daemon.out", "ab")
-    try:
+    with open(world.root / "daemon.out", "ab") as out:
         proc = world.popen("daemon", *options, stdout=out, stderr=subprocess.STDOUT,
                            **({"env": env} if env else {}))
-    finally:
-        out.close()
-    wait_until(lambda: proc.poll() is not None or lock_pid(world.socket) == proc.pid
-               and os.path.exists(world.socket), timeout=15)
+    wait_until(lambda: proc.poll() is not None or (lock_pid(world.socket) == proc.pid
+               and os.path.exists(world.socket)), timeout=15)
     assert proc.poll() is None, (world.root / "daemon.out").read_text()
     assert status(world, env)["pid"] == proc.pid
     return proc
@@ -185,7 +182,7 @@ def test_a_waiting_client_reattaches_with_debounce_wait_after_kill_9(world):
 
     status(world)  # restart
     waiter = world.popen("wait", "k")
-    out, err = waiter.communicate(timeout=15)
+    _out, err = waiter.communicate(timeout=15)
     finished = time.time()
     assert waiter.returncode == 6, err
     assert finished >= submitted + 1.5 - 0.05, "wait returned before the run could have finished"
@@ -444,7 +441,7 @@ def test_log_retention_keeps_only_the_newest_logs_of_a_key(world):
         return all(world.run("logs", str(run_id)).returncode == 117 for run_id in oldest_two)
 
     wait_until(old_logs_gone, timeout=5)
-    for run_id, n in zip(newest_two, (4, 3)):
+    for run_id, n in zip(newest_two, (4, 3), strict=True):
         kept = world.run("logs", str(run_id))
         assert (kept.returncode, kept.stdout) == (0, f"out-{n}\n"), kept.stderr
     assert len(history(world, "h")) == 4, "history rows stay; only the logs go"
@@ -468,7 +465,7 @@ def test_state_and_socket_permissions_even_with_a_permissive_umask(world):
     assert mode(world.state) == 0o700
     assert (world.state / "journal.db").exists()
     files = []
-    for dirpath, dirnames, filenames in os.walk(world.state):
+    for dirpath, _dirnames, filenames in os.walk(world.state):
         assert mode(dirpath) == 0o700, dirpath
         files += [os.path.join(dirpath, name) for name in filenames]
     names = {os.path.basename(f) for f in files}

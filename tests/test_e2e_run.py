@@ -212,7 +212,8 @@ def test_seed_key_template_coalesces_by_first_two_arguments(world):
     template = "#{1}:#{2}"
     base = ["--delay", "1s", "--key", template, "--json", "--", str(notify)]
     start_daemon(world)
-    a, b = submit_in_order(world, "#1:#2", [([*base, "1", "2", "a"], {}), ([*base, "1", "2", "b"], {})])
+    a, b = submit_in_order(world, "#1:#2",
+                           [([*base, "1", "2", "a"], {}), ([*base, "1", "2", "b"], {})])
     c = world.popen("run", *base, "1", "3", "a")
     results = [finish(p) for p in (a, b, c)]
     assert [code for code, _, _ in results] == [0, 0, 0], [err for _, _, err in results]
@@ -389,7 +390,8 @@ def test_max_wait_caps_the_deferral_of_a_continuous_burst(world):
     wait_until(lambda: lines(log), timeout=5)
     first_run = float(lines(log)[0])
     # Without --max-wait nothing would run before the submissions stop (2.5s + 400ms).
-    assert first_run - first <= 1.0 + 0.7, f"first run {first_run - first:.2f}s after the burst began"
+    assert first_run - first <= 1.0 + 0.7, (
+        f"first run {first_run - first:.2f}s after the burst began")
     assert first_run < last
     wait_until(lambda: len(lines(log)) >= 2, timeout=5)
 

@@ -63,7 +63,7 @@ def test_json_lines_with_argv_key_delay_and_cwd(world):
     # The daemon's own --delay is 30s: only the lines' "delay" lets this finish in time.
     proc = feed(world, [line("alpha", "1"), line("alpha", "2"), line("beta", "1")],
                 "--delay", "30s")
-    code, out, err = finish_within(proc, timeout=10)
+    code, _out, err = finish_within(proc, timeout=10)
     assert code == 0, err
     here = os.path.realpath(sub)
     assert sorted(lines(log)) == [f"{here} alpha 2", f"{here} beta 1"]
@@ -83,7 +83,7 @@ def test_unparseable_lines_are_reported_and_the_others_still_run(world):
         ],
         "--delay", "200ms",
     )
-    code, out, err = finish_within(proc, timeout=10)
+    code, _out, err = finish_within(proc, timeout=10)
     assert code == 1, err
     assert good1.exists() and good2.exists()
     assert "Traceback" not in err

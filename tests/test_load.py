@@ -90,7 +90,7 @@ def test_five_thousand_pending_keys_each_run_exactly_once(world):
     # Patient submitters: how long the daemon takes to answer is the next test's business.
     with ThreadPoolExecutor(max_workers=16) as pool:
         replies = list(pool.map(lambda k: submit_raw(world, k, log, 1.0, patience=150), keys))
-    refused = [(k, r) for k, r in zip(keys, replies) if not accepted(r)]
+    refused = [(k, r) for k, r in zip(keys, replies, strict=True) if not accepted(r)]
     assert not refused, f"{len(refused)} submissions not accepted, e.g. {refused[:3]}"
 
     wait_until(lambda: len(lines(log)) >= len(keys), timeout=150, interval=0.2)

@@ -21,7 +21,6 @@ from hypothesis import strategies as st
 
 from conftest import status_pid
 
-
 # ----------------------------------------------------------------------------- helpers
 
 
@@ -56,7 +55,7 @@ def exchange(sock_path: str, payload: bytes, timeout: float = 20.0) -> tuple[lis
             except ConnectionResetError:
                 ending = "reset"
                 break
-            except socket.timeout:
+            except TimeoutError:
                 raise AssertionError(f"the daemon neither answered nor closed in {timeout}s; "
                                      f"got {data[:200]!r}") from None
             if not chunk:
@@ -231,7 +230,7 @@ def test_silent_connections_are_closed_and_do_not_block_others(world):
         try:
             while s.recv(65536):
                 pass
-        except (socket.timeout, OSError):
+        except (TimeoutError, OSError):
             return
         closed_at[name] = time.monotonic() - opened
 

@@ -8,6 +8,7 @@ times used are sums of binary fractions (0.25, 0.5, ...), so float equality is s
 
 from __future__ import annotations
 
+import itertools
 from collections import defaultdict
 from typing import Any
 
@@ -51,6 +52,9 @@ class FakeClock:
         self.now = when
 
 
+DEFAULT_OPTIONS = Options()
+
+
 class Sim:
     """A Scheduler on a FakeClock that records every effect with the time it happened."""
 
@@ -91,7 +95,7 @@ class Sim:
         at: float,
         payload: Any = None,
         waiter: Any = None,
-        options: Options = Options(),
+        options: Options = DEFAULT_OPTIONS,
     ) -> Invocation:
         self.advance(at)
         inv, effects = self.sched.submit(key, options, payload=payload, waiter=waiter)
@@ -577,7 +581,7 @@ def test_flush_runs_the_pending_call_now():
     """`debounce flush KEY` starts what is pending at once instead of at its due time."""
     sim = Sim()
     sim.submit("k", at=0.0, payload="p", waiter="w", options=Options(delay=5.0))
-    found, effects = sim.flush("k", at=1.0)
+    found, _ = sim.flush("k", at=1.0)
     assert found
     assert sim.starts() == [(1.0, "p")]
     sim.exit(sim.last_run(), at=2.0)
@@ -746,7 +750,7 @@ def test_property_every_caller_is_told_once_and_the_last_call_of_each_burst_runs
     for run in sim.runs():
         by_key[run.key].append(run)
     for runs in by_key.values():
-        for earlier, later in zip(runs, runs[1:]):
+        for earlier, later in itertools.pairwise(runs):
             assert earlier.finished_at is not None and earlier.finished_at <= later.started_at
 
     # Each run is the last call of its burst, at exactly last call + its delay.
@@ -790,9 +794,9 @@ def test_property_runs_that_take_time_never_overlap_and_lose_no_caller(
                 length = durations[started % len(durations)]
                 started += 1
                 exits[effect.run.id] = (now + length, effect.run)
-            elif isinstance(effect, SignalRun) and effect.run.id in exits:
-                if effect.signal == "KILL" or obeys_term:
-                    exits[effect.run.id] = (now, effect.run)
+            elif (isinstance(effect, SignalRun) and effect.run.id in exits
+                  and (effect.signal == "KILL" or obeys_term)):
+                exits[effect.run.id] = (now, effect.run)
 
     def step_to(target: float | None) -> bool:
         """Do the next thing (a deadline or a process exit) no later than target."""

@@ -160,7 +160,7 @@ _STDIN_VALUES = st.one_of(
 ))
 def test_stdin_line_parser_never_raises_anything_else(raw):
     """Any stdin line is an invocation, a blank, or a ValueError with a one-line reason."""
-    from debounce_cli.daemon import parse_stdin_line
+    from debounce_cli.daemon.stdin import parse_stdin_line
 
     try:
         parsed = parse_stdin_line(raw, {"delay": 1.0})

@@ -1,0 +1,350 @@
+"""The daemon's core: the scheduler, the journal, group commit, and carrying out effects.
+
+Durability follows one rule: change the scheduler, commit the journal, then act. Effects
+(starting a process, answering a client) wait in an outbox until the end of the loop's turn,
+when one commit covers every change made in that turn (group commit). A submitter is told its
+invocation was accepted only after the commit that holds it, and a process starts only after
+the commit that records its run, so after a crash the journal never promises less than the
+clients were told and never forgets a run that started.
+
+After each turn the one timer is set to the scheduler's next deadline, so an idle daemon
+sleeps in ``epoll_wait`` with nothing to do.
+
+The core reads time only from its injected clock and schedules callbacks only through the
+``loop`` it is given (asyncio's loop, or a fake one in tests), so every rule here can be
+tested without sockets, processes or sleeping.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from debounce_cli import protocol
+from debounce_cli.clock import Clock
+from debounce_cli.daemon import records
+from debounce_cli.daemon.config import Config
+from debounce_cli.daemon.jobs import Job, Shared
+from debounce_cli.daemon.waiters import Submitter, Waiter, unique
+from debounce_cli.journal import Journal, JournalError
+from debounce_cli.protocol import RunRecord
+from debounce_cli.scheduler import (
+    Cancelled,
+    Effect,
+    Invocation,
+    Joined,
+    Options,
+    Run,
+    RunFinished,
+    Scheduler,
+    SignalRun,
+    StartRun,
+    Updated,
+)
+from debounce_cli.states import REFUSED
+
+#: Finished runs kept in memory for `debounce wait` and `status` ("last result").
+RECENT_RUNS = 1000
+
+
+class Handle(Protocol):
+    def cancel(self) -> None: ...
+
+
+class TimerHandle(Handle, Protocol):
+    def when(self) -> float: ...
+
+
+class Loop(Protocol):
+    """The part of asyncio's event loop the core uses (its time base is ``clock.monotonic``)."""
+
+    def call_soon(self, callback: Callable[[], None]) -> Handle: ...
+
+    def call_at(self, when: float, callback: Callable[[], None]) -> TimerHandle: ...
+
+
+class RunsPort(Protocol):
+    """What the core asks of the runs' room (``daemon.runs.Runs``)."""
+
+    def start(self, run: Run) -> None: ...
+
+    def signal(self, run_id: int, name: str) -> None: ...
+
+    def output_so_far(self, run: Run) -> Iterable[tuple[int, bytes]]: ...
+
+    def retain(self) -> None: ...
+
+    async def wait_all(self) -> None: ...
+
+
+@dataclass(eq=False, slots=True)
+class Ack:
+    """An answer owed to a submitter once the turn's commit is done."""
+
+    invocation: Invocation
+    submitter: Submitter | None
+    waiter: Any  # taken off what the invocation joined if the commit fails
+
+
+class RecentRuns:
+    """Finished runs by id, oldest first, and the latest of each key, bounded."""
+
+    def __init__(self, limit: int = RECENT_RUNS) -> None:
+        self.limit = limit
+        self.by_id: dict[int, Run] = {}
+        self.last_by_key: dict[str, Run] = {}
+
+    def remember(self, run: Run) -> None:
+        if run.id in self.by_id:
+            return
+        self.by_id[run.id] = run
+        self.last_by_key[run.key] = run
+        while len(self.by_id) > self.limit:
+            old = self.by_id.pop(next(iter(self.by_id)))
+            if self.last_by_key.get(old.key) is old:
+                del self.last_by_key[old.key]
+
+
+class Core:
+    """One daemon's state and the rule that ties the scheduler, the journal and effects."""
+
+    def __init__(
+        self,
+        config: Config,
+        clock: Clock,
+        loop: Loop,
+        scheduler: Scheduler,
+        journal: Journal | None,
+        runs: RunsPort | None = None,
+        log_dir: str = "",
+    ) -> None:
+        self.config = config
+        self.clock = clock
+        self.loop = loop
+        self.scheduler = scheduler
+        self.journal = journal
+        if journal is not None:
+            scheduler.observer = journal.observe
+        if runs is None:
+            from debounce_cli.daemon.runs import Runs
+
+            runs = Runs(config, loop, journal, log_dir, events=self)
+        self.runs = runs
+        self.recent = RecentRuns()
+        self.shared = Shared()
+        self.outbox: list[Effect] = []
+        self.acks: list[Ack] = []
+        self.flush_handle: Handle | None = None
+        self.timer: TimerHandle | None = None
+        self.retention_due = False
+        #: Called after every turn's effects, for the server's idle check.
+        self.settled: Callable[[], None] = lambda: None
+
+    # ------------------------------------------------------------------ submissions
+    def refusal(self) -> str | None:
+        """Why new submissions cannot be accepted now, if they cannot."""
+        if self.journal is None:
+            return None
+        why = self.journal.refusal()
+        return None if why is None else f"cannot store new invocations: {why}"
+
+    def submit(self, key: str, options: Options, job: Job, waiter: Any,
+               submitter: Submitter | None) -> Invocation:
+        """Hand an invocation to the scheduler; its answer goes out after the commit."""
+        inv, effects = self.scheduler.submit(key, options, job, waiter)
+        self.acks.append(Ack(inv, submitter, waiter))
+        self.apply(effects)
+        return inv
+
+    def flush(self, key: str) -> bool:
+        found, effects = self.scheduler.flush(key)
+        self.apply(effects)
+        return found
+
+    def cancel(self, key: str) -> bool:
+        found, effects = self.scheduler.cancel(key)
+        self.apply(effects)
+        return found
+
+    def attach(self, target: Invocation | Run, waiter: Waiter) -> None:
+        self.apply(self.scheduler.attach(target, waiter))
+
+    def detach(self, waiter: Waiter) -> None:
+        self.scheduler.detach(waiter)
+
+    def stop_runs(self) -> None:
+        """Shutdown: stop every run; what is pending stays pending (and in the journal)."""
+        self.apply(self.scheduler.stop_all())
+
+    def busy(self) -> bool:
+        return bool(self.outbox or self.acks or not self.scheduler.is_idle())
+
+    # ------------------------------------------------------------------ queries
+    def find(self, target: str) -> Invocation | Run | None:
+        """What ``debounce wait TARGET`` follows: pending, else running, else the last result."""
+        ks = self.scheduler.keys.get(target)
+        if ks is not None and (ks.pending or ks.running):
+            return ks.pending or ks.running
+        if target in self.recent.last_by_key:
+            return self.recent.last_by_key[target]
+        run_id = run_id_of(target)
+        if run_id is not None:
+            return self.scheduler.runs.get(run_id) or self.recent.by_id.get(run_id)
+        return None
+
+    def stored_run(self, target: str) -> RunRecord | None:
+        """The journal's latest finished run of key ``target``, else its run of that id."""
+        if self.journal is None:
+            return None
+        record = self.journal.finished_run(key=target)
+        run_id = run_id_of(target)
+        if record is None and run_id is not None:
+            record = self.journal.finished_run(run_id=run_id)
+        return record
+
+    def status(self) -> list[protocol.KeyStatus]:
+        now = self.clock.monotonic()
+        rows = [
+            records.key_status(ks, self.recent.last_by_key.get(ks.key), now)
+            for ks in self.scheduler.keys.values()
+            if ks.pending is not None or ks.running is not None
+        ]
+        rows.sort(key=lambda row: row.key)
+        return rows
+
+    def history(self, key: str | None, limit: int) -> list[RunRecord]:
+        if self.journal is not None:
+            return self.journal.history(key, limit)
+        runs = [r for r in reversed(self.recent.by_id.values()) if key in (None, r.key)]
+        return [records.run_record(r) for r in runs[:limit]]
+
+    # ------------------------------------------------------------------ from the runs
+    def run_started(self, run: Run) -> None:
+        """Its process exists now: commit its pid soon (the next daemon needs it to clean up)."""
+        if self.journal is not None:
+            self.journal.note_run(run)
+            self.apply([])
+
+    def run_exited(self, run_id: int, code: int) -> None:
+        self.retention_due = True  # after the commit that records this run
+        self.apply(self.scheduler.run_exited(run_id, code))
+
+    # ------------------------------------------------------------------ effects and commits
+    def apply(self, effects: list[Effect]) -> None:
+        """Queue effects until the end of this turn of the loop, when the commit is done."""
+        self.outbox.extend(effects)
+        if self.flush_handle is None:
+            self.flush_handle = self.loop.call_soon(self._flush)
+
+    def flush_now(self) -> None:
+        """Do at once what waits for the end of the turn (shutdown)."""
+        if self.flush_handle is not None:
+            self.flush_handle.cancel()
+            self._flush()
+
+    def _flush(self) -> None:
+        """Commit what changed in this turn, then answer submitters and carry out effects."""
+        self.flush_handle = None
+        failure = None
+        if self.journal is not None:
+            try:
+                self.journal.commit(self.scheduler,
+                                    self.clock.wall() - self.clock.monotonic())
+            except JournalError as exc:
+                failure = str(exc)
+        # Only what this commit covers is acted on: answering a client may read its next
+        # request, whose effects wait for the next commit.
+        acks, self.acks = self.acks, []
+        effects, self.outbox = self.outbox, []
+        refused = set()
+        if failure is not None:
+            for ack in reversed(acks):  # newest first, so each one's predecessor is back
+                if self.scheduler.withdraw(ack.invocation, ack.waiter):
+                    refused.add(id(ack))
+        now = self.clock.monotonic()
+        for ack in acks:
+            self._answer(ack, failure if id(ack) in refused else None, now)
+        if failure is None and self.retention_due:
+            self.retention_due = False
+            self.runs.retain()
+        for effect in effects:
+            self._carry_out(effect)
+        self._set_timer()
+        self.settled()
+
+    def _answer(self, ack: Ack, failure: str | None, now: float) -> None:
+        """Tell a submitter: accepted, or refused (``failure``) and already taken back."""
+        inv = ack.invocation
+        inv.replaced = inv.joined = None  # only needed to take it back; let the chain go
+        if ack.submitter is None:
+            return
+        if failure is None:
+            ack.submitter.answered(records.accepted_msg(inv, now))
+        else:
+            ack.submitter.answered(protocol.Error(
+                message=f"cannot store the invocation: {failure}", code=REFUSED))
+
+    def _carry_out(self, effect: Effect) -> None:
+        if isinstance(effect, StartRun):
+            self.runs.start(effect.run)
+        elif isinstance(effect, SignalRun):
+            self.runs.signal(effect.run.id, effect.signal)
+        elif isinstance(effect, RunFinished):
+            self.recent.remember(effect.run)
+            msg = records.finished_msg(effect.run)
+            for waiter in unique(effect.waiters):
+                waiter.finish(msg)
+        elif isinstance(effect, Joined):
+            # Output that came between joining and now was not sent live (the waiter did not
+            # follow the run yet): the replay from the log covers it, once.
+            run = effect.run
+            joining = [w for w in unique(effect.waiters) if not w.follows(run.id)]
+            if joining:
+                started = protocol.encode(records.started_msg(run))
+                for waiter in joining:
+                    waiter.start(run.id, started)
+                for fd, data in self.runs.output_so_far(run):
+                    line = records.output_line(fd, data)
+                    for waiter in joining:
+                        waiter.output(fd, data, line)
+        elif isinstance(effect, Updated):
+            if effect.invocation.waiters:  # --no-wait submissions have nobody to tell
+                pending = records.pending_msg(effect.invocation, self.clock.monotonic())
+                line = protocol.encode(pending)
+                for waiter in unique(effect.invocation.waiters):
+                    waiter.raw(line)
+        elif isinstance(effect, Cancelled):
+            cancelled = protocol.Cancelled(key=effect.invocation.key)
+            for waiter in unique(effect.waiters):
+                waiter.finish(cancelled)
+
+    def _set_timer(self) -> None:
+        """Set the one timer for the scheduler's next deadline."""
+        deadline = self.scheduler.next_deadline()
+        timer = self.timer
+        if timer is not None and deadline is not None and timer.when() == deadline:
+            return  # most submissions leave the earliest deadline where it was
+        if timer is not None:
+            timer.cancel()
+            self.timer = None
+        if deadline is not None:
+            self.timer = self.loop.call_at(deadline, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self.timer = None
+        self.apply(self.scheduler.tick())
+
+    def close(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if self.journal is not None:
+            self.journal.close()
+
+
+def run_id_of(target: str) -> int | None:
+    """``target`` as a run id, if it can be one (digits, and small enough to be stored)."""
+    if target.isascii() and target.isdigit() and len(target) <= 18:
+        return int(target)
+    return None

@@ -1,0 +1,98 @@
+"""What an invocation carries (a :class:`Job`), and how request fields become one.
+
+Validation happens here, at the edge, for the socket and stdin alike; so does sharing: one
+copy of each distinct environment, command line and option set.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+from debounce_cli import protocol
+from debounce_cli.scheduler import Options
+
+
+@dataclass(eq=False, slots=True)
+class Job:
+    """The scheduler's opaque payload of an invocation: everything needed to run it."""
+
+    argv: list[str]
+    cwd: str
+    env: dict[str, str]
+    pid: int | None = None
+    log_path: str | None = None
+
+
+def parse_options(raw: dict[str, Any]) -> Options:
+    """A request's ``options`` object as scheduler Options; ValueError says what is wrong."""
+    protocol.check_options(raw)
+    options = Options(**raw)
+    problems = options.problems()
+    if problems:
+        raise ValueError(problems[0])
+    return options
+
+
+def check_job(argv: list[str], cwd: str, key: str) -> None:
+    """Refuse what could never run: no command, a relative cwd, an empty key."""
+    if not argv:
+        raise ValueError("run: argv must name a command")
+    if not os.path.isabs(cwd):
+        raise ValueError(f"run: cwd must be an absolute path, not {cwd!r}")
+    if not key:
+        raise ValueError("run: key must not be empty")
+
+
+class Shared:
+    """One copy of each distinct environment, command line and option set.
+
+    Invocations from one shell session carry the same environment (a few kilobytes) and the
+    same options; sharing them keeps a pending invocation to a few hundred bytes. The tables
+    are bounded: once full they are cleared, which only ends the sharing for later arrivals.
+    """
+
+    LIMIT = 4096
+
+    def __init__(self) -> None:
+        self.envs: dict[frozenset[tuple[str, str]], dict[str, str]] = {}
+        self.option_sets: dict[tuple[tuple[str, type, Any], ...], Options] = {}
+        self.argvs: dict[tuple[str, ...], list[str]] = {}
+
+    def env(self, env: dict[str, str]) -> dict[str, str]:
+        key = frozenset(env.items())
+        found = self.envs.get(key)
+        if found is None:
+            if len(self.envs) >= self.LIMIT:
+                self.envs.clear()
+            found = self.envs[key] = env
+        return found
+
+    def argv(self, argv: list[str]) -> list[str]:
+        """The same command line from many keys (a template key) is kept once."""
+        key = tuple(argv)
+        found = self.argvs.get(key)
+        if found is None:
+            if len(self.argvs) >= self.LIMIT:
+                self.argvs.clear()
+            found = self.argvs[key] = argv
+        return found
+
+    def options(self, raw: dict[str, Any]) -> Options:
+        try:
+            # The type is part of the key: True == 1, but only 1 is a valid delay.
+            key = tuple(sorted((name, type(value), value) for name, value in raw.items()))
+            found = self.option_sets.get(key)
+        except TypeError:  # unhashable values: let validation say what is wrong
+            return parse_options(raw)
+        if found is None:
+            found = parse_options(raw)
+            if len(self.option_sets) >= self.LIMIT:
+                self.option_sets.clear()
+            self.option_sets[key] = found
+        return found
+
+    def job(self, argv: list[str], cwd: str, env: dict[str, str]) -> Job:
+        return Job(self.argv(argv), sys.intern(cwd), self.env(env))

@@ -1,0 +1,181 @@
+"""Runs as processes: spawning, output logs, fanning output out to waiters, exit, retention.
+
+The core hands over each run the scheduler starts (after the commit that records it); this
+room starts its process a few per loop turn, writes its output to the run's log, copies each
+chunk to the waiters that follow the run, and reports the pid and the exit back to the core.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from collections import deque
+from collections.abc import Iterable
+from typing import Any, Protocol
+
+from debounce_cli import protocol
+from debounce_cli.daemon import records
+from debounce_cli.daemon.config import Config
+from debounce_cli.daemon.waiters import unique
+from debounce_cli.journal import Journal, JournalError
+from debounce_cli.logfile import LogWriter, read_log
+from debounce_cli.runner import RunProcess
+from debounce_cli.scheduler import Run
+
+#: Output kept in memory for clients joining a run that has no log (--no-journal).
+REPLAY_BUFFER = 8 * 1024 * 1024
+#: Processes started per turn of the event loop, at most (see Runs._spawn_some).
+SPAWNS_PER_TURN = 8
+#: Retention also drops unused environments every this many finished runs.
+PRUNE_ENVS_EVERY = 256
+
+
+class RunEvents(Protocol):
+    """What the runs report back (the core)."""
+
+    def run_started(self, run: Run) -> None: ...
+
+    def run_exited(self, run_id: int, code: int) -> None: ...
+
+
+class Runs:
+    """The processes of the runs that execute now."""
+
+    def __init__(self, config: Config, loop: Any, journal: Journal | None, log_dir: str,
+                 events: RunEvents) -> None:
+        self.config = config
+        self.loop = loop
+        self.journal = journal
+        self.log_dir = log_dir
+        self.events = events
+        self.procs: dict[int, RunProcess] = {}
+        self.logs: dict[int, LogWriter] = {}
+        self.buffers: dict[int, list[tuple[int, bytes]]] = {}  # output of runs without a log
+        self.to_spawn: deque[tuple[Run, RunProcess]] = deque()
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.finished_since_prune = 0
+
+    def start(self, run: Run) -> None:
+        """Prepare the run's process and log; it is spawned soon, a few per turn."""
+        job = records.job_of(run.invocation)
+        env = dict(job.env)
+        env["DEBOUNCE_KEY"] = run.key
+        env["DEBOUNCE_RUN_ID"] = str(run.id)
+        env["DEBOUNCE_COALESCED"] = str(run.coalesced)
+        log = self._open_log(run)
+        if log is None:
+            self.buffers[run.id] = []
+        buffered = 0
+
+        def on_output(fd: int, data: bytes) -> None:
+            nonlocal buffered
+            if log is not None:
+                log.write(fd, data)
+            elif buffered < REPLAY_BUFFER:  # without a log, late joiners get the first part
+                self.buffers[run.id].append((fd, data))
+                buffered += len(data)
+            line = records.output_line(fd, data)
+            for waiter in unique(run.waiters):
+                if waiter.follows(run.id):
+                    waiter.output(fd, data, line)
+
+        proc = RunProcess(job.argv, job.cwd, env, on_output)
+        self.procs[run.id] = proc
+        started = protocol.encode(records.started_msg(run))
+        for waiter in unique(run.waiters):
+            waiter.start(run.id, started)
+        self.to_spawn.append((run, proc))
+        if len(self.to_spawn) == 1:
+            self.loop.call_soon(self._spawn_some)
+
+    def signal(self, run_id: int, name: str) -> None:
+        proc = self.procs.get(run_id)
+        if proc is not None:
+            proc.signal(name)
+
+    def output_so_far(self, run: Run) -> Iterable[tuple[int, bytes]]:
+        """What a waiter joining the run late missed: from memory, else from the log."""
+        if run.id in self.buffers:
+            return list(self.buffers[run.id])
+        path = records.job_of(run.invocation).log_path
+        if path:
+            try:
+                return read_log(path)
+            except OSError:
+                return []
+        return []
+
+    async def wait_all(self) -> None:
+        """Until every run's process has ended (shutdown)."""
+        while self.tasks:
+            await asyncio.wait(list(self.tasks))
+            await asyncio.sleep(0)  # let the last commit and answers go out
+
+    # ------------------------------------------------------------------ spawning
+    def _spawn_some(self) -> None:
+        """Start a few runs per turn of the loop, so clients are answered between the forks.
+
+        When thousands of invocations fall due together, starting them all in one turn would
+        leave every connection unanswered until the last fork.
+        """
+        for _ in range(SPAWNS_PER_TURN):
+            if not self.to_spawn:
+                return
+            run, proc = self.to_spawn.popleft()
+            task = asyncio.ensure_future(self._execute(run, proc))
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+        if self.to_spawn:
+            self.loop.call_soon(self._spawn_some)
+
+    async def _execute(self, run: Run, proc: RunProcess) -> None:
+        await proc.start()
+        if proc.pid is not None:
+            records.job_of(run.invocation).pid = proc.pid
+            self.events.run_started(run)
+        if run.stop_reason is not None:  # stopped before it could start
+            proc.signal("TERM")
+        code = await proc.wait()
+        self.procs.pop(run.id, None)
+        self.buffers.pop(run.id, None)
+        log = self.logs.pop(run.id, None)
+        if log is not None:
+            log.close()
+        self.events.run_exited(run.id, code)
+
+    def _open_log(self, run: Run) -> LogWriter | None:
+        if not self.log_dir:
+            return None
+        path = os.path.join(self.log_dir, f"{run.id}.log")
+        try:
+            log = LogWriter(path)
+        except OSError as exc:
+            print(f"debounce: run {run.id} keeps no log: {exc.strerror}", file=sys.stderr)
+            return None
+        self.logs[run.id] = log
+        records.job_of(run.invocation).log_path = path
+        return log
+
+    # ------------------------------------------------------------------ retention
+    def retain(self) -> None:
+        """Keep history and logs within their limits (--keep-history, --keep-logs...)."""
+        journal = self.journal
+        if journal is None:
+            return
+        self.finished_since_prune += 1
+        prune_envs = self.finished_since_prune >= PRUNE_ENVS_EVERY
+        if prune_envs:
+            self.finished_since_prune = 0
+        config = self.config
+        try:
+            files = journal.retain(config.keep_logs, config.keep_logs_total, config.keep_history,
+                                   prune_envs=prune_envs)
+        except JournalError:
+            return  # retention must never take the daemon down; the next run tries again
+        for path in files:
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+

@@ -1,0 +1,130 @@
+"""Serving: listen (a socket of our own or one systemd passed), signals, the ready word to
+the client that started us, the stdin source, idle exit, and one ordered shutdown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+
+from debounce_cli.clock import Clock
+from debounce_cli.daemon.config import Config
+from debounce_cli.daemon.connection import Connection, ServerState
+from debounce_cli.daemon.core import Core
+from debounce_cli.daemon.handlers import Context
+from debounce_cli.daemon.startup import State
+from debounce_cli.daemon.stdin import StdinSource
+
+
+class Server:
+    """One daemon's life on its event loop, from listening to the last commit."""
+
+    def __init__(self, config: Config, clock: Clock, start: State, serving_socket: bool) -> None:
+        self.config = config
+        self.clock = clock
+        self.start = start
+        self.serving_socket = serving_socket  # False: a stdin daemon whose socket is taken
+        self.by_signal = False
+        self.idle_timer: asyncio.TimerHandle | None = None
+
+    async def serve(self) -> int:
+        """Serve until stopped; return the process exit status."""
+        loop = asyncio.get_running_loop()
+        config = self.config
+        self.stopped: asyncio.Future[None] = loop.create_future()
+        self.core = core = Core(config, self.clock, loop, self.start.scheduler,
+                                self.start.journal, log_dir=self.start.log_dir)
+        self.state = ServerState(loop, changed=self._check_idle)
+        core.settled = self._check_idle
+        ctx = Context(core=core, jobs=config.jobs, shutdown=self.shutdown)
+        self.server: asyncio.AbstractServer | None = None
+        if config.listen_fd is not None:
+            sock = socket.socket(fileno=config.listen_fd)
+            sock.setblocking(False)
+            self.server = await loop.create_unix_server(lambda: Connection(self.state, ctx),
+                                                        sock=sock)
+        elif self.serving_socket:
+            old_umask = os.umask(0o177)
+            try:
+                self.server = await loop.create_unix_server(
+                    lambda: Connection(self.state, ctx), path=config.socket)
+            finally:
+                os.umask(old_umask)
+            os.chmod(config.socket, 0o600)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.shutdown)
+        if config.ready_fd is not None:
+            try:
+                os.write(config.ready_fd, b"ready\n")
+                os.close(config.ready_fd)
+            except OSError:
+                pass
+        self.stdin: StdinSource | None = None
+        if config.stdin:
+            self.stdin = StdinSource(core, config.defaults)
+            self.stdin.on_eof = self._check_idle
+            self.stdin.start(loop)
+        core.apply([])  # the first turn sets the timer for what was restored
+        await self.stopped
+        await self._finish_shutdown()
+        if self.stdin is not None and not self.by_signal:
+            return 1 if self.stdin.waiter.failures else 0
+        return 0
+
+    # ------------------------------------------------------------------ idle exit
+    def _check_idle(self) -> None:
+        if self.state.stopping or self.stopped.done():
+            return
+        if self.core.busy() or self.state.connections:
+            self._cancel_idle()
+            return
+        if self.stdin is not None:
+            if not self.stdin.open:
+                self._stop_now()  # end of input and all done
+            return
+        idle = self.config.idle_exit
+        if idle and self.idle_timer is None:
+            self.idle_timer = self.state.loop.call_later(idle, self._stop_now)
+
+    def _cancel_idle(self) -> None:
+        if self.idle_timer is not None:
+            self.idle_timer.cancel()
+            self.idle_timer = None
+
+    # ------------------------------------------------------------------ shutdown
+    def shutdown(self) -> None:
+        """SIGTERM, SIGINT or ``debounce stop``: stop accepting, stop runs, keep what is pending."""
+        if self.state.stopping:
+            return
+        self.by_signal = True
+        self.core.stop_runs()
+        self._stop_now()
+
+    def _stop_now(self) -> None:
+        """Stop accepting at once; the rest of the shutdown (runs, journal) follows.
+
+        The socket goes first, so a client arriving meanwhile starts the next daemon instead
+        of being refused; that one takes over when this one has released the lock.
+        """
+        if not self.state.stopping:
+            self.state.stopping = True
+            if self.stdin is not None:
+                self.stdin.stopping = True
+            if self.server is not None:
+                self.server.close()
+            if self.serving_socket and self.config.listen_fd is None:
+                try:
+                    os.unlink(self.config.socket)
+                except FileNotFoundError:
+                    pass
+        if not self.stopped.done():
+            self.stopped.set_result(None)
+
+    async def _finish_shutdown(self) -> None:
+        """Wait for the runs to end (they were asked to stop), commit the last turn, close."""
+        self._cancel_idle()
+        await self.core.runs.wait_all()
+        self.core.flush_now()
+        self.core.close()

@@ -1,0 +1,43 @@
+"""Who waits for a run, and who is owed an answer: the interfaces the core delivers to.
+
+A client connection and the stdin source are both waiters; the core never needs to know
+which. A waiter may stand for several coalesced invocations, so deliveries go through
+:func:`unique`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any, Protocol
+
+from debounce_cli import protocol
+
+
+class Waiter(Protocol):
+    """Who waits for an invocation's run: a client connection, or the stdin source."""
+
+    def raw(self, line: bytes) -> None:
+        """An encoded progress message (Pending)."""
+
+    def follows(self, run_id: int) -> bool:
+        """Has it been told this run started (and so gets its output live)?"""
+
+    def start(self, run_id: int, line: bytes) -> None:
+        """The run started (``line`` is the encoded Started message)."""
+
+    def output(self, fd: int, data: bytes, line: bytes) -> None:
+        """A chunk of the run's output (``line`` is the encoded Output message)."""
+
+    def finish(self, msg: protocol.Message) -> None:
+        """Finished or Cancelled: the waiter's last message."""
+
+
+class Submitter(Protocol):
+    """Who is owed the answer to a submission once the turn's commit is done."""
+
+    def answered(self, msg: protocol.Message) -> None: ...
+
+
+def unique(waiters: Iterable[Any]) -> list[Any]:
+    """One delivery per waiter, even when it stands for several coalesced invocations."""
+    return list(dict.fromkeys(waiters))

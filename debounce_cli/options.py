@@ -1,0 +1,173 @@
+"""The one table of run options and of the daemon's settings, with their defaults.
+
+Everything else derives from these tables: the click options of ``run``, ``daemon`` and
+``watch`` (flags, help, defaults shown in ``--help``), the scheduler's ``Options`` defaults,
+the protocol's validation of a request's ``options`` object, the fields a ``--stdin`` JSON
+line may carry, and so the man pages and completions generated from the click commands. A new
+option is one row here plus the rule that uses it.
+
+The client imports this module on every ``debounce run``: plain tuples and constants only.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+# Kinds of values.
+DURATION = "duration"  # seconds as a float; written 250ms, 2s, 1m30s or 0.5
+FLAG = "flag"  # a boolean switch
+CHOICE = "choice"  # one of ``choices``
+COUNT = "count"  # a whole number (daemon settings)
+
+ON_BUSY = ("queue", "restart", "ignore")
+
+
+class RunOption(NamedTuple):
+    """One scheduling option of an invocation.
+
+    ``name`` is the field of ``scheduler.Options`` and of a run request's ``options`` object.
+    ``flag`` is how the command line writes it; a flag that turns a field off (``--no-defer``
+    for ``defer``) has ``negated`` set, and the field holds the opposite of the flag. A
+    duration whose default is ``None`` is optional: absent means "no limit".
+    """
+
+    name: str
+    flag: str
+    kind: str
+    default: Any
+    help: str
+    metavar: str | None = None
+    choices: tuple[str, ...] = ()
+    negated: bool = False
+    envvar: str | None = None
+
+    @property
+    def param(self) -> str:
+        """The click parameter name of the flag (``--no-trailing`` -> ``no_trailing``)."""
+        return self.flag.lstrip("-").replace("-", "_")
+
+    @property
+    def wire(self) -> str:
+        """The protocol's type tag for this field (see ``protocol._CHECKS``)."""
+        if self.kind == DURATION:
+            return "num?" if self.default is None else "num"
+        if self.kind == FLAG:
+            return "bool"
+        return "str"
+
+
+RUN_OPTIONS: tuple[RunOption, ...] = (
+    RunOption(
+        "delay", "--delay", DURATION, 1.0,
+        "Quiet period: run once no invocation of the key came for this long "
+        "(250ms, 2s, 1m30s, 0.5).",
+        envvar="DEBOUNCE_DELAY",
+    ),
+    RunOption(
+        "defer", "--no-defer", FLAG, True,
+        "Keep the delay but never coalesce: each invocation gets a key of its own (KEY#ID).",
+        negated=True,
+    ),
+    RunOption(
+        "max_wait", "--max-wait", DURATION, None,
+        "Run no later than this after the first invocation of a burst.",
+        metavar="DURATION",
+    ),
+    RunOption("leading", "--leading", FLAG, False, "Run the first invocation of a burst at once."),
+    RunOption(
+        "trailing", "--no-trailing", FLAG, True,
+        "With --leading: later invocations of the burst start nothing and share the "
+        "leading run's result.",
+        negated=True,
+    ),
+    RunOption(
+        "on_busy", "--on-busy", CHOICE, "queue",
+        "While the key's command runs: queue one more run after it, restart it, or "
+        "join it (ignore).",
+        choices=ON_BUSY,
+    ),
+    RunOption(
+        "stop_timeout", "--stop-timeout", DURATION, 5.0,
+        "After SIGTERM, wait this long before SIGKILL.",
+    ),
+    RunOption(
+        "timeout", "--timeout", DURATION, None,
+        "Stop a run that lasts longer than this (SIGTERM, then SIGKILL).",
+        metavar="DURATION",
+    ),
+)
+
+#: Option rows by field name.
+BY_NAME: dict[str, RunOption] = {option.name: option for option in RUN_OPTIONS}
+#: The default of every run option by field name (the scheduler's ``Options`` uses these).
+DEFAULTS: dict[str, Any] = {option.name: option.default for option in RUN_OPTIONS}
+
+
+def from_flags(values: dict[str, Any]) -> dict[str, Any]:
+    """A request's ``options`` object from click's parameter values (by ``param`` name)."""
+    out = {}
+    for option in RUN_OPTIONS:
+        value = values[option.param]
+        out[option.name] = (not value) if option.negated else value
+    return out
+
+
+def usage_problems(options: dict[str, Any]) -> list[str]:
+    """Usage errors of a set of scheduling options, worded for the command line.
+
+    Shared by the client (before it submits) and the daemon (stdin lines, and requests from
+    clients that skipped the check), so the rules are written once.
+    """
+    out = []
+    get = options.get
+    max_wait, timeout = get("max_wait"), get("timeout")
+    if get("delay", DEFAULTS["delay"]) < 0:
+        out.append("--delay must not be negative")
+    if max_wait is not None and max_wait <= 0:
+        out.append("--max-wait must be greater than 0")
+    if timeout is not None and timeout <= 0:
+        out.append("--timeout must be greater than 0")
+    if get("stop_timeout", DEFAULTS["stop_timeout"]) < 0:
+        out.append("--stop-timeout must not be negative")
+    on_busy = get("on_busy", DEFAULTS["on_busy"])
+    if on_busy not in ON_BUSY:
+        out.append(f"--on-busy must be one of {', '.join(ON_BUSY)}, not {on_busy!r}")
+    if not get("trailing", DEFAULTS["trailing"]) and not get("leading", DEFAULTS["leading"]):
+        out.append("--no-trailing without --leading would never run anything; add --leading")
+    return out
+
+
+# ------------------------------------------------------------------ the daemon's settings
+class DaemonOption(NamedTuple):
+    """One setting of ``debounce daemon`` (field of ``daemon.Config``)."""
+
+    name: str
+    flag: str
+    kind: str
+    default: Any
+    help: str
+    metavar: str | None = None
+    minimum: int | None = None
+
+
+DAEMON_OPTIONS: tuple[DaemonOption, ...] = (
+    DaemonOption("jobs", "--jobs", COUNT, None,
+                 "Run at most N commands at once; due invocations queue.  [default: no limit]",
+                 metavar="N", minimum=1),
+    DaemonOption("idle_exit", "--idle-exit", DURATION, 600.0,
+                 "Exit after this long with nothing pending, running or connected (0: never)."),
+    DaemonOption("journal", "--journal/--no-journal", FLAG, True,
+                 "Keep pending invocations and history in the state directory, so they "
+                 "survive a crash; --no-journal keeps them in memory only."),
+    DaemonOption("keep_logs", "--keep-logs", COUNT, 10,
+                 "Keep the output logs of the last N runs of each key.", metavar="N", minimum=0),
+    DaemonOption("keep_logs_total", "--keep-logs-total", COUNT, 1000,
+                 "Keep at most N output logs in all.", metavar="N", minimum=0),
+    DaemonOption("keep_history", "--keep-history", COUNT, 10000,
+                 "Keep the last N finished runs in the history.", metavar="N", minimum=1),
+)
+
+DAEMON_DEFAULTS: dict[str, Any] = {option.name: option.default for option in DAEMON_OPTIONS}
+
+#: How many runs ``debounce history`` shows unless told otherwise.
+HISTORY_LIMIT = 20

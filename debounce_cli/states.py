@@ -1,0 +1,43 @@
+"""The names that cross layers: invocation states, run outcomes, stop reasons, error codes.
+
+Each is written once here and compared by name everywhere else (scheduler, journal, daemon,
+client, render). They are plain strings because they go on the wire and into the journal as
+they are; this module is imported by the client, so it holds nothing but constants.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+# Invocation states (SPEC "Words"). A run is RUNNING or FINISHED.
+PENDING: Final = "pending"  # waiting for its quiet period, or due and waiting for its key
+QUEUED: Final = "queued"  # due, key free, waiting for a job slot
+SUPERSEDED: Final = "superseded"  # replaced by a later invocation of the same key
+RUNNING: Final = "running"  # attached to a run that is executing
+FINISHED: Final = "finished"  # attached to a run that has ended
+CANCELLED: Final = "cancelled"  # dropped by `debounce cancel`
+
+# Why the daemon asked a run to stop (Run.stop_reason).
+STOP_TIMEOUT: Final = "timeout"  # --timeout expired
+STOP_RESTART: Final = "restart"  # --on-busy restart: a newer invocation replaces it
+STOP_SHUTDOWN: Final = "shutdown"  # the daemon is stopping
+
+# How a run ended (Run.outcome, history's "outcome", --json's "outcome").
+EXITED: Final = "exited"  # its command exited by itself
+TIMED_OUT: Final = "timeout"  # stopped by --timeout
+RESTARTED: Final = "restarted"  # stopped by --on-busy restart
+STOPPED: Final = "stopped"  # stopped because the daemon shut down
+LOST: Final = "lost"  # it was executing when its daemon died
+
+#: The outcome of a run that was asked to stop for a reason (None: it exited by itself).
+OUTCOME_OF_STOP: Final[dict[str | None, str]] = {
+    None: EXITED,
+    STOP_TIMEOUT: TIMED_OUT,
+    STOP_RESTART: RESTARTED,
+    STOP_SHUTDOWN: STOPPED,
+}
+
+# Error codes of the protocol's Error message.
+BAD_REQUEST: Final = "bad_request"  # the client sent something malformed or not allowed
+REFUSED: Final = "refused"  # the daemon cannot take it now (shutting down, disk full...)
+NOT_FOUND: Final = "not_found"  # no such key or run

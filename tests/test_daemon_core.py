@@ -1,0 +1,455 @@
+"""Unit tests of the daemon's core and request handlers, with no sockets, processes or sleeping.
+
+Time is a FakeClock that moves only when a test moves it; the event loop is a fake whose
+callbacks run only when the test says so (``run_soon`` ends the current turn, ``advance_to``
+fires timers in time order); runs are recorded instead of spawned, and a test ends one with
+``core.run_exited``. A fake client keeps every message it was sent, decoded from the wire
+format, so each test checks what a user of ``debounce`` would see, at exact times.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+from debounce_cli import protocol, states
+from debounce_cli.clock import FakeClock
+from debounce_cli.daemon import handlers, records
+from debounce_cli.daemon.config import Config
+from debounce_cli.daemon.core import Core
+from debounce_cli.daemon.handlers import Context
+from debounce_cli.daemon.waiters import unique
+from debounce_cli.journal import JournalError
+from debounce_cli.protocol import Accepted, Cancelled, Done, Error, Finished, Pending, Started
+from debounce_cli.scheduler import Run, Scheduler
+
+WALL = 1_800_000_000.0  # FakeClock's wall offset: wall time is WALL + monotonic time
+
+
+class FakeHandle:
+    def __init__(self, when: float | None, callback: Callable[[], None]) -> None:
+        self._when, self.callback, self.cancelled = when, callback, False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+    def when(self) -> float:
+        return self._when or 0.0  # only call_at handles are asked
+
+
+class FakeLoop:
+    """``call_soon``/``call_at`` that run only when the test says so."""
+
+    def __init__(self, clock: FakeClock) -> None:
+        self.clock = clock
+        self.soon: list[FakeHandle] = []
+        self.timers: list[FakeHandle] = []  # call_at handles not fired yet
+
+    def call_soon(self, callback: Callable[[], None]) -> FakeHandle:
+        self.soon.append(handle := FakeHandle(None, callback))
+        return handle
+
+    def call_at(self, when: float, callback: Callable[[], None]) -> FakeHandle:
+        self.timers.append(handle := FakeHandle(when, callback))
+        return handle
+
+    def live_timers(self) -> list[float]:
+        return sorted(h.when() for h in self.timers if not h.cancelled)
+
+    def run_soon(self) -> None:
+        """End the turn: run call_soon callbacks until none are left."""
+        while self.soon:
+            handle = self.soon.pop(0)
+            if not handle.cancelled:
+                handle.callback()
+
+    def advance_to(self, t: float) -> None:
+        """Move the clock to ``t`` timer by timer, ending the turn after each."""
+        self.run_soon()
+        while True:
+            due = [h for h in self.timers if not h.cancelled and h.when() <= t]
+            if not due:
+                break
+            handle = min(due, key=FakeHandle.when)
+            self.timers.remove(handle)
+            self.clock.set(max(self.clock.now, handle.when()))
+            handle.callback()
+            self.run_soon()
+        self.clock.set(t)
+        self.run_soon()
+
+
+class FakeRuns:
+    """Records starts and signals; tells waiters a run started, as ``runs.Runs.start`` does."""
+
+    def __init__(self) -> None:
+        self.started: list[Run] = []
+        self.signals: list[tuple[int, str]] = []
+        self.retained = 0
+
+    def start(self, run: Run) -> None:
+        self.started.append(run)
+        line = protocol.encode(records.started_msg(run))
+        for waiter in unique(run.waiters):
+            waiter.start(run.id, line)
+
+    def signal(self, run_id: int, name: str) -> None:
+        self.signals.append((run_id, name))
+
+    def output_so_far(self, run: Run) -> list[tuple[int, bytes]]:
+        return []
+
+    def retain(self) -> None:
+        self.retained += 1
+
+    async def wait_all(self) -> None:
+        pass
+
+
+class FakeClient:
+    """A connection that keeps every message it was sent, as the client would decode it."""
+
+    def __init__(self) -> None:
+        self.got: list[protocol.Message] = []
+        self.owed_wait: bool | None = None  # owe(wait=...) was called with this
+        self.waiting_acked: bool | None = None
+        self.run_id: int | None = None
+        self.closed = 0
+
+    def owe(self, wait: bool) -> None:
+        self.owed_wait = wait
+
+    def wait_for_runs(self, acked: bool) -> None:
+        self.waiting_acked = acked
+
+    def send(self, msg: protocol.Message) -> None:
+        self.raw(protocol.encode(msg))
+
+    answered = finish = send  # the submission's answer; a run's Finished or Cancelled
+
+    def close(self) -> None:
+        self.closed += 1
+
+    def raw(self, line: bytes) -> None:
+        self.got.append(protocol.decode(line, protocol.REPLIES))
+
+    def follows(self, run_id: int) -> bool:
+        return self.run_id == run_id
+
+    def start(self, run_id: int, line: bytes) -> None:
+        self.run_id = run_id
+        self.raw(line)
+
+    def output(self, fd: int, data: bytes, line: bytes) -> None:
+        self.raw(line)
+
+    def kinds(self) -> list[type[protocol.Message]]:
+        return [type(m) for m in self.got]
+
+    def last(self) -> Any:  # Any: tests read the fields of whichever message came last
+        return self.got[-1]
+
+
+class StubJournal:
+    """A journal whose commit fails while ``failing`` is set."""
+
+    def __init__(self, failing: bool = False) -> None:
+        self.failing = failing
+
+    def observe(self, *args: Any) -> None:
+        pass
+
+    note_run = close = observe
+
+    def commit(self, scheduler: Scheduler, wall_offset: float) -> None:
+        if self.failing:
+            raise JournalError("disk full")
+
+    def finished_run(self, **where: Any) -> None:
+        return None
+
+    refusal = finished_run
+
+    def history(self, key: str | None, limit: int) -> list[protocol.RunRecord]:
+        return []
+
+
+@dataclass
+class Daemon:
+    clock: FakeClock
+    loop: FakeLoop
+    core: Core
+    runs: FakeRuns
+    ctx: Context
+    shutdowns: list[int]  # one entry per ctx.shutdown() call
+
+    def run(self, argv: list[str] | None = None, key: str = "k", wait: bool = True,
+            **options: Any) -> tuple[FakeClient, Any]:
+        """A RunRequest from a new client (delay 1 unless told); the turn is not ended."""
+        client = FakeClient()
+        req = protocol.RunRequest(argv=argv or ["make"], cwd="/", env={}, key=key,
+                                  options=options or {"delay": 1.0}, wait=wait)
+        return client, handlers.handle_run(self.ctx, client, req)
+
+    def ask(self, request: protocol.Message, client: FakeClient | None = None) -> Any:
+        """The handler's reply to ``request`` (through the daemon's table of handlers)."""
+        return handlers.HANDLERS[type(request)](self.ctx, client or FakeClient(), request)
+
+    def status(self) -> list[protocol.KeyStatus]:
+        reply = self.ask(protocol.StatusRequest())
+        assert isinstance(reply, protocol.StatusReply)
+        return reply.keys
+
+
+def make_daemon(journal: Any = None) -> Daemon:
+    clock = FakeClock(now=0.0, wall_offset=WALL)
+    loop, runs, shutdowns = FakeLoop(clock), FakeRuns(), []
+    core = Core(Config(socket="/nonexistent/daemon.sock"), clock, loop,
+                Scheduler(clock.monotonic, wall=clock.wall), journal, runs=runs)
+    ctx = Context(core=core, jobs=None, shutdown=lambda: shutdowns.append(1))
+    return Daemon(clock, loop, core, runs, ctx, shutdowns)
+
+
+@pytest.fixture
+def d() -> Daemon:
+    return make_daemon()
+
+
+def is_error(reply: Any, code: str) -> bool:
+    return isinstance(reply, Error) and reply.code == code
+
+
+def finished(run_id: int, inv: int, argv: list[str], code: int, coalesced: int, start: float,
+             end: float) -> Finished:
+    """What a waiter of key "k" is told at the end (times on the fake clock)."""
+    return Finished(run_id=run_id, invocation=inv, key="k", argv=argv, exit_code=code,
+                    coalesced=coalesced, started_at=WALL + start, finished_at=WALL + end,
+                    outcome=states.EXITED)
+
+
+def test_waiting_run_is_accepted_after_the_turn_then_runs_at_its_due_time(d: Daemon) -> None:
+    client, reply = d.run(["make", "all"])
+    assert reply is None and client.owed_wait is True
+    assert client.got == []  # the answer waits for the end of the turn (the commit)
+    d.loop.run_soon()
+    assert client.got[0] == Accepted(id=1, key="k", state=states.PENDING, due_in=1.0,
+                                     coalesced=1)
+    assert d.loop.live_timers() == [1.0]
+    d.loop.advance_to(0.999)
+    assert d.runs.started == []
+    d.loop.advance_to(1.0)
+    assert [(r.key, r.started_at) for r in d.runs.started] == [("k", 1.0)]
+    assert d.loop.live_timers() == []  # nothing else is timed
+    d.loop.advance_to(3.5)
+    d.core.run_exited(1, 3)
+    d.loop.run_soon()
+    assert client.kinds()[-2:] == [Started, Finished]
+    assert client.last() == finished(1, 1, ["make", "all"], 3, 1, 1.0, 3.5)
+    assert len(d.runs.started) == 1 and d.runs.retained == 1 and not d.core.busy()
+
+
+def test_three_waiters_of_one_key_share_one_run_with_the_last_argv(d: Daemon) -> None:
+    clients = []
+    for t, n in ((0.0, 1), (0.5, 2), (0.9, 3)):
+        d.loop.advance_to(t)
+        client, _ = d.run(["echo", str(n)])
+        d.loop.run_soon()
+        acc = client.got[0]
+        assert (type(acc), acc.id, acc.state, acc.coalesced) == (Accepted, n, states.PENDING, n)
+        assert acc.due_in == pytest.approx(1.0)  # (0.9 + 1.0) - 0.9 is not exactly 1.0
+        assert d.loop.live_timers() == [t + 1.0]
+        clients.append(client)
+    d.loop.advance_to(1.89)
+    assert d.runs.started == []
+    d.loop.advance_to(1.9)
+    [run] = d.runs.started
+    assert (run.started_at, run.started_wall, run.coalesced) == (1.9, WALL + 1.9, 3)
+    d.loop.advance_to(4.0)
+    d.core.run_exited(run.id, 0)
+    d.loop.run_soon()
+    for client in clients:
+        assert client.last() == finished(1, 3, ["echo", "3"], 0, 3, 1.9, 4.0)
+        assert client.kinds().count(Started) == client.kinds().count(Finished) == 1
+    assert len(d.runs.started) == 1
+
+
+@pytest.mark.parametrize("options", [{"delay": -1}, {"bogus": 1}, {"on_busy": "never"}])
+def test_bad_options_are_a_bad_request_and_nothing_is_pending(d: Daemon, options: dict) -> None:
+    client, reply = d.run(**options)
+    assert is_error(reply, states.BAD_REQUEST) and client.owed_wait is None
+    d.loop.run_soon()
+    assert d.status() == [] and d.loop.live_timers() == [] and client.got == []
+
+
+def test_a_bool_delay_is_refused_even_after_an_equal_number(d: Daemon) -> None:
+    d.run(key="a", wait=False, delay=1)
+    assert is_error(d.run(key="b", wait=False, delay=True)[1], states.BAD_REQUEST)
+
+
+def test_failed_commit_refuses_and_the_previous_invocation_is_pending_again() -> None:
+    journal = StubJournal(failing=True)
+    d = make_daemon(journal)
+    lone, _ = d.run(key="lone", wait=False)  # refused with nothing before it: nothing left
+    d.loop.run_soon()
+    assert [(type(m), m.code) for m in lone.got] == [(Error, states.REFUSED)]
+    assert d.status() == [] and d.loop.live_timers() == [] and not d.core.busy()
+    journal.failing = False
+    first, _ = d.run(["echo", "first"])
+    d.loop.run_soon()
+    d.loop.advance_to(0.5)
+    journal.failing = True
+    second, reply = d.run(["echo", "second"])
+    assert reply is None
+    d.loop.run_soon()
+    assert is_error(second.got[0], states.REFUSED) and "disk full" in second.got[0].message
+    [row] = d.status()
+    assert row.pending == protocol.PendingRow(id=2, argv=["echo", "first"], cwd="/",
+                                              state=states.PENDING, due_in=0.5, coalesced=1)
+    assert d.loop.live_timers() == [1.0]
+    journal.failing = False
+    d.loop.advance_to(1.0)
+    [run] = d.runs.started
+    assert (records.job_of(run.invocation).argv, run.coalesced) == (["echo", "first"], 1)
+    d.core.run_exited(run.id, 0)
+    d.loop.run_soon()
+    assert first.last() == finished(1, 2, ["echo", "first"], 0, 1, 1.0, 1.0)
+    assert Finished not in second.kinds() and Started not in second.kinds()
+
+
+def test_failed_commit_sends_no_progress_about_the_withdrawn_invocation() -> None:
+    journal = StubJournal()
+    d = make_daemon(journal)
+    first, _ = d.run(["echo", "first"])
+    d.loop.run_soon()
+    before = list(first.got)
+    journal.failing = True
+    d.run(["echo", "second"])
+    d.loop.run_soon()
+    assert first.got == before  # not "state cancelled, coalesced 2" about the other one
+
+
+def test_status_rows_follow_the_clock_and_the_runs(d: Daemon) -> None:
+    d.run(["make"], key="b", wait=False)
+    d.run(["make", "a"], key="a", wait=False, delay=2.0)
+    d.loop.advance_to(0.25)
+    rows = d.status()  # sorted by key; KeyStatus records, not dicts
+    assert [(type(r).__name__, r.key) for r in rows] == [("KeyStatus", "a"), ("KeyStatus", "b")]
+    assert rows[0].pending == protocol.PendingRow(id=2, argv=["make", "a"], cwd="/",
+                                                  state=states.PENDING, due_in=1.75, coalesced=1)
+    assert rows[1].pending is not None and rows[1].pending.due_in == 0.75
+    assert rows[1].running is None and rows[1].last is None
+    d.loop.advance_to(1.0)
+    [row] = [r for r in d.status() if r.key == "b"]
+    assert row.pending is None and row.last is None
+    assert row.running == protocol.RunningRow(run_id=1, argv=["make"], started_at=WALL + 1.0,
+                                              coalesced=1, stopping=None)
+    d.loop.advance_to(1.5)
+    d.run(["make", "again"], key="b", wait=False)  # pending again while run 1 goes on
+    d.loop.run_soon()
+    d.core.run_exited(1, 7)
+    d.loop.run_soon()
+    [row] = [r for r in d.status() if r.key == "b"]
+    assert row.running is None and row.pending is not None and row.pending.due_in == 1.0
+    assert row.last == protocol.LastRun(run_id=1, exit_code=7, finished_at=WALL + 1.5)
+
+
+def test_wait_follows_a_pending_key_to_the_end(d: Daemon) -> None:
+    d.run(["make"], wait=False)
+    d.loop.advance_to(0.4)
+    waiter = FakeClient()
+    assert d.ask(protocol.WaitRequest(target="k"), waiter) is None
+    assert waiter.waiting_acked is True
+    assert waiter.got == [Pending(key="k", state=states.PENDING, due_in=0.6, coalesced=1)]
+    d.loop.advance_to(1.0)
+    assert waiter.kinds() == [Pending, Started]
+    late = FakeClient()  # joins the run while it executes: Started (replayed), then the end
+    assert d.ask(protocol.WaitRequest(target="k"), late) is None
+    d.loop.advance_to(2.0)
+    d.core.run_exited(1, 0)
+    d.loop.run_soon()
+    assert waiter.last() == late.last() == finished(1, 1, ["make"], 0, 1, 1.0, 2.0)
+    assert late.kinds() == [Started, Finished]
+
+
+def test_wait_on_a_finished_run_answers_in_the_same_turn_else_not_found(d: Daemon) -> None:
+    d.run(["make"], wait=False)
+    d.loop.advance_to(1.0)
+    d.loop.advance_to(2.0)
+    d.core.run_exited(1, 4)
+    d.loop.run_soon()
+    for target in ("1", "k"):
+        waiter = FakeClient()
+        assert d.ask(protocol.WaitRequest(target=target), waiter) is None
+        d.loop.run_soon()  # no clock movement: delivered at the end of this turn
+        assert waiter.got == [finished(1, 1, ["make"], 4, 1, 1.0, 2.0)]
+    assert len(d.runs.started) == 1
+    for target in ("nope", "42"):  # neither a key nor a run id known
+        assert is_error(d.ask(protocol.WaitRequest(target=target)), states.NOT_FOUND)
+
+
+def test_flush_starts_the_pending_run_at_once(d: Daemon) -> None:
+    client, _ = d.run(["make"])
+    d.loop.advance_to(0.3)
+    assert d.ask(protocol.FlushRequest(key="k")) == Done(ok=True, message="flushed k")
+    d.loop.run_soon()
+    [run] = d.runs.started
+    assert (run.started_at, run.started_wall) == (0.3, WALL + 0.3)
+    assert d.loop.live_timers() == [] and client.last().type == "started"
+    assert is_error(d.ask(protocol.FlushRequest(key="other")), states.NOT_FOUND)
+
+
+def test_cancel_tells_every_waiter_and_nothing_runs(d: Daemon) -> None:
+    one, _ = d.run(["make"])
+    two, _ = d.run(["make"])
+    d.loop.run_soon()
+    assert d.ask(protocol.CancelRequest(key="k")) == Done(ok=True, message="cancelled k")
+    d.loop.run_soon()
+    assert one.last() == two.last() == Cancelled(key="k")
+    assert d.status() == [] and d.loop.live_timers() == []
+    d.loop.advance_to(5.0)
+    assert d.runs.started == []
+    assert is_error(d.ask(protocol.CancelRequest(key="k")), states.NOT_FOUND)
+
+
+def test_stop_answers_closes_and_shuts_down_once(d: Daemon) -> None:
+    client = FakeClient()
+    assert d.ask(protocol.StopRequest(), client) is None
+    assert client.got == [Done(ok=True, message="stopping")]
+    assert client.closed == 1 and d.shutdowns == [1]
+
+
+def test_history_without_a_journal_is_newest_first(d: Daemon) -> None:
+    for i, key in enumerate(("a", "b", "a")):
+        d.loop.advance_to(10.0 * i)
+        d.run(["job", str(i)], key=key, wait=False)
+        d.loop.advance_to(10.0 * i + 2.0)
+        d.core.run_exited(i + 1, i)
+        d.loop.run_soon()
+    runs = d.ask(protocol.HistoryRequest(key=None, limit=2)).runs
+    assert [r.run_id for r in runs] == [3, 2]
+    assert runs[0] == protocol.RunRecord(
+        run_id=3, key="a", argv=["job", "2"], cwd="/", exit_code=2, coalesced=1,
+        started_at=WALL + 21.0, finished_at=WALL + 22.0, outcome=states.EXITED,
+        due_at=WALL + 21.0, invocation=3, log_path=None)
+    assert [r.run_id for r in d.ask(protocol.HistoryRequest(key="a")).runs] == [3, 1]
+    assert d.ask(protocol.HistoryRequest(key=None, limit=0)).runs == []
+    assert d.ask(protocol.HistoryRequest(key="zzz")).runs == []
+
+
+def test_a_detached_client_gets_nothing_more_and_the_run_still_happens(d: Daemon) -> None:
+    gone, _ = d.run(["make", "1"])
+    d.loop.run_soon()
+    stays, _ = d.run(["make", "2"])
+    d.loop.run_soon()
+    seen = list(gone.got)
+    d.core.detach(gone)
+    d.loop.advance_to(1.0)
+    [run] = d.runs.started
+    assert run.coalesced == 2
+    d.core.run_exited(run.id, 0)
+    d.loop.run_soon()
+    assert gone.got == seen
+    assert stays.last() == finished(1, 2, ["make", "2"], 0, 2, 1.0, 1.0)
