@@ -454,7 +454,7 @@ REPLIES: dict[str, type[Message]] = {
 def _plain(obj: Any) -> Any:
     """How the encoder writes what JSON does not know: records inside messages."""
     if isinstance(obj, Record):
-        return obj.to_dict()
+        return obj.__dict__  # its fields, in schema order; only read
     raise TypeError(f"{type(obj).__name__} cannot be sent")
 
 
@@ -499,45 +499,51 @@ def _checked(obj: dict[str, Any], schema: dict[str, str], where: str) -> dict[st
         check = checks.get(name)
         if check is None:
             raise ProtocolError(f"{where}: unknown field {name!r}")
-        if not check(value):
-            tag = schema[name]
-            raise ProtocolError(f"{where}: field {name!r} must be {_DESCRIBE[tag]}")
-    for name in records:
+        # A plain type is checked inline (most fields are strings): no call per field.
+        if not (type(value) is check if type(check) is type else check(value)):
+            raise ProtocolError(f"{where}: field {name!r} must be {_DESCRIBE[schema[name]]}")
+    for name, cls, shape in records:
         if name in obj:
-            obj[name] = _record_field(schema[name], obj[name], f"{where}.{name}")
+            obj[name] = _record_field(cls, shape, obj[name], where, name)
     return obj
 
 
 #: Per schema (by identity; schemas are class attributes): each field's check, and the fields
-#: holding records. Built on first use, so the client pays only for the messages it reads.
-_COMPILED: dict[int, tuple[dict[str, Check], list[str]]] = {}
+#: holding records with their class and shape. Built on first use.
+_COMPILED: dict[int, tuple[dict[str, Any], list[tuple[str, type[Record], str]]]] = {}
+#: Tags that a value passes exactly when its type is this one.
+_EXACT: dict[str, type] = {_STR: str, _BOOL: bool}
 
 
-def _compile(schema: dict[str, str]) -> tuple[dict[str, Check], list[str]]:
-    checks: dict[str, Check] = {}
+def _compile(schema: dict[str, str]
+             ) -> tuple[dict[str, Any], list[tuple[str, type[Record], str]]]:
+    checks: dict[str, Any] = {}
     records = []
     for name, tag in schema.items():
-        check = _CHECKS.get(tag)
-        if check is None:  # a record tag: checked while it is converted
-            records.append(name)
+        check = _EXACT.get(tag) or _CHECKS.get(tag)
+        if check is None:  # a record: Name, Name? or list[Name]; checked while converted
+            if tag.startswith("list["):
+                records.append((name, _RECORDS[tag[5:-1]], "list"))
+            elif tag.endswith("?"):
+                records.append((name, _RECORDS[tag[:-1]], "optional"))
+            else:
+                records.append((name, _RECORDS[tag], "one"))
             check = _CHECKS[_ANY]
         checks[name] = check
     _COMPILED[id(schema)] = (checks, records)
     return checks, records
 
 
-def _record_field(tag: str, value: Any, where: str) -> Any:
-    """A field whose tag names a record class: ``Name``, ``Name?`` or ``list[Name]``."""
-    if tag.startswith("list["):
-        cls = _RECORDS[tag[5:-1]]
+def _record_field(cls: type[Record], shape: str, value: Any, where: str, name: str) -> Any:
+    """A field holding a record (``shape`` "one"), maybe none ("optional"), or a list."""
+    if value is None and shape == "optional":
+        return None
+    here = f"{where}.{name}"
+    if shape == "list":
         if type(value) is not list:
-            raise ProtocolError(f"{where} must be a list of objects")
-        return [_record(cls, item, where) for item in value]
-    if tag.endswith("?"):
-        if value is None:
-            return None
-        tag = tag[:-1]
-    return _record(_RECORDS[tag], value, where)
+            raise ProtocolError(f"{here} must be a list of objects")
+        return [_record(cls, item, here) for item in value]
+    return _record(cls, value, here)
 
 
 def _record(cls: type[Record], value: Any, where: str) -> Record:
@@ -545,7 +551,7 @@ def _record(cls: type[Record], value: Any, where: str) -> Record:
         return value
     if type(value) is not dict:
         raise ProtocolError(f"{where} must be an object")
-    return cls.from_dict(value, where)
+    return cls(**_checked(value, cls.schema, where))
 
 
 _RECORDS: dict[str, type[Record]] = {
