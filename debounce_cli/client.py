@@ -10,6 +10,7 @@ from __future__ import annotations
 import _socket  # the C module: socket.py's enum conversions cost ~4 ms at start-up
 import binascii
 import os
+import struct
 import sys
 import time
 from collections.abc import Callable
@@ -19,6 +20,15 @@ from debounce_cli.protocol import Message
 
 #: How long a client waits for an auto-started daemon to say it is ready.
 START_TIMEOUT = 10.0
+
+#: How long connect() waits for room in a daemon's listen backlog.
+CONNECT_TIMEOUT = 5.0
+
+# struct timeval for SO_SNDTIMEO, which bounds a blocking connect() on a Unix socket (the
+# kernel wakes us as soon as the backlog has room). settimeout() would not do: with it the
+# socket is non-blocking, and connect() to a full backlog fails at once with EAGAIN.
+_CONNECT_TIMEVAL = struct.pack("@ll", int(CONNECT_TIMEOUT), 0)
+_NO_TIMEVAL = struct.pack("@ll", 0, 0)
 
 
 class ClientError(Exception):
@@ -97,6 +107,7 @@ def connect(sock_path: str, request: Message, autostart: bool = True) -> Connect
         conn = _start_and_connect(sock_path)
     except OSError as exc:
         raise ClientError(f"cannot connect to {sock_path}: {exc.strerror}") from None
+    # Nothing is sent before _connect has seen that the daemon runs as us.
     try:
         conn.send(protocol.Hello(client="debounce"), request)
         hello = conn.recv(timeout=START_TIMEOUT)
@@ -110,13 +121,50 @@ def connect(sock_path: str, request: Message, autostart: bool = True) -> Connect
 
 
 def _connect(sock_path: str) -> Connection:
+    """Connect to the socket at ``sock_path`` and make sure the daemon answering runs as us.
+
+    Raises FileNotFoundError or ConnectionRefusedError when no daemon listens there (the
+    caller may start one), ClientError when the path is unsafe, the daemon is another
+    user's, or it does not accept the connection within CONNECT_TIMEOUT.
+    """
+    try:
+        paths.socket_file_check(sock_path)
+    except paths.NotASocket as exc:
+        raise ClientError(str(exc)) from None
+    except paths.PathError as exc:
+        raise ClientError(str(exc), "unsafe") from None
     sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM)
     try:
-        sock.connect(sock_path)
+        sock.setsockopt(_socket.SOL_SOCKET, _socket.SO_SNDTIMEO, _CONNECT_TIMEVAL)
+        try:
+            sock.connect(sock_path)
+        except (BlockingIOError, TimeoutError):
+            raise ClientError(
+                f"the daemon on {sock_path} does not accept connections (none within "
+                f"{CONNECT_TIMEOUT:g}s): it is stopped, wedged or overloaded"
+            ) from None
+        sock.setsockopt(_socket.SOL_SOCKET, _socket.SO_SNDTIMEO, _NO_TIMEVAL)
+        _check_peer(sock, sock_path)
     except BaseException:
         sock.close()
         raise
     return Connection(sock)
+
+
+def _check_peer(sock: _socket.socket, sock_path: str) -> None:
+    """Refuse a daemon that is not ours, before anything (hello, command, environment) is sent.
+
+    The kernel records who listens on a socket (SO_PEERCRED: pid, uid, gid); whatever path
+    led here, that is the one check a swapped directory or socket cannot fool.
+    """
+    cred = sock.getsockopt(_socket.SOL_SOCKET, _socket.SO_PEERCRED, 12)
+    _pid, uid, _gid = struct.unpack("@iII", cred)
+    if uid != os.getuid():
+        raise ClientError(
+            f"the process answering on {sock_path} runs as uid {uid}, not as you "
+            f"(uid {os.getuid()}); nothing was sent to it: {paths.SOCKET_REMEDY}",
+            "unsafe",
+        )
 
 
 def _start_and_connect(sock_path: str) -> Connection:
@@ -131,14 +179,21 @@ def _start_and_connect(sock_path: str) -> Connection:
         paths.socket_dir_check(sock_path, create=True)
     except paths.PathError as exc:
         raise ClientError(str(exc), "unsafe") from None
-    flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC
-    lock_fd = os.open(paths.start_lock_path(sock_path), flags, 0o600)
+    flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
+    start_lock = paths.start_lock_path(sock_path)
+    try:
+        lock_fd = os.open(start_lock, flags, 0o600)
+    except OSError as exc:
+        raise ClientError(f"cannot start the daemon: cannot open {start_lock}: "
+                          f"{exc.strerror}") from None
     try:
         fcntl.flock(lock_fd, fcntl.LOCK_EX)
         try:
             return _connect(sock_path)
         except (FileNotFoundError, ConnectionRefusedError):
             pass
+        except OSError as exc:
+            raise ClientError(f"cannot connect to {sock_path}: {exc.strerror}") from None
         try:
             _spawn_daemon(sock_path)
         except ClientError as failure:
@@ -197,7 +252,8 @@ def _spawn_daemon(sock_path: str) -> None:
 
     log_path = daemon_log_path(sock_path)
     try:
-        paths.check_private_dir(os.path.dirname(log_path), "state directory", create=True)
+        paths.check_private_dir(os.path.dirname(log_path), "state directory", create=True,
+                                 follow=True)
         log = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
     except (OSError, paths.PathError) as exc:
         raise ClientError(f"cannot start the daemon: {exc}") from None

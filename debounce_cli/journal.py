@@ -85,6 +85,7 @@ CREATE INDEX IF NOT EXISTS runs_by_key ON runs (socket, key, run_id);
 #: Columns added after the first journals were written: (table, column, type).
 _ADDED_COLUMNS = [
     ("runs", "due_at", "REAL"), ("runs", "inv_id", "INTEGER"), ("envs", "socket", "TEXT"),
+    ("runs", "env_id", "INTEGER"), ("runs", "options", "TEXT"),
 ]
 
 class JournalError(Exception):
@@ -113,12 +114,23 @@ class StoredInvocation:
 
 
 @dataclass(slots=True)
-class LostRun:
-    """A run that was executing when its daemon died: ``pid`` leads to what is left of it."""
+class UnfinishedRun:
+    """A run that had not finished when its daemon died: it started, or it never did.
+
+    It carries what is needed to run it after all if it never started (its invocation's id,
+    argv, cwd, environment and options; ``env`` or ``options`` is ``None`` in journals
+    written before they were kept), and its ``pid`` if that was committed.
+    """
 
     run_id: int
     key: str
     pid: int | None
+    invocation: int | None
+    argv: list[str]
+    cwd: str
+    env: dict[str, str] | None
+    options: dict[str, Any] | None
+    coalesced: int
 
 
 @dataclass
@@ -126,7 +138,7 @@ class Restored:
     """What a daemon finds in the journal for its socket when it starts."""
 
     pending: list[StoredInvocation]
-    lost: list[LostRun]  # runs that were executing when the last daemon died
+    unfinished: list[UnfinishedRun]  # runs not finished when the last daemon died
     next_id: int
     next_run_id: int
 
@@ -140,7 +152,14 @@ def _t(text: str) -> str | bytes:
         text.encode("utf-8")
         return text
     except UnicodeEncodeError:
+        pass
+    try:
         return text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        # A lone surrogate that stands for no byte: refused at the edge (protocol.decode),
+        # so this is defence only. Stored all the same, so that one value never wedges the
+        # journal for every other key.
+        return text.encode("utf-8", "surrogatepass")
 
 
 def _s(value: str | bytes) -> str:
@@ -175,6 +194,7 @@ class Journal:
         self.env_objects: dict[int, tuple[dict[str, str], int]] = {}
         self.argv_objects: dict[int, tuple[list[str], str]] = {}
         self.broken: str | None = None  # why the last commit failed, until one succeeds
+        self.forgotten_runs: list[int] = []  # run rows to delete with the next commit
 
     # ------------------------------------------------------------------ opening
     def open(self) -> None:
@@ -217,13 +237,17 @@ class Journal:
         else:
             self.dirty_keys.add(obj.key)
 
+    def forget_unwritten(self, run: Run) -> None:
+        """A run taken back before any commit held it: it is never to be written."""
+        self.dirty_runs.pop(run.id, None)
+
     def note_run(self, run: Run) -> None:
         """A run's details changed outside the scheduler (its pid, its log)."""
         self.dirty_runs[run.id] = run
 
     @property
     def dirty(self) -> bool:
-        return bool(self.dirty_keys or self.dirty_runs)
+        return bool(self.dirty_keys or self.dirty_runs or self.forgotten_runs)
 
     def commit(self, scheduler: Scheduler, wall_offset: float) -> None:
         """Write every changed key and run in one transaction; raise JournalError on failure.
@@ -253,8 +277,12 @@ class Journal:
                 )
             for run in self.dirty_runs.values():
                 self._write_run(db, run)
+            if self.forgotten_runs:
+                db.executemany("DELETE FROM runs WHERE socket = ? AND run_id = ?",
+                               [(self.socket, run_id) for run_id in self.forgotten_runs])
         self.dirty_keys.clear()
         self.dirty_runs.clear()
+        self.forgotten_runs.clear()
 
     def refusal(self) -> str | None:
         """Why new invocations cannot be stored now, or ``None`` when they can.
@@ -342,17 +370,23 @@ class Journal:
 
     def _write_run(self, db: sqlite3.Connection, run: Run) -> None:
         job = run.invocation.payload
+        # Until it has finished, a run keeps what it needs to run again: after a crash, a run
+        # whose process never started is put back as pending (see daemon.startup).
+        unfinished = run.state != FINISHED
+        env_id = self._env_id(db, job.env) if unfinished else None
+        options = _options_json(run.invocation.options) if unfinished else None
         db.execute(
             "INSERT OR REPLACE INTO runs (socket, run_id, key, argv, cwd, coalesced, started_at, "
-            "due_at, inv_id, finished_at, exit_code, outcome, pid, log_path) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "due_at, inv_id, finished_at, exit_code, outcome, pid, log_path, env_id, options) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
-                self.socket, run.id, _t(run.key), json.dumps(job.argv), _t(job.cwd), run.coalesced,
+                self.socket, run.id, _t(run.key), self._argv_json(job.argv), _t(job.cwd),
+                run.coalesced,
                 run.started_wall, run.due_wall, run.invocation.id,
                 run.finished_wall if run.state == FINISHED else None,
                 run.exit_code if run.state == FINISHED else None,
                 run.outcome if run.state == FINISHED else None,
-                job.pid, job.log_path,
+                job.pid, job.log_path, env_id, options,
             ),
         )
 
@@ -384,10 +418,16 @@ class Journal:
                 due_at=due, first_at=first, coalesced=coalesced,
                 leading_edge=bool(leading), state=state,
             ))
-        lost = [
-            LostRun(run_id=r[0], key=_s(r[1]), pid=r[2])
+        unfinished = [
+            UnfinishedRun(
+                run_id=r[0], key=_s(r[1]), pid=r[2], invocation=r[3], argv=json.loads(r[4]),
+                cwd=_s(r[5]), env=json.loads(r[6]) if r[6] is not None else None,
+                options=json.loads(r[7]) if r[7] is not None else None, coalesced=r[8],
+            )
             for r in db.execute(
-                "SELECT run_id, key, pid FROM runs WHERE socket = ? AND finished_at IS NULL",
+                "SELECT r.run_id, r.key, r.pid, r.inv_id, r.argv, r.cwd, e.env, r.options, "
+                "r.coalesced FROM runs r LEFT JOIN envs e ON e.id = r.env_id "
+                "WHERE r.socket = ? AND r.finished_at IS NULL ORDER BY r.run_id",
                 (self.socket,),
             )
         ]
@@ -400,16 +440,22 @@ class Journal:
         max_run = db.execute(
             "SELECT max(run_id) FROM runs WHERE socket = ?", (self.socket,)
         ).fetchone()[0]
-        return Restored(pending, lost, (max_id or 0) + 1, (max_run or 0) + 1)
+        return Restored(pending, unfinished, (max_id or 0) + 1, (max_run or 0) + 1)
 
     def mark_lost(self, run_ids: list[int]) -> None:
         """Record runs that were executing when the previous daemon died."""
         now = time.time()
         with self._transaction() as db:
             db.executemany(
-                "UPDATE runs SET finished_at = ?, outcome = ? WHERE socket = ? AND run_id = ?",
+                "UPDATE runs SET finished_at = ?, outcome = ?, env_id = NULL, options = NULL "
+                "WHERE socket = ? AND run_id = ?",
                 [(now, LOST, self.socket, run_id) for run_id in run_ids],
             )
+
+    def forget_runs(self, run_ids: list[int]) -> None:
+        """Runs that never started: their rows go with the next commit, which also holds
+        their invocations put back as pending (one transaction, so neither is lost)."""
+        self.forgotten_runs.extend(run_ids)
 
     def prune_envs(self) -> None:
         """Drop environment snapshots no pending invocation refers to any more."""
@@ -419,8 +465,10 @@ class Journal:
     def _prune_envs(self, db: sqlite3.Connection) -> None:
         db.execute(
             "DELETE FROM envs WHERE socket = ? AND id NOT IN "
-            "(SELECT env_id FROM pending WHERE socket = ?)",
-            (self.socket, self.socket),
+            "(SELECT env_id FROM pending WHERE socket = ?) AND id NOT IN "
+            "(SELECT env_id FROM runs WHERE socket = ? AND finished_at IS NULL "
+            " AND env_id IS NOT NULL)",
+            (self.socket, self.socket, self.socket),
         )
         self.env_ids.clear()
         self.env_objects.clear()
@@ -520,4 +568,4 @@ def _run_record(r: tuple[Any, ...]) -> RunRecord:
     )
 
 
-__all__ = ["LOST", "Journal", "JournalError", "LostRun", "Restored", "StoredInvocation"]
+__all__ = ["LOST", "Journal", "JournalError", "Restored", "StoredInvocation", "UnfinishedRun"]

@@ -475,10 +475,7 @@ def decode(line: bytes, kinds: dict[str, type[Message]], limit: int = MAX_MESSAG
         text = line.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise ProtocolError(f"message is not valid UTF-8 (byte {exc.start})") from None
-    try:
-        obj = json.loads(text)
-    except (json.JSONDecodeError, RecursionError) as exc:
-        raise ProtocolError(f"message is not valid JSON: {exc}") from None
+    obj = loads(text)
     if not isinstance(obj, dict):
         raise ProtocolError("message must be a JSON object")
     kind = obj.pop("type", None)
@@ -487,6 +484,45 @@ def decode(line: bytes, kinds: dict[str, type[Message]], limit: int = MAX_MESSAG
         raise ProtocolError(f"unknown message type {kind!r}; expected one of {names}")
     cls = kinds[kind]
     return cls(**_checked(obj, cls.schema, kind))
+
+
+def loads(text: str) -> Any:
+    """JSON that the daemon can keep: every string stands for bytes, every number is usable.
+
+    Raises ProtocolError for invalid JSON, an integer of thousands of digits, or a string
+    holding a lone surrogate (a ``\\ud800`` escape): such a string is no file name, argument
+    or environment value, and could not be stored. Surrogates that stand for bytes which are
+    not UTF-8 (U+DC80 to U+DCFF, as Python reads such file names and arguments) are kept.
+    """
+    try:
+        obj = json.loads(text)
+    except (json.JSONDecodeError, RecursionError) as exc:
+        raise ProtocolError(f"message is not valid JSON: {exc}") from None
+    except ValueError:  # an integer past int_max_str_digits
+        raise ProtocolError("message has a number of thousands of digits; numbers must fit "
+                            "in 64 bits") from None
+    if "\\ud" in text or "\\uD" in text:  # only an escape can carry a surrogate here
+        _check_strings(obj, "message")
+    return obj
+
+
+def _check_strings(value: Any, where: str) -> None:
+    if type(value) is str:
+        try:
+            value.encode("utf-8", "surrogateescape")
+        except UnicodeEncodeError as exc:
+            char = value[exc.start]
+            raise ProtocolError(
+                f"{where} holds a lone surrogate (U+{ord(char):04X}), which stands for no "
+                "byte of a name, argument or environment value; send the bytes instead"
+            ) from None
+    elif type(value) is list:
+        for item in value:
+            _check_strings(item, where)
+    elif type(value) is dict:
+        for name, item in value.items():
+            _check_strings(name, where)
+            _check_strings(item, f"field {name!r}" if where == "message" else where)
 
 
 def _checked(obj: dict[str, Any], schema: dict[str, str], where: str) -> dict[str, Any]:

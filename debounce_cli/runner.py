@@ -30,6 +30,7 @@ import functools
 import os
 import signal
 import subprocess
+import time
 from collections.abc import Callable
 
 #: How long to keep reading output after the command exited: a background child that inherited
@@ -64,14 +65,30 @@ class _Protocol(asyncio.SubprocessProtocol):
             self.drained.set_result(None)
 
 
-class RunProcess:
-    """One run's process: ``start`` it, ``signal`` it, ``wait`` for its exit status."""
+#: In every run's environment: the daemon (socket) it belongs to, so that the next daemon on
+#: the socket finds what is left of its runs without a committed pid (with DEBOUNCE_RUN_ID).
+DAEMON_MARK = "DEBOUNCE_DAEMON"
 
-    def __init__(self, argv: list[str], cwd: str, env: dict[str, str], on_output: OnOutput):
+#: Run before the command, in the command's own process: note its run id in the started
+#: ledger, then become the command. A run id missing from the ledger never ran.
+_LEDGER_SCRIPT = 'printf "%s\\n" "$DEBOUNCE_RUN_ID" >>"$0"; exec "$@"'
+
+
+class RunProcess:
+    """One run's process: ``start`` it, ``signal`` it, ``wait`` for its exit status.
+
+    With a ``ledger`` path, the process appends its ``DEBOUNCE_RUN_ID`` to that file before
+    the command itself is executed (``sh -c``, about half a millisecond): the evidence the
+    next daemon needs, after a crash, to tell a run that started from one that never did.
+    """
+
+    def __init__(self, argv: list[str], cwd: str, env: dict[str, str], on_output: OnOutput,
+                 ledger: str | None = None):
         self.argv = argv
         self.cwd = cwd
         self.env = env
         self.on_output = on_output
+        self.ledger = ledger
         self.pid: int | None = None
         self.transport: asyncio.SubprocessTransport | None = None
         self.protocol: _Protocol | None = None
@@ -89,11 +106,15 @@ class RunProcess:
             self.start_error = problem
             return
         prefix = pdeathsig_prefix()
+        # The parent-death signal first (it survives the exec of sh and of the command), then
+        # the ledger line, then the command.
+        ledger = ("/bin/sh", "-c", _LEDGER_SCRIPT, self.ledger) if self.ledger else ()
         loop = asyncio.get_running_loop()
         try:
             self.transport, self.protocol = await loop.subprocess_exec(
                 lambda: _Protocol(self.on_output),
                 *prefix,
+                *ledger,
                 *self.argv,
                 cwd=self.cwd,
                 env=self.env,
@@ -232,36 +253,65 @@ def _stat_fields(pid: int) -> list[str] | None:
     return data[data.rfind(")") + 2 :].split()
 
 
-def kill_leftovers(pgid: int | None, run_id: int, key: str) -> int:
-    """Kill what is left of a run whose daemon died; return how many processes were killed.
+def kill_leftovers(daemon_id: str, run_ids: set[int], patience: float = 5.0) -> set[int]:
+    """Kill what is left of the given runs of a daemon that died; return the runs found alive.
 
-    Only processes in the run's process group that still carry the run's ``DEBOUNCE_RUN_ID``
-    and ``DEBOUNCE_KEY`` in their environment are touched, so a process group id reused by an
-    unrelated program is left alone.
+    Every process that carries ``DEBOUNCE_DAEMON=daemon_id`` and one of the ``run_ids`` in its
+    environment (the marks every run's processes inherit) is killed with its whole process
+    group, so nothing is missed for want of a committed pid, and an unrelated program that
+    happens to reuse a pid is left alone. Waits up to ``patience`` seconds for them to go.
     """
-    if not pgid:
-        return 0
-    marks = (f"DEBOUNCE_RUN_ID={run_id}".encode(), f"DEBOUNCE_KEY={key}".encode())
-    killed = 0
+    if not run_ids:
+        return set()
+    mark = f"{DAEMON_MARK}={daemon_id}".encode()
+    wanted = {f"DEBOUNCE_RUN_ID={run_id}".encode(): run_id for run_id in run_ids}
+    found: dict[int, int] = {}  # pid -> run id
+    me = os.getpid()
     try:
         names = os.listdir("/proc")
     except OSError:
-        return 0
+        return set()
     for name in names:
-        if not name.isdigit():
-            continue
-        fields = _stat_fields(int(name))
-        if not fields or len(fields) < 3 or fields[2] != str(pgid):
+        if not name.isdigit() or int(name) == me:
             continue
         try:
             with open(f"/proc/{name}/environ", "rb") as f:
                 env = f.read().split(b"\0")
         except OSError:
             continue
-        if all(mark in env for mark in marks):
-            try:
-                os.kill(int(name), signal.SIGKILL)
-                killed += 1
-            except OSError:
-                pass
-    return killed
+        if mark not in env:
+            continue
+        for item in env:
+            run_id = wanted.get(item)
+            if run_id is not None:
+                found[int(name)] = run_id
+                break
+    for pid in found:
+        fields = _stat_fields(pid)
+        for target, kill in ((int(fields[2]) if fields and len(fields) > 2 else 0, os.killpg),
+                             (pid, os.kill)):
+            if target > 1:
+                try:
+                    kill(target, signal.SIGKILL)
+                except OSError:
+                    pass
+    deadline = time.monotonic() + patience
+    while time.monotonic() < deadline and any(_alive(pid) for pid in found):
+        time.sleep(0.01)
+    return set(found.values())
+
+
+def _alive(pid: int) -> bool:
+    """Still a process (a zombie waiting for its new parent to reap it counts as gone)."""
+    fields = _stat_fields(pid)
+    return fields is not None and bool(fields) and fields[0] != "Z"
+
+
+def read_ledger(path: str) -> set[int]:
+    """The run ids noted in a started ledger (see RunProcess); a torn last line is ignored."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError:
+        return set()
+    return {int(line) for line in data.split(b"\n") if line.isdigit() and len(line) <= 18}

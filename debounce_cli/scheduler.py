@@ -390,6 +390,25 @@ class Scheduler:
         self._forget_if_idle(ks, self.clock())
         return True, effects
 
+    def unstart(self, run: Run) -> None:
+        """Take back a run decided in this turn whose process was never started (its record
+        could not be stored): its invocation is pending again, due now, with its waiters,
+        so that :meth:`withdraw` can take it back too. The run is forgotten; no observer
+        hears of it, as if it had never been."""
+        ks = self.keys[run.key]
+        inv = run.invocation
+        self.runs.pop(run.id, None)
+        ks.running = None
+        run.state = CANCELLED  # its timers are skipped from now on
+        inv.run = None
+        inv.waiters, run.waiters = run.waiters + inv.waiters, []
+        if ks.burst_run is run:
+            ks.burst_run = None
+            ks.burst_leader = inv
+        self._set_pending(ks, inv)
+        self._transition(inv, PENDING)
+        heapq.heappush(self._due, (inv.due, next(self._seq), inv))
+
     def withdraw(self, inv: Invocation, waiter: Any = None) -> bool:
         """Take back an invocation the daemon could not store, as if it had never come.
 

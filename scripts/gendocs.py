@@ -53,6 +53,8 @@ ENVIRONMENT = [
     ("NO_COLOR", "When set, the terminal output uses no colour."),
     ("DEBOUNCE_KEY, DEBOUNCE_RUN_ID, DEBOUNCE_COALESCED", "Set in every run's environment: "
      "the key, the run id, and how many invocations the run stands for."),
+    ("DEBOUNCE_DAEMON", "Set in every run's environment: which daemon (socket) the run "
+     "belongs to, so that the next daemon finds what is left of it after a crash."),
     ("DEBOUNCE_CHANGED_PATHS", "Set in the runs of debounce watch: the changed paths of the "
      "burst, one per line."),
 ]
@@ -64,6 +66,9 @@ FILES = [
     ("$DEBOUNCE_STATE_DIR/logs/", "Output logs of runs (mode 0600), the last --keep-logs per "
      "key and --keep-logs-total in all."),
     ("$DEBOUNCE_STATE_DIR/daemon-*.log", "Messages of auto-started daemons."),
+    ("$DEBOUNCE_STATE_DIR/started-*", "The ids of runs whose process started (mode 0600), "
+     "written by each run before its command is executed, so that after a crash a run that "
+     "never started runs again instead of being recorded lost."),
     ("SOCKET, SOCKET.lock", "The daemon's socket (mode 0600, in a directory of mode 0700 owned "
      "by the user) and the lock that makes it the only daemon on that socket."),
 ]

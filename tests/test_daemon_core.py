@@ -94,13 +94,16 @@ class FakeRuns:
         self.started.append(run)
         line = protocol.encode(records.started_msg(run))
         for waiter in unique(run.waiters):
-            waiter.start(run.id, line)
+            waiter.start(run.id, line, None)
 
     def signal(self, run_id: int, name: str) -> None:
         self.signals.append((run_id, name))
 
     def output_so_far(self, run: Run) -> list[tuple[int, bytes]]:
         return []
+
+    def log_of(self, run: Run) -> str | None:
+        return None
 
     def retain(self) -> None:
         self.retained += 1
@@ -139,11 +142,15 @@ class FakeClient:
     def follows(self, run_id: int) -> bool:
         return self.run_id == run_id
 
-    def start(self, run_id: int, line: bytes) -> None:
+    def start(self, run_id: int, line: bytes, log: str | None) -> None:
         self.run_id = run_id
         self.raw(line)
 
-    def output(self, fd: int, data: bytes, line: bytes) -> None:
+    def replay(self, so_far: Callable[[], Any]) -> None:
+        for fd, data in so_far():
+            self.output(fd, data, records.output_line(fd, data), None)
+
+    def output(self, fd: int, data: bytes, line: bytes, end: int | None) -> None:
         self.raw(line)
 
     def kinds(self) -> list[type[protocol.Message]]:
@@ -162,7 +169,7 @@ class StubJournal:
     def observe(self, *args: Any) -> None:
         pass
 
-    note_run = close = observe
+    note_run = close = forget_unwritten = observe
 
     def commit(self, scheduler: Scheduler, wall_offset: float) -> None:
         if self.failing:
@@ -453,3 +460,41 @@ def test_a_detached_client_gets_nothing_more_and_the_run_still_happens(d: Daemon
     d.loop.run_soon()
     assert gone.got == seen
     assert stays.last() == finished(1, 2, ["make", "2"], 0, 2, 1.0, 1.0)
+
+
+def test_a_run_due_while_commits_fail_waits_unstarted_until_one_succeeds() -> None:
+    """A process never starts before the commit that records its run (issue 9, item 2)."""
+    journal = StubJournal()
+    d = make_daemon(journal)
+    client, _ = d.run(key="k", wait=True, delay=0.5)
+    d.loop.run_soon()
+    assert isinstance(client.got[0], Accepted)
+    journal.failing = True
+    d.loop.advance_to(0.5)
+    assert d.runs.started == [], "a run started that its journal could not record"
+    d.loop.advance_to(2.4)
+    assert d.runs.started == []
+    journal.failing = False
+    d.loop.advance_to(3.0)  # the next retry commits, and the run starts then
+    assert len(d.runs.started) == 1
+    d.core.run_exited(d.runs.started[0].id, 0)
+    d.loop.run_soon()
+    assert isinstance(client.got[-1], Finished) and client.got[-1].exit_code == 0
+
+
+def test_a_zero_delay_submission_whose_commit_fails_is_refused_and_never_starts() -> None:
+    journal = StubJournal()
+    d = make_daemon(journal)
+    d.run(key="k", wait=True, delay=5.0)
+    d.loop.run_soon()
+    journal.failing = True
+    refused, _ = d.run(key="k", wait=True, delay=0.0)
+    d.loop.run_soon()
+    assert [(type(m), m.code) for m in refused.got if isinstance(m, Error)] == [
+        (Error, states.REFUSED)]
+    assert d.runs.started == []
+    rows = d.status()
+    assert rows[0].pending is not None and rows[0].pending.coalesced == 1  # the earlier one
+    journal.failing = False
+    d.loop.advance_to(5.0)
+    assert len(d.runs.started) == 1 and d.runs.started[0].coalesced == 1

@@ -342,6 +342,7 @@ def tiny_state_dir(world):
 
 
 def test_a_full_disk_refuses_new_submissions_and_keeps_acknowledged_ones(world):
+    """New submissions are refused; acknowledged ones run once the journal can record them."""
     runs_log = world.work / "runs.log"
     with tiny_state_dir(world) as env:
         mnt = Path(env["DEBOUNCE_STATE_DIR"])
@@ -361,10 +362,14 @@ def test_a_full_disk_refuses_new_submissions_and_keeps_acknowledged_ones(world):
         assert waiting.returncode == 116, (waiting.returncode, waiting.stderr)
         assert "full" in waiting.stderr.lower() and len(waiting.stderr.strip().splitlines()) == 1
 
-        wait_until(lambda: lines(runs_log) == ["ack"], timeout=10)  # acknowledged: still runs
+        # Acknowledged, but its run cannot be recorded while the disk is full: it waits.
+        due = time.monotonic() + 1.6
+        wait_until(lambda: time.monotonic() > due, timeout=5)
+        assert lines(runs_log) == []
         assert status(world, env)["pid"] == pid
 
         (mnt / "filler").unlink()
+        wait_until(lambda: lines(runs_log) == ["ack"], timeout=10)  # then it runs, once
         again = world.run("run", "--key", "again", "--delay", "100ms", "--",
                           "sh", "-c", f"echo again >> {runs_log}", env=env)
         assert again.returncode == 0, again.stderr
@@ -383,6 +388,7 @@ def test_a_submission_refused_for_a_full_disk_never_runs(world):
         refused = world.run("run", "--no-wait", "--key", "new", "--delay", "200ms", "--",
                             "touch", str(marker), env=env)
         assert refused.returncode == 116, (refused.returncode, refused.stderr)
+        (mnt / "filler").unlink()
         wait_until(sentinel.exists, timeout=10)  # due after the refused one would have been
         time.sleep(0.3)
         assert not marker.exists(), "the daemon said 'refused' (exit 116) but ran it anyway"

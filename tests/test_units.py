@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from debounce_cli import protocol
@@ -170,3 +170,72 @@ def test_stdin_line_parser_never_raises_anything_else(raw):
     if parsed is not None:
         key, options, job = parsed
         assert isinstance(key, str) and job.argv and options.problems() == []
+
+
+# Strings as they reach the daemon: any text, bytes that are not UTF-8 (as Python carries them
+# in file names and arguments: U+DC80..U+DCFF) and lone surrogates that stand for no byte.
+_HOSTILE_TEXT = st.one_of(
+    st.text(max_size=6),
+    st.binary(max_size=6).map(lambda b: b.decode("utf-8", "surrogateescape")),
+    st.text(st.characters(min_codepoint=0xD800, max_codepoint=0xDFFF), min_size=1, max_size=2),
+)
+
+
+def _escaped_line(obj: dict) -> bytes:
+    return (json.dumps(obj) + "\n").encode()  # ensure_ascii: surrogates travel as \\udXXX
+
+
+@settings(max_examples=1000, deadline=None)
+@given(st.one_of(
+    st.fixed_dictionaries({
+        "type": st.just("run"), "argv": st.lists(_HOSTILE_TEXT, min_size=1, max_size=3),
+        "cwd": _HOSTILE_TEXT.map(lambda t: "/" + t), "key": _HOSTILE_TEXT,
+        "env": st.dictionaries(_HOSTILE_TEXT, _HOSTILE_TEXT, max_size=3),
+    }).map(_escaped_line),
+    st.integers(4301, 6000).map(lambda n: b'{"type":"history","limit":' + b"9" * n + b"}\n"),
+    st.integers(4301, 6000).map(lambda n: b'{"type":"run","options":{"delay":1'
+                                + b"0" * n + b"}}\n"),
+))
+def test_every_string_the_decoder_lets_through_stands_for_bytes(raw):
+    """Lone surrogates and numbers of thousands of digits are refused at the edge."""
+    try:
+        msg = protocol.decode(raw, protocol.REQUESTS)
+    except protocol.ProtocolError as exc:
+        assert "\n" not in str(exc)
+        return
+    assert isinstance(msg, protocol.RunRequest)
+    for text in [*msg.argv, msg.cwd, msg.key, *msg.env, *msg.env.values()]:
+        text.encode("utf-8", "surrogateescape")  # a name the system can take
+
+
+@settings(max_examples=150, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(key=_HOSTILE_TEXT.filter(bool), argv=st.lists(_HOSTILE_TEXT, min_size=1, max_size=3),
+       cwd=_HOSTILE_TEXT, env=st.dictionaries(_HOSTILE_TEXT, _HOSTILE_TEXT, max_size=3))
+def test_the_journal_restores_what_it_stored_byte_for_byte(tmp_path, key, argv, cwd, env):
+    """Whatever the edge lets through is stored and restored faithfully (or refused there)."""
+    from debounce_cli.daemon.jobs import Job
+    from debounce_cli.journal import Journal
+    from debounce_cli.scheduler import Options, Scheduler
+
+    line = _escaped_line({"type": "run", "argv": argv, "cwd": "/" + cwd, "key": key,
+                          "env": env})
+    try:
+        msg = protocol.decode(line, protocol.REQUESTS)
+    except protocol.ProtocolError:
+        return  # refused at the edge
+    assert isinstance(msg, protocol.RunRequest)
+    import tempfile
+
+    state = tempfile.mkdtemp(dir=tmp_path)  # one per example: tmp_path is shared by them
+    journal = Journal(state, "/tmp/sock")
+    journal.open()
+    sched = Scheduler(lambda: 0.0, observer=journal.observe)
+    sched.submit(msg.key, Options(delay=5.0), Job(msg.argv, msg.cwd, msg.env))
+    journal.commit(sched, 0.0)
+    journal.close()
+    again = Journal(state, "/tmp/sock")
+    again.open()
+    (row,) = again.load().pending
+    again.close()
+    assert (row.key, row.argv, row.cwd, row.env) == (msg.key, msg.argv, msg.cwd, msg.env)

@@ -18,21 +18,32 @@ import asyncio
 import os
 import socket
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import BinaryIO
 
 from debounce_cli import protocol
 from debounce_cli.daemon import records
 from debounce_cli.daemon.handlers import HANDLERS, Context
+from debounce_cli.logfile import HEADER_SIZE, read_records
 from debounce_cli.protocol import ProtocolError
 from debounce_cli.states import BAD_REQUEST, REFUSED
 
 #: A connection must send its hello and request within this many seconds.
 READ_TIMEOUT = 10.0
-#: At most this many connections at once; more are refused with a clear error.
+#: At most this many connections at once (fewer when file descriptors are scarce, see
+#: ServerState.max_connections); more are refused with a clear error.
 MAX_CONNECTIONS = 1024
-#: Unsent output a waiting client may fall behind by before its copy stops (see output()).
+#: Bytes of unparsed requests held for all connections together; a connection that would
+#: take more is refused (a request is at most protocol.MAX_MESSAGE).
+MAX_BUFFERED = 64 * 1024 * 1024
+#: Unsent output a waiting client may fall behind by before its copy stops, for a run that
+#: keeps no log (see output()); with a log it catches up from the log instead.
 OUTPUT_BACKLOG = 16 * 1024 * 1024
+#: Unsent bytes past which a waiter stops getting live output and reads the log instead, and
+#: below which it is sent more again (the transport's write buffer limits).
+CATCHUP_HIGH = 1024 * 1024
+CATCHUP_LOW = 256 * 1024
 
 
 @dataclass(eq=False)
@@ -41,6 +52,8 @@ class ServerState:
 
     loop: asyncio.AbstractEventLoop
     connections: int = 0
+    max_connections: int = MAX_CONNECTIONS
+    buffered: int = 0  # bytes of unparsed input held for all connections
     stopping: bool = False
     #: Called when a connection opens or closes, for the server's idle check.
     changed: Callable[[], None] = field(default=lambda: None)
@@ -64,6 +77,10 @@ class Connection(asyncio.Protocol):
         self.eof = False
         self.output_dropped = False
         self.run_id: int | None = None  # the run whose output this waiter gets
+        self.log: str | None = None  # that run's output log
+        self.paused = False  # the transport holds more than CATCHUP_HIGH unsent bytes
+        self.catchup: BinaryIO | None = None  # reading the log instead of live output
+        self.last: protocol.Message | None = None  # the end, held until caught up
         self.timer: asyncio.TimerHandle | None = None
         self.active = 0.0  # loop time of the last request or answer
 
@@ -71,19 +88,27 @@ class Connection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
+        transport.set_write_buffer_limits(high=CATCHUP_HIGH, low=CATCHUP_LOW)
         self.state.connections += 1
         self.state.changed()
         if not _peer_allowed(transport):
             self.refuse("permission denied: this daemon serves only its owner's uid", REFUSED)
-        elif self.state.connections > MAX_CONNECTIONS:
-            self.refuse("too many connections; try again", REFUSED)
+        elif self.state.connections > self.state.max_connections:
+            self.refuse(f"too many connections (at most {self.state.max_connections}); "
+                        "retry in a moment", REFUSED)
         else:
             self._arm()
 
     def data_received(self, data: bytes) -> None:
         if self.closed or self.waiting:
             return  # a waiting client has nothing more to say; only its going away counts
+        state = self.state
+        if state.buffered + len(data) > MAX_BUFFERED:
+            self.refuse("the daemon holds too much unfinished input from other clients; "
+                        "retry in a moment", REFUSED)
+            return
         self.buffer += data
+        state.buffered += len(data)
         self._process()
 
     def eof_received(self) -> bool:
@@ -94,6 +119,14 @@ class Connection(asyncio.Protocol):
         if not self.owed:
             self.close()
         return True
+
+    def pause_writing(self) -> None:
+        self.paused = True
+
+    def resume_writing(self) -> None:
+        self.paused = False
+        if self.catchup is not None:
+            self._pump()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._gone()
@@ -111,6 +144,7 @@ class Connection(asyncio.Protocol):
                 return
             line = bytes(self.buffer[: newline + 1])
             del self.buffer[: newline + 1]
+            self.state.buffered -= newline + 1
             self._arm()
             try:
                 request = protocol.decode(line, protocol.REQUESTS)
@@ -207,24 +241,45 @@ class Connection(asyncio.Protocol):
     def follows(self, run_id: int) -> bool:
         return self.run_id == run_id
 
-    def start(self, run_id: int, line: bytes) -> None:
+    def start(self, run_id: int, line: bytes, log: str | None) -> None:
         self.run_id = run_id
+        self.log = log
         self.raw(line)
 
-    def output(self, fd: int, data: bytes, line: bytes) -> None:
-        """A chunk of the run's output, unless this client has fallen too far behind.
+    def replay(self, so_far: Callable[[], Iterable[tuple[int, bytes]]]) -> None:
+        """Output from before this waiter joined: read from the log at its pace, else sent."""
+        if self.log is not None:
+            self._catch_up_from(0)
+            return
+        for fd, data in so_far():
+            self.output(fd, data, records.output_line(fd, data), None)
 
-        A client that stops reading (a pager, a suspended terminal) must not make the daemon
-        hold the whole output in memory: past OUTPUT_BACKLOG unsent bytes its copy stops, it
-        is told so at the end, and the full output stays in the run's log.
+    def output(self, fd: int, data: bytes, line: bytes, end: int | None) -> None:
+        """A chunk of the run's output, sent at once unless this client has fallen behind.
+
+        A client that falls behind (a slow pipe, a pager) must not make the daemon hold the
+        output in memory, and must not lose any of it: once more than CATCHUP_HIGH bytes wait
+        to be sent, live output stops and the client is fed from the run's log as fast as it
+        reads, back to live output when it has caught up. For a run without a log, past
+        OUTPUT_BACKLOG unsent bytes its copy stops, and it is told so at the end.
         """
+        if self.catchup is not None:
+            return  # it is in the log: the catch-up reads it in turn
         transport = self.transport
-        if transport is not None and transport.get_write_buffer_size() > OUTPUT_BACKLOG:
+        if transport is None:
+            return
+        if self.paused and end is not None and self.log is not None:
+            self._catch_up_from(end - HEADER_SIZE - len(data))
+            return
+        if transport.get_write_buffer_size() > OUTPUT_BACKLOG:
             self.output_dropped = True
             return
         self.raw(line)
 
     def finish(self, msg: protocol.Message) -> None:
+        if self.catchup is not None:
+            self.last = msg  # after the output it has not had yet
+            return
         self.finishing = True
         if self.output_dropped and isinstance(msg, protocol.Finished):
             note = (f"debounce: this client read too slowly and missed some of the output; "
@@ -233,6 +288,38 @@ class Connection(asyncio.Protocol):
         self.send(msg)
         if self.acked:
             self.close()
+
+    def _catch_up_from(self, offset: int) -> None:
+        assert self.log is not None
+        try:
+            f = open(self.log, "rb")  # noqa: SIM115 - closed when caught up or gone
+            f.seek(offset)
+        except OSError:
+            self.output_dropped = True  # the log is gone: say so at the end
+            return
+        self.catchup = f
+        if not self.paused:
+            self._pump()
+
+    def _pump(self) -> None:
+        """Send from the log until the transport is full again, or the log's end is reached."""
+        f = self.catchup
+        assert f is not None
+        while not self.paused and not self.closed:
+            chunks = read_records(f, CATCHUP_LOW)
+            if not chunks:  # all that was written so far is sent: live output from here
+                self._end_catchup()
+                if self.last is not None:
+                    last, self.last = self.last, None
+                    self.finish(last)
+                return
+            for fd, data, _end in chunks:
+                self.raw(records.output_line(fd, data))
+
+    def _end_catchup(self) -> None:
+        if self.catchup is not None:
+            self.catchup.close()
+            self.catchup = None
 
     # ---------------------------------------------------------------- helpers
     def write(self, msg: protocol.Message) -> None:
@@ -247,13 +334,20 @@ class Connection(asyncio.Protocol):
     def close(self) -> None:
         if not self.closed:
             self.closed = True
+            self._drop_buffer()
             self._disarm()
             if self.transport is not None:
                 self.transport.close()  # after what was written has been sent
 
+    def _drop_buffer(self) -> None:
+        self.state.buffered -= len(self.buffer)
+        self.buffer = bytearray()
+        self._end_catchup()
+
     def _gone(self) -> None:
         if not self.closed:
             self.closed = True
+            self._drop_buffer()
             if self.waiting:
                 self.ctx.core.detach(self)  # Ctrl-C: the invocation stays
 

@@ -42,10 +42,12 @@ from debounce_cli.scheduler import (
     StartRun,
     Updated,
 )
-from debounce_cli.states import REFUSED
+from debounce_cli.states import REFUSED, RUNNING
 
 #: Finished runs kept in memory for `debounce wait` and `status` ("last result").
 RECENT_RUNS = 1000
+#: Seconds between attempts to commit after a failed commit (a full disk).
+RETRY = 1.0
 
 
 class Handle(Protocol):
@@ -72,6 +74,8 @@ class RunsPort(Protocol):
     def signal(self, run_id: int, name: str) -> None: ...
 
     def output_so_far(self, run: Run) -> Iterable[tuple[int, bytes]]: ...
+
+    def log_of(self, run: Run) -> str | None: ...
 
     def retain(self) -> None: ...
 
@@ -118,6 +122,7 @@ class Core:
         journal: Journal | None,
         runs: RunsPort | None = None,
         log_dir: str = "",
+        ledger: str | None = None,
     ) -> None:
         self.config = config
         self.clock = clock
@@ -129,7 +134,7 @@ class Core:
         if runs is None:
             from debounce_cli.daemon.runs import Runs
 
-            runs = Runs(config, loop, journal, log_dir, events=self)
+            runs = Runs(config, loop, journal, log_dir, ledger, events=self)
         self.runs = runs
         self.recent = RecentRuns()
         self.shared = Shared()
@@ -138,6 +143,9 @@ class Core:
         self.flush_handle: Handle | None = None
         self.timer: TimerHandle | None = None
         self.retention_due = False
+        #: Runs decided but not yet recorded (the commit failed): they start once one succeeds.
+        self.held: list[StartRun] = []
+        self.retry: TimerHandle | None = None
         #: Called after every turn's effects, for the server's idle check.
         self.settled: Callable[[], None] = lambda: None
 
@@ -244,7 +252,13 @@ class Core:
             self._flush()
 
     def _flush(self) -> None:
-        """Commit what changed in this turn, then answer submitters and carry out effects."""
+        """Commit what changed in this turn, then answer submitters and carry out effects.
+
+        Only what a commit covers is acted on. When the commit fails (a full disk), the
+        submissions of the turn that can be taken back are, and refused; those that cannot
+        (their run is already decided) wait for their answer, and runs wait to start, until
+        a commit covers them: it is retried every ``RETRY`` seconds.
+        """
         self.flush_handle = None
         failure = None
         if self.journal is not None:
@@ -253,28 +267,55 @@ class Core:
                                     self.clock.wall() - self.clock.monotonic())
             except JournalError as exc:
                 failure = str(exc)
-        # Only what this commit covers is acted on: answering a client may read its next
-        # request, whose effects wait for the next commit.
+        # Answering a client may read its next request, whose effects wait for the next commit.
         acks, self.acks = self.acks, []
         effects, self.outbox = self.outbox, []
-        refused = set()
-        if failure is not None:
+        now = self.clock.monotonic()
+        if failure is None:
+            if self.held and not self.scheduler.draining:
+                effects = [*self.held, *effects]  # recorded now: they may start
+                self.held = []
+            for ack in acks:
+                self._answer(ack, None, now)
+            if self.retention_due:
+                self.retention_due = False
+                self.runs.retain()
+        else:
+            # A run that a refused submission started in this very turn is taken back first,
+            # so that the submission can be (a process never starts unrecorded).
+            submitted = {id(ack.invocation) for ack in acks}
+            for effect in effects:
+                if isinstance(effect, StartRun) and id(effect.run.invocation) in submitted:
+                    self.scheduler.unstart(effect.run)
+                    if self.journal is not None:
+                        self.journal.forget_unwritten(effect.run)
+            effects = [e for e in effects
+                       if not (isinstance(e, StartRun) and e.run.state != RUNNING)]
+            refused = set()
             for ack in reversed(acks):  # newest first, so each one's predecessor is back
                 if self.scheduler.withdraw(ack.invocation, ack.waiter):
                     refused.add(id(ack))
-        now = self.clock.monotonic()
-        for ack in acks:
-            self._answer(ack, failure if id(ack) in refused else None, now)
-        if failure is None and self.retention_due:
-            self.retention_due = False
-            self.runs.retain()
+            for ack in acks:
+                if id(ack) in refused:
+                    self._answer(ack, failure, now)
+                else:
+                    self.acks.append(ack)  # answered once a commit holds it
+            self.held.extend(e for e in effects if isinstance(e, StartRun))
+            effects = [e for e in effects if not isinstance(e, StartRun)]
+            if (self.acks or self.held) and self.retry is None:
+                self.retry = self.loop.call_at(now + RETRY, self._retry)
         for effect in effects:
             self._carry_out(effect)
         self._set_timer()
         self.settled()
 
+    def _retry(self) -> None:
+        self.retry = None
+        self.apply([])
+
     def _answer(self, ack: Ack, failure: str | None, now: float) -> None:
-        """Tell a submitter: accepted, or refused (``failure``) and already taken back."""
+        """Tell a submitter: accepted (a commit holds it), or refused (``failure``) and
+        already taken back."""
         inv = ack.invocation
         inv.replaced = inv.joined = None  # only needed to take it back; let the chain go
         if ack.submitter is None:
@@ -302,12 +343,10 @@ class Core:
             joining = [w for w in unique(effect.waiters) if not w.follows(run.id)]
             if joining:
                 started = protocol.encode(records.started_msg(run))
+                log = self.runs.log_of(run)
                 for waiter in joining:
-                    waiter.start(run.id, started)
-                for fd, data in self.runs.output_so_far(run):
-                    line = records.output_line(fd, data)
-                    for waiter in joining:
-                        waiter.output(fd, data, line)
+                    waiter.start(run.id, started, log)
+                    waiter.replay(lambda: self.runs.output_so_far(run))
         elif isinstance(effect, Updated):
             if effect.invocation.waiters:  # --no-wait submissions have nobody to tell
                 pending = records.pending_msg(effect.invocation, self.clock.monotonic())
@@ -336,9 +375,10 @@ class Core:
         self.apply(self.scheduler.tick())
 
     def close(self) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
+        for handle in (self.timer, self.retry):
+            if handle is not None:
+                handle.cancel()
+        self.timer = self.retry = None
         if self.journal is not None:
             self.journal.close()
 

@@ -14,13 +14,13 @@ from collections import deque
 from collections.abc import Iterable
 from typing import Any, Protocol
 
-from debounce_cli import protocol
+from debounce_cli import paths, protocol
 from debounce_cli.daemon import records
 from debounce_cli.daemon.config import Config
 from debounce_cli.daemon.waiters import unique
 from debounce_cli.journal import Journal, JournalError
 from debounce_cli.logfile import LogWriter, read_log
-from debounce_cli.runner import RunProcess
+from debounce_cli.runner import DAEMON_MARK, RunProcess
 from debounce_cli.scheduler import Run
 
 #: Output kept in memory for clients joining a run that has no log (--no-journal).
@@ -43,8 +43,10 @@ class Runs:
     """The processes of the runs that execute now."""
 
     def __init__(self, config: Config, loop: Any, journal: Journal | None, log_dir: str,
-                 events: RunEvents) -> None:
+                 ledger: str | None, events: RunEvents) -> None:
         self.config = config
+        self.daemon_id = paths.socket_digest(config.socket)
+        self.ledger = ledger
         self.loop = loop
         self.journal = journal
         self.log_dir = log_dir
@@ -63,6 +65,7 @@ class Runs:
         env["DEBOUNCE_KEY"] = run.key
         env["DEBOUNCE_RUN_ID"] = str(run.id)
         env["DEBOUNCE_COALESCED"] = str(run.coalesced)
+        env[DAEMON_MARK] = self.daemon_id
         log = self._open_log(run)
         if log is None:
             self.buffers[run.id] = []
@@ -70,21 +73,23 @@ class Runs:
 
         def on_output(fd: int, data: bytes) -> None:
             nonlocal buffered
+            end = None
             if log is not None:
-                log.write(fd, data)
+                end = log.write(fd, data)
             elif buffered < REPLAY_BUFFER:  # without a log, late joiners get the first part
                 self.buffers[run.id].append((fd, data))
                 buffered += len(data)
             line = records.output_line(fd, data)
             for waiter in unique(run.waiters):
                 if waiter.follows(run.id):
-                    waiter.output(fd, data, line)
+                    waiter.output(fd, data, line, end)
 
-        proc = RunProcess(job.argv, job.cwd, env, on_output)
+        proc = RunProcess(job.argv, job.cwd, env, on_output, ledger=self.ledger)
         self.procs[run.id] = proc
         started = protocol.encode(records.started_msg(run))
+        log_path = job.log_path if log is not None else None
         for waiter in unique(run.waiters):
-            waiter.start(run.id, started)
+            waiter.start(run.id, started, log_path)
         self.to_spawn.append((run, proc))
         if len(self.to_spawn) == 1:
             self.loop.call_soon(self._spawn_some)
@@ -93,6 +98,11 @@ class Runs:
         proc = self.procs.get(run_id)
         if proc is not None:
             proc.signal(name)
+
+    def log_of(self, run: Run) -> str | None:
+        """The run's output log while it is being written whole (no write has failed)."""
+        log = self.logs.get(run.id)
+        return log.path if log is not None and log.error is None else None
 
     def output_so_far(self, run: Run) -> Iterable[tuple[int, bytes]]:
         """What a waiter joining the run late missed: from memory, else from the log."""
@@ -176,6 +186,12 @@ class Runs:
         for path in files:
             try:
                 os.unlink(path)
+            except OSError:
+                pass
+        if self.ledger and not self.procs:
+            # Every run has ended and its end is committed: no line of the ledger is needed.
+            try:
+                os.truncate(self.ledger, 0)
             except OSError:
                 pass
 

@@ -5,17 +5,68 @@ the client that started us, the stdin source, idle exit, and one ordered shutdow
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import signal
 import socket
+import sys
+from collections.abc import Callable
+from typing import Any
 
 from debounce_cli.clock import Clock
 from debounce_cli.daemon.config import Config
-from debounce_cli.daemon.connection import Connection, ServerState
+from debounce_cli.daemon.connection import MAX_CONNECTIONS, Connection, ServerState
 from debounce_cli.daemon.core import Core
 from debounce_cli.daemon.handlers import Context
 from debounce_cli.daemon.startup import State
 from debounce_cli.daemon.stdin import StdinSource
+
+#: File descriptors kept for runs (pipes, logs), the journal and the listening socket.
+RESERVED_FDS = 256
+#: The soft limit of open files is raised to the hard one, up to this (runs inherit it, and
+#: some programs loop over every possible descriptor).
+FD_LIMIT_CEILING = 16384
+
+
+def raise_fd_limit() -> int:
+    """Raise the soft limit of open files towards the hard one; return the soft limit now."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    ceiling = FD_LIMIT_CEILING if hard == resource.RLIM_INFINITY else min(hard, FD_LIMIT_CEILING)
+    if ceiling > soft:
+        target = ceiling
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass
+    return soft
+
+
+def connection_cap(fd_limit: int) -> int:
+    """At most MAX_CONNECTIONS, and few enough that runs still find descriptors."""
+    return max(16, min(MAX_CONNECTIONS, (fd_limit - RESERVED_FDS) // 2))
+
+
+def _quiet_when_out_of_descriptors() -> Callable[[asyncio.AbstractEventLoop, dict[str, Any]],
+                                                   None]:
+    """An exception handler that says "out of file descriptors" once per burst, not once per
+    refused accept with a traceback each (asyncio retries the accept every second)."""
+    last = [0.0]
+
+    def handler(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        exc = context.get("exception")
+        if isinstance(exc, OSError) and exc.errno in (errno.EMFILE, errno.ENFILE):
+            now = loop.time()
+            if now - last[0] >= 10.0:
+                last[0] = now
+                print(f"debounce: out of file descriptors ({exc.strerror}); new connections "
+                      "wait until some close", file=sys.stderr, flush=True)
+            return
+        loop.default_exception_handler(context)
+
+    return handler
 
 
 class Server:
@@ -35,8 +86,11 @@ class Server:
         config = self.config
         self.stopped: asyncio.Future[None] = loop.create_future()
         self.core = core = Core(config, self.clock, loop, self.start.scheduler,
-                                self.start.journal, log_dir=self.start.log_dir)
-        self.state = ServerState(loop, changed=self._check_idle)
+                                self.start.journal, log_dir=self.start.log_dir,
+                                ledger=self.start.ledger)
+        self.state = ServerState(loop, changed=self._check_idle,
+                                 max_connections=connection_cap(raise_fd_limit()))
+        loop.set_exception_handler(_quiet_when_out_of_descriptors())
         core.settled = self._check_idle
         ctx = Context(core=core, jobs=config.jobs, shutdown=self.shutdown)
         self.server: asyncio.AbstractServer | None = None

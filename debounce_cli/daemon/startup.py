@@ -18,9 +18,9 @@ from debounce_cli import paths
 from debounce_cli.clock import Clock
 from debounce_cli.daemon.config import AlreadyRunning, Config, DaemonError
 from debounce_cli.daemon.jobs import Job, parse_options
-from debounce_cli.journal import Journal, JournalError, Restored
+from debounce_cli.journal import Journal, JournalError, Restored, UnfinishedRun
 from debounce_cli.protocol import ProtocolError
-from debounce_cli.runner import kill_leftovers
+from debounce_cli.runner import kill_leftovers, read_ledger
 from debounce_cli.scheduler import Scheduler
 
 #: How long an auto-started daemon waits for a previous one that is still shutting down.
@@ -61,11 +61,13 @@ def acquire(config: Config) -> int:
 
 @dataclass
 class State:
-    """What a daemon starts from: its scheduler (with what was pending), journal, log dir."""
+    """What a daemon starts from: its scheduler (with what was pending), journal, log dir, and
+    the started ledger its runs note themselves in (see ``runner.RunProcess``)."""
 
     scheduler: Scheduler
     journal: Journal | None
     log_dir: str
+    ledger: str | None = None
 
 
 def restore(config: Config, clock: Clock) -> State:
@@ -73,8 +75,9 @@ def restore(config: Config, clock: Clock) -> State:
     if not config.journal:
         return State(Scheduler(clock.monotonic, wall=clock.wall, jobs=config.jobs), None, "")
     state_dir = config.state_dir
-    paths.check_private_dir(state_dir, "state directory", create=True)
-    log_dir = os.path.join(state_dir, "logs", paths.socket_digest(config.socket))
+    digest = paths.socket_digest(config.socket)
+    paths.check_private_dir(state_dir, "state directory", create=True, follow=True)
+    log_dir = os.path.join(state_dir, "logs", digest)
     try:
         paths.check_private_dir(os.path.join(state_dir, "logs"), "log directory", create=True)
         paths.check_private_dir(log_dir, "log directory", create=True)
@@ -87,26 +90,85 @@ def restore(config: Config, clock: Clock) -> State:
         restored = journal.load()
     except JournalError as exc:
         raise DaemonError(str(exc)) from None
-    _bury_lost(journal, restored)
     scheduler = Scheduler(
         clock.monotonic, wall=clock.wall, jobs=config.jobs,
         first_id=restored.next_id, first_run_id=restored.next_run_id,
     )
     _put_back(scheduler, restored, clock)
-    return State(scheduler, journal, log_dir)
+    ledger = os.path.join(state_dir, f"started-{digest}")
+    _settle(journal, scheduler, restored.unfinished, ledger, digest, clock)
+    return State(scheduler, journal, log_dir, ledger)
 
 
-def _bury_lost(journal: Journal, restored: Restored) -> None:
-    """Runs that were executing when the last daemon died: kill what is left, record lost."""
-    for run in restored.lost:
-        kill_leftovers(run.pid, run.run_id, run.key)
+def _settle(journal: Journal, scheduler: Scheduler, unfinished: list[UnfinishedRun],
+            ledger: str, digest: str, clock: Clock) -> None:
+    """Runs not finished when the last daemon died: each started, or it never did.
+
+    What is left of those that started is killed before anything else can start, and they
+    are recorded ``lost``. Those that never started (no pid, no process, no line in the
+    started ledger) are put back as pending, due at once, so every acknowledged invocation
+    runs exactly once.
+    """
+    settled = True
+    if unfinished:
+        try:
+            alive = kill_leftovers(digest, {run.run_id for run in unfinished})
+        except Exception as exc:  # noqa: BLE001 - a start-up must never fail on this
+            print(f"debounce: could not look for the processes of lost runs: {exc}",
+                  file=sys.stderr)
+            alive = {run.run_id for run in unfinished}
+        started = read_ledger(ledger) | alive | {run.run_id for run in unfinished if run.pid}
+        lost = [run for run in unfinished
+                if run.run_id in started or run.env is None or run.options is None]
+        again = [run for run in unfinished if run not in lost]
+        try:
+            if lost:
+                journal.mark_lost([run.run_id for run in lost])
+        except JournalError as exc:
+            # Serve what was restored anyway; new submissions are refused while this lasts.
+            print(f"debounce: {exc}", file=sys.stderr)
+            settled = False
+        for run in again:
+            _run_again(journal, scheduler, run, clock)
     try:
-        if restored.lost:
-            journal.mark_lost([run.run_id for run in restored.lost])
         journal.prune_envs()
     except JournalError as exc:
-        # Serve what was restored anyway; new submissions are refused while this lasts.
         print(f"debounce: {exc}", file=sys.stderr)
+    if settled:  # every run the ledger could speak for is recorded: start it afresh
+        try:
+            with open(ledger, "wb"):
+                pass
+            os.chmod(ledger, 0o600)
+        except OSError as exc:
+            print(f"debounce: cannot write {ledger}: {exc.strerror}", file=sys.stderr)
+
+
+def _run_again(journal: Journal, scheduler: Scheduler, run: UnfinishedRun, clock: Clock) -> None:
+    """A run that never started: its invocation is pending again, due at once.
+
+    If a later invocation of its key is pending too, that one stands for both, as it would
+    have had the run not been started (the latest invocation wins).
+    """
+    assert run.env is not None and run.options is not None
+    try:
+        options = parse_options(run.options)
+    except (ProtocolError, ValueError, TypeError) as exc:
+        print(f"debounce: cannot run again a stored run of {run.key!r}: {exc}", file=sys.stderr)
+        return
+    journal.forget_runs([run.run_id])
+    ks = scheduler.keys.get(run.key)
+    now = clock.monotonic()
+    if ks is not None and ks.pending is not None:
+        later = ks.pending
+        later.coalesced += run.coalesced
+        journal.observe(later.state, later)
+        return
+    inv = scheduler.restore(
+        run.invocation or scheduler.new_id(), run.key, options,
+        Job(run.argv, run.cwd, run.env), received_at=now, due=now, first_at=now,
+        coalesced=run.coalesced, leading_edge=False,
+    )
+    journal.observe(inv.state, inv)
 
 
 def _put_back(scheduler: Scheduler, restored: Restored, clock: Clock) -> None:

@@ -8,11 +8,11 @@ goes to the daemon's own stdout and stderr; failures are counted for the exit st
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import shlex
 import sys
 import threading
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from debounce_cli import keys, protocol
@@ -46,10 +46,14 @@ class StdinWaiter:
     def follows(self, run_id: int) -> bool:
         return run_id in self.runs
 
-    def start(self, run_id: int, line: bytes) -> None:
+    def start(self, run_id: int, line: bytes, log: str | None) -> None:
         self.runs.add(run_id)
 
-    def output(self, fd: int, data: bytes, line: bytes) -> None:
+    def replay(self, so_far: Callable[[], Iterable[tuple[int, bytes]]]) -> None:
+        for fd, data in so_far():
+            self.output(fd, data, b"", None)
+
+    def output(self, fd: int, data: bytes, line: bytes, end: int | None) -> None:
         stream = sys.stdout.buffer if fd == 1 else sys.stderr.buffer
         try:
             stream.write(data)
@@ -142,11 +146,9 @@ def parse_stdin_line(raw: bytes, defaults: dict[str, Any]) -> tuple[str, Options
     ``defaults`` are the daemon's own options (``key`` is a template). Returns ``None`` for a
     blank line; raises ``ValueError`` with a one-line reason for anything it cannot use.
     """
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError:
-        raise ValueError("not valid UTF-8") from None
-    text = text.strip()
+    # Bytes that are not UTF-8 (a Latin-1 file name) are kept as they are, as Python keeps
+    # them in file names and arguments.
+    text = raw.decode("utf-8", "surrogateescape").strip()
     if not text:
         return None
     settings = dict(defaults)
@@ -155,9 +157,9 @@ def parse_stdin_line(raw: bytes, defaults: dict[str, Any]) -> tuple[str, Options
     env = dict(os.environ)
     if text.startswith("{"):
         try:
-            obj = json.loads(text)
-        except (json.JSONDecodeError, RecursionError) as exc:
-            raise ValueError(f"invalid JSON: {exc}") from None
+            obj = protocol.loads(text)
+        except ProtocolError as exc:
+            raise ValueError(str(exc).replace("message ", "JSON line ", 1)) from None
         if not isinstance(obj, dict):
             raise ValueError("a JSON line must be an object")
         argv, template, cwd = _json_line(obj, settings, template, cwd, env)

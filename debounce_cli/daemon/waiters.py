@@ -7,7 +7,7 @@ which. A waiter may stand for several coalesced invocations, so deliveries go th
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
 from debounce_cli import protocol
@@ -22,11 +22,16 @@ class Waiter(Protocol):
     def follows(self, run_id: int) -> bool:
         """Has it been told this run started (and so gets its output live)?"""
 
-    def start(self, run_id: int, line: bytes) -> None:
-        """The run started (``line`` is the encoded Started message)."""
+    def start(self, run_id: int, line: bytes, log: str | None) -> None:
+        """The run started (``line`` is the encoded Started message; ``log`` its output log,
+        where a waiter that falls behind catches up)."""
 
-    def output(self, fd: int, data: bytes, line: bytes) -> None:
-        """A chunk of the run's output (``line`` is the encoded Output message)."""
+    def output(self, fd: int, data: bytes, line: bytes, end: int | None) -> None:
+        """A chunk of the run's output (``line`` is the encoded Output message; ``end`` is
+        where its record ends in the run's log, ``None`` when it is in no log)."""
+
+    def replay(self, so_far: Callable[[], Iterable[tuple[int, bytes]]]) -> None:
+        """Just joined a run that is executing: its output so far, before any live chunk."""
 
     def finish(self, msg: protocol.Message) -> None:
         """Finished or Cancelled: the waiter's last message."""
