@@ -34,7 +34,7 @@ from typing import Any
 from debounce_cli.options import HISTORY_LIMIT
 from debounce_cli.protocol import RunRecord
 from debounce_cli.scheduler import Invocation, Options, Run, Scheduler
-from debounce_cli.states import FINISHED, LOST
+from debounce_cli.states import EXITED, FINISHED, LOST
 
 SCHEMA_VERSION = 1
 
@@ -442,14 +442,20 @@ class Journal:
         ).fetchone()[0]
         return Restored(pending, unfinished, (max_id or 0) + 1, (max_run or 0) + 1)
 
-    def mark_lost(self, run_ids: list[int]) -> None:
-        """Record runs that were executing when the previous daemon died."""
+    def settle(self, lost: list[int], ended: list[tuple[int, int, float]]) -> None:
+        """Record what became of the runs the previous daemon left unfinished: ``lost`` ones
+        died with it; ``ended`` ones (run id, exit status, time) exited before it could say so.
+        """
         now = time.time()
         with self._transaction() as db:
+            done = "env_id = NULL, options = NULL WHERE socket = ? AND run_id = ?"
             db.executemany(
-                "UPDATE runs SET finished_at = ?, outcome = ?, env_id = NULL, options = NULL "
-                "WHERE socket = ? AND run_id = ?",
-                [(now, LOST, self.socket, run_id) for run_id in run_ids],
+                f"UPDATE runs SET finished_at = ?, outcome = ?, {done}",
+                [(now, LOST, self.socket, run_id) for run_id in lost],
+            )
+            db.executemany(
+                f"UPDATE runs SET finished_at = ?, exit_code = ?, outcome = ?, {done}",
+                [(when, code, EXITED, self.socket, run_id) for run_id, code, when in ended],
             )
 
     def forget_runs(self, run_ids: list[int]) -> None:

@@ -32,6 +32,7 @@ import signal
 import subprocess
 import time
 from collections.abc import Callable
+from typing import NamedTuple
 
 #: How long to keep reading output after the command exited: a background child that inherited
 #: the pipes must not keep the run open.
@@ -307,11 +308,38 @@ def _alive(pid: int) -> bool:
     return fields is not None and bool(fields) and fields[0] != "Z"
 
 
-def read_ledger(path: str) -> set[int]:
-    """The run ids noted in a started ledger (see RunProcess); a torn last line is ignored."""
+class Ledger(NamedTuple):
+    """What a started ledger says: the runs whose process started, and of those the runs whose
+    end their daemon saw (exit status and wall-clock time) before it could commit it."""
+
+    started: set[int]
+    ended: dict[int, tuple[int, float]]
+
+
+def read_ledger(path: str) -> Ledger:
+    """Read a started ledger (see RunProcess and note_end); a torn last line is ignored."""
+    started: set[int] = set()
+    ended: dict[int, tuple[int, float]] = {}
     try:
         with open(path, "rb") as f:
             data = f.read()
     except OSError:
-        return set()
-    return {int(line) for line in data.split(b"\n") if line.isdigit() and len(line) <= 18}
+        return Ledger(started, ended)
+    for line in data.split(b"\n"):
+        fields = line.split()
+        try:
+            if len(fields) == 1:
+                started.add(int(fields[0]))
+            elif len(fields) == 3:
+                ended[int(fields[0])] = (int(fields[1]), float(fields[2]))
+        except ValueError:
+            continue
+    return Ledger(started, ended)
+
+
+def note_end(fd: int, run_id: int, code: int, when: float) -> None:
+    """Append a run's end to the ledger at once, ahead of the commit that records it."""
+    try:
+        os.write(fd, f"{run_id} {code} {when:.3f}\n".encode())
+    except OSError:
+        pass  # then a crash before the commit records it lost, as without the line

@@ -134,7 +134,7 @@ class Core:
         if runs is None:
             from debounce_cli.daemon.runs import Runs
 
-            runs = Runs(config, loop, journal, log_dir, ledger, events=self)
+            runs = Runs(config, loop, journal, log_dir, ledger, events=self, clock=clock)
         self.runs = runs
         self.recent = RecentRuns()
         self.shared = Shared()

@@ -15,12 +15,13 @@ from collections.abc import Iterable
 from typing import Any, Protocol
 
 from debounce_cli import paths, protocol
+from debounce_cli.clock import Clock
 from debounce_cli.daemon import records
 from debounce_cli.daemon.config import Config
 from debounce_cli.daemon.waiters import unique
 from debounce_cli.journal import Journal, JournalError
 from debounce_cli.logfile import LogWriter, read_log
-from debounce_cli.runner import DAEMON_MARK, RunProcess
+from debounce_cli.runner import DAEMON_MARK, RunProcess, note_end
 from debounce_cli.scheduler import Run
 
 #: Output kept in memory for clients joining a run that has no log (--no-journal).
@@ -43,10 +44,18 @@ class Runs:
     """The processes of the runs that execute now."""
 
     def __init__(self, config: Config, loop: Any, journal: Journal | None, log_dir: str,
-                 ledger: str | None, events: RunEvents) -> None:
+                 ledger: str | None, events: RunEvents, clock: Clock) -> None:
         self.config = config
+        self.clock = clock
         self.daemon_id = paths.socket_digest(config.socket)
         self.ledger = ledger
+        self.ledger_fd: int | None = None
+        if ledger:
+            try:
+                self.ledger_fd = os.open(ledger, os.O_WRONLY | os.O_APPEND | os.O_CREAT
+                                         | os.O_CLOEXEC, 0o600)
+            except OSError as exc:
+                print(f"debounce: cannot write {ledger}: {exc.strerror}", file=sys.stderr)
         self.loop = loop
         self.journal = journal
         self.log_dir = log_dir
@@ -147,6 +156,9 @@ class Runs:
         if run.stop_reason is not None:  # stopped before it could start
             proc.signal("TERM")
         code = await proc.wait()
+        if self.ledger_fd is not None and proc.pid is not None:
+            # Its end, noted at once: a crash before the commit does not make it "lost".
+            note_end(self.ledger_fd, run.id, code, self.clock.wall())
         self.procs.pop(run.id, None)
         self.buffers.pop(run.id, None)
         log = self.logs.pop(run.id, None)

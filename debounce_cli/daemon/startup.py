@@ -117,13 +117,16 @@ def _settle(journal: Journal, scheduler: Scheduler, unfinished: list[UnfinishedR
             print(f"debounce: could not look for the processes of lost runs: {exc}",
                   file=sys.stderr)
             alive = {run.run_id for run in unfinished}
-        started = read_ledger(ledger) | alive | {run.run_id for run in unfinished if run.pid}
-        lost = [run for run in unfinished
-                if run.run_id in started or run.env is None or run.options is None]
-        again = [run for run in unfinished if run not in lost]
+        ledger_says = read_ledger(ledger)
+        started = ledger_says.started | alive | {run.run_id for run in unfinished if run.pid}
+        ended = [(run.run_id, *ledger_says.ended[run.run_id]) for run in unfinished
+                 if run.run_id in ledger_says.ended and run.run_id not in alive]
+        done = {run_id for run_id, _code, _when in ended}
+        lost = [run for run in unfinished if run.run_id not in done and (
+                run.run_id in started or run.env is None or run.options is None)]
+        again = [run for run in unfinished if run.run_id not in done and run not in lost]
         try:
-            if lost:
-                journal.mark_lost([run.run_id for run in lost])
+            journal.settle([run.run_id for run in lost], ended)
         except JournalError as exc:
             # Serve what was restored anyway; new submissions are refused while this lasts.
             print(f"debounce: {exc}", file=sys.stderr)
