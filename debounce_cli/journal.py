@@ -1,9 +1,15 @@
 """Durable state in SQLite: pending invocations, run history, and the output logs' index.
 
-The daemon changes its scheduler first and commits afterwards, once per turn of its event loop
-(group commit), and it acknowledges a submission and starts a process only after the commit
-that holds it. So the journal always holds a state the daemon really had, and everything a
-client was told is in it.
+The rule it keeps: **an acknowledged invocation runs exactly once, unless it is cancelled**
+(or coalesced into a later one whose run stands for it). The daemon changes its scheduler
+first and commits afterwards, once per turn of its event loop (group commit); it acknowledges
+a submission only after the commit that holds it, and a run is recorded before its process
+can exist (a run the journal cannot record waits unstarted). So the journal always holds a
+state the daemon really had, and everything a client was told is in it. After a crash, each
+run left unfinished either started (its process noted its id in the started ledger, see
+``runner.RunProcess``; what is left of it is killed, and it is recorded lost, or with the exit
+status its daemon saw) or never did, and then its invocation is pending again (its
+environment and options stay in its row until it finishes, for that).
 
 What is written is a snapshot, not a log of events: the scheduler reports which keys and runs
 changed (its ``observer``), and :meth:`Journal.commit` writes each changed key's current
