@@ -13,6 +13,25 @@ replacements to the run that finally stands for it.
 
 Every change of an invocation's or run's state goes through :meth:`Scheduler._transition`, the
 one place a journal hooks into (``observer``).
+
+The rules, in the SPEC's terms, where they needed deciding (lodash's ``debounce`` is the
+reference for 6 and 7; ``tests/test_lodash.py`` compares the two on generated calls):
+
+- A *burst* of a key starts with an invocation that comes a full delay or more after the
+  key's previous invocation. Max-wait counts from the later of the burst's start and the
+  start of the key's last run (lodash's ``lastInvokeTime``) and is never shorter than the
+  delay. Under a steady stream that gives one run per max-wait.
+- ``--leading --no-trailing --max-wait D``: an invocation D or more after the last run start
+  runs at once (lodash's throttle with ``trailing: false``); the others share the result of
+  their burst's leading run, also while that one is still queued for a slot.
+- ``--on-busy ignore`` joins the running run only while nobody has asked it to stop
+  (timeout, restart, shutdown); otherwise the invocation is pending as usual.
+- ``--on-busy restart``: the callers of the stopped run follow its replacement once the
+  stopped run has ended. If the replacement is cancelled, they get the stopped run's own
+  result (outcome ``stopped``), never "cancelled".
+- A job slot that frees goes to the queue in arrival order: a key whose pending invocation
+  falls due as its own run ends queues behind keys already waiting.
+- ``--timeout`` counts from the run's start, not from when it was due.
 """
 
 from __future__ import annotations
@@ -68,7 +87,7 @@ class Invocation:
     payload: Any = None
     state: str = PENDING
     due: float = 0.0
-    first_at: float = 0.0  # first invocation of the chain this one ends; max-wait counts from it
+    first_at: float = 0.0  # where max-wait counts from: its burst's start or the last run start
     coalesced: int = 1  # invocations this one stands for, itself included
     leading_edge: bool = False  # first of a --leading burst: due at once
     replaced_by: Invocation | None = None
@@ -76,6 +95,9 @@ class Invocation:
     joined: Invocation | Run | None = None  # the leader or run it joined without replacing
     run: Run | None = None
     waiters: list[Any] = field(default_factory=list)
+    #: Waiters of a run stopped for --on-busy restart that now follow this invocation, with
+    #: that run: if this one is cancelled they get that run's result instead.
+    adopted: list[tuple[Any, Run]] = field(default_factory=list)
 
     def head(self) -> Invocation:
         """Follow the chain of replacements to the invocation that stands for this one now."""
@@ -112,7 +134,8 @@ class KeyState:
     key: str
     pending: Invocation | None = None
     running: Run | None = None
-    burst_until: float = 0.0  # a --leading burst lasts until a full delay passes quietly
+    quiet_at: float = float("-inf")  # a burst lasts until a full delay passes quietly
+    max_from: float = 0.0  # max-wait counts from here: the burst's start or the last run start
     burst_run: Run | None = None  # the leading run of the current burst
     burst_leader: Invocation | None = None  # the leading invocation, before it has started
 
@@ -232,24 +255,35 @@ class Scheduler:
         ks = self.keys.get(key)
         if ks is None:
             ks = self.keys[key] = KeyState(key)
-        new_burst = now >= ks.burst_until
-        if options.leading:
-            ks.burst_until = now + options.delay
-            heapq.heappush(self._bursts, (ks.burst_until, next(self._seq), key))
+        # A burst starts when a full delay has passed since the key's last invocation; max-wait
+        # counts from the later of its start and the key's last run start (lodash's
+        # lastInvokeTime), and is never shorter than the delay (lodash raises it too).
+        new_burst = now >= ks.quiet_at
+        ks.quiet_at = now + options.delay
         if new_burst:
             ks.burst_run = None
             ks.burst_leader = None
+            ks.max_from = now
+        inv.first_at = ks.max_from
+        max_wait = options.max_wait
+        if max_wait is not None:
+            max_wait = max(max_wait, options.delay)
 
         running = ks.running
         if running is not None and options.on_busy == "ignore" and running.stop_reason is None:
             self._join_run(inv, running, effects)
             return inv, effects
 
+        lead = options.leading and new_burst
         if options.leading and not new_burst and not options.trailing:
             # Later invocations of a burst without a trailing edge start nothing: they share
-            # the leading invocation's result, whether it is still waiting, running or done.
+            # the leading invocation's result, whether it is still waiting, running or done;
+            # with --max-wait, the first one after max-wait since the last run start leads
+            # again (lodash's throttle with trailing: false).
             leader = ks.burst_leader
-            if leader is not None and leader is ks.pending:
+            if max_wait is not None and now >= ks.max_from + max_wait:
+                lead = True
+            elif leader is not None and leader is ks.pending:
                 leader.waiters.extend(inv.waiters)
                 inv.waiters = []
                 leader.coalesced += 1
@@ -259,18 +293,19 @@ class Scheduler:
                 self._transition(leader, leader.state)
                 effects.append(Updated(leader))
                 return inv, effects
-            if ks.burst_run is not None:
+            elif ks.burst_run is not None:
                 self._join_run(inv, ks.burst_run, effects)
                 return inv, effects
-            new_burst = True  # nothing to join (e.g. cancelled): start a burst afresh
+            else:
+                lead = True  # nothing to join (e.g. cancelled): lead afresh
 
         prev = ks.pending
-        inv.leading_edge = options.leading and new_burst
+        inv.leading_edge = lead
         if prev is not None:
-            inv.first_at = prev.first_at
             inv.coalesced = prev.coalesced + 1
             inv.waiters = prev.waiters + inv.waiters
             prev.waiters = []
+            inv.adopted, prev.adopted = prev.adopted, []
             prev.replaced_by = inv
             inv.replaced = prev
             was_queued = prev.state == QUEUED
@@ -292,8 +327,8 @@ class Scheduler:
             ks.burst_leader = inv
         else:
             inv.due = now + options.delay
-            if options.max_wait is not None:
-                inv.due = min(inv.due, inv.first_at + options.max_wait)
+            if max_wait is not None:
+                inv.due = min(inv.due, ks.max_from + max_wait)
         self._transition(inv, PENDING)
         heapq.heappush(self._due, (inv.due, next(self._seq), inv))
         effects.append(Updated(inv))
@@ -325,6 +360,8 @@ class Scheduler:
         ks = self.keys.get(key)
         if ks is None:
             ks = self.keys[key] = KeyState(key)
+        ks.max_from = first_at
+        ks.quiet_at = received_at + options.delay
         self._set_pending(ks, inv)
         self._transition(inv, PENDING)
         heapq.heappush(self._due, (inv.due, next(self._seq), inv))
@@ -343,13 +380,23 @@ class Scheduler:
         run.exit_code = exit_code
         run.finished_at = now
         run.finished_wall = self.wall()
-        run.outcome = states.OUTCOME_OF_STOP[run.stop_reason]
-        run.invocation.state = FINISHED
-        self._transition(run, FINISHED)
-        waiters, run.waiters = run.waiters, []
-        effects: list[Effect] = [RunFinished(run, waiters)]
         ks = self.keys[run.key]
         ks.running = None
+        run.outcome = states.OUTCOME_OF_STOP[run.stop_reason]
+        waiters, run.waiters = run.waiters, []
+        replacement = ks.pending
+        if run.stop_reason == states.STOP_RESTART:
+            if replacement is None:
+                run.outcome = states.STOPPED  # the invocation that would replace it was cancelled
+            else:
+                # Its waiters follow the run that replaces it; should that one be cancelled
+                # before it starts, they are told this run's real result, never "cancelled".
+                replacement.waiters[:0] = waiters
+                replacement.adopted.extend((waiter, run) for waiter in waiters)
+                waiters = []
+        run.invocation.state = FINISHED
+        self._transition(run, FINISHED)
+        effects: list[Effect] = [RunFinished(run, waiters)]
         if ks.pending is not None and ks.pending.state == PENDING and ks.pending.due <= now:
             self._ready(ks, now, effects)  # it fell due while the key was busy
         self._advance(now, effects)
@@ -386,7 +433,13 @@ class Scheduler:
             self.queue.remove(key)
         waiters, inv.waiters = inv.waiters, []
         self._transition(inv, CANCELLED)
-        effects.append(Cancelled(inv, waiters))
+        adopted = dict(inv.adopted)  # waiters of a run it was to replace: their run's result
+        inv.adopted = []
+        cancelled = [w for w in waiters if w not in adopted]
+        if cancelled or not adopted:
+            effects.append(Cancelled(inv, cancelled))
+        for waiter, run in adopted.items():
+            effects.append(RunFinished(run, [waiter]))
         self._forget_if_idle(ks, self.clock())
         return True, effects
 
@@ -440,6 +493,7 @@ class Scheduler:
             return True
         prev.replaced_by = None
         prev.waiters = others
+        prev.adopted, inv.adopted = inv.adopted, []
         self._set_pending(ks, prev)
         if ks.burst_leader is inv:
             ks.burst_leader = prev
@@ -488,7 +542,9 @@ class Scheduler:
     def next_deadline(self) -> float | None:
         """When :meth:`tick` must run next, or ``None`` when nothing is timed."""
         self._prune()
-        times = [heap[0][0] for heap in (self._due, self._timers, self._bursts) if heap]
+        # The ends of bursts only let idle keys be forgotten: they wake nobody up, and are
+        # seen to at the next event.
+        times = [heap[0][0] for heap in (self._due, self._timers) if heap]
         return min(times) if times else None
 
     def is_idle(self) -> bool:
@@ -552,9 +608,7 @@ class Scheduler:
         assert inv is not None
         if ks.running is not None:
             if inv.options.on_busy == "restart" and ks.running.stop_reason is None:
-                # Waiters of the stopped run follow the run that replaces it.
-                inv.waiters = ks.running.waiters + inv.waiters
-                ks.running.waiters = []
+                # Its waiters follow the run that replaces it, once it has ended (run_exited).
                 self._stop(ks.running, states.STOP_RESTART, now, effects)
                 effects.append(Updated(inv))
             return  # starts when the running one has ended (run_exited calls back here)
@@ -588,6 +642,7 @@ class Scheduler:
             waiters=inv.waiters,
         )
         inv.waiters = []
+        inv.adopted = []  # they follow this run now
         inv.run = run
         if inv.options.timeout is not None:
             run.deadline = now + inv.options.timeout
@@ -595,6 +650,7 @@ class Scheduler:
         if ks.burst_leader is inv:
             ks.burst_leader = None
             ks.burst_run = run
+        ks.max_from = now  # max-wait counts from the last run start
         ks.running = run
         self.runs[run.id] = run
         self._transition(inv, RUNNING)
@@ -610,13 +666,14 @@ class Scheduler:
         heapq.heappush(self._timers, (run.kill_at, next(self._seq), run))
 
     def _forget_if_idle(self, ks: KeyState, now: float) -> None:
-        if (
-            ks.pending is None
-            and ks.running is None
-            and now >= ks.burst_until
-            and self.keys.get(ks.key) is ks
-        ):
+        """Drop an idle key, once its burst is over (until then it remembers when it ends and
+        where max-wait counts from); an idle key whose burst goes on is looked at again then."""
+        if ks.pending is not None or ks.running is not None or self.keys.get(ks.key) is not ks:
+            return
+        if now >= ks.quiet_at:
             del self.keys[ks.key]
+        else:
+            heapq.heappush(self._bursts, (ks.quiet_at, next(self._seq), ks.key))
 
     def _prune(self) -> None:
         """Drop stale heap tops so next_deadline never wakes the daemon for nothing."""
@@ -635,6 +692,6 @@ class Scheduler:
         while self._bursts:
             when, _, key = self._bursts[0]
             ks = self.keys.get(key)
-            if ks is not None and ks.burst_until == when:
+            if ks is not None and ks.quiet_at == when and ks.pending is None and ks.running is None:
                 break
             heapq.heappop(self._bursts)

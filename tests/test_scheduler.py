@@ -919,3 +919,158 @@ def test_withdraw_refuses_once_the_run_has_started():
     a = sim.submit("k", at=0.0, payload="a", options=Options(delay=0))
     assert a.state == RUNNING
     assert not sim.sched.withdraw(a)
+
+
+# ------------------------------------------------------------- issue 10: exact max-wait and more
+
+
+def _instant(sim: Sim, until: float) -> None:
+    """Advance to ``until``, ending every run at the instant it starts (runs take no time)."""
+    while True:
+        open_runs = [r for r in sim.runs() if r.state == RUNNING]
+        for run in open_runs:
+            sim.exit(run, at=sim.clock.now)
+        deadline = sim.sched.next_deadline()
+        if deadline is None or deadline > until:
+            break
+        sim.advance(deadline)
+    sim.advance(until)
+
+
+def test_leading_max_wait_counts_from_the_leading_call():
+    """Delay 0.5, max-wait 0.5, --leading, calls at 0 and 0.25: runs at 0 and 0.5 (lodash)."""
+    sim = Sim()
+    opts = Options(delay=0.5, max_wait=0.5, leading=True)
+    sim.submit("k", at=0.0, payload=0, options=opts)
+    _instant(sim, 0.25)
+    sim.submit("k", at=0.25, payload=1, options=opts)
+    _instant(sim, 5.0)
+    assert sim.starts() == [(0.0, 0), (0.5, 1)]
+
+
+def test_under_a_steady_stream_max_wait_counts_from_the_previous_run():
+    """Delay 2, max-wait 3, calls at 0, 0.5, 2, 3.5, 4.25: runs at 3 and 6 (lodash)."""
+    sim = Sim()
+    opts = Options(delay=2.0, max_wait=3.0)
+    for i, at in enumerate([0.0, 0.5, 2.0, 3.5, 4.25]):
+        _instant(sim, at)
+        sim.submit("k", at=at, payload=i, options=opts)
+    _instant(sim, 20.0)
+    assert sim.starts() == [(3.0, 2), (6.0, 4)]
+
+
+def test_a_max_wait_shorter_than_the_delay_counts_as_the_delay():
+    sim = Sim()
+    opts = Options(delay=1.0, max_wait=0.25)
+    for i in range(12):  # a call every 0.25 s for 3 s
+        _instant(sim, i * 0.25)
+        sim.submit("k", at=i * 0.25, payload=i, options=opts)
+    _instant(sim, 10.0)
+    assert sim.starts() == [(1.0, 3), (2.0, 7), (3.0, 11)]  # not every 0.25 s
+
+
+def test_leading_only_with_max_wait_is_a_throttle_without_trailing_edge():
+    """--leading --no-trailing --max-wait 1: the first call 1 s after the last start runs."""
+    sim = Sim()
+    opts = Options(delay=0.5, max_wait=1.0, leading=True, trailing=False)
+    for i, at in enumerate([0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.25]):
+        _instant(sim, at)
+        sim.submit("k", at=at, payload=i, options=opts, waiter=f"w{i}")
+    _instant(sim, 10.0)
+    assert sim.starts() == [(0.0, 0), (1.0, 4), (2.25, 7)]
+    # Everyone else shared the run of the burst they came in.
+    finished = {w: run_id for _, run_id, ws in sim.finished() for w in ws}
+    runs = [r.id for r in sim.runs()]
+    assert [finished[f"w{i}"] for i in range(8)] == [runs[0]] * 4 + [runs[1]] * 3 + [runs[2]]
+
+
+def test_cancelling_the_replacement_of_a_restarted_run_tells_its_callers_the_truth():
+    """Its callers get the stopped run's real status, never "cancelled before it ran"."""
+    sim = Sim()
+    opts = Options(delay=0.5, on_busy="restart")
+    sim.submit("k", at=0.0, payload="old", waiter="w-old", options=opts)
+    sim.advance(0.5)
+    run1 = sim.last_run()
+    sim.submit("k", at=1.0, payload="new", waiter="w-new", options=opts)
+    sim.advance(1.5)  # due: the old run is asked to stop
+    assert sim.signals() == [(1.5, run1.id, "TERM")]
+    _found, effects = sim.cancel("k", at=1.75)
+    assert [(type(e), e.waiters) for e in effects] == [(Cancelled, ["w-new"])]
+    effects = sim.exit(run1, at=2.0, code=143)
+    assert [(type(e), e.waiters) for e in effects] == [(RunFinished, ["w-old"])]
+    assert run1.outcome == "stopped" and run1.exit_code == 143
+
+
+def test_cancel_after_the_restarted_run_ended_gives_its_callers_its_result():
+    sim = Sim(jobs=1)
+    opts = Options(delay=0.5, on_busy="restart")
+    sim.submit("k", at=0.0, payload="old", waiter="w-old", options=opts)
+    sim.submit("other", at=0.1, payload="x", options=Options(delay=0.5))
+    sim.advance(0.6)
+    run1 = sim.last_run()  # "other" waits for the one slot
+    sim.submit("k", at=1.0, payload="new", waiter="w-new", options=opts)
+    sim.advance(1.5)
+    sim.exit(run1, at=1.75, code=143)  # the slot goes to "other": "new" is queued behind it
+    _found, effects = sim.cancel("k", at=2.0)
+    got = {(type(e).__name__, tuple(e.waiters)) for e in effects}
+    assert got == {("Cancelled", ("w-new",)), ("RunFinished", ("w-old",))}
+    assert [e.run for e in effects if isinstance(e, RunFinished)] == [run1]
+
+
+def test_ignore_never_joins_a_run_that_is_being_stopped():
+    sim = Sim()
+    sim.submit("k", at=0.0, payload="a", options=Options(delay=0.0, timeout=1.0))
+    sim.advance(1.0)  # timed out: being stopped
+    run1 = sim.last_run()
+    assert run1.stop_reason == "timeout"
+    inv = sim.submit("k", at=1.25, payload="b", waiter="wb",
+                     options=Options(delay=0.0, on_busy="ignore"))
+    assert inv.run is None and wb_not_in(run1, "wb")
+    sim.exit(run1, at=1.5, code=143)
+    assert sim.starts()[-1] == (1.5, "b")
+
+
+def wb_not_in(run: Run, waiter: str) -> bool:
+    return waiter not in run.waiters
+
+
+def test_a_freed_slot_goes_to_the_queue_in_arrival_order():
+    """--jobs 1: a key that falls due as its own run ends waits behind keys already queued."""
+    sim = Sim(jobs=1)
+    sim.submit("a", at=0.0, payload="a1", options=Options(delay=0.0))
+    run_a = sim.last_run()
+    sim.submit("b", at=0.25, payload="b1", options=Options(delay=0.0))  # queued
+    sim.submit("a", at=0.5, payload="a2", options=Options(delay=0.5))  # due at 1.0, a busy
+    sim.advance(1.0)
+    sim.exit(run_a, at=1.25)
+    assert sim.starts() == [(0.0, "a1"), (1.25, "b1")]
+    sim.exit(sim.last_run(), at=1.5)
+    assert sim.starts()[-1] == (1.5, "a2")
+
+
+def test_a_caller_joins_a_no_trailing_leader_that_is_still_queued():
+    sim = Sim(jobs=1)
+    sim.submit("busy", at=0.0, payload="x", options=Options(delay=0.0))
+    blocker = sim.last_run()
+    opts = Options(delay=1.0, leading=True, trailing=False)
+    leader = sim.submit("k", at=0.25, payload="lead", waiter="w1", options=opts)
+    assert leader.state == "queued"
+    follower = sim.submit("k", at=0.5, payload="follow", waiter="w2", options=opts)
+    assert follower.head() is leader and leader.coalesced == 2
+    sim.exit(blocker, at=0.75)
+    assert sim.starts() == [(0.0, "x"), (0.75, "lead")]
+    assert sim.last_run().waiters == ["w1", "w2"]
+
+
+def test_timeout_counts_from_the_start_not_the_due_time():
+    sim = Sim(jobs=1)
+    sim.submit("busy", at=0.0, payload="x", options=Options(delay=0.0))
+    blocker = sim.last_run()
+    sim.submit("k", at=0.0, payload="t", options=Options(delay=1.0, timeout=1.0))
+    sim.exit(blocker, at=3.0)  # "t" was due at 1.0 but starts only now
+    run = sim.last_run()
+    assert sim.starts()[-1] == (3.0, "t")
+    sim.advance(3.99)
+    assert sim.signals() == []
+    sim.advance(4.0)
+    assert sim.signals() == [(4.0, run.id, "TERM")]
