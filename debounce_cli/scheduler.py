@@ -134,8 +134,10 @@ class KeyState:
     key: str
     pending: Invocation | None = None
     running: Run | None = None
-    quiet_at: float = float("-inf")  # a burst lasts until a full delay passes quietly
+    quiet_at: float = float("-inf")  # a full delay after the key's last invocation
     max_from: float = 0.0  # max-wait counts from here: the burst's start or the last run start
+    timer_first: float = float("-inf")  # when the quiet period armed first in this burst ends
+    edge_at: float = float("-inf")  # the burst's trailing edge: until then it goes on
     burst_run: Run | None = None  # the leading run of the current burst
     burst_leader: Invocation | None = None  # the leading invocation, before it has started
 
@@ -255,35 +257,48 @@ class Scheduler:
         ks = self.keys.get(key)
         if ks is None:
             ks = self.keys[key] = KeyState(key)
-        # A burst starts when a full delay has passed since the key's last invocation; max-wait
-        # counts from the later of its start and the key's last run start (lodash's
-        # lastInvokeTime), and is never shorter than the delay (lodash raises it too).
-        new_burst = now >= ks.quiet_at
+        # lodash's debounce, step for step: a call "invokes" when a full delay has passed since
+        # the key's last call, or max-wait since its last run started (or its burst began);
+        # with no trailing edge pending (its "timer"), that begins a burst; with one pending
+        # and a max-wait, the call runs at once. Max-wait is never shorter than the delay.
+        max_wait = options.max_wait
+        if max_wait is not None:
+            max_wait = max(max_wait, options.delay)
+        edge_pending = now < ks.edge_at
+        invoking = now >= ks.quiet_at or (max_wait is not None and now >= ks.max_from + max_wait)
         ks.quiet_at = now + options.delay
+        new_burst = invoking and not edge_pending
+        lead = False
         if new_burst:
             ks.burst_run = None
             ks.burst_leader = None
             ks.max_from = now
+            ks.timer_first = now + options.delay
+            lead = options.leading
+        elif invoking and max_wait is not None:
+            ks.timer_first = now + options.delay
+            lead = True  # max-wait has passed: this one runs now, leading or not
+        elif not edge_pending:
+            ks.timer_first = now + options.delay  # a quiet period armed by this call
         inv.first_at = ks.max_from
-        max_wait = options.max_wait
+        # When the trailing edge comes (lodash: min(last call + wait, max(first timer expiry,
+        # last invoke + maxWait))); a call in no burst of its own keeps it, for the next call.
+        edge = now + options.delay
         if max_wait is not None:
-            max_wait = max(max_wait, options.delay)
+            edge = min(edge, max(ks.timer_first, ks.max_from + max_wait))
+        ks.edge_at = edge
 
         running = ks.running
         if running is not None and options.on_busy == "ignore" and running.stop_reason is None:
             self._join_run(inv, running, effects)
             return inv, effects
 
-        lead = options.leading and new_burst
-        if options.leading and not new_burst and not options.trailing:
+        if options.leading and not lead and not options.trailing:
             # Later invocations of a burst without a trailing edge start nothing: they share
-            # the leading invocation's result, whether it is still waiting, running or done;
-            # with --max-wait, the first one after max-wait since the last run start leads
-            # again (lodash's throttle with trailing: false).
+            # the leading invocation's result, whether it is still waiting, running or done
+            # (with --max-wait, the first one max-wait after the last run start led, above).
             leader = ks.burst_leader
-            if max_wait is not None and now >= ks.max_from + max_wait:
-                lead = True
-            elif leader is not None and leader is ks.pending:
+            if leader is not None and leader is ks.pending:
                 leader.waiters.extend(inv.waiters)
                 inv.waiters = []
                 leader.coalesced += 1
@@ -293,11 +308,10 @@ class Scheduler:
                 self._transition(leader, leader.state)
                 effects.append(Updated(leader))
                 return inv, effects
-            elif ks.burst_run is not None:
+            if ks.burst_run is not None:
                 self._join_run(inv, ks.burst_run, effects)
                 return inv, effects
-            else:
-                lead = True  # nothing to join (e.g. cancelled): lead afresh
+            lead = True  # nothing to join (e.g. cancelled): lead afresh
 
         prev = ks.pending
         inv.leading_edge = lead
@@ -322,13 +336,11 @@ class Scheduler:
                 return inv, effects
         else:
             self._set_pending(ks, inv)
-        if inv.leading_edge and (prev is None or prev.leading_edge):
+        if lead or inv.leading_edge:  # leads now, or replaces a leader not started yet
             inv.due = now
             ks.burst_leader = inv
         else:
-            inv.due = now + options.delay
-            if max_wait is not None:
-                inv.due = min(inv.due, ks.max_from + max_wait)
+            inv.due = edge
         self._transition(inv, PENDING)
         heapq.heappush(self._due, (inv.due, next(self._seq), inv))
         effects.append(Updated(inv))
@@ -362,6 +374,7 @@ class Scheduler:
             ks = self.keys[key] = KeyState(key)
         ks.max_from = first_at
         ks.quiet_at = received_at + options.delay
+        ks.timer_first = ks.edge_at = due
         self._set_pending(ks, inv)
         self._transition(inv, PENDING)
         heapq.heappush(self._due, (inv.due, next(self._seq), inv))
