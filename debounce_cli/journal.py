@@ -91,7 +91,7 @@ CREATE INDEX IF NOT EXISTS runs_by_key ON runs (socket, key, run_id);
 #: Columns added after the first journals were written: (table, column, type).
 _ADDED_COLUMNS = [
     ("runs", "due_at", "REAL"), ("runs", "inv_id", "INTEGER"), ("envs", "socket", "TEXT"),
-    ("runs", "env_id", "INTEGER"), ("runs", "options", "TEXT"),
+    ("runs", "env_id", "INTEGER"), ("runs", "options", "TEXT"), ("pending", "batch", "TEXT"),
 ]
 
 class JournalError(Exception):
@@ -117,6 +117,7 @@ class StoredInvocation:
     coalesced: int
     leading_edge: bool
     state: str
+    batch: list[list[str]] | None = None  # --collect: the argv of each coalesced invocation
 
 
 @dataclass(slots=True)
@@ -277,8 +278,8 @@ class Journal:
             if rows:
                 db.executemany(
                     "INSERT OR REPLACE INTO pending (socket, key, id, argv, cwd, env_id, "
-                    "options, received_at, due_at, first_at, coalesced, leading_edge, state) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    "options, received_at, due_at, first_at, coalesced, leading_edge, state, "
+                    "batch) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     rows,
                 )
             for run in self.dirty_runs.values():
@@ -371,7 +372,7 @@ class Journal:
             self.socket, _t(inv.key), inv.id, self._argv_json(job.argv), _t(job.cwd),
             self._env_id(db, job.env), _options_json(inv.options), inv.received_at + offset,
             inv.due + offset, inv.first_at + offset, inv.coalesced, int(inv.leading_edge),
-            inv.state,
+            inv.state, json.dumps([p.argv for p in inv.batch]) if inv.batch else None,
         )
 
     def _write_run(self, db: sqlite3.Connection, run: Run) -> None:
@@ -410,19 +411,20 @@ class Journal:
         pending = []
         rows = db.execute(
             "SELECT p.key, p.id, p.argv, p.cwd, e.env, p.options, p.received_at, p.due_at, "
-            "p.first_at, p.coalesced, p.leading_edge, p.state FROM pending p "
+            "p.first_at, p.coalesced, p.leading_edge, p.state, p.batch FROM pending p "
             "LEFT JOIN envs e ON e.id = p.env_id WHERE p.socket = ? ORDER BY p.received_at",
             (self.socket,),
         )
         for row in rows:
             (key, inv_id, argv, cwd, env, options, received, due, first, coalesced, leading,
-             state) = row
+             state, batch) = row
             pending.append(StoredInvocation(
                 key=_s(key), id=inv_id, argv=json.loads(argv), cwd=_s(cwd),
                 env=json.loads(env) if env is not None else None,
                 options=json.loads(options), received_at=received,
                 due_at=due, first_at=first, coalesced=coalesced,
                 leading_edge=bool(leading), state=state,
+                batch=json.loads(batch) if batch is not None else None,
             ))
         unfinished = [
             UnfinishedRun(

@@ -19,7 +19,9 @@ FLAG = "flag"  # a boolean switch
 CHOICE = "choice"  # one of ``choices``
 COUNT = "count"  # a whole number (daemon settings)
 
-ON_BUSY = ("queue", "restart", "ignore")
+ON_BUSY = ("queue", "restart", "ignore", "signal")
+#: Signals --signal may name (without SIG), for --on-busy signal.
+SIGNALS = ("HUP", "INT", "QUIT", "USR1", "USR2", "TERM", "ALRM", "CONT", "WINCH", "URG")
 
 
 class RunOption(NamedTuple):
@@ -40,6 +42,9 @@ class RunOption(NamedTuple):
     choices: tuple[str, ...] = ()
     negated: bool = False
     envvar: str | None = None
+    #: Not a field of its own: sets others (``--throttle D`` is ``--leading --delay D
+    #: --max-wait D``); see :func:`expand`.
+    shorthand: bool = False
 
     @property
     def param(self) -> str:
@@ -70,7 +75,8 @@ RUN_OPTIONS: tuple[RunOption, ...] = (
     ),
     RunOption(
         "max_wait", "--max-wait", DURATION, None,
-        "Run no later than this after the first invocation of a burst.",
+        "Run no later than this after the burst began or the key's last run started (at "
+        "least --delay).",
         metavar="DURATION",
     ),
     RunOption("leading", "--leading", FLAG, False, "Run the first invocation of a burst at once."),
@@ -81,10 +87,26 @@ RUN_OPTIONS: tuple[RunOption, ...] = (
         negated=True,
     ),
     RunOption(
+        "throttle", "--throttle", DURATION, None,
+        "Shorthand for --leading --delay D --max-wait D: at most one start per D, and the "
+        "last call of a burst still runs.",
+        metavar="D", shorthand=True,
+    ),
+    RunOption(
         "on_busy", "--on-busy", CHOICE, "queue",
-        "While the key's command runs: queue one more run after it, restart it, or "
-        "join it (ignore).",
+        "While the key's command runs: queue one more run after it, restart it, join it "
+        "(ignore), or send it --signal and join it (signal).",
         choices=ON_BUSY,
+    ),
+    RunOption(
+        "signal", "--signal", CHOICE, "HUP",
+        "The signal --on-busy signal sends to the running command's process group.",
+        choices=SIGNALS,
+    ),
+    RunOption(
+        "collect", "--collect", FLAG, False,
+        "Run once for every coalesced invocation: the last argument becomes the distinct "
+        "last arguments of all of them, in order of arrival ($DEBOUNCE_BATCH lists them all).",
     ),
     RunOption(
         "stop_timeout", "--stop-timeout", DURATION, 5.0,
@@ -99,8 +121,18 @@ RUN_OPTIONS: tuple[RunOption, ...] = (
 
 #: Option rows by field name.
 BY_NAME: dict[str, RunOption] = {option.name: option for option in RUN_OPTIONS}
+#: The fields of the scheduler's ``Options`` (shorthands are not fields).
+FIELDS: tuple[RunOption, ...] = tuple(option for option in RUN_OPTIONS if not option.shorthand)
 #: The default of every run option by field name (the scheduler's ``Options`` uses these).
-DEFAULTS: dict[str, Any] = {option.name: option.default for option in RUN_OPTIONS}
+DEFAULTS: dict[str, Any] = {option.name: option.default for option in FIELDS}
+
+
+def expand(options: dict[str, Any]) -> dict[str, Any]:
+    """Shorthands made into the fields they stand for (``throttle``)."""
+    throttle = options.pop("throttle", None)
+    if throttle is not None:
+        options.update(leading=True, delay=throttle, max_wait=throttle)
+    return options
 
 
 def from_flags(values: dict[str, Any]) -> dict[str, Any]:
@@ -109,7 +141,7 @@ def from_flags(values: dict[str, Any]) -> dict[str, Any]:
     for option in RUN_OPTIONS:
         value = values[option.param]
         out[option.name] = (not value) if option.negated else value
-    return out
+    return expand(out)
 
 
 def usage_problems(options: dict[str, Any]) -> list[str]:
@@ -132,6 +164,9 @@ def usage_problems(options: dict[str, Any]) -> list[str]:
     on_busy = get("on_busy", DEFAULTS["on_busy"])
     if on_busy not in ON_BUSY:
         out.append(f"--on-busy must be one of {', '.join(ON_BUSY)}, not {on_busy!r}")
+    sig = get("signal", DEFAULTS["signal"])
+    if sig not in SIGNALS:
+        out.append(f"--signal must be one of {', '.join(SIGNALS)}, not {sig!r}")
     if not get("trailing", DEFAULTS["trailing"]) and not get("leading", DEFAULTS["leading"]):
         out.append("--no-trailing without --leading would never run anything; add --leading")
     return out

@@ -24,7 +24,7 @@ from itertools import repeat
 from typing import Any, ClassVar
 
 from debounce_cli import states
-from debounce_cli.options import HISTORY_LIMIT, RUN_OPTIONS
+from debounce_cli.options import FIELDS, HISTORY_LIMIT
 
 VERSION = 1
 #: Largest request the daemon accepts, newline included. A full argv plus environment is far
@@ -649,7 +649,7 @@ def _valid(tag: str, value: Any) -> bool:
 
 # ------------------------------------------------------------- scheduling options
 #: Option fields a RunRequest (or a stdin JSON line) may carry, with their types.
-OPTION_FIELDS: dict[str, str] = {option.name: option.wire for option in RUN_OPTIONS}
+OPTION_FIELDS: dict[str, str] = {option.name: option.wire for option in FIELDS}
 
 
 def check_options(options: dict[str, Any]) -> dict[str, Any]:

@@ -137,7 +137,7 @@ class RunProcess:
             self.start_error = (126, f"debounce: {name}: {exc}\n")
 
     def signal(self, name: str) -> None:
-        """Send SIGTERM or SIGKILL to the run's whole process group.
+        """Send a signal (``TERM``, ``KILL``, ``HUP``...) to the run's whole process group.
 
         Also after the first process exited, while the run drains: the rest of the group (a
         background child holding the output open) is part of the run. A process group id is
@@ -145,7 +145,7 @@ class RunProcess:
         """
         if self.pid is None or self.finished:
             return
-        sig = signal.SIGKILL if name == "KILL" else signal.SIGTERM
+        sig = getattr(signal, f"SIG{name}", signal.SIGTERM)
         try:
             os.killpg(self.pid, sig)
         except (ProcessLookupError, PermissionError):
@@ -172,6 +172,38 @@ class RunProcess:
         self.finished = True
         assert status is not None
         return 128 - status if status < 0 else status
+
+
+def batches(argvs: list[list[str]], env: dict[str, str]) -> list[list[str]]:
+    """``--collect``: the command lines that stand for coalesced invocations ``argvs`` (oldest
+    first): the last one's argv with its last argument replaced by the distinct last arguments
+    of all, in order, split into several command lines where one would pass the system's
+    limit on arguments and environment together."""
+    winner = argvs[-1]
+    if len(winner) < 2:
+        return [winner]
+    head = winner[:-1]
+    lasts = list(dict.fromkeys(argv[-1] for argv in argvs if len(argv) >= 2))
+    try:
+        limit = os.sysconf("SC_ARG_MAX")
+    except (ValueError, OSError):
+        limit = 131072
+    # Pointers count too (8 bytes an item); keep a quarter for the loader and the unknown.
+    fixed = sum(len(os.fsencode(k)) + len(os.fsencode(v)) + 10 for k, v in env.items())
+    fixed += sum(len(os.fsencode(a)) + 9 for a in head)
+    budget = max(4096, limit * 3 // 4 - fixed)
+    out: list[list[str]] = []
+    chunk: list[str] = []
+    used = 0
+    for arg in lasts:
+        size = len(os.fsencode(arg)) + 9
+        if chunk and used + size > budget:
+            out.append(head + chunk)
+            chunk, used = [], 0
+        chunk.append(arg)
+        used += size
+    out.append(head + chunk)
+    return out
 
 
 def _check_program(name: str, path: str, cwd: str) -> tuple[int, str] | None:

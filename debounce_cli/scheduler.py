@@ -66,13 +66,15 @@ class Options:
     stop_timeout: float = DEFAULTS["stop_timeout"]
     timeout: float | None = DEFAULTS["timeout"]
     defer: bool = DEFAULTS["defer"]
+    signal: str = DEFAULTS["signal"]
+    collect: bool = DEFAULTS["collect"]
 
     def problems(self) -> list[str]:
         """Usage errors, worded for the command line; empty when the options are usable."""
         return usage_problems({
             "delay": self.delay, "max_wait": self.max_wait, "leading": self.leading,
             "trailing": self.trailing, "on_busy": self.on_busy,
-            "stop_timeout": self.stop_timeout, "timeout": self.timeout,
+            "stop_timeout": self.stop_timeout, "timeout": self.timeout, "signal": self.signal,
         })
 
 
@@ -98,6 +100,8 @@ class Invocation:
     #: Waiters of a run stopped for --on-busy restart that now follow this invocation, with
     #: that run: if this one is cancelled they get that run's result instead.
     adopted: list[tuple[Any, Run]] = field(default_factory=list)
+    #: With --collect, the payloads of every invocation this one stands for, oldest first.
+    batch: list[Any] = field(default_factory=list)
 
     def head(self) -> Invocation:
         """Follow the chain of replacements to the invocation that stands for this one now."""
@@ -151,7 +155,7 @@ class StartRun:
 @dataclass(frozen=True, slots=True)
 class SignalRun:
     run: Run
-    signal: str  # "TERM" or "KILL"
+    signal: str  # a name without SIG: "TERM", "KILL", or --signal's for --on-busy signal
 
 
 @dataclass(frozen=True, slots=True)
@@ -320,6 +324,8 @@ class Scheduler:
             inv.waiters = prev.waiters + inv.waiters
             prev.waiters = []
             inv.adopted, prev.adopted = prev.adopted, []
+            if options.collect:
+                inv.batch = (prev.batch or [prev.payload]) + [inv.payload]
             prev.replaced_by = inv
             inv.replaced = prev
             was_queued = prev.state == QUEUED
@@ -359,6 +365,7 @@ class Scheduler:
         first_at: float,
         coalesced: int,
         leading_edge: bool,
+        batch: list[Any] | None = None,
     ) -> Invocation:
         """Put back a pending invocation from the journal, due when it was due before.
 
@@ -367,7 +374,7 @@ class Scheduler:
         inv = Invocation(
             id=invocation_id, key=key, options=options, received_at=received_at,
             payload=payload, due=due, first_at=first_at, coalesced=coalesced,
-            leading_edge=leading_edge,
+            leading_edge=leading_edge, batch=batch or [],
         )
         ks = self.keys.get(key)
         if ks is None:
@@ -620,10 +627,19 @@ class Scheduler:
         inv = ks.pending
         assert inv is not None
         if ks.running is not None:
-            if inv.options.on_busy == "restart" and ks.running.stop_reason is None:
+            running = ks.running
+            if inv.options.on_busy == "restart" and running.stop_reason is None:
                 # Its waiters follow the run that replaces it, once it has ended (run_exited).
-                self._stop(ks.running, states.STOP_RESTART, now, effects)
+                self._stop(running, states.STOP_RESTART, now, effects)
                 effects.append(Updated(inv))
+            elif inv.options.on_busy == "signal" and running.stop_reason is None:
+                # A server that reloads on a signal: tell it, and this invocation is that run.
+                effects.append(SignalRun(running, inv.options.signal))
+                self._set_pending(ks, None)
+                if ks.burst_leader is inv:
+                    ks.burst_leader = None
+                running.coalesced += inv.coalesced - 1
+                self._join_run(inv, running, effects)
             return  # starts when the running one has ended (run_exited calls back here)
         if self._slot_free() and not self.queue and not self.draining:
             self._start(ks, now, effects)

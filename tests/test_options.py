@@ -46,7 +46,7 @@ def _as_value(option_kind: str, text: str) -> object:
 def test_every_default_in_help_is_the_schedulers(name):
     shown = _shown_defaults(cli.commands[name])
     scheduler = Options()
-    for option in options.RUN_OPTIONS:
+    for option in options.FIELDS:
         if option.param in shown:
             assert _as_value(option.kind, shown[option.param]) == getattr(scheduler, option.name)
         else:  # a flag, or an option without a default ("no limit")
@@ -67,8 +67,9 @@ def test_daemon_help_defaults_are_the_configs():
 
 def test_the_table_names_every_field_of_the_schedulers_options():
     fields = {f.name for f in dataclasses.fields(Options)}
-    assert {o.name for o in options.RUN_OPTIONS} == fields
+    assert {o.name for o in options.FIELDS} == fields
     assert set(protocol.OPTION_FIELDS) == fields
+    assert {o.name for o in options.RUN_OPTIONS if o.shorthand} == {"throttle"}
 
 
 @pytest.mark.parametrize("name", ["run", "daemon", "watch"])
@@ -91,6 +92,12 @@ def test_stdin_lines_take_every_option_by_field_and_negated_flag_name():
     parsed = parse_stdin_line(negated, {})
     assert parsed is not None
     assert parsed[1].trailing is False and parsed[1].defer is False
+
+
+def test_throttle_is_shorthand_for_leading_delay_and_max_wait():
+    parsed = parse_stdin_line(b'{"argv": ["true"], "throttle": "2s"}', {})
+    assert parsed is not None
+    assert parsed[1] == Options(leading=True, delay=2.0, max_wait=2.0)
 
 
 def test_usage_rules_are_the_same_for_the_client_and_the_daemon():

@@ -15,9 +15,12 @@ from debounce_cli.scheduler import Invocation, KeyState, Run
 
 
 def job_of(inv: Invocation) -> Job:
-    job = inv.payload
-    assert isinstance(job, Job)
-    return job
+    return job_of_payload(inv.payload)
+
+
+def job_of_payload(payload: object) -> Job:
+    assert isinstance(payload, Job)
+    return payload
 
 
 def run_record(run: Run) -> protocol.RunRecord:

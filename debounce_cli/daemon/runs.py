@@ -21,7 +21,8 @@ from debounce_cli.daemon.config import Config
 from debounce_cli.daemon.waiters import unique
 from debounce_cli.journal import Journal, JournalError
 from debounce_cli.logfile import LogWriter, read_log
-from debounce_cli.runner import DAEMON_MARK, RunProcess, note_end
+from debounce_cli.daemon.jobs import Job
+from debounce_cli.runner import DAEMON_MARK, RunProcess, batches, note_end
 from debounce_cli.scheduler import Run
 
 #: Output kept in memory for clients joining a run that has no log (--no-journal).
@@ -64,6 +65,8 @@ class Runs:
         self.logs: dict[int, LogWriter] = {}
         self.buffers: dict[int, list[tuple[int, bytes]]] = {}  # output of runs without a log
         self.to_spawn: deque[tuple[Run, RunProcess]] = deque()
+        self.later: dict[int, list[RunProcess]] = {}  # more processes of a --collect run
+        self.batch_files: dict[int, str] = {}
         self.tasks: set[asyncio.Task[None]] = set()
         self.finished_since_prune = 0
 
@@ -71,6 +74,9 @@ class Runs:
         """Prepare the run's process and log; it is spawned soon, a few per turn."""
         job = records.job_of(run.invocation)
         env = dict(job.env)
+        more: list[list[str]] = []
+        if run.invocation.options.collect:
+            job, more = self._collect(run, job, env)
         env["DEBOUNCE_KEY"] = run.key
         env["DEBOUNCE_RUN_ID"] = str(run.id)
         env["DEBOUNCE_COALESCED"] = str(run.coalesced)
@@ -95,6 +101,9 @@ class Runs:
 
         proc = RunProcess(job.argv, job.cwd, env, on_output, ledger=self.ledger)
         self.procs[run.id] = proc
+        if more:  # the rest of a --collect batch past the argument limit: one after another
+            self.later[run.id] = [RunProcess(argv, job.cwd, env, on_output, ledger=self.ledger)
+                                  for argv in more]
         started = protocol.encode(records.started_msg(run))
         log_path = job.log_path if log is not None else None
         for waiter in unique(run.waiters):
@@ -102,6 +111,42 @@ class Runs:
         self.to_spawn.append((run, proc))
         if len(self.to_spawn) == 1:
             self.loop.call_soon(self._spawn_some)
+
+    def _collect(self, run: Run, job: Job, env: dict[str, str]) -> tuple[Job, list[list[str]]]:
+        """``--collect``: the run's command line(s) for every coalesced invocation, and the
+        ``$DEBOUNCE_BATCH`` file listing them (one JSON array, an argv, per line)."""
+        import json
+
+        argvs = [records.job_of_payload(p).argv for p in run.invocation.batch] or [job.argv]
+        lines = batches(argvs, env)
+        path = self._batch_file(run, "".join(json.dumps(argv) + "\n" for argv in argvs))
+        if path is not None:
+            env["DEBOUNCE_BATCH"] = path
+        collected = Job(lines[0], job.cwd, job.env, log_path=job.log_path)
+        run.invocation.payload = collected  # what history and the waiters see
+        return collected, lines[1:]
+
+    def _batch_file(self, run: Run, text: str) -> str | None:
+        import tempfile
+
+        try:
+            fd, path = tempfile.mkstemp(prefix=f"batch-{run.id}-", dir=self.log_dir or None)
+            with os.fdopen(fd, "w", encoding="utf-8", errors="surrogateescape") as f:
+                f.write(text)
+        except OSError as exc:
+            print(f"debounce: run {run.id} has no $DEBOUNCE_BATCH: {exc.strerror}",
+                  file=sys.stderr)
+            return None
+        self.batch_files[run.id] = path
+        return path
+
+    def _drop_batch_file(self, run: Run) -> None:
+        path = self.batch_files.pop(run.id, None)
+        if path is not None:
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
 
     def signal(self, run_id: int, name: str) -> None:
         proc = self.procs.get(run_id)
@@ -156,6 +201,14 @@ class Runs:
         if run.stop_reason is not None:  # stopped before it could start
             proc.signal("TERM")
         code = await proc.wait()
+        for following in self.later.pop(run.id, []):
+            if run.stop_reason is not None:
+                break  # stopped: the rest of the batch does not start
+            self.procs[run.id] = following
+            await following.start()
+            status = await following.wait()
+            code = code or status  # every caller gets the first non-zero status
+        self._drop_batch_file(run)
         if self.ledger_fd is not None and proc.pid is not None:
             # Its end, noted at once: a crash before the commit does not make it "lost".
             note_end(self.ledger_fd, run.id, code, self.clock.wall())

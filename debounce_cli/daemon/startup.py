@@ -189,9 +189,10 @@ def _put_back(scheduler: Scheduler, restored: Restored, clock: Clock) -> None:
             print(f"debounce: dropping a stored invocation of {row.key!r}: {exc}",
                   file=sys.stderr)
             continue
+        batch = [Job(argv, row.cwd, env) for argv in row.batch] if row.batch else None
         scheduler.restore(
             row.id, row.key, options, Job(row.argv, row.cwd, env),
             received_at=row.received_at - offset, due=row.due_at - offset,
             first_at=row.first_at - offset, coalesced=row.coalesced,
-            leading_edge=row.leading_edge,
+            leading_edge=row.leading_edge, batch=batch,
         )

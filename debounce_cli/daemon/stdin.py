@@ -19,7 +19,7 @@ from debounce_cli import keys, protocol
 from debounce_cli.daemon.core import Core
 from debounce_cli.daemon.jobs import Job, parse_options
 from debounce_cli.durations import DurationError, parse_duration
-from debounce_cli.options import BY_NAME, DURATION, RUN_OPTIONS
+from debounce_cli.options import BY_NAME, DURATION, RUN_OPTIONS, expand
 from debounce_cli.protocol import ProtocolError
 from debounce_cli.scheduler import Options
 
@@ -169,7 +169,7 @@ def parse_stdin_line(raw: bytes, defaults: dict[str, Any]) -> tuple[str, Options
         except ValueError as exc:
             raise ValueError(f"cannot split command line: {exc}") from None
     try:
-        options = parse_options(settings)
+        options = parse_options(expand(settings))
     except ProtocolError as exc:
         raise ValueError(str(exc).removeprefix("run: ")) from None
     try:
