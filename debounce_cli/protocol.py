@@ -123,8 +123,9 @@ class WaitRequest(Message):
     """Attach to what is pending or running for a key or a run id (``debounce wait``)."""
 
     type: ClassVar[str] = "wait"
-    schema: ClassVar[dict[str, str]] = {"target": _STR}
+    schema: ClassVar[dict[str, str]] = {"target": _STR, "by": _OPT_STR}
     target: str = ""
+    by: str | None = None  # how to read it: "key", "run" (an id), or None: whichever it is
 
 
 class StatusRequest(Message):
@@ -137,16 +138,18 @@ class FlushRequest(Message):
     """Run what is pending for ``key`` now (``debounce flush``)."""
 
     type: ClassVar[str] = "flush"
-    schema: ClassVar[dict[str, str]] = {"key": _STR}
+    schema: ClassVar[dict[str, str]] = {"key": _STR, "by": _OPT_STR}
     key: str = ""
+    by: str | None = None  # how to read it: "key", "run" (an id), or None: whichever it is
 
 
 class CancelRequest(Message):
     """Drop what is pending for ``key`` (``debounce cancel``)."""
 
     type: ClassVar[str] = "cancel"
-    schema: ClassVar[dict[str, str]] = {"key": _STR}
+    schema: ClassVar[dict[str, str]] = {"key": _STR, "by": _OPT_STR}
     key: str = ""
+    by: str | None = None  # how to read it: "key", "run" (an id), or None: whichever it is
 
 
 class HistoryRequest(Message):
@@ -162,8 +165,9 @@ class LogsRequest(Message):
     """Where the output of a run (or a key's latest run) is (``debounce logs``)."""
 
     type: ClassVar[str] = "logs"
-    schema: ClassVar[dict[str, str]] = {"target": _STR}
+    schema: ClassVar[dict[str, str]] = {"target": _STR, "by": _OPT_STR}
     target: str = ""
+    by: str | None = None  # how to read it: "key", "run" (an id), or None: whichever it is
 
 
 class StopRequest(Message):

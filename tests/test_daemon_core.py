@@ -498,3 +498,24 @@ def test_a_zero_delay_submission_whose_commit_fails_is_refused_and_never_starts(
     journal.failing = False
     d.loop.advance_to(5.0)
     assert len(d.runs.started) == 1 and d.runs.started[0].coalesced == 1
+
+
+def test_a_bare_argument_that_is_both_a_key_and_a_run_id_is_refused() -> None:
+    d = make_daemon()
+    client, _ = d.run(key="1", wait=False, delay=0.0)  # key "1", and its run gets id 1
+    d.loop.run_soon()
+    assert len(d.runs.started) == 1 and d.runs.started[0].id == 1
+    d.core.run_exited(1, 0)
+    d.loop.run_soon()
+    reply = handlers.handle_flush(d.ctx, FakeClient(), protocol.FlushRequest(key="1"))
+    assert isinstance(reply, Error) and reply.code == states.BAD_REQUEST
+    assert "--key 1" in reply.message and "--run 1" in reply.message
+    waiter = FakeClient()
+    answer = handlers.handle_wait(d.ctx, waiter, protocol.WaitRequest(target="1", by="run"))
+    d.loop.run_soon()
+    assert answer is None and isinstance(waiter.got[-1], Finished)
+    by_key = handlers.handle_cancel(d.ctx, FakeClient(), protocol.CancelRequest(key="1",
+                                                                               by="key"))
+    assert isinstance(by_key, Error) and by_key.code == states.NOT_FOUND  # nothing pending
+    bad = handlers.handle_logs(d.ctx, FakeClient(), protocol.LogsRequest(target="x", by="run"))
+    assert isinstance(bad, Error) and "number" in bad.message

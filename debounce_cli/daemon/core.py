@@ -189,27 +189,30 @@ class Core:
         return bool(self.outbox or self.acks or not self.scheduler.is_idle())
 
     # ------------------------------------------------------------------ queries
-    def find(self, target: str) -> Invocation | Run | None:
-        """What ``debounce wait TARGET`` follows: pending, else running, else the last result."""
-        ks = self.scheduler.keys.get(target)
+    def find_key(self, key: str) -> Invocation | Run | None:
+        """What ``debounce wait --key KEY`` follows: pending, else running, else the last
+        finished run this daemon remembers."""
+        ks = self.scheduler.keys.get(key)
         if ks is not None and (ks.pending or ks.running):
             return ks.pending or ks.running
-        if target in self.recent.last_by_key:
-            return self.recent.last_by_key[target]
-        run_id = run_id_of(target)
-        if run_id is not None:
-            return self.scheduler.runs.get(run_id) or self.recent.by_id.get(run_id)
-        return None
+        return self.recent.last_by_key.get(key)
 
-    def stored_run(self, target: str) -> RunRecord | None:
-        """The journal's latest finished run of key ``target``, else its run of that id."""
+    def find_run(self, run_id: int) -> Run | None:
+        return self.scheduler.runs.get(run_id) or self.recent.by_id.get(run_id)
+
+    def stored_run(self, key: str | None = None, run_id: int | None = None) -> RunRecord | None:
+        """The journal's latest finished run of ``key``, or its run ``run_id``."""
         if self.journal is None:
             return None
-        record = self.journal.finished_run(key=target)
-        run_id = run_id_of(target)
-        if record is None and run_id is not None:
-            record = self.journal.finished_run(run_id=run_id)
-        return record
+        if key is not None:
+            return self.journal.finished_run(key=key)
+        return self.journal.finished_run(run_id=run_id)
+
+    def knows_key(self, key: str) -> bool:
+        return self.find_key(key) is not None or self.stored_run(key=key) is not None
+
+    def knows_run(self, run_id: int) -> bool:
+        return self.find_run(run_id) is not None or self.stored_run(run_id=run_id) is not None
 
     def status(self) -> list[protocol.KeyStatus]:
         now = self.clock.monotonic()

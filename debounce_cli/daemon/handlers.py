@@ -9,6 +9,7 @@ the client only through :class:`Client`, so their tests need neither sockets nor
 from __future__ import annotations
 
 import os
+import shlex
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -19,7 +20,7 @@ from debounce_cli.daemon.core import Core, run_id_of
 from debounce_cli.daemon.jobs import check_job
 from debounce_cli.daemon.waiters import Submitter, Waiter
 from debounce_cli.protocol import ProtocolError
-from debounce_cli.scheduler import Invocation
+from debounce_cli.scheduler import Invocation, Run
 from debounce_cli.states import NOT_FOUND, REFUSED
 
 
@@ -64,16 +65,53 @@ def handle_run(ctx: Context, client: Client, req: protocol.RunRequest) -> Reply:
     return None
 
 
+@dataclass(frozen=True)
+class Named:
+    """What a KEY|RUN_ID argument names: a key, or a run by its id."""
+
+    key: str | None = None
+    run_id: int | None = None
+
+
+def resolve(core: Core, target: str, by: str | None) -> Named | protocol.Error:
+    """Read ``target`` as ``by`` says ("key" or "run"); left open, as whichever it is: a bare
+    argument that is both a key and a run id is refused, naming both ways to say it."""
+    if by not in (None, "key", "run"):
+        return protocol.Error(message=f"'by' must be \"key\" or \"run\", not {by!r}")
+    run_id = run_id_of(target)
+    if by == "run":
+        if run_id is None:
+            return protocol.Error(message=f"a run id is a number, not {target!r}")
+        return Named(run_id=run_id)
+    if by == "key" or run_id is None:
+        return Named(key=target)
+    is_run = core.knows_run(run_id)
+    if is_run and core.knows_key(target):
+        quoted = shlex.quote(target)
+        return protocol.Error(
+            message=f"{target!r} is both a key and a run id; write --key {quoted} or "
+            f"--run {quoted}")
+    return Named(run_id=run_id) if is_run else Named(key=target)
+
+
 def handle_wait(ctx: Context, client: Client, req: protocol.WaitRequest) -> Reply:
     """Follow what is pending or running; when nothing is, the result of the last run."""
     core = ctx.core
-    target = core.find(req.target)
+    named = resolve(core, req.target, req.by)
+    if isinstance(named, protocol.Error):
+        return named
+    if named.key is not None:
+        target: Invocation | Run | None = core.find_key(named.key)
+    else:
+        assert named.run_id is not None
+        target = core.find_run(named.run_id)
     if target is None:
-        record = core.stored_run(req.target)
+        record = core.stored_run(named.key, named.run_id)
         if record is not None:
             return record.finished()
-        return protocol.Error(
-            message=f"no key or run {req.target!r} pending, running or finished", code=NOT_FOUND)
+        what = f"key {named.key!r}" if named.key is not None else f"run {named.run_id}"
+        return protocol.Error(message=f"no {what} pending, running or finished",
+                              code=NOT_FOUND)
     client.wait_for_runs(acked=True)
     if isinstance(target, Invocation):
         client.send(records.pending_msg(target, core.clock.monotonic()))
@@ -93,18 +131,22 @@ def handle_history(ctx: Context, client: Client, req: protocol.HistoryRequest) -
 def handle_logs(ctx: Context, client: Client, req: protocol.LogsRequest) -> Reply:
     """Where the log of a running run, or of a finished one, is; the client reads it."""
     core = ctx.core
-    target = req.target
-    ks = core.scheduler.keys.get(target)
-    run = ks.running if ks is not None else None
-    run_id = run_id_of(target)
-    if run is None and run_id is not None:
-        run = core.scheduler.runs.get(run_id)
+    named = resolve(core, req.target, req.by)
+    if isinstance(named, protocol.Error):
+        return named
+    if named.key is not None:
+        ks = core.scheduler.keys.get(named.key)
+        run = ks.running if ks is not None else None
+    else:
+        assert named.run_id is not None
+        run = core.scheduler.runs.get(named.run_id)
     if run is not None:
         return protocol.LogsReply(run_id=run.id, key=run.key,
                                   log_path=records.job_of(run.invocation).log_path, running=True)
-    record = core.stored_run(target)
+    record = core.stored_run(named.key, named.run_id)
     if record is None:
-        return protocol.Error(message=f"no run of key or id {target!r} is known", code=NOT_FOUND)
+        what = f"key {named.key!r}" if named.key is not None else f"id {named.run_id}"
+        return protocol.Error(message=f"no run of {what} is known", code=NOT_FOUND)
     if not record.log_path:
         return protocol.Error(message=f"the log of run {record.run_id} is no longer kept",
                               code=NOT_FOUND)
@@ -112,16 +154,39 @@ def handle_logs(ctx: Context, client: Client, req: protocol.LogsRequest) -> Repl
                               running=False)
 
 
+def _key_of(core: Core, key: str, by: str | None) -> str | protocol.Error:
+    """The key a flush or cancel is about: KEY, or the key of run N (``--run N``)."""
+    named = resolve(core, key, by)
+    if isinstance(named, protocol.Error):
+        return named
+    if named.key is not None:
+        return named.key
+    assert named.run_id is not None
+    run = core.find_run(named.run_id)
+    if run is not None:
+        return run.key
+    record = core.stored_run(run_id=named.run_id)
+    if record is None:
+        return protocol.Error(message=f"no run {named.run_id} is known", code=NOT_FOUND)
+    return record.key
+
+
 def handle_flush(ctx: Context, client: Client, req: protocol.FlushRequest) -> Reply:
-    if ctx.core.flush(req.key):
-        return protocol.Done(ok=True, message=f"flushed {req.key}")
-    return _nothing_pending(req.key)
+    key = _key_of(ctx.core, req.key, req.by)
+    if isinstance(key, protocol.Error):
+        return key
+    if ctx.core.flush(key):
+        return protocol.Done(ok=True, message=f"flushed {key}")
+    return _nothing_pending(key)
 
 
 def handle_cancel(ctx: Context, client: Client, req: protocol.CancelRequest) -> Reply:
-    if ctx.core.cancel(req.key):
-        return protocol.Done(ok=True, message=f"cancelled {req.key}")
-    return _nothing_pending(req.key)
+    key = _key_of(ctx.core, req.key, req.by)
+    if isinstance(key, protocol.Error):
+        return key
+    if ctx.core.cancel(key):
+        return protocol.Done(ok=True, message=f"cancelled {key}")
+    return _nothing_pending(key)
 
 
 def handle_stop(ctx: Context, client: Client, req: protocol.StopRequest) -> Reply:
