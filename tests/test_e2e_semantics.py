@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 import subprocess
 
-from conftest import lines, status, wait_until
-
 from debounce_cli.runner import batches
+
+from conftest import lines, status, wait_until
 
 
 def history(world) -> list[dict]:

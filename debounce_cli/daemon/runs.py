@@ -18,10 +18,10 @@ from debounce_cli import paths, protocol
 from debounce_cli.clock import Clock
 from debounce_cli.daemon import records
 from debounce_cli.daemon.config import Config
+from debounce_cli.daemon.jobs import Job
 from debounce_cli.daemon.waiters import unique
 from debounce_cli.journal import Journal, JournalError
 from debounce_cli.logfile import LogWriter, read_log
-from debounce_cli.daemon.jobs import Job
 from debounce_cli.runner import DAEMON_MARK, RunProcess, batches, note_end
 from debounce_cli.scheduler import Run
 

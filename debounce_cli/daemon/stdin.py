@@ -13,7 +13,7 @@ import shlex
 import sys
 import threading
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, NamedTuple
 
 from debounce_cli import keys, protocol
 from debounce_cli.daemon.core import Core
@@ -34,11 +34,29 @@ _FIELDS = {"argv", "key", "cwd", "env"} | set(_OPTION_FIELDS)
 
 
 class StdinWaiter:
-    """Waits for the runs of stdin's invocations: their output goes to our stdout/stderr."""
+    """Waits for the runs of stdin's invocations: their output goes to our stdout/stderr, and
+    a run that fails is reported with the line it came from."""
 
     def __init__(self) -> None:
         self.failures = 0
         self.runs: set[int] = set()  # runs whose output goes to stdout/stderr now
+        self.lines: dict[str, list[tuple[int, int]]] = {}  # key -> (invocation id, line)
+
+    def submitted(self, key: str, invocation: int, number: int) -> None:
+        self.lines.setdefault(key, []).append((invocation, number))
+
+    def _line_of(self, key: str, invocation: int) -> int | None:
+        """The line of the invocation that won (and forget the lines it stood for)."""
+        entries = self.lines.get(key)
+        if not entries:
+            return None
+        number = next((n for i, n in entries if i == invocation), entries[-1][1])
+        rest = [(i, n) for i, n in entries if i > invocation]
+        if rest:
+            self.lines[key] = rest
+        else:
+            del self.lines[key]
+        return number
 
     def raw(self, line: bytes) -> None:
         pass
@@ -64,10 +82,17 @@ class StdinWaiter:
     def finish(self, msg: protocol.Message) -> None:
         if isinstance(msg, protocol.Finished):
             self.runs.discard(msg.run_id)
+            number = self._line_of(msg.key, msg.invocation)
             if msg.exit_code != 0:
                 self.failures += 1
+                where = f"line {number}" if number is not None else f"key {msg.key!r}"
+                _say(f"debounce: stdin {where}: {shlex.join(msg.argv)} exited with status "
+                     f"{msg.exit_code} (run {msg.run_id}, {msg.outcome})")
         elif isinstance(msg, protocol.Cancelled):
             self.failures += 1
+            entries = self.lines.pop(msg.key, [])
+            where = f"line {entries[-1][1]}" if entries else f"key {msg.key!r}"
+            _say(f"debounce: stdin {where}: cancelled before it ran")
 
 
 class _Line:
@@ -83,8 +108,17 @@ class _Line:
             self.waiter.failures += 1
 
 
+#: Bytes read from stdin at a time; the lines of each read go to the loop in one callback.
+READ_SIZE = 1 << 16
+
+
 class StdinSource:
-    """Reads stdin in a thread (pipes, files and terminals alike) and submits each line."""
+    """Reads stdin in a thread (pipes, files and terminals alike) and submits each line.
+
+    The thread reads the file descriptor itself (``os.read``), not ``sys.stdin``: a thread
+    blocked inside a buffered reader at interpreter shutdown (Ctrl-C, SIGTERM) aborts the
+    process. The lines of each read reach the loop together, in one callback.
+    """
 
     def __init__(self, core: Core, defaults: dict[str, Any]) -> None:
         self.core = core
@@ -93,27 +127,44 @@ class StdinSource:
         self.open = True
         self.stopping = False
         self.on_eof: Any = lambda: None
+        self.base = Base(os.getcwd(), dict(os.environ))
+        self.base_env = core.shared.env(self.base.env)
 
-    def start(self, loop: asyncio.AbstractEventLoop) -> None:
-        stream = sys.stdin.buffer
-
+    def start(self, loop: asyncio.AbstractEventLoop, fd: int = 0) -> None:
         def reader() -> None:
             number = 0
-            try:
-                for raw in stream:
+            rest = b""
+            while True:
+                try:
+                    chunk = os.read(fd, READ_SIZE)
+                except InterruptedError:
+                    continue
+                except OSError:
+                    chunk = b""
+                if not chunk:
+                    break
+                *whole, rest = (rest + chunk).split(b"\n")
+                batch = []
+                for raw in whole:
                     number += 1
-                    loop.call_soon_threadsafe(self.line, number, raw)
-            except (OSError, ValueError):
-                pass
+                    batch.append((number, raw))
+                if batch:
+                    loop.call_soon_threadsafe(self.lines, batch)
+            if rest:
+                loop.call_soon_threadsafe(self.lines, [(number + 1, rest)])
             loop.call_soon_threadsafe(self._eof)
 
         threading.Thread(target=reader, name="stdin", daemon=True).start()
+
+    def lines(self, batch: list[tuple[int, bytes]]) -> None:
+        for number, raw in batch:
+            self.line(number, raw)
 
     def line(self, number: int, raw: bytes) -> None:
         if self.stopping:
             return
         try:
-            parsed = parse_stdin_line(raw, self.defaults)
+            parsed = parse_stdin_line(raw, self.defaults, self.base)
         except ValueError as exc:
             self._fail(number, str(exc))
             return
@@ -124,8 +175,10 @@ class StdinSource:
             self._fail(number, refusal)
             return
         key, options, job = parsed
-        job = self.core.shared.job(job.argv, job.cwd, job.env)
-        self.core.submit(key, options, job, self.waiter, _Line(number, self.waiter))
+        env = self.base_env if job.env is self.base.env else job.env
+        job = self.core.shared.job(job.argv, job.cwd, env)
+        inv = self.core.submit(key, options, job, self.waiter, _Line(number, self.waiter))
+        self.waiter.submitted(inv.key, inv.id, number)
 
     def _fail(self, number: int, why: str) -> None:
         _report(number, why)
@@ -136,25 +189,40 @@ class StdinSource:
         self.on_eof()
 
 
+class Base(NamedTuple):
+    """What a line does not say: the daemon's own directory and environment, read once."""
+
+    cwd: str
+    env: dict[str, str]
+
+
+def _say(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
 def _report(number: int, why: str) -> None:
     print(f"debounce: stdin line {number}: {why}", file=sys.stderr, flush=True)
 
 
-def parse_stdin_line(raw: bytes, defaults: dict[str, Any]) -> tuple[str, Options, Job] | None:
+def parse_stdin_line(raw: bytes, defaults: dict[str, Any], base: Base | None = None
+                     ) -> tuple[str, Options, Job] | None:
     """One line of ``debounce daemon --stdin``: a shell-quoted command line or a JSON object.
 
-    ``defaults`` are the daemon's own options (``key`` is a template). Returns ``None`` for a
-    blank line; raises ``ValueError`` with a one-line reason for anything it cannot use.
+    ``defaults`` are the daemon's own options (``key`` is a template); ``base`` the directory
+    and environment a line runs with unless it says otherwise. Returns ``None`` for a blank
+    line or a ``#`` comment; raises ``ValueError`` with a one-line reason for anything it
+    cannot use.
     """
     # Bytes that are not UTF-8 (a Latin-1 file name) are kept as they are, as Python keeps
     # them in file names and arguments.
     text = raw.decode("utf-8", "surrogateescape").strip()
-    if not text:
+    if not text or text.startswith("#"):
         return None
     settings = dict(defaults)
     template = settings.pop("key", None)
-    cwd = os.getcwd()
-    env = dict(os.environ)
+    base = base or Base(os.getcwd(), dict(os.environ))
+    cwd = base.cwd
+    env = base.env
     if text.startswith("{"):
         try:
             obj = protocol.loads(text)
@@ -162,7 +230,7 @@ def parse_stdin_line(raw: bytes, defaults: dict[str, Any]) -> tuple[str, Options
             raise ValueError(str(exc).replace("message ", "JSON line ", 1)) from None
         if not isinstance(obj, dict):
             raise ValueError("a JSON line must be an object")
-        argv, template, cwd = _json_line(obj, settings, template, cwd, env)
+        argv, template, cwd, env = _json_line(obj, settings, template, cwd, env)
     else:
         try:
             argv = shlex.split(text)
@@ -180,8 +248,9 @@ def parse_stdin_line(raw: bytes, defaults: dict[str, Any]) -> tuple[str, Options
 
 
 def _json_line(obj: dict[str, Any], settings: dict[str, Any], template: str | None, cwd: str,
-               env: dict[str, str]) -> tuple[list[str], str | None, str]:
-    """The fields of a JSON line: argv, key template and cwd; options into ``settings``."""
+               env: dict[str, str]) -> tuple[list[str], str | None, str, dict[str, str]]:
+    """The fields of a JSON line: argv, key template, cwd and environment (a new dict when
+    the line adds to it); its options go into ``settings``."""
     unknown = sorted(set(obj) - _FIELDS)
     if unknown:
         known = ", ".join(sorted(_FIELDS))
@@ -201,7 +270,7 @@ def _json_line(obj: dict[str, Any], settings: dict[str, Any], template: str | No
         extra = obj["env"]
         if not isinstance(extra, dict) or not all(isinstance(v, str) for v in extra.values()):
             raise ValueError('"env" must be an object of string values')
-        env.update(extra)
+        env = {**env, **extra}
     for name, value in obj.items():
         if name not in _OPTION_FIELDS:
             continue
@@ -216,4 +285,4 @@ def _json_line(obj: dict[str, Any], settings: dict[str, Any], template: str | No
                 raise ValueError(f'"{name}" must be true or false')
             value = not value
         settings[field] = value
-    return argv, template, cwd
+    return argv, template, cwd, env
