@@ -502,7 +502,7 @@ def test_a_zero_delay_submission_whose_commit_fails_is_refused_and_never_starts(
 
 def test_a_bare_argument_that_is_both_a_key_and_a_run_id_is_refused() -> None:
     d = make_daemon()
-    client, _ = d.run(key="1", wait=False, delay=0.0)  # key "1", and its run gets id 1
+    d.run(key="1", wait=False, delay=0.0)  # key "1", and its run gets id 1
     d.loop.run_soon()
     assert len(d.runs.started) == 1 and d.runs.started[0].id == 1
     d.core.run_exited(1, 0)
