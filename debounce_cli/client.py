@@ -173,21 +173,18 @@ def _start_and_connect(sock_path: str) -> Connection:
     Clients that race take turns on a start lock: the first starts the daemon and waits for it
     to say it is listening; the others then find it answering and never start a second one.
     """
-    import fcntl
-
     try:
         paths.socket_dir_check(sock_path, create=True)
     except paths.PathError as exc:
         raise ClientError(str(exc), "unsafe") from None
-    flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
     start_lock = paths.start_lock_path(sock_path)
     try:
-        lock_fd = os.open(start_lock, flags, 0o600)
+        lock_fd = paths.lock(start_lock, wait=True)
     except OSError as exc:
         raise ClientError(f"cannot start the daemon: cannot open {start_lock}: "
                           f"{exc.strerror}") from None
+    assert lock_fd is not None
     try:
-        fcntl.flock(lock_fd, fcntl.LOCK_EX)
         try:
             return _connect(sock_path)
         except (FileNotFoundError, ConnectionRefusedError):

@@ -183,6 +183,31 @@ def _kind(mode: int) -> str:
     return "special file"
 
 
+def lock(path: str, wait: bool) -> int | None:
+    """Take the lock file ``path`` (made if missing, mode 0600): its descriptor, or ``None``
+    when it is held and ``wait`` is false. Raises OSError if it cannot be opened.
+
+    Lock files are removed by their last holder (the daemon on its way out), so a lock taken
+    on a file that is no longer at ``path`` is void: let go and take the one there now.
+    """
+    import fcntl
+
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        try:
+            same = os.stat(path, follow_symlinks=False).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            return fd
+        os.close(fd)
+
+
 def lock_path(sock: str) -> str:
     """The daemon's lock beside its socket: held for as long as that daemon lives."""
     return sock + ".lock"

@@ -36,6 +36,9 @@ class TerminalDisplay(Display):
     def __init__(self, stream: TextIO | None = None):
         self.stream = stream or sys.stderr
         self.color = "NO_COLOR" not in os.environ
+        # A terminal that cannot move the cursor (TERM=dumb: Emacs shells, some CI logs) would
+        # show every redraw as garbage: it gets no live line at all.
+        self.live = os.environ.get("TERM") != "dumb"
         self.key = ""
         self.state = ""
         self.due_at: float | None = None
@@ -88,6 +91,8 @@ class TerminalDisplay(Display):
         self._draw(f"debounce: waiting for {self.key} · {when} · {count}")
 
     def _draw(self, text: str) -> None:
+        if not self.live:
+            return
         width = shutil.get_terminal_size((80, 24)).columns
         if len(text) > width - 1:
             text = text[: max(0, width - 2)] + "…"

@@ -307,3 +307,16 @@ def test_a_state_directory_reached_through_a_symlink_still_works(world):
     ran = world.run("run", "--delay", "0", "--key", "via-link", "--", "true", env=env)
     assert ran.returncode == 0, ran.stderr
     assert (real / "journal.db").exists()
+
+
+def test_a_daemon_that_exits_leaves_nothing_beside_the_socket(world):
+    """Issue 11, item 8: *.lock and *.start stayed after the daemon exited."""
+    ran = world.run("run", "--delay", "0", "--", "true")  # auto-starts a daemon
+    assert ran.returncode == 0, ran.stderr
+    assert sorted(os.listdir(world.sock_dir)) == ["daemon.sock", "daemon.sock.lock",
+                                                  "daemon.sock.start"]
+    stopped = world.run("stop")
+    assert stopped.returncode == 0, stopped.stderr
+    assert os.listdir(world.sock_dir) == []
+    again = world.run("run", "--delay", "0", "--", "true")  # and the next one starts as usual
+    assert again.returncode == 0, again.stderr

@@ -59,4 +59,4 @@ def run_daemon(config: Config) -> int:
         return asyncio.run(Server(config, clock, start, serving_socket).serve())
     finally:
         if lock_fd is not None:
-            os.close(lock_fd)  # released last: a successor may take over from here
+            startup.release(config, lock_fd)  # last: a successor may take over from here

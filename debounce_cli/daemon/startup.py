@@ -7,7 +7,6 @@ file without a lock holder is stale (its daemon died) and is replaced.
 
 from __future__ import annotations
 
-import fcntl
 import os
 import stat
 import sys
@@ -34,20 +33,17 @@ def acquire(config: Config) -> int:
     """
     sock = config.socket
     paths.socket_dir_check(sock, create=True)
-    fd = os.open(paths.lock_path(sock), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     # An auto-started daemon may find the previous one still finishing (it has stopped
     # listening and is stopping its runs): it waits to take over. By hand, it says so.
     patience = LOCK_PATIENCE if config.ready_fd is not None else 0.0
     deadline = time.monotonic() + patience
     while True:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fd = paths.lock(paths.lock_path(sock), wait=False)
+        if fd is not None:
             break
-        except BlockingIOError:
-            if time.monotonic() >= deadline:
-                os.close(fd)
-                raise AlreadyRunning(f"another debounce daemon already serves {sock}") from None
-            time.sleep(0.05)
+        if time.monotonic() >= deadline:
+            raise AlreadyRunning(f"another debounce daemon already serves {sock}")
+        time.sleep(0.05)
     os.ftruncate(fd, 0)
     os.write(fd, f"{os.getpid()}\n".encode())
     if config.listen_fd is None and os.path.lexists(sock):
@@ -57,6 +53,23 @@ def acquire(config: Config) -> int:
         # The lock is ours, so no live daemon of ours serves this socket: it is stale.
         os.unlink(sock)
     return fd
+
+
+def release(config: Config, fd: int) -> None:
+    """The daemon's last act: remove its lock file (and the clients' start lock, if no client
+    is starting a daemon just now), then let go of the lock. A successor waiting on the old
+    file sees it gone and takes the new one (paths.lock)."""
+    for path, held in ((paths.lock_path(config.socket), True),
+                       (paths.start_lock_path(config.socket), False)):
+        other = None if held else paths.lock(path, wait=False) if os.path.exists(path) else None
+        if held or other is not None:
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+        if other is not None:
+            os.close(other)
+    os.close(fd)
 
 
 @dataclass
