@@ -53,6 +53,20 @@ def _socket_option(func: Any) -> Any:
     )(func)
 
 
+class _EnvOption(click.Option):
+    """An option read from an environment variable too, whose errors name that variable only
+    when the bad value came from it (``--delay banana`` is about --delay, not the variable)."""
+
+    def get_error_hint(self, ctx: click.Context | None) -> str:
+        from click.core import ParameterSource
+
+        if ctx is not None and self.name and (
+            ctx.get_parameter_source(self.name) is not ParameterSource.ENVIRONMENT
+        ):
+            return click.Parameter.get_error_hint(self, ctx)
+        return super().get_error_hint(ctx)
+
+
 def _invocation_options(func: Any) -> Any:
     """The scheduling options shared by ``run``, ``daemon`` (defaults for stdin lines) and
     ``watch``, made from the one table in ``options.RUN_OPTIONS``; ``--key`` follows --delay."""
@@ -74,7 +88,7 @@ def _invocation_options(func: Any) -> Any:
         else:
             kwargs["is_flag"] = True
         if option.envvar:
-            kwargs.update(envvar=option.envvar, show_envvar=True)
+            kwargs.update(envvar=option.envvar, show_envvar=True, cls=_EnvOption)
         decorators.append(click.option(option.flag, option.param, **kwargs))
     decorators.insert(1, click.option(
         "--key",
@@ -387,24 +401,44 @@ def daemon(
 class _SplitAtDashes(click.Command):
     """Takes everything after the first ``--`` as COMMAND before click parses the rest."""
 
+    usage = "debounce watch PATH... -- COMMAND [ARG]..."
+
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
         if "--" in args:
             at = args.index("--")
             ctx.meta["debounce.command"] = args[at + 1 :]
             args = args[:at]
-        return super().parse_args(ctx, args)
+        try:
+            return super().parse_args(ctx, args)
+        except click.NoSuchOption as exc:
+            if "debounce.command" in ctx.meta:
+                raise
+            # `debounce watch src make -j4`: the command's options reached ours.
+            raise click.UsageError(
+                f"{exc.format_message()}; if it belongs to the command, write: {self.usage}",
+                ctx,
+            ) from None
 
 
 @cli.command(cls=_SplitAtDashes,
              short_help="Run COMMAND after each burst of file changes under PATH.")
 @click.argument("paths", nargs=-1, metavar="PATH... -- COMMAND [ARG]...",
-                type=click.Path(exists=True))
+                type=click.Path())
 @click.option("--filter", "filters", multiple=True, metavar="GLOB",
-              help="Only changes to matching files count (repeatable). A glob without '/' "
-              "matches the file name, with '/' the path relative to the current directory.")
+              help="Only changes to matching files count (repeatable). Globs follow "
+              ".gitignore rules: without '/' a glob matches a file or directory name at any "
+              "depth (a trailing '/' for directories only), with '/' the path relative to the "
+              "current directory; '**' spans directories.")
 @click.option("--ignore", "ignores", multiple=True, metavar="GLOB",
-              help="Changes to matching files do not count (repeatable), on top of the default "
-              "ignores (.git, .hg, .svn, caches, node_modules, .venv, editor swap files).")
+              help="Changes to matching files, and to anything in matching directories, do "
+              "not count (repeatable; .gitignore rules, as for --filter, '!GLOB' re-includes). "
+              "Comes on top of .gitignore files and the default ignores (.git, .hg, .svn, "
+              "caches, node_modules, .venv, editor swap files).")
+@click.option("--no-vcs-ignore", is_flag=True,
+              help="Do not read .gitignore files (in the watched directories and above them "
+              "up to the repository's top) nor .git/info/exclude.")
+@click.option("--initial", is_flag=True,
+              help="Also run COMMAND once at start, with an empty list of changed paths.")
 @_invocation_options
 @click.option("-q", "--quiet", is_flag=True, help="Do not print the runs' output.")
 @_socket_option
@@ -415,6 +449,8 @@ def watch(
     paths: tuple[str, ...],
     filters: tuple[str, ...],
     ignores: tuple[str, ...],
+    no_vcs_ignore: bool,
+    initial: bool,
     key_template: str | None,
     quiet: bool,
     socket_path: str | None,
@@ -422,16 +458,30 @@ def watch(
 ) -> int:
     """Run COMMAND after each burst of changes under PATH (until Ctrl-C).
 
-    The changed paths of the whole burst reach the run in $DEBOUNCE_CHANGED_PATHS, one per
-    line. Submissions are keyed by COMMAND, so --delay, --max-wait and --on-busy work as in run.
+    The run finds the changed paths of the whole burst, one per line, in the private file
+    named by $DEBOUNCE_CHANGED_PATHS_FILE, and also in $DEBOUNCE_CHANGED_PATHS when they fit
+    in 64 KiB (else that variable is unset). Files that were created and removed within the
+    burst (editors' temporary files) are left out. A PATH that is a file is watched through its
+    directory, so saves that replace the file keep counting, and its changes count whatever
+    --filter, --ignore and .gitignore say. .gitignore files are read in the watched
+    directories and above them up to the repository's top. Submissions are keyed by COMMAND,
+    so --delay, --max-wait and --on-busy work as in run. Ctrl-C cancels what this watcher left
+    pending (a run already executing finishes) and exits 130.
     """
     from debounce_cli.keys import KeyTemplateError, compute_key
 
+    dashes = "debounce.command" in ctx.meta
     command = ctx.meta.get("debounce.command") or []
+    missing = [path for path in paths if not os.path.exists(path)]
+    if missing and not dashes:
+        raise click.UsageError(f"path {missing[0]!r} does not exist; to run a command, "
+                               f"write: {_SplitAtDashes.usage}")
     if not command:
-        raise click.UsageError("missing COMMAND: write debounce watch PATH... -- COMMAND [ARG]...")
+        raise click.UsageError(f"missing COMMAND: write {_SplitAtDashes.usage}")
     if not paths:
         raise click.UsageError("missing PATH: name at least one file or directory to watch")
+    if missing:
+        raise click.UsageError(f"path {missing[0]!r} does not exist")
     options = _options(**scheduling)
     cwd = os.getcwd()
     try:
@@ -441,7 +491,8 @@ def watch(
     sock = _socket(socket_path)
     from debounce_cli.watch import run_watch
 
-    return run_watch(sock, list(paths), list(command), key, options, filters, ignores, quiet)
+    return run_watch(sock, list(paths), list(command), key, options, filters, ignores, quiet,
+                     vcs_ignore=not no_vcs_ignore, initial=initial)
 
 
 def _listen_fd() -> int | None:

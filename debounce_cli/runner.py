@@ -103,9 +103,12 @@ class RunProcess:
             self.start_error = (126, f"debounce: cannot enter {self.cwd}: no such directory\n")
             return
         problem = _check_program(name, self.env.get("PATH", os.defpath), self.cwd)
-        if problem is not None:
-            self.start_error = problem
+        shell: tuple[str, ...] = ()
+        if problem is not None and isinstance(problem[0], int):
+            self.start_error = (problem[0], str(problem[1]))
             return
+        if problem is not None:
+            shell = tuple(str(word) for word in problem)
         prefix = pdeathsig_prefix()
         # The parent-death signal first (it survives the exec of sh and of the command), then
         # the ledger line, then the command.
@@ -116,6 +119,7 @@ class RunProcess:
                 lambda: _Protocol(self.on_output),
                 *prefix,
                 *ledger,
+                *shell,
                 *self.argv,
                 cwd=self.cwd,
                 env=self.env,
@@ -206,11 +210,14 @@ def batches(argvs: list[list[str]], env: dict[str, str]) -> list[list[str]]:
     return out
 
 
-def _check_program(name: str, path: str, cwd: str) -> tuple[int, str] | None:
-    """What a shell would say before running ``name``: not found (127), not executable (126).
+def _check_program(name: str, path: str, cwd: str) -> tuple[int, str] | tuple[str, ...] | None:
+    """What a shell would say before running ``name``: not found (127), not executable or a
+    bad interpreter (126), as ``(status, message)``; else how to run it: ``None`` as it is,
+    or a prefix (``("/bin/sh",)`` for an executable text file without ``#!``, which shells
+    run as a script).
 
-    Checked here rather than left to exec so the message is the same whichever way the
-    process is started (directly, or through setpriv).
+    Checked here rather than left to exec so the message is debounce's own whichever way the
+    process is started (directly, or through setpriv and sh).
     """
     if "/" in name:
         candidates = [os.path.join(cwd, name)]
@@ -220,13 +227,36 @@ def _check_program(name: str, path: str, cwd: str) -> tuple[int, str] | None:
     for candidate in candidates:
         if os.path.isfile(candidate):
             if os.access(candidate, os.X_OK):
-                return None
+                return _interpreter_of(name, candidate)
             denied = denied or candidate
         elif "/" in name and os.path.isdir(candidate):
             return (126, f"debounce: {name}: is a directory\n")
     if denied is not None:
         return (126, f"debounce: {name}: permission denied\n")
     return (127, f"debounce: {name}: command not found\n")
+
+
+def _interpreter_of(name: str, program: str) -> tuple[int, str] | tuple[str, ...] | None:
+    try:
+        with open(program, "rb") as f:
+            head = f.read(256)
+    except OSError:
+        return None  # not readable: exec will say
+    if head.startswith(b"#!"):
+        words = head[2:].split(b"\n", 1)[0].split()
+        if not words:
+            return None
+        interpreter = os.fsdecode(words[0])
+        if not os.path.exists(interpreter):
+            return (126, f"debounce: {name}: {interpreter}: bad interpreter: "
+                         "No such file or directory\n")
+        if not os.access(interpreter, os.X_OK) or os.path.isdir(interpreter):
+            return (126, f"debounce: {name}: {interpreter}: bad interpreter: "
+                         "Permission denied\n")
+        return None
+    if head and not head.startswith(b"\x7fELF"):
+        return ("/bin/sh",)  # a script without #!: shells run it with sh
+    return None
 
 
 # ---------------------------------------------------------------- dying with the daemon
