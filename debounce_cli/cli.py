@@ -9,15 +9,16 @@ from __future__ import annotations
 import functools
 import os
 import sys
-from typing import Any, NoReturn
+from collections.abc import Callable
+from typing import Any, NoReturn, TypeVar
 
 import click
 
 from debounce_cli import __version__
 from debounce_cli.durations import DurationError, parse_duration
 from debounce_cli.exits import ExitStatus
-from debounce_cli.options import HISTORY_LIMIT
-from debounce_cli.states import BAD_REQUEST, LOST, NOT_FOUND
+from debounce_cli.options import HISTORY_LIMIT, KILL_SIGNALS
+from debounce_cli.states import BAD_REQUEST, KILLED, LOST, NOT_FOUND, TIMED_OUT
 
 
 class Failure(Exception):
@@ -51,6 +52,9 @@ def _socket_option(func: Any) -> Any:
         help="Unix socket of the daemon [env: DEBOUNCE_SOCKET; default: "
         "$XDG_RUNTIME_DIR/debounce/daemon.sock, else /tmp/debounce-$UID/daemon.sock].",
     )(func)
+
+
+_F = TypeVar("_F", bound=Callable[..., Any])
 
 
 class _EnvOption(click.Option):
@@ -280,6 +284,8 @@ def _converse(
             ) from None
         except KeyboardInterrupt:
             # Stop waiting; the invocation stays with the daemon for the other waiters.
+            _say(f"debounce: stopped waiting; {key} stays with the daemon "
+                 f"('debounce wait --key {_quote(key)}' reattaches)")
             return ExitStatus.INTERRUPTED
         if isinstance(result, protocol.Finished):
             if result.outcome == LOST:
@@ -287,6 +293,13 @@ def _converse(
                     f"run {result.run_id} of {result.key} was lost: its daemon died while it ran",
                     ExitStatus.DAEMON_LOST,
                 )
+            if result.outcome == TIMED_OUT:
+                from debounce_cli.durations import format_duration
+
+                took = format_duration(result.finished_at - result.started_at)
+                _say(f"debounce: run {result.run_id} timed out after {took}")
+            elif result.outcome == KILLED:
+                _say(f"debounce: run {result.run_id} was stopped by 'debounce kill'")
             if as_json:
                 from debounce_cli.render import finished_json
 
@@ -302,6 +315,14 @@ def _converse(
                       ExitStatus.DAEMON_UNREACHABLE) from None
     finally:
         conn.close()
+
+
+def _say(line: str) -> None:
+    """One line of debounce's own on stderr (nothing if stderr is closed)."""
+    try:
+        print(line, file=sys.stderr, flush=True)
+    except (OSError, ValueError):
+        pass
 
 
 def _stderr_only(fd: int, data: bytes) -> None:
@@ -550,46 +571,98 @@ def status(as_json: bool, socket_path: str | None) -> int:
     return ExitStatus.SUCCESS
 
 
-@cli.command()
-@click.argument("key", shell_complete=_complete_keys)
+def _target_options(metavar: str) -> Callable[[_F], _F]:
+    """KEY|RUN_ID as one argument, or said outright with --key K or --run N."""
+
+    def decorate(func: _F) -> _F:
+        func = click.option("--run", "run_id", type=click.IntRange(min=1), metavar="N",
+                            help="The run with this id.")(func)
+        func = click.option("--key", "key_option", metavar="KEY", shell_complete=_complete_keys,
+                            help="The key KEY, even if it looks like a run id.")(func)
+        return click.argument("target", metavar=metavar, required=False,
+                              shell_complete=_complete_keys)(func)
+
+    return decorate
+
+
+def _target(target: str | None, key_option: str | None, run_id: int | None
+            ) -> tuple[str, str | None]:
+    """(what, how to read it): "key", "run", or None when a bare argument may be either."""
+    given = sum(x is not None for x in (target, key_option, run_id))
+    if given != 1:
+        raise click.UsageError("name one KEY or RUN_ID, or use --key KEY or --run N")
+    if key_option is not None:
+        return key_option, "key"
+    if run_id is not None:
+        return str(run_id), "run"
+    assert target is not None
+    return target, None
+
+
+@cli.command(short_help="Run what is pending for KEY now.")
+@_target_options("[KEY]")
 @_socket_option
-def flush(key: str, socket_path: str | None) -> int:
-    """Run what is pending for KEY now."""
+def flush(target: str | None, key_option: str | None, run_id: int | None,
+          socket_path: str | None) -> int:
+    """Run what is pending for KEY (or for the key of run N) now."""
     from debounce_cli import protocol
 
-    _ask(socket_path, protocol.FlushRequest(key=key))
+    what, by = _target(target, key_option, run_id)
+    _ask(socket_path, protocol.FlushRequest(key=what, by=by))
     return ExitStatus.SUCCESS
 
 
 @cli.command(short_help="Drop what is pending for KEY.")
-@click.argument("key", shell_complete=_complete_keys)
+@_target_options("[KEY]")
 @_socket_option
-def cancel(key: str, socket_path: str | None) -> int:
-    """Drop what is pending for KEY; its waiters exit with the cancelled status."""
+def cancel(target: str | None, key_option: str | None, run_id: int | None,
+           socket_path: str | None) -> int:
+    """Drop what is pending for KEY (or for the key of run N); its waiters exit with the
+    cancelled status."""
     from debounce_cli import protocol
 
-    _ask(socket_path, protocol.CancelRequest(key=key))
+    what, by = _target(target, key_option, run_id)
+    _ask(socket_path, protocol.CancelRequest(key=what, by=by))
+    return ExitStatus.SUCCESS
+
+
+@cli.command(short_help="Stop what runs for KEY (or run N).")
+@_target_options("[KEY|RUN_ID]")
+@click.option("--signal", "signal_name", type=click.Choice(list(KILL_SIGNALS)), metavar="SIG",
+              help="Send this signal once instead of TERM, then KILL after the stop timeout.")
+@_socket_option
+def kill(target: str | None, key_option: str | None, run_id: int | None,
+         signal_name: str | None, socket_path: str | None) -> int:
+    """Stop the run executing for KEY or RUN_ID: SIGTERM to its process group, then SIGKILL
+    after its --stop-timeout (or send --signal SIG once). Its waiters get its real status."""
+    from debounce_cli import protocol
+
+    what, by = _target(target, key_option, run_id)
+    _ask(socket_path, protocol.KillRequest(target=what, by=by, signal=signal_name))
     return ExitStatus.SUCCESS
 
 
 @cli.command(short_help="Wait for what is pending or running for KEY or RUN_ID.")
-@click.argument("target", metavar="KEY|RUN_ID", shell_complete=_complete_keys)
+@_target_options("[KEY|RUN_ID]")
 @click.option("-q", "--quiet", is_flag=True, help="Do not copy the run's output.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
 @click.option("--timeout", type=DURATION, metavar="DURATION",
               help="Give up after this long (exit 115); the run goes on.")
 @_socket_option
 def wait(
-    target: str, quiet: bool, as_json: bool, timeout: float | None, socket_path: str | None
+    target: str | None, key_option: str | None, run_id: int | None, quiet: bool,
+    as_json: bool, timeout: float | None, socket_path: str | None,
 ) -> int:
     """Wait for what is pending or running for KEY or RUN_ID, like run does.
 
     When nothing is, exit at once with the status of that run or of the key's latest run.
+    A bare argument that is both a key and a run id is refused: say --key or --run.
     """
     from debounce_cli import protocol
 
-    return _converse(_socket(socket_path), protocol.WaitRequest(target=target), target, quiet,
-                     as_json, wait_timeout=timeout)
+    what, by = _target(target, key_option, run_id)
+    return _converse(_socket(socket_path), protocol.WaitRequest(target=what, by=by), what,
+                     quiet, as_json, wait_timeout=timeout)
 
 
 @cli.command()
@@ -613,14 +686,16 @@ def history(key: str | None, limit: int, as_json: bool, socket_path: str | None)
 
 
 @cli.command(short_help="Print the output of a run, or of the latest run of KEY.")
-@click.argument("target", metavar="RUN_ID|KEY", shell_complete=_complete_keys)
+@_target_options("[RUN_ID|KEY]")
 @_socket_option
-def logs(target: str, socket_path: str | None) -> int:
+def logs(target: str | None, key_option: str | None, run_id: int | None,
+         socket_path: str | None) -> int:
     """Print the output of a run, or of the latest run of KEY (stdout and stderr apart)."""
     from debounce_cli import client, protocol
     from debounce_cli.logfile import read_log
 
-    reply = _ask(socket_path, protocol.LogsRequest(target=target))
+    what, by = _target(target, key_option, run_id)
+    reply = _ask(socket_path, protocol.LogsRequest(target=what, by=by))
     assert isinstance(reply, protocol.LogsReply)
     if not reply.log_path:
         raise Failure(f"run {reply.run_id} keeps no log", ExitStatus.NOT_FOUND)

@@ -22,6 +22,8 @@ COUNT = "count"  # a whole number (daemon settings)
 ON_BUSY = ("queue", "restart", "ignore", "signal")
 #: Signals --signal may name (without SIG), for --on-busy signal.
 SIGNALS = ("HUP", "INT", "QUIT", "USR1", "USR2", "TERM", "ALRM", "CONT", "WINCH", "URG")
+#: Signals `debounce kill --signal` may send.
+KILL_SIGNALS = (*SIGNALS, "KILL", "STOP")
 
 
 class RunOption(NamedTuple):

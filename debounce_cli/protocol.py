@@ -170,6 +170,16 @@ class LogsRequest(Message):
     by: str | None = None  # how to read it: "key", "run" (an id), or None: whichever it is
 
 
+class KillRequest(Message):
+    """Stop a running run (``debounce kill``): TERM then KILL, or ``signal`` once."""
+
+    type: ClassVar[str] = "kill"
+    schema: ClassVar[dict[str, str]] = {"target": _STR, "by": _OPT_STR, "signal": _OPT_STR}
+    target: str = ""
+    by: str | None = None  # how to read target: "key", "run" (an id), or None: whichever
+    signal: str | None = None
+
+
 class StopRequest(Message):
     """Shut the daemon down as SIGTERM would (``debounce stop``)."""
 
@@ -446,7 +456,7 @@ class KeyStatus(Record):
 REQUESTS: dict[str, type[Message]] = {
     cls.type: cls
     for cls in (Hello, RunRequest, WaitRequest, StatusRequest, FlushRequest, CancelRequest,
-                HistoryRequest, LogsRequest, StopRequest)
+                HistoryRequest, LogsRequest, KillRequest, StopRequest)
 }
 REPLIES: dict[str, type[Message]] = {
     cls.type: cls

@@ -144,20 +144,21 @@ def finished_json(msg: protocol.Finished) -> str:
 
 
 def status_text(reply: protocol.StatusReply) -> str:
-    """``debounce status`` on a pipe: one stable tab-separated line per key."""
+    """``debounce status`` on a pipe: one line per pending or running invocation, five
+    tab-separated columns that never change (README says them): state, key, seconds (until
+    due when pending or queued, since the start when running), coalesced count, command."""
+    import shlex
+
     lines = []
+    now = time.time()
     for row in reply.keys:
         pending, running = row.pending, row.running
         if running:
-            lines.append(
-                f"running\t{row.key}\trun {running.run_id}\t{running.coalesced} coalesced\t"
-                f"for {format_duration(max(0.0, time.time() - running.started_at))}"
-            )
+            lines.append(f"running\t{row.key}\t{max(0.0, now - running.started_at):.3f}\t"
+                         f"{running.coalesced}\t{shlex.join(running.argv)}")
         if pending:
-            lines.append(
-                f"{pending.state}\t{row.key}\tdue in {format_duration(pending.due_in)}\t"
-                f"{pending.coalesced} coalesced"
-            )
+            lines.append(f"{pending.state}\t{row.key}\t{pending.due_in:.3f}\t"
+                         f"{pending.coalesced}\t{shlex.join(pending.argv)}")
     return "\n".join(lines)
 
 

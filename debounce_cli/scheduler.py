@@ -160,10 +160,12 @@ class SignalRun:
 
 @dataclass(frozen=True, slots=True)
 class RunFinished:
-    """``waiters`` are told the run's result (some may have joined after it had ended)."""
+    """``waiters`` are told the run's result; with ``joined`` they joined it after it had
+    ended (``--no-trailing``) and are owed its output first, as any joiner is."""
 
     run: Run
     waiters: list[Any]
+    joined: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -537,6 +539,19 @@ class Scheduler:
             self._stop(run, states.STOP_SHUTDOWN, now, effects)
         return effects
 
+    def kill(self, run_id: int, signal: str | None = None) -> list[Effect]:
+        """``debounce kill``: stop a running run (TERM, then KILL after its stop timeout), or
+        send it ``signal`` once. Its waiters get its real status when it ends."""
+        run = self.runs.get(run_id)
+        if run is None:
+            return []
+        effects: list[Effect] = []
+        if signal is not None:
+            effects.append(SignalRun(run, signal))
+        else:
+            self._stop(run, states.STOP_KILL, self.clock(), effects)
+        return effects
+
     def attach(self, target: Invocation | Run, waiter: Any) -> list[Effect]:
         """Add a waiter to an invocation (following replacements) or a run."""
         if isinstance(target, Invocation):
@@ -596,7 +611,7 @@ class Scheduler:
                 effects.append(Joined(run, waiters))
         else:
             self._transition(inv, FINISHED)
-            effects.append(RunFinished(run, waiters))
+            effects.append(RunFinished(run, waiters, joined=True))
 
     def _advance(self, now: float, effects: list[Effect]) -> None:
         # Timeouts and kills first: they free slots and keys.

@@ -21,12 +21,14 @@ CANCELLED: Final = "cancelled"  # dropped by `debounce cancel`
 STOP_TIMEOUT: Final = "timeout"  # --timeout expired
 STOP_RESTART: Final = "restart"  # --on-busy restart: a newer invocation replaces it
 STOP_SHUTDOWN: Final = "shutdown"  # the daemon is stopping
+STOP_KILL: Final = "kill"  # `debounce kill`
 
 # How a run ended (Run.outcome, history's "outcome", --json's "outcome").
 EXITED: Final = "exited"  # its command exited by itself
 TIMED_OUT: Final = "timeout"  # stopped by --timeout
 RESTARTED: Final = "restarted"  # stopped by --on-busy restart
 STOPPED: Final = "stopped"  # stopped because the daemon shut down
+KILLED: Final = "killed"  # stopped by `debounce kill`
 LOST: Final = "lost"  # it was executing when its daemon died
 
 #: The outcome of a run that was asked to stop for a reason (None: it exited by itself).
@@ -35,6 +37,7 @@ OUTCOME_OF_STOP: Final[dict[str | None, str]] = {
     STOP_TIMEOUT: TIMED_OUT,
     STOP_RESTART: RESTARTED,
     STOP_SHUTDOWN: STOPPED,
+    STOP_KILL: KILLED,
 }
 
 # Error codes of the protocol's Error message.

@@ -452,11 +452,8 @@ class Watcher:
                 return
 
     def stop(self) -> None:
-        """Ctrl-C: cancel what we left pending; say which run of ours keeps running.
-
-        The daemon has no request yet to stop a running run, so a run of ours that is
-        executing is left to finish.
-        """
+        """Ctrl-C: cancel what we left pending, and stop what of ours runs (TERM, then KILL
+        after its stop timeout, as ``debounce kill`` does)."""
         with self.lock:
             ours = set(self.ours)
             runs = dict(self.runs)
@@ -472,8 +469,11 @@ class Watcher:
                     print(f"debounce: cancelled what was pending for {row.key}",
                           file=sys.stderr, flush=True)
             if row.running is not None and row.running.run_id in runs:
-                print(f"debounce: run {row.running.run_id} of {row.key} is still running; "
-                      "it was not stopped", file=sys.stderr, flush=True)
+                answer = self._ask(protocol.KillRequest(target=str(row.running.run_id),
+                                                        by="run"))
+                if isinstance(answer, protocol.Done):
+                    print(f"debounce: stopping run {row.running.run_id} of {row.key}",
+                          file=sys.stderr, flush=True)
 
     def close(self) -> None:
         if self.submitter is not None:

@@ -40,8 +40,8 @@ EXIT_MEANINGS = {
     ExitStatus.NOT_FOUND: "Nothing by that key or run id (wait, flush, cancel, logs).",
     ExitStatus.FAILURE: "debounce daemon could not start; with --stdin, a line failed to "
     "parse or a run failed.",
-    ExitStatus.INTERRUPTED: "Interrupted (Ctrl-C) while waiting; the invocation stays with "
-    "the daemon and its other waiters.",
+    ExitStatus.INTERRUPTED: "Interrupted (Ctrl-C): a waiting client stops waiting and the "
+    "invocation stays with the daemon; debounce watch cancels and stops what it submitted.",
 }
 
 ENVIRONMENT = [
@@ -56,7 +56,11 @@ ENVIRONMENT = [
     ("DEBOUNCE_DAEMON", "Set in every run's environment: which daemon (socket) the run "
      "belongs to, so that the next daemon finds what is left of it after a crash."),
     ("DEBOUNCE_CHANGED_PATHS", "Set in the runs of debounce watch: the changed paths of the "
-     "burst, one per line."),
+     "burst, one per line, when they fit in 64 KiB."),
+    ("DEBOUNCE_CHANGED_PATHS_FILE", "Set in the runs of debounce watch: a private file with "
+     "the changed paths of the burst, one per line, always."),
+    ("DEBOUNCE_BATCH", "Set in the runs of --collect: a file with the argv of every coalesced "
+     "invocation, one JSON array per line."),
 ]
 
 FILES = [

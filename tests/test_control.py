@@ -35,9 +35,13 @@ def test_status_lists_pending_and_running_keys(world):
     assert keys["other"]["pending"]["argv"] == ["echo", "b"]
     assert keys["other"]["pending"]["coalesced"] == 2
     assert 15 < keys["other"]["pending"]["due_in"] <= 20
-    text = world.run("status").stdout.splitlines()
-    assert any(line.startswith("running\tbusy\t") for line in text)
-    assert any(line.startswith("pending\tother\tdue in") and "2 coalesced" in line for line in text)
+    rows = [line.split("\t") for line in world.run("status").stdout.splitlines()]
+    assert all(len(row) == 5 for row in rows), rows  # state, key, seconds, coalesced, command
+    by_state = {(row[0], row[1]): row for row in rows}
+    assert by_state["running", "busy"][3:] == ["1", "sleep 5"]
+    assert float(by_state["running", "busy"][2]) >= 0
+    assert by_state["pending", "other"][3:] == ["2", "echo b"]
+    assert 15 < float(by_state["pending", "other"][2]) <= 20
 
 
 def test_flush_and_cancel_of_unknown_keys_say_so(world):

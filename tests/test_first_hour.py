@@ -46,3 +46,83 @@ def test_socket_advice_never_touches_a_shared_directory(world):
     assert proc.returncode == 2
     assert "chmod" not in proc.stderr and "private directory" in proc.stderr
     assert os.stat("/tmp").st_mode & 0o1777 == 0o1777
+
+
+def _history(world) -> list[dict]:
+    import json
+
+    proc = world.run("history", "--json")
+    assert proc.returncode == 0, proc.stderr
+    return [json.loads(line) for line in proc.stdout.splitlines()]
+
+
+def test_kill_stops_a_running_run_and_its_waiters_get_its_real_status(world):
+    from conftest import lines, wait_until
+
+    started = world.work / "started"
+    waiter = world.popen("run", "--delay", "0", "--key", "long", "--", "sh", "-c",
+                         f"echo go > {started}; exec sleep 30")
+    wait_until(lambda: lines(started), timeout=10)
+    killed = world.run("kill", "long")
+    assert killed.returncode == 0, killed.stderr
+    _out, err = waiter.communicate(timeout=30)
+    assert waiter.returncode == 143, err
+    assert "stopped by 'debounce kill'" in err
+    assert [(r["key"], r["outcome"], r["exit_code"]) for r in _history(world)] == [
+        ("long", "killed", 143)]
+    nothing = world.run("kill", "long")
+    assert nothing.returncode == 117 and "nothing is running" in nothing.stderr
+
+
+def test_kill_with_a_signal_sends_it_once(world):
+    from conftest import lines, wait_until
+
+    log = world.work / "log"
+    script = (f'trap "echo hup >> {log}; exit 5" HUP; echo up >> {log}; '
+              "while :; do sleep 0.05; done")
+    waiter = world.popen("run", "--delay", "0", "--key", "srv", "--", "sh", "-c", script)
+    wait_until(lambda: lines(log) == ["up"], timeout=10)
+    assert world.run("kill", "--key", "srv", "--signal", "HUP").returncode == 0
+    waiter.communicate(timeout=30)
+    assert waiter.returncode == 5 and lines(log) == ["up", "hup"]
+
+
+def test_a_timeout_says_so_in_one_line(world):
+    proc = world.run("run", "--delay", "0", "--timeout", "200ms", "--", "sleep", "10")
+    assert proc.returncode == 143
+    assert proc.stderr.strip().startswith("debounce: run 1 timed out after")
+
+
+def test_ctrl_c_while_waiting_says_how_to_reattach(world):
+    import signal
+
+    from conftest import status, wait_until
+
+    waiter = world.popen("run", "--key", "later", "--delay", "30s", "--", "true")
+    wait_until(lambda: any(r["key"] == "later" for r in status(world)["keys"]), timeout=10)
+    waiter.send_signal(signal.SIGINT)
+    _out, err = waiter.communicate(timeout=10)
+    assert waiter.returncode == 130
+    assert "debounce wait --key later" in err and "Traceback" not in err
+    assert any(r["key"] == "later" for r in status(world)["keys"])  # still pending
+
+
+def test_key_and_run_say_outright_what_a_bare_argument_leaves_open(world):
+    first = world.run("run", "--delay", "0", "--key", "1", "--", "sh", "-c", "exit 4")
+    assert first.returncode == 4  # key "1", whose run is run 1
+    ambiguous = world.run("wait", "1")
+    assert ambiguous.returncode == 2
+    assert "--key 1" in ambiguous.stderr and "--run 1" in ambiguous.stderr
+    assert world.run("wait", "--run", "1").returncode == 4
+    assert world.run("wait", "--key", "1").returncode == 4
+    both = world.run("wait", "1", "--key", "1")
+    assert both.returncode == 2
+
+
+def test_a_no_trailing_caller_that_joins_a_finished_leading_run_sees_its_output(world):
+    first = world.run("run", "--leading", "--no-trailing", "--delay", "5s", "--key", "lead",
+                      "--", "sh", "-c", "echo leading-output; exit 3")
+    assert (first.returncode, first.stdout) == (3, "leading-output\n")
+    second = world.run("run", "--leading", "--no-trailing", "--delay", "5s", "--key", "lead",
+                       "--", "sh", "-c", "echo never")
+    assert (second.returncode, second.stdout) == (3, "leading-output\n"), second.stderr

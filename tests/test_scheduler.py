@@ -355,7 +355,7 @@ def test_no_trailing_later_calls_get_the_leading_runs_result():
     # After it ended, still within the burst (last call at 0, burst until 1.0): told at once.
     sim.advance(0.9)
     late, effects = sim.sched.submit("k", opts, payload="p2", waiter="w2")
-    assert effects == [RunFinished(run, ["w2"])]
+    assert effects == [RunFinished(run, ["w2"], joined=True)]  # owed its output too
     assert late.run is run and late.state == FINISHED
     assert run.coalesced == 3 and run.exit_code == 3
 

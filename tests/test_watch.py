@@ -234,6 +234,20 @@ def test_ctrl_c_cancels_what_the_watcher_left_pending_and_exits_130(world):
     assert "cancelled" in said and "Traceback" not in said
 
 
+def test_ctrl_c_stops_a_run_of_the_watcher_that_is_executing(world):
+    src = world.work / "src"
+    src.mkdir()
+    started = world.root / "started"
+    watch, log = _start(world, "--delay", "100ms", "src", "--", "sh", "-c",
+                        f"echo go > {started}; exec sleep 30")
+    (src / "a.c").write_text("a")
+    wait_until(started.exists, timeout=15)
+    assert _interrupt(watch) == 130
+    wait_until(lambda: not status(world)["keys"], timeout=15)
+    assert [(r["outcome"], r["exit_code"]) for r in _history(world)] == [("killed", 143)]
+    assert "stopping run" in log.read_text()
+
+
 # ------------------------------------------------------------------ 7. --initial
 def test_initial_runs_once_at_start_with_no_changed_paths(world):
     src = world.work / "src"

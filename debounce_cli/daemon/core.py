@@ -175,6 +175,9 @@ class Core:
         self.apply(effects)
         return found
 
+    def kill(self, run_id: int, signal: str | None) -> None:
+        self.apply(self.scheduler.kill(run_id, signal))
+
     def attach(self, target: Invocation | Run, waiter: Waiter) -> None:
         self.apply(self.scheduler.attach(target, waiter))
 
@@ -335,9 +338,17 @@ class Core:
         elif isinstance(effect, SignalRun):
             self.runs.signal(effect.run.id, effect.signal)
         elif isinstance(effect, RunFinished):
-            self.recent.remember(effect.run)
-            msg = records.finished_msg(effect.run)
-            for waiter in unique(effect.waiters):
+            run = effect.run
+            self.recent.remember(run)
+            msg = records.finished_msg(run)
+            waiters = unique(effect.waiters)
+            if effect.joined:  # they joined it after it ended: its output first, from its log
+                started = protocol.encode(records.started_msg(run))
+                log = records.job_of(run.invocation).log_path
+                for waiter in waiters:
+                    waiter.start(run.id, started, log)
+                    waiter.replay(lambda: self.runs.output_so_far(run))
+            for waiter in waiters:
                 waiter.finish(msg)
         elif isinstance(effect, Joined):
             # Output that came between joining and now was not sent live (the waiter did not

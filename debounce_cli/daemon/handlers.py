@@ -19,6 +19,7 @@ from debounce_cli.daemon import records
 from debounce_cli.daemon.core import Core, run_id_of
 from debounce_cli.daemon.jobs import check_job
 from debounce_cli.daemon.waiters import Submitter, Waiter
+from debounce_cli.options import KILL_SIGNALS
 from debounce_cli.protocol import ProtocolError
 from debounce_cli.scheduler import Invocation, Run
 from debounce_cli.states import NOT_FOUND, REFUSED
@@ -189,6 +190,30 @@ def handle_cancel(ctx: Context, client: Client, req: protocol.CancelRequest) -> 
     return _nothing_pending(key)
 
 
+def handle_kill(ctx: Context, client: Client, req: protocol.KillRequest) -> Reply:
+    """Stop what runs for a key (or run N); its waiters get its real status."""
+    core = ctx.core
+    if req.signal is not None and req.signal not in KILL_SIGNALS:
+        return protocol.Error(
+            message=f"--signal must be one of {', '.join(KILL_SIGNALS)}, not {req.signal!r}")
+    named = resolve(core, req.target, req.by)
+    if isinstance(named, protocol.Error):
+        return named
+    if named.key is not None:
+        ks = core.scheduler.keys.get(named.key)
+        run = ks.running if ks is not None else None
+        what = f"key {named.key!r}"
+    else:
+        assert named.run_id is not None
+        run = core.scheduler.runs.get(named.run_id)
+        what = f"run {named.run_id}"
+    if run is None:
+        return protocol.Error(message=f"nothing is running for {what}", code=NOT_FOUND)
+    core.kill(run.id, req.signal)
+    done = f"sent {req.signal} to" if req.signal else "stopping"
+    return protocol.Done(ok=True, message=f"{done} run {run.id} of {run.key}")
+
+
 def handle_stop(ctx: Context, client: Client, req: protocol.StopRequest) -> Reply:
     """Answer first, then shut down: the client learns the daemon heard it before it goes."""
     client.send(protocol.Done(ok=True, message="stopping"))
@@ -210,5 +235,6 @@ HANDLERS: dict[type[protocol.Message], Callable[[Context, Any, Any], Reply]] = {
     protocol.LogsRequest: handle_logs,
     protocol.FlushRequest: handle_flush,
     protocol.CancelRequest: handle_cancel,
+    protocol.KillRequest: handle_kill,
     protocol.StopRequest: handle_stop,
 }
