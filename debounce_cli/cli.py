@@ -262,7 +262,7 @@ def _converse(
             pass
         elif as_json:
             out = _stderr_only  # stdout is for the JSON object
-        elif sys.stderr.isatty():
+        elif sys.stderr is not None and sys.stderr.isatty():
             from debounce_cli.render import TerminalDisplay
 
             terminal = TerminalDisplay()
@@ -562,7 +562,7 @@ def status(as_json: bool, socket_path: str | None) -> int:
     assert isinstance(reply, protocol.StatusReply)
     if as_json:
         print(render.status_json(reply))
-    elif sys.stdout.isatty():
+    elif sys.stdout is not None and sys.stdout.isatty():
         render.status_table(reply)
     else:
         text = render.status_text(reply)
@@ -676,7 +676,7 @@ def history(key: str | None, limit: int, as_json: bool, socket_path: str | None)
     from debounce_cli import protocol, render
 
     reply = _ask(socket_path, protocol.HistoryRequest(key=key, limit=limit))
-    if not as_json and sys.stdout.isatty():
+    if not as_json and sys.stdout is not None and sys.stdout.isatty():
         render.history_table(reply.runs)
         return ExitStatus.SUCCESS
     text = render.history_json(reply.runs) if as_json else render.history_text(reply.runs)

@@ -352,12 +352,18 @@ def wait_for_run(
 
 
 def write_output(fd: int, data: bytes) -> None:
-    """Copy a chunk of the run's output to our own stdout or stderr, at once."""
+    """Copy a chunk of the run's output to our own stdout or stderr, at once.
+
+    A caller that closed the stream (``>&-``) or whose reader went away still gets the run's
+    exit status: the output just has nowhere to go.
+    """
     stream = sys.stdout if fd == 1 else sys.stderr
+    if stream is None:
+        return
     try:
         stream.buffer.write(data)
         stream.buffer.flush()
-    except BrokenPipeError:
+    except (OSError, ValueError):
         pass
 
 

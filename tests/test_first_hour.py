@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 import subprocess
 
 
@@ -25,7 +26,8 @@ def test_an_executable_script_without_a_shebang_runs_with_sh(world):
 
 def test_a_caller_with_closed_stdout_or_stderr_still_gets_the_runs_status(world):
     for redirect in (">&-", "2>&-", ">&- 2>&-"):
-        cmd = " ".join(world.argv("run", "--delay", "0", "--", "sh", "-c", "echo out; exit 3"))
+        cmd = shlex.join(world.argv("run", "--delay", "0", "--", "sh", "-c",
+                                    "echo out; echo err >&2; exit 3"))
         proc = subprocess.run(["sh", "-c", f"{cmd} {redirect}"], capture_output=True,
                               text=True, env=world.env, cwd=world.work, timeout=30)
         assert proc.returncode == 3, (redirect, proc.stderr)
