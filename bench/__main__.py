@@ -5,14 +5,18 @@ compared with another is measured in the same run, so ratios hold on a noisy sha
 nothing here asserts a timing (tests/test_bench.py only checks that the quick mode runs).
 
 Figures:
-  client     round trip of `debounce run --no-wait` against a warm daemon, with the floors
-             `python -c pass` and `python -c "import click"` (and tsp/nq when installed)
+  client     round trip of `debounce run --no-wait` and of a waiting `debounce run --delay 0`
+             against a warm daemon, with the floors `python -c pass` and
+             `python -c "import click"` (and tsp/nq when installed)
+  hook       cost a git post-commit hook running `debounce run --no-wait` adds to a commit
   submit     submissions per second over 8 persistent connections, journal on and off
   lateness   start minus due time, p50/p99, of probe runs among many pending keys
   memory     daemon memory per pending invocation
   scaling    cost of one submission with 1k, 10k, 100k keys already pending
   burst      1,000 runs falling due at once: time to start them all, and client latency
   idle       CPU time an idle daemon uses in 10 s
+  stdin      `debounce daemon --stdin`: lines taken in per second, journal on and off, memory
+             per pending invocation, and lateness as the commands themselves see it
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import argparse
 import json
 import os
 import platform
+import shlex
 import shutil
 import socket
 import statistics
@@ -43,7 +48,7 @@ DEBOUNCE = str(BIN / "debounce") if (BIN / "debounce").exists() else None
 class Daemon:
     """A daemon of our own on a private socket and state dir, for one measurement."""
 
-    def __init__(self, *args: str):
+    def __init__(self, *args: str, feed: bool = False):
         self.root = Path(tempfile.mkdtemp(prefix="dbb-", dir="/tmp"))
         self.socket = str(self.root / "s" / "daemon.sock")
         self.env = dict(os.environ, DEBOUNCE_SOCKET=self.socket,
@@ -51,8 +56,8 @@ class Daemon:
         self.env.pop("DEBOUNCE_DELAY", None)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "debounce_cli", "daemon", "--idle-exit", "0", *args],
-            env=self.env, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
+            env=self.env, cwd=ROOT, stdin=subprocess.PIPE if feed else subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline:
@@ -78,7 +83,18 @@ class Daemon:
             fields = f.read().rsplit(")", 1)[1].split()
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
+    def feed(self, data: bytes) -> None:
+        """Write to the daemon's stdin (``--stdin`` daemons, started with ``feed=True``)."""
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(data)
+        self.proc.stdin.flush()
+
     def close(self) -> None:
+        if self.proc.stdin is not None:
+            try:
+                self.proc.stdin.close()
+            except OSError:
+                pass
         self.proc.terminate()
         try:
             self.proc.wait(timeout=30)
@@ -132,6 +148,19 @@ def timed(argv: list[str], runs: int, env: dict[str, str] | None = None) -> list
 
 
 # ----------------------------------------------------------------------------- measurements
+def git_repo(env: dict[str, str]) -> tuple[Path, dict[str, str]]:
+    """A fresh git repository with one commit, its user set in the repository itself, and an
+    environment that keeps the user's and the system's git configuration (and hooks) out."""
+    repo = Path(tempfile.mkdtemp(prefix="dbb-git-", dir="/tmp"))
+    env = dict(env, GIT_CONFIG_GLOBAL=os.devnull, GIT_CONFIG_NOSYSTEM="1")
+    for argv in (["git", "init", "-q"], ["git", "config", "user.name", "bench"],
+                 ["git", "config", "user.email", "bench@example.invalid"],
+                 ["git", "commit", "--allow-empty", "-q", "-m", "start"]):
+        subprocess.run(argv, cwd=repo, env=env, check=True, stdin=subprocess.DEVNULL,
+                       stdout=subprocess.DEVNULL)
+    return repo, env
+
+
 def bench_client(rows: list[tuple[str, str, str]], runs: int) -> None:
     # An installed package has its bytecode compiled (pip does it at install time); a source
     # checkout under PYTHONDONTWRITEBYTECODE=1 would recompile ours on every start while
@@ -140,6 +169,7 @@ def bench_client(rows: list[tuple[str, str, str]], runs: int) -> None:
 
     compileall.compile_dir(str(ROOT / "debounce_cli"), quiet=1)
     daemon = Daemon()
+    repo: Path | None = None
     try:
         client = [DEBOUNCE] if DEBOUNCE else [sys.executable, "-m", "debounce_cli"]
         cases = {
@@ -147,25 +177,63 @@ def bench_client(rows: list[tuple[str, str, str]], runs: int) -> None:
             'python -c "import click"': [sys.executable, "-c", "import click"],
             "debounce run --no-wait": [*client, "run", "--no-wait", "--delay", "1h", "--key",
                                                 "bench", "--", "true"],
+            "debounce run --delay 0 -- true": [*client, "run", "--delay", "0", "--key",
+                                               "bench-wait", "--", "true"],
         }
         if shutil.which("tsp"):
             cases["tsp true"] = ["tsp", "true"]
         if shutil.which("nq"):
             cases["nq true"] = ["nq", "true"]
+        # The hook: a post-commit hook submitting to this daemon, put in place and taken away
+        # again by a rename, so commits with and without it take turns.
+        repo, git_env = git_repo(daemon.env)
+        hook = repo / ".git" / "hooks" / "post-commit"
+        hook_off = hook.with_name("post-commit.off")
+        hook_off.write_text("#!/bin/sh\nexec "
+                            f"{shlex.join(client)} run --no-wait --key hook --delay 5s -- true\n")
+        hook_off.chmod(0o755)
+        commit = ["git", "commit", "--allow-empty", "-q", "-m", "x"]
+
+        def commits(with_hook: bool, n: int) -> list[float]:
+            if with_hook != hook.exists():
+                os.replace(*((hook_off, hook) if with_hook else (hook, hook_off)))
+            times = []
+            for _ in range(n):
+                start = time.perf_counter()
+                subprocess.run(commit, cwd=repo, env=git_env, check=True,
+                               stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+                times.append((time.perf_counter() - start) * 1000)
+            return times
+
         results: dict[str, list[float]] = {name: [] for name in cases}
+        hooked: dict[bool, list[float]] = {False: [], True: []}
         for argv in cases.values():  # warm the page cache
             timed(argv, 2, daemon.env)
+        commits(False, 2)
+        commits(True, 2)
         for _ in range(runs):  # interleaved, so a noisy moment hits every case alike
             for name, argv in cases.items():
                 results[name] += timed(argv, 1, daemon.env)
+            for with_hook in (False, True):
+                hooked[with_hook] += commits(with_hook, 1)
         click_median = statistics.median(results['python -c "import click"'])
+        pass_median = statistics.median(results["python -c pass"])
         for name, times in results.items():
             median = statistics.median(times)
+            note = f"{median / click_median:.2f}x import click"
+            if name != "python -c pass":
+                note += f", {median / pass_median:.2f}x python -c pass"
             rows.append((f"client: {name}",
-                         f"median {median:.1f} ms, p95 {percentile(times, 95):.1f} ms",
-                         f"{median / click_median:.2f}x import click"))
+                         f"median {median:.1f} ms, p95 {percentile(times, 95):.1f} ms", note))
+        bare, with_hook = (statistics.median(hooked[h]) for h in (False, True))
+        rows.append(("hook: git post-commit, debounce run --no-wait",
+                     f"{with_hook - bare:+.1f} ms per commit",
+                     f"{(with_hook - bare) / pass_median:.2f}x python -c pass; median commit "
+                     f"{bare:.1f} ms bare, {with_hook:.1f} ms hooked"))
     finally:
         daemon.close()
+        if repo is not None:
+            shutil.rmtree(repo, ignore_errors=True)
 
 
 def bench_submissions(rows: list[tuple[str, str, str]], seconds: float) -> None:
@@ -301,6 +369,104 @@ def bench_idle(rows: list[tuple[str, str, str]], seconds: float) -> None:
         daemon.close()
 
 
+def stdin_taken(daemon: Daemon, key: str) -> bool:
+    """Whether a ``--stdin`` daemon holds ``key`` pending: a ``wait`` on a connection of its
+    own, which is cheap however many keys are pending (a status reply lists them all)."""
+    session = daemon.session()
+    try:
+        return isinstance(session.ask(protocol.WaitRequest(target=key, by="key")),
+                          protocol.Pending)
+    finally:
+        session.close()
+
+
+def bench_stdin_intake(rows: list[tuple[str, str, str]], lines: int, rounds: int) -> None:
+    """Lines a ``--stdin`` daemon takes in per second, from the first byte written until all
+    are pending, and what each pending invocation costs it in memory; medians of ``rounds``
+    fresh daemons a variant, journal on and off taking turns."""
+    data = b"".join(b'{"argv": ["true"], "key": "k%d", "delay": "1h"}\n' % i
+                    for i in range(lines))
+    last = f"k{lines - 1}"
+    variants = ("--journal", "--no-journal")
+    took: dict[str, list[float]] = {v: [] for v in variants}
+    grown: dict[str, list[int]] = {v: [] for v in variants}
+    for _ in range(rounds):
+        for journal in variants:
+            daemon = Daemon("--stdin", journal, feed=True)
+            try:
+                time.sleep(0.2)
+                base = daemon.rss_kib()
+                writer = threading.Thread(target=daemon.feed, args=(data,))
+                start = time.perf_counter()
+                writer.start()
+                # Lines are taken in in order: the last one pending means all are. The poll is
+                # a `wait` for the last key, as a status reply listing every key would take the
+                # daemon longer to build than the lines took to read.
+                deadline = time.monotonic() + 120
+                while not stdin_taken(daemon, last):
+                    if time.monotonic() > deadline:
+                        raise RuntimeError("the stdin daemon did not take in every line")
+                    time.sleep(0.005)
+                took[journal].append(time.perf_counter() - start)
+                grown[journal].append(daemon.rss_kib() - base)
+                writer.join()
+                session = daemon.session()
+                reply = session.ask(protocol.StatusRequest())
+                session.close()
+                assert isinstance(reply, protocol.StatusReply)
+                pending = sum(1 for k in reply.keys if k.pending is not None)
+                if pending != lines:
+                    raise RuntimeError(f"{pending} of {lines} stdin lines pending")
+            finally:
+                daemon.close()
+    for journal in variants:
+        name = journal.lstrip("-")
+        seconds = statistics.median(took[journal])
+        rows.append((f"stdin: intake of {lines:,} lines, {name}",
+                     f"{lines / seconds:,.0f} lines/s",
+                     f"all pending after {seconds:.2f} s (median of {rounds})"))
+        rows.append((f"stdin: memory, {lines:,} pending from stdin, {name}",
+                     f"{statistics.median(grown[journal]) * 1024 / lines:,.0f} bytes per "
+                     "invocation", "daemon RSS growth / lines"))
+
+
+def bench_stdin_lateness(rows: list[tuple[str, str, str]], lines: int) -> None:
+    """Lines written at once, each running `date` into a file: the command's own clock minus
+    the time the lines were written, so reading, parsing, scheduling and spawning all count."""
+    daemon = Daemon("--stdin", feed=True)
+    try:
+        out = daemon.root / "stamps"
+        command = f"date +%s%N >> {shlex.quote(str(out))}"
+
+        def line(key: str) -> bytes:
+            return json.dumps({"argv": ["sh", "-c", command], "key": key,
+                               "delay": "0"}).encode() + b"\n"
+
+        def stamps(count: int) -> list[int]:
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                try:
+                    found = [int(x) for x in out.read_text().split()]
+                except (OSError, ValueError):  # not there yet, or a line half written
+                    found = []
+                if len(found) >= count:
+                    return found
+                time.sleep(0.01)
+            raise RuntimeError(f"only {len(found)} of {count} stdin runs wrote their stamp")
+
+        daemon.feed(line("warm-up"))  # the first run, and imports on its path, not measured
+        stamps(1)
+        data = b"".join(line(f"l{i}") for i in range(lines))
+        written = time.time()
+        daemon.feed(data)
+        late = [(ns / 1e9 - written) * 1000 for ns in stamps(1 + lines)[1:]]
+        rows.append((f"stdin: lateness, {lines} lines written at once",
+                     f"p50 {percentile(late, 50):.1f} ms, p99 {percentile(late, 99):.1f} ms",
+                     "`date` in the command minus time written"))
+    finally:
+        daemon.close()
+
+
 def machine() -> str:
     cpu = platform.processor() or platform.machine()
     try:
@@ -328,12 +494,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     rows: list[tuple[str, str, str]] = []
     if args.quick:
-        bench_client(rows, 3)
+        bench_client(rows, 5)
         bench_submissions(rows, 0.5)
         bench_lateness(rows, 500, 20)
         bench_memory_and_scaling(rows, [1000, 3000], 200)
         bench_burst(rows, 100)
         bench_idle(rows, 1)
+        bench_stdin_intake(rows, 5_000, 1)
+        bench_stdin_lateness(rows, 300)
     else:
         bench_client(rows, 30)
         bench_submissions(rows, 3)
@@ -341,6 +509,8 @@ def main(argv: list[str] | None = None) -> int:
         bench_memory_and_scaling(rows, [1_000, 10_000, 100_000], 2000)
         bench_burst(rows, 1000)
         bench_idle(rows, 10)
+        bench_stdin_intake(rows, 20_000, 3)
+        bench_stdin_lateness(rows, 300)
     if args.json:
         print(json.dumps({"machine": machine(), "rows": rows}, indent=1))
         return 0

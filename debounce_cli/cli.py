@@ -6,7 +6,6 @@ Thin on purpose. Everything heavy is imported inside the command that needs it, 
 
 from __future__ import annotations
 
-import functools
 import os
 import sys
 from collections.abc import Callable
@@ -15,18 +14,17 @@ from typing import Any, NoReturn, TypeVar
 import click
 
 from debounce_cli import __version__
+from debounce_cli.conversation import (
+    Failure,
+    UsageProblem,
+    client_status,
+    converse,
+    refused,
+    run_request,
+)
 from debounce_cli.durations import DurationError, parse_duration
 from debounce_cli.exits import ExitStatus
 from debounce_cli.options import HISTORY_LIMIT, KILL_SIGNALS
-from debounce_cli.states import BAD_REQUEST, KILLED, LOST, NOT_FOUND, TIMED_OUT
-
-
-class Failure(Exception):
-    """A failure of debounce itself: one line for stderr and the exit status to leave with."""
-
-    def __init__(self, message: str, status: int):
-        super().__init__(message)
-        self.status = status
 
 
 class Duration(click.ParamType):  # type: ignore[type-arg]  # generic only in click's stubs
@@ -204,158 +202,11 @@ def run(
     (no daemon), 113 (daemon lost; `debounce wait KEY` reattaches), 114 (cancelled) or 116
     (refused).
     """
-    from debounce_cli import protocol
-    from debounce_cli.keys import KeyTemplateError, compute_key
-
-    if not command:
-        raise click.UsageError("missing COMMAND: write debounce run [OPTIONS] -- COMMAND [ARG]...")
-    options = _options(**scheduling)
-    argv = list(command)
     try:
-        cwd = os.getcwd()
-    except OSError as exc:
-        raise Failure(f"cannot read the current directory: {exc.strerror}",
-                      ExitStatus.USAGE) from None
-    env = dict(os.environ)
-    try:
-        key = compute_key(key_template, argv, cwd, env)
-    except KeyTemplateError as exc:
+        request = run_request(list(command), key_template, _options(**scheduling), no_wait)
+    except UsageProblem as exc:
         raise click.UsageError(str(exc)) from None
-    request = protocol.RunRequest(
-        argv=argv, cwd=cwd, env=env, key=key, options=options, wait=not no_wait
-    )
-    return _converse(_socket(socket_path), request, key, quiet, as_json, no_wait)
-
-
-def _converse(
-    sock: str,
-    request: Any,
-    key: str,
-    quiet: bool,
-    as_json: bool,
-    no_wait: bool = False,
-    wait_timeout: float | None = None,
-) -> int:
-    """Send a run or wait request and follow it to the end; return the exit status."""
-    from debounce_cli import client, protocol
-
-    try:
-        conn = client.connect(sock, request)
-    except client.ClientError as exc:
-        raise Failure(str(exc), _client_status(exc)) from None
-    try:
-        if no_wait:
-            reply = conn.recv(timeout=30)
-            if isinstance(reply, protocol.Accepted):
-                if as_json:
-                    import json
-
-                    print(json.dumps({
-                        "id": reply.id, "key": reply.key, "state": reply.state,
-                        "due_in": reply.due_in, "coalesced": reply.coalesced,
-                    }))
-                return ExitStatus.SUCCESS
-            _refused(reply, key)
-        display: client.Display = client.Display()
-        out: Any = None if quiet else client.write_output
-        if quiet:
-            pass
-        elif as_json:
-            out = _stderr_only  # stdout is for the JSON object
-        elif sys.stderr is not None and sys.stderr.isatty():
-            from debounce_cli.render import TerminalDisplay
-
-            terminal = TerminalDisplay()
-            display = terminal
-            out = functools.partial(terminal.output, write=client.write_output)
-        try:
-            result = client.wait_for_run(conn, display, out, wait_timeout)
-        except TimeoutError:
-            if wait_timeout is None:
-                raise
-            raise Failure(f"gave up waiting for {key} after {wait_timeout:g}s",
-                          ExitStatus.WAIT_TIMEOUT) from None
-        except client.DaemonLost as lost:
-            filed = lost.key or key
-            raise Failure(
-                f"lost the daemon while waiting for {filed}; "
-                f"run 'debounce wait {_quote(filed)}' to reattach",
-                ExitStatus.DAEMON_LOST,
-            ) from None
-        except KeyboardInterrupt:
-            # Stop waiting; the invocation stays with the daemon for the other waiters.
-            _say(f"debounce: stopped waiting; {key} stays with the daemon "
-                 f"('debounce wait --key {_quote(key)}' reattaches)")
-            return ExitStatus.INTERRUPTED
-        if isinstance(result, protocol.Finished):
-            if result.outcome == LOST:
-                raise Failure(
-                    f"run {result.run_id} of {result.key} was lost: its daemon died while it ran",
-                    ExitStatus.DAEMON_LOST,
-                )
-            if result.outcome == TIMED_OUT:
-                from debounce_cli.durations import format_duration
-
-                took = format_duration(result.finished_at - result.started_at)
-                _say(f"debounce: run {result.run_id} timed out after {took}")
-            elif result.outcome == KILLED:
-                _say(f"debounce: run {result.run_id} was stopped by 'debounce kill'")
-            if as_json:
-                from debounce_cli.render import finished_json
-
-                print(finished_json(result))
-            return result.exit_code
-        if isinstance(result, protocol.Cancelled):
-            raise Failure(f"{result.key} was cancelled before it ran", ExitStatus.CANCELLED)
-        _refused(result, key)
-    except client.ClientError as exc:
-        raise Failure(str(exc), ExitStatus.DAEMON_UNREACHABLE) from None
-    except TimeoutError:
-        raise Failure("the daemon did not answer within 30s",
-                      ExitStatus.DAEMON_UNREACHABLE) from None
-    finally:
-        conn.close()
-
-
-def _say(line: str) -> None:
-    """One line of debounce's own on stderr (nothing if stderr is closed)."""
-    try:
-        print(line, file=sys.stderr, flush=True)
-    except (OSError, ValueError):
-        pass
-
-
-def _stderr_only(fd: int, data: bytes) -> None:
-    from debounce_cli import client
-
-    if fd == 2:
-        client.write_output(fd, data)
-
-
-def _client_status(exc: Any) -> int:
-    """An unsafe socket location is the user's to mend (usage); anything else is unreachable."""
-    return ExitStatus.USAGE if exc.code == "unsafe" else ExitStatus.DAEMON_UNREACHABLE
-
-
-def _refused(reply: Any, key: str) -> NoReturn:
-    from debounce_cli import protocol
-
-    if reply is None:
-        raise Failure(f"the daemon closed the connection before accepting {key}",
-                      ExitStatus.DAEMON_LOST)
-    if isinstance(reply, protocol.Error):
-        status = {
-            BAD_REQUEST: ExitStatus.USAGE,
-            NOT_FOUND: ExitStatus.NOT_FOUND,
-        }.get(reply.code, ExitStatus.REFUSED)
-        raise Failure(reply.message, status)
-    raise Failure(f"unexpected answer from the daemon: {reply.type}", ExitStatus.REFUSED)
-
-
-def _quote(text: str) -> str:
-    import shlex
-
-    return shlex.quote(text)
+    return converse(_socket(socket_path), request, request.key, quiet, as_json, no_wait)
 
 
 # ------------------------------------------------------------------------------ daemon
@@ -543,7 +394,7 @@ def stop(socket_path: str | None) -> int:
         if exc.code == "unreachable":
             print(f"debounce: no daemon is running on {sock}", file=sys.stderr)
             return ExitStatus.SUCCESS
-        raise Failure(str(exc), _client_status(exc)) from None
+        raise Failure(str(exc), client_status(exc)) from None
     except client.DaemonLost:
         pass
     if client.wait_until_gone(sock, timeout=60):
@@ -661,7 +512,7 @@ def wait(
     from debounce_cli import protocol
 
     what, by = _target(target, key_option, run_id)
-    return _converse(_socket(socket_path), protocol.WaitRequest(target=what, by=by), what,
+    return converse(_socket(socket_path), protocol.WaitRequest(target=what, by=by), what,
                      quiet, as_json, wait_timeout=timeout)
 
 
@@ -735,12 +586,12 @@ def _ask(socket_path: str | None, message: Any) -> Any:
     try:
         reply = client.request(_socket(socket_path), message)
     except client.ClientError as exc:
-        raise Failure(str(exc), _client_status(exc)) from None
+        raise Failure(str(exc), client_status(exc)) from None
     except client.DaemonLost:
         raise Failure("the daemon closed the connection without answering",
                       ExitStatus.DAEMON_LOST) from None
     if isinstance(reply, protocol.Error):
-        _refused(reply, "")
+        refused(reply, "")
     return reply
 
 

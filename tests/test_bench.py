@@ -19,7 +19,9 @@ def test_quick_bench_runs_and_prints_every_figure():
     out = r.stdout
     assert out.startswith("machine: ")
     for label in ("client: python -c pass", 'client: python -c "import click"',
-                  "client: debounce run --no-wait", "submit: 8 connections, journal",
+                  "client: debounce run --no-wait", "client: debounce run --delay 0 -- true",
+                  "x python -c pass", "hook: git post-commit", "submit: 8 connections, journal",
                   "submit: 8 connections, no-journal", "lateness:", "memory:", "scaling:",
-                  "burst:", "idle: CPU"):
+                  "burst:", "idle: CPU", "stdin: intake of", "lines, journal",
+                  "lines, no-journal", "stdin: memory,", "stdin: lateness,"):
         assert label in out, f"{label} missing from:\n{out}"

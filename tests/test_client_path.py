@@ -1,4 +1,5 @@
-"""The client path stays light: no rich, asyncio, sqlite3 or watchfiles on a pipe."""
+"""The client path stays light: no rich, asyncio, sqlite3 or watchfiles on a pipe, and a plain
+`debounce run` not even click (the fast path, debounce_cli/fast.py)."""
 
 from __future__ import annotations
 
@@ -11,14 +12,25 @@ HEAVY = ("rich", "asyncio", "sqlite3", "watchfiles")
 
 PROBE = f"""
 import sys
-from debounce_cli import cli
+from debounce_cli import fast
+sys.argv = ["debounce", *sys.argv[1:]]
 try:
-    cli.main(sys.argv[1:])
+    fast.main()
 except SystemExit as exc:
     status = exc.code
-loaded = [m for m in {HEAVY!r} if m in sys.modules]
+loaded = [m for m in {(*HEAVY, "click")!r} if m in sys.modules]
 print("LOADED=" + ",".join(loaded), file=sys.__stderr__)
 """
+
+
+def _loaded(world, args: list[str]) -> list[str]:
+    proc = subprocess.run(
+        [sys.executable, "-c", PROBE, *args],
+        capture_output=True, text=True, env=world.env, cwd=world.work, timeout=30,
+    )
+    line = [x for x in proc.stderr.splitlines() if x.startswith("LOADED=")]
+    assert line, proc.stderr
+    return [m for m in line[-1][7:].split(",") if m]
 
 
 @pytest.mark.parametrize(
@@ -26,17 +38,22 @@ print("LOADED=" + ",".join(loaded), file=sys.__stderr__)
     [
         ["--help"],
         ["run", "--help"],
-        ["run", "--delay", "50ms", "--", "echo", "hi"],
-        ["run", "--no-wait", "--delay", "50ms", "--", "true"],
         ["run", "--delay", "nope", "--", "true"],
+        ["status"],
     ],
 )
 def test_client_commands_on_a_pipe_import_nothing_heavy(world, args):
     """What `debounce run` loads on a pipe decides its start-up time on every event."""
-    proc = subprocess.run(
-        [sys.executable, "-c", PROBE, *args],
-        capture_output=True, text=True, env=world.env, cwd=world.work, timeout=30,
-    )
-    line = [x for x in proc.stderr.splitlines() if x.startswith("LOADED=")]
-    assert line, proc.stderr
-    assert line[-1] == "LOADED=", f"{args} imported {line[-1][7:]}"
+    assert set(_loaded(world, args)) <= {"click"}, args
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["run", "--delay", "50ms", "--", "echo", "hi"],
+        ["run", "--no-wait", "--delay", "50ms", "--key", "k", "--", "true"],
+        ["run", "-q", "--on-busy", "restart", "--throttle", "100ms", "--json", "true"],
+    ],
+)
+def test_a_plain_run_does_not_even_import_click(world, args):
+    assert _loaded(world, args) == [], args

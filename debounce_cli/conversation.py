@@ -1,0 +1,183 @@
+"""Submit an invocation (or attach to one) and follow it to its end, without click.
+
+The fast path of ``debounce run`` (``fast.py``) and the click commands (``cli.py``) share
+this: what the client says while it waits, and how an answer becomes an exit status.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any, NoReturn
+
+from debounce_cli.exits import ExitStatus
+from debounce_cli.states import BAD_REQUEST, KILLED, LOST, NOT_FOUND, TIMED_OUT
+
+
+class Failure(Exception):
+    """A failure of debounce itself: one line for stderr and the exit status to leave with."""
+
+    def __init__(self, message: str, status: int):
+        super().__init__(message)
+        self.status = status
+
+
+class UsageProblem(ValueError):
+    """The command line cannot make a request (the message says why): a usage error."""
+
+
+def run_request(argv: list[str], key_template: str | None, options: dict[str, Any],
+                no_wait: bool) -> Any:
+    """The RunRequest of ``debounce run``: this process's directory and environment."""
+    from debounce_cli import protocol
+    from debounce_cli.keys import KeyTemplateError, compute_key
+
+    if not argv:
+        raise UsageProblem("missing COMMAND: write debounce run [OPTIONS] -- COMMAND [ARG]...")
+    try:
+        cwd = os.getcwd()
+    except OSError as exc:
+        raise Failure(f"cannot read the current directory: {exc.strerror}",
+                      ExitStatus.USAGE) from None
+    env = dict(os.environ)
+    try:
+        key = compute_key(key_template, argv, cwd, env)
+    except KeyTemplateError as exc:
+        raise UsageProblem(str(exc)) from None
+    return protocol.RunRequest(argv=argv, cwd=cwd, env=env, key=key, options=options,
+                               wait=not no_wait)
+
+
+def converse(
+    sock: str,
+    request: Any,
+    key: str,
+    quiet: bool,
+    as_json: bool,
+    no_wait: bool = False,
+    wait_timeout: float | None = None,
+) -> int:
+    """Send a run or wait request and follow it to the end; return the exit status."""
+    import functools
+
+    from debounce_cli import client, protocol
+
+    try:
+        conn = client.connect(sock, request)
+    except client.ClientError as exc:
+        raise Failure(str(exc), client_status(exc)) from None
+    try:
+        if no_wait:
+            reply = conn.recv(timeout=30)
+            if isinstance(reply, protocol.Accepted):
+                if as_json:
+                    import json
+
+                    print(json.dumps({
+                        "id": reply.id, "key": reply.key, "state": reply.state,
+                        "due_in": reply.due_in, "coalesced": reply.coalesced,
+                    }))
+                return ExitStatus.SUCCESS
+            refused(reply, key)
+        display: client.Display = client.Display()
+        out: Any = None if quiet else client.write_output
+        if quiet:
+            pass
+        elif as_json:
+            out = stderr_only  # stdout is for the JSON object
+        elif sys.stderr is not None and sys.stderr.isatty():
+            from debounce_cli.render import TerminalDisplay
+
+            terminal = TerminalDisplay()
+            display = terminal
+            out = functools.partial(terminal.output, write=client.write_output)
+        try:
+            result = client.wait_for_run(conn, display, out, wait_timeout)
+        except TimeoutError:
+            if wait_timeout is None:
+                raise
+            raise Failure(f"gave up waiting for {key} after {wait_timeout:g}s",
+                          ExitStatus.WAIT_TIMEOUT) from None
+        except client.DaemonLost as lost:
+            filed = lost.key or key
+            raise Failure(
+                f"lost the daemon while waiting for {filed}; "
+                f"run 'debounce wait {quote(filed)}' to reattach",
+                ExitStatus.DAEMON_LOST,
+            ) from None
+        except KeyboardInterrupt:
+            # Stop waiting; the invocation stays with the daemon for the other waiters.
+            say(f"debounce: stopped waiting; {key} stays with the daemon "
+                 f"('debounce wait --key {quote(key)}' reattaches)")
+            return ExitStatus.INTERRUPTED
+        if isinstance(result, protocol.Finished):
+            if result.outcome == LOST:
+                raise Failure(
+                    f"run {result.run_id} of {result.key} was lost: its daemon died while it ran",
+                    ExitStatus.DAEMON_LOST,
+                )
+            if result.outcome == TIMED_OUT:
+                from debounce_cli.durations import format_duration
+
+                took = format_duration(result.finished_at - result.started_at)
+                say(f"debounce: run {result.run_id} timed out after {took}")
+            elif result.outcome == KILLED:
+                say(f"debounce: run {result.run_id} was stopped by 'debounce kill'")
+            if as_json:
+                from debounce_cli.render import finished_json
+
+                print(finished_json(result))
+            return result.exit_code
+        if isinstance(result, protocol.Cancelled):
+            raise Failure(f"{result.key} was cancelled before it ran", ExitStatus.CANCELLED)
+        refused(result, key)
+    except client.ClientError as exc:
+        raise Failure(str(exc), ExitStatus.DAEMON_UNREACHABLE) from None
+    except TimeoutError:
+        raise Failure("the daemon did not answer within 30s",
+                      ExitStatus.DAEMON_UNREACHABLE) from None
+    finally:
+        conn.close()
+
+
+def say(line: str) -> None:
+    """One line of debounce's own on stderr (nothing if stderr is closed)."""
+    try:
+        print(line, file=sys.stderr, flush=True)
+    except (OSError, ValueError):
+        pass
+
+
+def stderr_only(fd: int, data: bytes) -> None:
+    from debounce_cli import client
+
+    if fd == 2:
+        client.write_output(fd, data)
+
+
+def client_status(exc: Any) -> int:
+    """An unsafe socket location is the user's to mend (usage); anything else is unreachable."""
+    return ExitStatus.USAGE if exc.code == "unsafe" else ExitStatus.DAEMON_UNREACHABLE
+
+
+def refused(reply: Any, key: str) -> NoReturn:
+    from debounce_cli import protocol
+
+    if reply is None:
+        raise Failure(f"the daemon closed the connection before accepting {key}",
+                      ExitStatus.DAEMON_LOST)
+    if isinstance(reply, protocol.Error):
+        status = {
+            BAD_REQUEST: ExitStatus.USAGE,
+            NOT_FOUND: ExitStatus.NOT_FOUND,
+        }.get(reply.code, ExitStatus.REFUSED)
+        raise Failure(reply.message, status)
+    raise Failure(f"unexpected answer from the daemon: {reply.type}", ExitStatus.REFUSED)
+
+
+def quote(text: str) -> str:
+    import shlex
+
+    return shlex.quote(text)
+
+
