@@ -13,10 +13,13 @@ import os
 import struct
 import sys
 import time
-from collections.abc import Callable
 
 from debounce_cli import paths, protocol
 from debounce_cli.protocol import Message
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 #: How long a client waits for an auto-started daemon to say it is ready.
 START_TIMEOUT = 10.0

@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Any, NoReturn
 
 from debounce_cli.exits import ExitStatus
 from debounce_cli.states import BAD_REQUEST, KILLED, LOST, NOT_FOUND, TIMED_OUT
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any, NoReturn
 
 
 class Failure(Exception):

@@ -1,20 +1,36 @@
 """Parse and format durations such as ``250ms``, ``1m30s`` or ``0.5``.
 
-Kept free of imports beyond ``re`` because the client parses ``--delay`` on every call.
+Parsed by hand, without ``re``: the client parses ``--delay`` on every call, and importing
+the regular expression engine would cost it more than the parsing.
 """
 
 from __future__ import annotations
 
 import math
-import re
 
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
-_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ms|s|m|h|d)")
-_BARE = re.compile(r"\d+(?:\.\d*)?|\.\d+")
+_ORDER = ("d", "h", "m", "s", "ms")  # largest first
+_DIGITS = frozenset("0123456789")
 
 
 class DurationError(ValueError):
     """A duration that cannot be parsed; the message says what to write instead."""
+
+
+def _number(text: str, pos: int) -> tuple[str, int]:
+    """The number at ``pos`` (``12``, ``1.5``, ``1.``, ``.5``) and where it ends; "" if none."""
+    start = pos
+    while pos < len(text) and text[pos] in _DIGITS:
+        pos += 1
+    whole = pos > start
+    if pos < len(text) and text[pos] == ".":
+        frac_start = pos + 1
+        end = frac_start
+        while end < len(text) and text[end] in _DIGITS:
+            end += 1
+        if whole or end > frac_start:
+            return text[start:end], end
+    return (text[start:pos], pos) if whole else ("", start)
 
 
 def parse_duration(text: str) -> float:
@@ -28,21 +44,21 @@ def parse_duration(text: str) -> float:
     text = text.strip().lower()
     if not text:
         raise DurationError("empty duration; write e.g. 250ms, 2s, 1m30s or 0.5")
-    if _BARE.fullmatch(text):
-        value = float(text)
+    number, end = _number(text, 0)
+    if number and end == len(text):
+        value = float(number)
     else:
         pos = 0
         value = 0.0
-        last_rank = None
-        order = ["d", "h", "m", "s", "ms"]
+        last_rank: int | None = None
         while pos < len(text):
-            match = _PART.match(text, pos)
-            if not match:
+            number, pos = _number(text, pos)
+            unit = "ms" if text.startswith("ms", pos) else text[pos:pos + 1]
+            if not number or unit not in _UNITS:
                 raise DurationError(
                     f"invalid duration {raw!r}; write e.g. 250ms, 2s, 1.5s, 1m30s, 2h or 0.5"
                 )
-            number, unit = match.groups()
-            rank = order.index(unit)
+            rank = _ORDER.index(unit)
             if last_rank is not None and rank <= last_rank:
                 raise DurationError(
                     f"invalid duration {raw!r}: units must appear once each, largest first "
@@ -50,7 +66,7 @@ def parse_duration(text: str) -> float:
                 )
             last_rank = rank
             value += float(number) * _UNITS[unit]
-            pos = match.end()
+            pos += len(unit)
     if not math.isfinite(value):
         raise DurationError(f"invalid duration {raw!r}: too large")
     return value

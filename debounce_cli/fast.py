@@ -12,21 +12,40 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Any, NamedTuple, NoReturn
 
 from debounce_cli import options as table
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any, NoReturn
 
-class RunArgs(NamedTuple):
+
+class RunArgs:
     """What a ``debounce run`` command line says."""
 
-    command: list[str]
-    key_template: str | None
-    options: dict[str, Any]  # a RunRequest's options object
-    no_wait: bool
-    quiet: bool
-    as_json: bool
-    socket_path: str | None
+    __slots__ = ("as_json", "command", "key_template", "no_wait", "options", "quiet",
+                 "socket_path")
+
+    def __init__(self, command: list[str], key_template: str | None, options: dict[str, Any],
+                 no_wait: bool, quiet: bool, as_json: bool, socket_path: str | None) -> None:
+        self.command = command
+        self.key_template = key_template
+        self.options = options  # a RunRequest's options object
+        self.no_wait = no_wait
+        self.quiet = quiet
+        self.as_json = as_json
+        self.socket_path = socket_path
+
+    def _fields(self) -> tuple[Any, ...]:
+        return tuple(getattr(self, name) for name in self.__slots__)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, RunArgs) and self._fields() == other._fields()
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return "RunArgs(" + ", ".join(f"{n}={getattr(self, n)!r}" for n in self.__slots__) + ")"
 
 
 #: The run command's own flags that take no value, by flag, with their RunArgs field.

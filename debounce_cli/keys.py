@@ -8,11 +8,14 @@ named, so the renderer can never reach more than the invocation's own argv, cwd 
 
 from __future__ import annotations
 
-import re
-import shlex
-from collections.abc import Mapping, Sequence
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Mapping, Sequence
 
-_ENV_FIELD = re.compile(r"env\[([A-Za-z_][A-Za-z0-9_]*)\]")
+#: Characters shlex.quote leaves unquoted (its pattern, without importing re or shlex).
+_SAFE = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_@%+=:,./-")
+_NAME_START = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ_")
+_NAME = _NAME_START | frozenset("0123456789")
 _FIELDS_HELP = "use {0}..{N}, {args}, {cwd}, {env[NAME]}, or {{ and }} for literal braces"
 
 
@@ -25,7 +28,21 @@ def default_key(argv: Sequence[str], cwd: str) -> str:
 
     Written like a shell prompt (``/src/app$ make test``) so that it reads well in ``status``.
     """
-    return f"{cwd}$ {shlex.join(argv)}"
+    return f"{cwd}$ {join(argv)}"
+
+
+def quote(word: str) -> str:
+    """``shlex.quote``, to the byte, without its imports (the client computes keys)."""
+    if not word:
+        return "''"
+    if all(c in _SAFE for c in word):
+        return word
+    return "'" + word.replace("'", "'\"'\"'") + "'"
+
+
+def join(argv: Sequence[str]) -> str:
+    """``shlex.join``, to the byte."""
+    return " ".join(quote(word) for word in argv)
 
 
 def parse_template(template: str) -> list[str | tuple[str, str]]:
@@ -77,9 +94,10 @@ def _field(name: str, template: str) -> tuple[str, str]:
         return ("arg", str(int(name)))
     if name in ("args", "cwd"):
         return (name, "")
-    match = _ENV_FIELD.fullmatch(name)
-    if match:
-        return ("env", match.group(1))
+    if name.startswith("env[") and name.endswith("]"):
+        var = name[4:-1]
+        if var and var[0] in _NAME_START and all(c in _NAME for c in var):
+            return ("env", var)
     raise KeyTemplateError(f"key template {template!r}: unknown field {{{name}}}; {_FIELDS_HELP}")
 
 
@@ -103,7 +121,7 @@ def render_key(
                 )
             out.append(argv[index])
         elif kind == "args":
-            out.append(shlex.join(argv[1:]))
+            out.append(join(argv[1:]))
         elif kind == "cwd":
             out.append(cwd)
         else:

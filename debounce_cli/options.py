@@ -11,7 +11,9 @@ The client imports this module on every ``debounce run``: plain tuples and const
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any
 
 # Kinds of values.
 DURATION = "duration"  # seconds as a float; written 250ms, 2s, 1m30s or 0.5
@@ -26,27 +28,37 @@ SIGNALS = ("HUP", "INT", "QUIT", "USR1", "USR2", "TERM", "ALRM", "CONT", "WINCH"
 KILL_SIGNALS = (*SIGNALS, "KILL", "STOP")
 
 
-class RunOption(NamedTuple):
+class RunOption:
     """One scheduling option of an invocation.
 
     ``name`` is the field of ``scheduler.Options`` and of a run request's ``options`` object.
     ``flag`` is how the command line writes it; a flag that turns a field off (``--no-defer``
     for ``defer``) has ``negated`` set, and the field holds the opposite of the flag. A
-    duration whose default is ``None`` is optional: absent means "no limit".
+    duration whose default is ``None`` is optional: absent means "no limit". ``shorthand``
+    marks an option that is no field of its own but sets others (``--throttle D`` is
+    ``--leading --delay D --max-wait D``; see :func:`expand`).
+
+    (A plain class, not a NamedTuple: the client imports this table on every ``debounce run``
+    and ``typing`` would cost it more than everything else here.)
     """
 
-    name: str
-    flag: str
-    kind: str
-    default: Any
-    help: str
-    metavar: str | None = None
-    choices: tuple[str, ...] = ()
-    negated: bool = False
-    envvar: str | None = None
-    #: Not a field of its own: sets others (``--throttle D`` is ``--leading --delay D
-    #: --max-wait D``); see :func:`expand`.
-    shorthand: bool = False
+    __slots__ = ("choices", "default", "envvar", "flag", "help", "kind", "metavar", "name",
+                 "negated", "shorthand")
+
+    def __init__(self, name: str, flag: str, kind: str, default: Any, help: str,
+                 metavar: str | None = None, choices: tuple[str, ...] = (),
+                 negated: bool = False, envvar: str | None = None,
+                 shorthand: bool = False) -> None:
+        self.name = name
+        self.flag = flag
+        self.kind = kind
+        self.default = default
+        self.help = help
+        self.metavar = metavar
+        self.choices = choices
+        self.negated = negated
+        self.envvar = envvar
+        self.shorthand = shorthand
 
     @property
     def param(self) -> str:
@@ -175,16 +187,20 @@ def usage_problems(options: dict[str, Any]) -> list[str]:
 
 
 # ------------------------------------------------------------------ the daemon's settings
-class DaemonOption(NamedTuple):
+class DaemonOption:
     """One setting of ``debounce daemon`` (field of ``daemon.Config``)."""
 
-    name: str
-    flag: str
-    kind: str
-    default: Any
-    help: str
-    metavar: str | None = None
-    minimum: int | None = None
+    __slots__ = ("default", "flag", "help", "kind", "metavar", "minimum", "name")
+
+    def __init__(self, name: str, flag: str, kind: str, default: Any, help: str,
+                 metavar: str | None = None, minimum: int | None = None) -> None:
+        self.name = name
+        self.flag = flag
+        self.kind = kind
+        self.default = default
+        self.help = help
+        self.metavar = metavar
+        self.minimum = minimum
 
 
 DAEMON_OPTIONS: tuple[DaemonOption, ...] = (

@@ -19,12 +19,17 @@ raises anything else.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from itertools import repeat
-from typing import Any, ClassVar
 
 from debounce_cli import states
 from debounce_cli.options import FIELDS, HISTORY_LIMIT
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from typing import Any, ClassVar
+
+    Check = Callable[[Any], bool]
 
 VERSION = 1
 #: Largest request the daemon accepts, newline included. A full argv plus environment is far
@@ -631,9 +636,6 @@ def _is_int(value: Any) -> bool:  # the journal stores integers in 64 bits
 
 def _is_num(value: Any) -> bool:
     return type(value) is float or _is_int(value)
-
-
-Check = Callable[[Any], bool]
 
 
 def _maybe(check: Check) -> Check:

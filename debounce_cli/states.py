@@ -7,7 +7,9 @@ they are; this module is imported by the client, so it holds nothing but constan
 
 from __future__ import annotations
 
-from typing import Final
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Final
 
 # Invocation states (SPEC "Words"). A run is RUNNING or FINISHED.
 PENDING: Final = "pending"  # waiting for its quiet period, or due and waiting for its key
