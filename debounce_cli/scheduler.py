@@ -39,7 +39,7 @@ from __future__ import annotations
 import heapq
 import itertools
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -99,9 +99,9 @@ class Invocation:
     waiters: list[Any] = field(default_factory=list)
     #: Waiters of a run stopped for --on-busy restart that now follow this invocation, with
     #: that run: if this one is cancelled they get that run's result instead.
-    adopted: list[tuple[Any, Run]] = field(default_factory=list)
+    adopted: Sequence[tuple[Any, Run]] = ()  # (an empty tuple is shared: memory per pending)
     #: With --collect, the payloads of every invocation this one stands for, oldest first.
-    batch: list[Any] = field(default_factory=list)
+    batch: Sequence[Any] = ()
 
     def head(self) -> Invocation:
         """Follow the chain of replacements to the invocation that stands for this one now."""
@@ -325,9 +325,9 @@ class Scheduler:
             inv.coalesced = prev.coalesced + 1
             inv.waiters = prev.waiters + inv.waiters
             prev.waiters = []
-            inv.adopted, prev.adopted = prev.adopted, []
+            inv.adopted, prev.adopted = prev.adopted, ()
             if options.collect:
-                inv.batch = (prev.batch or [prev.payload]) + [inv.payload]
+                inv.batch = [*(prev.batch or [prev.payload]), inv.payload]
             prev.replaced_by = inv
             inv.replaced = prev
             was_queued = prev.state == QUEUED
@@ -376,7 +376,7 @@ class Scheduler:
         inv = Invocation(
             id=invocation_id, key=key, options=options, received_at=received_at,
             payload=payload, due=due, first_at=first_at, coalesced=coalesced,
-            leading_edge=leading_edge, batch=batch or [],
+            leading_edge=leading_edge, batch=batch or (),
         )
         ks = self.keys.get(key)
         if ks is None:
@@ -414,7 +414,8 @@ class Scheduler:
                 # Its waiters follow the run that replaces it; should that one be cancelled
                 # before it starts, they are told this run's real result, never "cancelled".
                 replacement.waiters[:0] = waiters
-                replacement.adopted.extend((waiter, run) for waiter in waiters)
+                replacement.adopted = [*replacement.adopted,
+                                       *((waiter, run) for waiter in waiters)]
                 waiters = []
         run.invocation.state = FINISHED
         self._transition(run, FINISHED)
@@ -456,7 +457,7 @@ class Scheduler:
         waiters, inv.waiters = inv.waiters, []
         self._transition(inv, CANCELLED)
         adopted = dict(inv.adopted)  # waiters of a run it was to replace: their run's result
-        inv.adopted = []
+        inv.adopted = ()
         cancelled = [w for w in waiters if w not in adopted]
         if cancelled or not adopted:
             effects.append(Cancelled(inv, cancelled))
@@ -515,7 +516,7 @@ class Scheduler:
             return True
         prev.replaced_by = None
         prev.waiters = others
-        prev.adopted, inv.adopted = inv.adopted, []
+        prev.adopted, inv.adopted = inv.adopted, ()
         self._set_pending(ks, prev)
         if ks.burst_leader is inv:
             ks.burst_leader = prev
@@ -686,7 +687,7 @@ class Scheduler:
             waiters=inv.waiters,
         )
         inv.waiters = []
-        inv.adopted = []  # they follow this run now
+        inv.adopted = ()  # they follow this run now
         inv.run = run
         if inv.options.timeout is not None:
             run.deadline = now + inv.options.timeout
