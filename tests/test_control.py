@@ -300,10 +300,10 @@ def test_a_background_child_holding_the_output_does_not_hold_the_run(world):
     """`cmd &` inside the command: the run ends when the command does, as in a shell."""
     started = time.monotonic()
     r = world.run("run", "--delay", "10ms", "--timeout", "20s", "--", "sh", "-c",
-                  "echo before; sleep 30 & exit 3", timeout=25)
+                  "echo before; sleep 30.0417 & exit 3", timeout=25)
     assert (r.returncode, r.stdout) == (3, "before\n")
     assert time.monotonic() - started < 10
-    subprocess.run(["pkill", "-f", "sleep 30"], check=False)
+    subprocess.run(["pkill", "-f", "sleep 30.0417"], check=False)  # only this test's child
 
 
 def test_clients_joining_a_running_run_get_its_output_once_and_in_order(world):
