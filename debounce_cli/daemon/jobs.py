@@ -60,6 +60,7 @@ class Shared:
         self.envs: dict[frozenset[tuple[str, str]], dict[str, str]] = {}
         self.option_sets: dict[tuple[tuple[str, type, Any], ...], Options] = {}
         self.argvs: dict[tuple[str, ...], list[str]] = {}
+        self.parsed_options: dict[Options, Options] = {}
 
     def env(self, env: dict[str, str]) -> dict[str, str]:
         key = frozenset(env.items())
@@ -92,6 +93,15 @@ class Shared:
             if len(self.option_sets) >= self.LIMIT:
                 self.option_sets.clear()
             self.option_sets[key] = found
+        return found
+
+    def same_options(self, options: Options) -> Options:
+        """One copy of equal option sets that were parsed apart (stdin lines)."""
+        found = self.parsed_options.get(options)
+        if found is None:
+            if len(self.parsed_options) >= self.LIMIT:
+                self.parsed_options.clear()
+            found = self.parsed_options[options] = options
         return found
 
     def job(self, argv: list[str], cwd: str, env: dict[str, str]) -> Job:

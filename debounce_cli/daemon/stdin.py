@@ -40,23 +40,20 @@ class StdinWaiter:
     def __init__(self) -> None:
         self.failures = 0
         self.runs: set[int] = set()  # runs whose output goes to stdout/stderr now
-        self.lines: dict[str, list[tuple[int, int]]] = {}  # key -> (invocation id, line)
+        #: key -> (invocation id, line) of its latest line: the one that wins, unless a later
+        #: line of the key came while its run went on (then the key names it instead).
+        self.lines: dict[str, tuple[int, int]] = {}
 
     def submitted(self, key: str, invocation: int, number: int) -> None:
-        self.lines.setdefault(key, []).append((invocation, number))
+        self.lines[key] = (invocation, number)
 
     def _line_of(self, key: str, invocation: int) -> int | None:
-        """The line of the invocation that won (and forget the lines it stood for)."""
-        entries = self.lines.get(key)
-        if not entries:
+        """The line of the invocation that won, if it was the key's latest."""
+        latest = self.lines.get(key)
+        if latest is None or latest[0] != invocation:
             return None
-        number = next((n for i, n in entries if i == invocation), entries[-1][1])
-        rest = [(i, n) for i, n in entries if i > invocation]
-        if rest:
-            self.lines[key] = rest
-        else:
-            del self.lines[key]
-        return number
+        del self.lines[key]
+        return latest[1]
 
     def raw(self, line: bytes) -> None:
         pass
@@ -90,8 +87,8 @@ class StdinWaiter:
                      f"{msg.exit_code} (run {msg.run_id}, {msg.outcome})")
         elif isinstance(msg, protocol.Cancelled):
             self.failures += 1
-            entries = self.lines.pop(msg.key, [])
-            where = f"line {entries[-1][1]}" if entries else f"key {msg.key!r}"
+            latest = self.lines.pop(msg.key, None)
+            where = f"line {latest[1]}" if latest else f"key {msg.key!r}"
             _say(f"debounce: stdin {where}: cancelled before it ran")
 
 
@@ -175,6 +172,7 @@ class StdinSource:
             self._fail(number, refusal)
             return
         key, options, job = parsed
+        options = self.core.shared.same_options(options)
         env = self.base_env if job.env is self.base.env else job.env
         job = self.core.shared.job(job.argv, job.cwd, env)
         inv = self.core.submit(key, options, job, self.waiter, _Line(number, self.waiter))
