@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import IO
 
 import pytest
+from test_durability import lock_pid
 
 from debounce_cli import protocol
 from debounce_cli.states import LOST
@@ -73,24 +74,6 @@ class Round:
 
 
 # ----------------------------------------------------------------------------- helpers
-
-
-def lock_pid(sock_path: str) -> int | None:
-    """The pid of the daemon holding the lock of ``sock_path``, if one does."""
-    import fcntl
-
-    try:
-        fd = os.open(sock_path + ".lock", os.O_RDONLY)
-    except OSError:
-        return None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        return None
-    except BlockingIOError:
-        text = os.read(fd, 64).decode().strip()
-        return int(text) if text else None
-    finally:
-        os.close(fd)
 
 
 def connect(world) -> tuple[socket.socket, IO[bytes], int]:

@@ -173,21 +173,20 @@ def _key_of(core: Core, key: str, by: str | None) -> str | protocol.Error:
 
 
 def handle_flush(ctx: Context, client: Client, req: protocol.FlushRequest) -> Reply:
-    key = _key_of(ctx.core, req.key, req.by)
-    if isinstance(key, protocol.Error):
-        return key
-    if ctx.core.flush(key):
-        return protocol.Done(ok=True, message=f"flushed {key}")
-    return _nothing_pending(key)
+    return _on_pending(ctx.core.flush, "flushed", _key_of(ctx.core, req.key, req.by))
 
 
 def handle_cancel(ctx: Context, client: Client, req: protocol.CancelRequest) -> Reply:
-    key = _key_of(ctx.core, req.key, req.by)
+    return _on_pending(ctx.core.cancel, "cancelled", _key_of(ctx.core, req.key, req.by))
+
+
+def _on_pending(act: Callable[[str], bool], done: str, key: str | protocol.Error) -> Reply:
+    """Act on what is pending for ``key``: Done, or why not."""
     if isinstance(key, protocol.Error):
         return key
-    if ctx.core.cancel(key):
-        return protocol.Done(ok=True, message=f"cancelled {key}")
-    return _nothing_pending(key)
+    if act(key):
+        return protocol.Done(ok=True, message=f"{done} {key}")
+    return protocol.Error(message=f"nothing is pending for key {key!r}", code=NOT_FOUND)
 
 
 def handle_kill(ctx: Context, client: Client, req: protocol.KillRequest) -> Reply:
@@ -220,10 +219,6 @@ def handle_stop(ctx: Context, client: Client, req: protocol.StopRequest) -> Repl
     client.close()
     ctx.shutdown()
     return None
-
-
-def _nothing_pending(key: str) -> protocol.Error:
-    return protocol.Error(message=f"nothing is pending for key {key!r}", code=NOT_FOUND)
 
 
 #: The handler of each request type (the hello is the connection's own business).
