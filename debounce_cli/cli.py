@@ -117,6 +117,8 @@ def _daemon_options(func: Any) -> Any:
                           show_default=True)
         elif option.kind == table.FLAG:
             kwargs.update(default=option.default, show_default=True)
+        elif option.kind == table.STORE:
+            kwargs.update(metavar=option.metavar, envvar=table.STORE_ENV, show_envvar=True)
         else:
             kwargs.update(type=click.IntRange(min=option.minimum), metavar=option.metavar)
             if option.default is not None:
@@ -125,6 +127,15 @@ def _daemon_options(func: Any) -> Any:
     for decorator in reversed(decorators):
         func = decorator(func)
     return func
+
+
+def _host_id() -> str:
+    """This daemon's host in the fleet: $DEBOUNCE_HOST_ID, else the hostname."""
+    import socket
+
+    from debounce_cli.options import HOST_ENV
+
+    return os.environ.get(HOST_ENV) or socket.gethostname()
 
 
 def _options(**values: Any) -> dict[str, Any]:
@@ -218,6 +229,7 @@ def run(
 @_daemon_options
 @_invocation_options
 @click.option("--ready-fd", type=int, hidden=True)
+@click.option("--clock-skew", type=float, default=0.0, hidden=True)  # tests: a host's clock off
 def daemon(
     socket_path: str | None,
     read_stdin: bool,
@@ -227,8 +239,11 @@ def daemon(
     keep_logs: int,
     keep_logs_total: int,
     keep_history: int,
+    store: str | None,
+    lease: float,
     key_template: str | None,
     ready_fd: int | None,
+    clock_skew: float,
     **scheduling: Any,
 ) -> int:
     """Serve the socket in the foreground (clients start one on demand).
@@ -260,7 +275,20 @@ def daemon(
         keep_logs_total=keep_logs_total,
         keep_history=keep_history,
         listen_fd=_listen_fd(),
+        store=store or None,
+        lease=lease,
+        host_id=_host_id(),
+        clock_skew=clock_skew,
     )
+    if config.store is not None:
+        from debounce_cli.daemon.fleet.url import StoreURLError, parse_store_url
+
+        try:
+            parse_store_url(config.store)
+        except StoreURLError as exc:
+            raise click.UsageError(str(exc)) from None
+        if lease <= 0:
+            raise click.UsageError("--lease must be greater than 0")
     try:
         return daemon_mod.run_daemon(config)
     except PathError as exc:
@@ -404,12 +432,15 @@ def stop(socket_path: str | None) -> int:
 
 @cli.command()
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+@click.option("--fleet", is_flag=True,
+              help="Show the fleet's keys (every host's, from the store) instead of this "
+              "daemon's.")
 @_socket_option
-def status(as_json: bool, socket_path: str | None) -> int:
+def status(as_json: bool, fleet: bool, socket_path: str | None) -> int:
     """Show pending and running keys."""
     from debounce_cli import protocol, render
 
-    reply = _ask(socket_path, protocol.StatusRequest())
+    reply = _ask(socket_path, protocol.StatusRequest(fleet=fleet))
     assert isinstance(reply, protocol.StatusReply)
     if as_json:
         print(render.status_json(reply))
@@ -521,12 +552,16 @@ def wait(
 @click.option("--limit", type=click.IntRange(min=1), default=HISTORY_LIMIT, show_default=True,
               help="Show at most this many runs, newest first.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object per line.")
+@click.option("--fleet", is_flag=True,
+              help="Show the fleet's runs (every host's, from the store) instead of this "
+              "daemon's.")
 @_socket_option
-def history(key: str | None, limit: int, as_json: bool, socket_path: str | None) -> int:
+def history(key: str | None, limit: int, as_json: bool, fleet: bool,
+            socket_path: str | None) -> int:
     """Show finished runs (of KEY, or of every key), newest first."""
     from debounce_cli import protocol, render
 
-    reply = _ask(socket_path, protocol.HistoryRequest(key=key, limit=limit))
+    reply = _ask(socket_path, protocol.HistoryRequest(key=key, limit=limit, fleet=fleet))
     if not as_json and sys.stdout is not None and sys.stdout.isatty():
         render.history_table(reply.runs)
         return ExitStatus.SUCCESS

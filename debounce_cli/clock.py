@@ -24,6 +24,20 @@ class SystemClock:
     wall = staticmethod(time.time)
 
 
+class SkewedClock:
+    """The real clocks, the wall clock off by ``skew`` seconds: a test stands for a host whose
+    clock is wrong (``debounce daemon --clock-skew``). The monotonic clock has no meaning
+    across hosts, so it stays the event loop's."""
+
+    def __init__(self, skew: float) -> None:
+        self.skew = skew
+
+    monotonic = staticmethod(time.monotonic)
+
+    def wall(self) -> float:
+        return time.time() + self.skew
+
+
 class FakeClock:
     """A clock that stands still until :meth:`advance` or :meth:`set` moves it.
 

@@ -20,6 +20,7 @@ DURATION = "duration"  # seconds as a float; written 250ms, 2s, 1m30s or 0.5
 FLAG = "flag"  # a boolean switch
 CHOICE = "choice"  # one of ``choices``
 COUNT = "count"  # a whole number (daemon settings)
+STORE = "store"  # a store URL (daemon settings)
 
 ON_BUSY = ("queue", "restart", "ignore", "signal")
 #: Signals --signal may name (without SIG), for --on-busy signal.
@@ -123,6 +124,11 @@ RUN_OPTIONS: tuple[RunOption, ...] = (
         "last arguments of all of them, in order of arrival ($DEBOUNCE_BATCH lists them all).",
     ),
     RunOption(
+        "fleet", "--fleet", FLAG, False,
+        "Share the key with every host of the fleet (the daemons on one store, "
+        "DEBOUNCE_STORE): one run fleet-wide.",
+    ),
+    RunOption(
         "stop_timeout", "--stop-timeout", DURATION, 5.0,
         "After SIGTERM, wait this long before SIGKILL.",
     ),
@@ -218,9 +224,21 @@ DAEMON_OPTIONS: tuple[DaemonOption, ...] = (
                  "Keep at most N output logs in all.", metavar="N", minimum=0),
     DaemonOption("keep_history", "--keep-history", COUNT, 10000,
                  "Keep the last N finished runs in the history.", metavar="N", minimum=1),
+    DaemonOption("store", "--store", STORE, None,
+                 "The fleet's store, redis://[user:password@]host:port/db (also rediss:// "
+                 "and unix://path): keys submitted with --fleet are shared by every daemon "
+                 "on it.", metavar="URL"),
+    DaemonOption("lease", "--lease", DURATION, 10.0,
+                 "Fleet: a host silent this long is gone; another daemon takes over what it "
+                 "was to run."),
 )
 
 DAEMON_DEFAULTS: dict[str, Any] = {option.name: option.default for option in DAEMON_OPTIONS}
+
+#: The environment variable that names the fleet's store (``--store``).
+STORE_ENV = "DEBOUNCE_STORE"
+#: The environment variable that names a daemon's host in the fleet (default: the hostname).
+HOST_ENV = "DEBOUNCE_HOST_ID"
 
 #: How many runs ``debounce history`` shows unless told otherwise.
 HISTORY_LIMIT = 20

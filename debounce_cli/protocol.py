@@ -134,9 +134,12 @@ class WaitRequest(Message):
 
 
 class StatusRequest(Message):
-    """Ask for every pending and running key (``debounce status``)."""
+    """Ask for every pending and running key (``debounce status``); with ``fleet``, the
+    fleet's keys instead of this daemon's."""
 
     type: ClassVar[str] = "status"
+    schema: ClassVar[dict[str, str]] = {"fleet": _BOOL}
+    fleet: bool = False
 
 
 class FlushRequest(Message):
@@ -161,9 +164,10 @@ class HistoryRequest(Message):
     """Finished runs, newest first, of one key or all (``debounce history``)."""
 
     type: ClassVar[str] = "history"
-    schema: ClassVar[dict[str, str]] = {"key": _OPT_STR, "limit": _INT}
+    schema: ClassVar[dict[str, str]] = {"key": _OPT_STR, "limit": _INT, "fleet": _BOOL}
     key: str | None = None
     limit: int = HISTORY_LIMIT
+    fleet: bool = False  # the fleet's runs instead of this daemon's
 
 
 class LogsRequest(Message):
@@ -378,7 +382,7 @@ class RunRecord(Record):
     schema: ClassVar[dict[str, str]] = {
         "run_id": _INT, "key": _STR, "argv": _STRS, "cwd": _STR, "exit_code": _OPT_INT,
         "coalesced": _INT, "started_at": _NUM, "finished_at": _OPT_NUM, "outcome": _OPT_STR,
-        "due_at": _OPT_NUM, "invocation": _OPT_INT, "log_path": _OPT_STR,
+        "due_at": _OPT_NUM, "invocation": _OPT_INT, "log_path": _OPT_STR, "host": _OPT_STR,
     }
     run_id: int = 0
     key: str = ""
@@ -392,6 +396,7 @@ class RunRecord(Record):
     due_at: float | None = None
     invocation: int | None = None
     log_path: str | None = None
+    host: str | None = None  # a fleet run: the host that ran it
 
     def started(self) -> Started:
         return Started(run_id=self.run_id, invocation=self.invocation or 0, key=self.key,
@@ -451,11 +456,14 @@ class KeyStatus(Record):
 
     schema: ClassVar[dict[str, str]] = {
         "key": _STR, "pending": "PendingRow?", "running": "RunningRow?", "last": "LastRun?",
+        "host": _OPT_STR,
     }
     key: str = ""
     pending: PendingRow | None = None
     running: RunningRow | None = None
     last: LastRun | None = None
+    #: A fleet key: the host that runs it (running), else the one that would (pending).
+    host: str | None = None
 
 
 REQUESTS: dict[str, type[Message]] = {

@@ -163,8 +163,15 @@ def status_text(reply: protocol.StatusReply) -> str:
 
 
 def status_json(reply: protocol.StatusReply) -> str:
-    keys = [row.to_dict() for row in reply.keys]
+    keys = [_without_host(row.to_dict()) for row in reply.keys]
     return json.dumps({"pid": reply.pid, "jobs": reply.jobs, "keys": keys}, default=_plain)
+
+
+def _without_host(row: dict[str, Any]) -> dict[str, Any]:
+    """Only fleet rows carry ``host``."""
+    if row.get("host", "") is None:
+        del row["host"]
+    return row
 
 
 def _plain(obj: Any) -> Any:
@@ -205,6 +212,8 @@ def history_json(runs: list[protocol.RunRecord]) -> str:
         row["finished_at"] = iso(run.finished_at) if run.finished_at else None
         row["due_at"] = iso(run.due_at) if run.due_at else None
         row["duration"] = round(_took(run), 3)
+        if run.host is not None:
+            row["host"] = run.host
         out.append(json.dumps(row))
     return "\n".join(out)
 

@@ -41,7 +41,7 @@ import itertools
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from debounce_cli import states
 from debounce_cli.options import DEFAULTS, usage_problems
@@ -50,7 +50,7 @@ from debounce_cli.states import CANCELLED, FINISHED, PENDING, QUEUED, RUNNING, S
 __all__ = [
     "CANCELLED", "FINISHED", "PENDING", "QUEUED", "RUNNING", "SUPERSEDED",
     "Cancelled", "Effect", "Invocation", "Joined", "KeyState", "Options", "Run", "RunFinished",
-    "Scheduler", "SignalRun", "StartRun", "Updated",
+    "Scheduler", "SignalRun", "StartRun", "Timing", "Updated", "arrive",
 ]
 
 
@@ -68,6 +68,7 @@ class Options:
     defer: bool = DEFAULTS["defer"]
     signal: str = DEFAULTS["signal"]
     collect: bool = DEFAULTS["collect"]
+    fleet: bool = DEFAULTS["fleet"]
 
     def problems(self) -> list[str]:
         """Usage errors, worded for the command line; empty when the options are usable."""
@@ -192,6 +193,54 @@ class Cancelled:
 Effect = StartRun | SignalRun | RunFinished | Joined | Updated | Cancelled
 
 
+class Timing(Protocol):
+    """A key's timing fields, as :class:`KeyState` keeps them (and the fleet's key state)."""
+
+    quiet_at: float
+    max_from: float
+    timer_first: float
+    edge_at: float
+
+
+def arrive(ks: Timing, options: Options, now: float) -> tuple[bool, bool, float]:
+    """One invocation of a key arrives at ``now``: lodash's ``debounce``, step for step.
+
+    Updates the key's timing fields and returns ``(new_burst, lead, edge)``: whether it
+    begins a burst, whether it runs at once (leading edge, or max-wait has passed), and when
+    the burst's trailing edge comes. A pure function of the fields, the options and ``now``,
+    so a local key and a fleet key (whose fields live in the store) follow the same rule.
+
+    A call "invokes" when a full delay has passed since the key's last call, or max-wait since
+    its last run started (or its burst began); with no trailing edge pending (lodash's
+    "timer"), that begins a burst; with one pending and a max-wait, the call runs at once.
+    Max-wait is never shorter than the delay.
+    """
+    max_wait = options.max_wait
+    if max_wait is not None:
+        max_wait = max(max_wait, options.delay)
+    edge_pending = now < ks.edge_at
+    invoking = now >= ks.quiet_at or (max_wait is not None and now >= ks.max_from + max_wait)
+    ks.quiet_at = now + options.delay
+    new_burst = invoking and not edge_pending
+    lead = False
+    if new_burst:
+        ks.max_from = now
+        ks.timer_first = now + options.delay
+        lead = options.leading
+    elif invoking and max_wait is not None:
+        ks.timer_first = now + options.delay
+        lead = True  # max-wait has passed: this one runs now, leading or not
+    elif not edge_pending:
+        ks.timer_first = now + options.delay  # a quiet period armed by this call
+    # When the trailing edge comes (lodash: min(last call + wait, max(first timer expiry,
+    # last invoke + maxWait))); a call in no burst of its own keeps it, for the next call.
+    edge = now + options.delay
+    if max_wait is not None:
+        edge = min(edge, max(ks.timer_first, ks.max_from + max_wait))
+    ks.edge_at = edge
+    return new_burst, lead, edge
+
+
 class Scheduler:
     """All pending invocations and running runs of one daemon.
 
@@ -263,36 +312,11 @@ class Scheduler:
         ks = self.keys.get(key)
         if ks is None:
             ks = self.keys[key] = KeyState(key)
-        # lodash's debounce, step for step: a call "invokes" when a full delay has passed since
-        # the key's last call, or max-wait since its last run started (or its burst began);
-        # with no trailing edge pending (its "timer"), that begins a burst; with one pending
-        # and a max-wait, the call runs at once. Max-wait is never shorter than the delay.
-        max_wait = options.max_wait
-        if max_wait is not None:
-            max_wait = max(max_wait, options.delay)
-        edge_pending = now < ks.edge_at
-        invoking = now >= ks.quiet_at or (max_wait is not None and now >= ks.max_from + max_wait)
-        ks.quiet_at = now + options.delay
-        new_burst = invoking and not edge_pending
-        lead = False
+        new_burst, lead, edge = arrive(ks, options, now)
         if new_burst:
             ks.burst_run = None
             ks.burst_leader = None
-            ks.max_from = now
-            ks.timer_first = now + options.delay
-            lead = options.leading
-        elif invoking and max_wait is not None:
-            ks.timer_first = now + options.delay
-            lead = True  # max-wait has passed: this one runs now, leading or not
-        elif not edge_pending:
-            ks.timer_first = now + options.delay  # a quiet period armed by this call
         inv.first_at = ks.max_from
-        # When the trailing edge comes (lodash: min(last call + wait, max(first timer expiry,
-        # last invoke + maxWait))); a call in no burst of its own keeps it, for the next call.
-        edge = now + options.delay
-        if max_wait is not None:
-            edge = min(edge, max(ks.timer_first, ks.max_from + max_wait))
-        ks.edge_at = edge
 
         running = ks.running
         if running is not None and options.on_busy == "ignore" and running.stop_reason is None:

@@ -21,7 +21,7 @@ import asyncio
 import os
 import sys
 
-from debounce_cli.clock import SystemClock
+from debounce_cli.clock import Clock, SkewedClock, SystemClock
 from debounce_cli.daemon.config import AlreadyRunning, Config, DaemonError
 
 __all__ = ["AlreadyRunning", "Config", "DaemonError", "run_daemon"]
@@ -44,7 +44,7 @@ def run_daemon(config: Config) -> int:
         config.journal = False
         serving_socket = False
         print(f"debounce: {exc}; reading stdin without a socket or journal", file=sys.stderr)
-    clock = SystemClock()
+    clock: Clock = SystemClock() if not config.clock_skew else SkewedClock(config.clock_skew)
     start = startup.restore(config, clock)
     pdeathsig_prefix()  # probe setpriv now, not in the middle of the first run's start
     if sys.version_info < (3, 12) and hasattr(os, "pidfd_open"):

@@ -33,3 +33,7 @@ class Config:
     keep_logs_total: int = DAEMON_DEFAULTS["keep_logs_total"]
     keep_history: int = DAEMON_DEFAULTS["keep_history"]
     listen_fd: int | None = None  # a listening socket handed over (systemd socket activation)
+    store: str | None = DAEMON_DEFAULTS["store"]  # the fleet's store URL (--store)
+    lease: float = DAEMON_DEFAULTS["lease"]
+    host_id: str = ""  # this daemon's host in the fleet ($DEBOUNCE_HOST_ID, or the hostname)
+    clock_skew: float = 0.0  # tests: seconds added to this daemon's clocks

@@ -148,6 +148,8 @@ class Core:
         self.retry: TimerHandle | None = None
         #: Called after every turn's effects, for the server's idle check.
         self.settled: Callable[[], None] = lambda: None
+        #: Told of every waiter that went away (the fleet keeps waiters of its own).
+        self.detached: list[Callable[[Waiter], None]] = []
 
     # ------------------------------------------------------------------ submissions
     def refusal(self) -> str | None:
@@ -183,6 +185,8 @@ class Core:
 
     def detach(self, waiter: Waiter) -> None:
         self.scheduler.detach(waiter)
+        for forget in self.detached:
+            forget(waiter)
 
     def stop_runs(self) -> None:
         """Shutdown: stop every run; what is pending stays pending (and in the journal)."""

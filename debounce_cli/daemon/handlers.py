@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import shlex
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -21,8 +21,12 @@ from debounce_cli.daemon.jobs import check_job
 from debounce_cli.daemon.waiters import Submitter, Waiter
 from debounce_cli.options import KILL_SIGNALS
 from debounce_cli.protocol import ProtocolError
-from debounce_cli.scheduler import Invocation, Run
+from debounce_cli.scheduler import Invocation, Options, Run
 from debounce_cli.states import NOT_FOUND, REFUSED
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from debounce_cli.daemon.fleet.coordinator import Fleet
 
 
 @dataclass(eq=False)
@@ -32,6 +36,7 @@ class Context:
     core: Core
     jobs: int | None  # the daemon's --jobs, for status
     shutdown: Callable[[], None]  # SIGTERM's way out (``debounce stop``)
+    fleet: Fleet | None = None  # with a store (--store, DEBOUNCE_STORE)
 
 
 class Client(Waiter, Submitter, Protocol):
@@ -57,12 +62,52 @@ def handle_run(ctx: Context, client: Client, req: protocol.RunRequest) -> Reply:
         check_job(req.argv, req.cwd, req.key)
     except (ProtocolError, ValueError) as exc:
         return protocol.Error(message=str(exc))
+    if options.fleet:
+        return _fleet_run(ctx, client, req, options)
     refusal = core.refusal()
     if refusal:
         return protocol.Error(message=refusal, code=REFUSED)
     client.owe(wait=req.wait)
     job = core.shared.job(req.argv, req.cwd, req.env)
     core.submit(req.key, options, job, client if req.wait else None, client)
+    return None
+
+
+NO_STORE = ("--fleet needs a store: set DEBOUNCE_STORE=redis://host:port/db (this daemon was "
+            "started without one: 'debounce stop' first)")
+
+
+NO_COLLECT = "--collect does not work with --fleet yet; drop one of them"
+
+
+def _fleet_run(ctx: Context, client: Client, req: protocol.RunRequest,
+               options: Options) -> Reply:
+    if ctx.fleet is None:
+        return protocol.Error(message=NO_STORE)
+    if options.collect:
+        return protocol.Error(message=NO_COLLECT)
+    client.owe(wait=req.wait)
+    job = ctx.core.shared.job(req.argv, req.cwd, req.env)
+    ctx.fleet.submit(req.key, options, job, client if req.wait else None, client)
+    return None
+
+
+def _later(ctx: Context, client: Client, answer: Callable[[], Awaitable[protocol.Message]]
+           ) -> Reply:
+    """Answer a request once the store has been asked (a fleet key); the connection holds
+    its next request until then. The store being down is a refusal (116)."""
+    from debounce_cli.daemon.fleet.store import StoreDown
+
+    async def ask() -> None:
+        try:
+            reply = await answer()
+        except StoreDown as exc:
+            reply = protocol.Error(message=str(exc), code=REFUSED)
+        client.answered(reply)
+
+    client.owe(wait=False)
+    assert ctx.fleet is not None
+    ctx.fleet.spawn(ask())
     return None
 
 
@@ -110,6 +155,8 @@ def handle_wait(ctx: Context, client: Client, req: protocol.WaitRequest) -> Repl
         record = core.stored_run(named.key, named.run_id)
         if record is not None:
             return record.finished()
+        if ctx.fleet is not None and named.key is not None:
+            return _fleet_wait(ctx, client, named.key)
         what = f"key {named.key!r}" if named.key is not None else f"run {named.run_id}"
         return protocol.Error(message=f"no {what} pending, running or finished",
                               code=NOT_FOUND)
@@ -120,11 +167,55 @@ def handle_wait(ctx: Context, client: Client, req: protocol.WaitRequest) -> Repl
     return None
 
 
+def _fleet_wait(ctx: Context, client: Client, key: str) -> Reply:
+    """``wait`` on a key this daemon does not know: the fleet's, if it is one."""
+    from debounce_cli.daemon.fleet.store import StoreDown
+
+    fleet = ctx.fleet
+    assert fleet is not None
+    client.wait_for_runs(acked=True)
+
+    async def follow() -> None:
+        try:
+            reply = await fleet.wait(key, client)
+        except StoreDown as exc:
+            reply = protocol.Error(message=str(exc), code=REFUSED)
+        if isinstance(reply, protocol.Error):
+            client.send(reply)
+            client.close()
+        elif reply is not None:
+            client.finish(reply)
+
+    fleet.spawn(follow())
+    return None
+
+
 def handle_status(ctx: Context, client: Client, req: protocol.StatusRequest) -> Reply:
+    if req.fleet:
+        fleet = ctx.fleet
+        if fleet is None:
+            return protocol.Error(message=NO_STORE.replace("--fleet", "status --fleet", 1))
+
+        async def rows() -> protocol.Message:
+            assert fleet is not None
+            return protocol.StatusReply(keys=await fleet.status(), pid=os.getpid(),
+                                        jobs=ctx.jobs)
+
+        return _later(ctx, client, rows)
     return protocol.StatusReply(keys=ctx.core.status(), pid=os.getpid(), jobs=ctx.jobs)
 
 
 def handle_history(ctx: Context, client: Client, req: protocol.HistoryRequest) -> Reply:
+    if req.fleet:
+        fleet = ctx.fleet
+        if fleet is None:
+            return protocol.Error(message=NO_STORE.replace("--fleet", "history --fleet", 1))
+
+        async def fleet_runs() -> protocol.Message:
+            assert fleet is not None
+            return protocol.HistoryReply(runs=await fleet.history(req.key, max(0, req.limit)))
+
+        return _later(ctx, client, fleet_runs)
     runs = ctx.core.history(req.key, max(0, req.limit))
     return protocol.HistoryReply(runs=runs)
 
@@ -173,20 +264,37 @@ def _key_of(core: Core, key: str, by: str | None) -> str | protocol.Error:
 
 
 def handle_flush(ctx: Context, client: Client, req: protocol.FlushRequest) -> Reply:
-    return _on_pending(ctx.core.flush, "flushed", _key_of(ctx.core, req.key, req.by))
+    fleet = ctx.fleet.flush if ctx.fleet is not None else None
+    return _on_pending(ctx, client, ctx.core.flush, fleet, "flushed",
+                       _key_of(ctx.core, req.key, req.by))
 
 
 def handle_cancel(ctx: Context, client: Client, req: protocol.CancelRequest) -> Reply:
-    return _on_pending(ctx.core.cancel, "cancelled", _key_of(ctx.core, req.key, req.by))
+    fleet = ctx.fleet.cancel if ctx.fleet is not None else None
+    return _on_pending(ctx, client, ctx.core.cancel, fleet, "cancelled",
+                       _key_of(ctx.core, req.key, req.by))
 
 
-def _on_pending(act: Callable[[str], bool], done: str, key: str | protocol.Error) -> Reply:
-    """Act on what is pending for ``key``: Done, or why not."""
+def _on_pending(ctx: Context, client: Client, act: Callable[[str], bool],
+                in_fleet: Callable[[str], Awaitable[bool]] | None, done: str,
+                key: str | protocol.Error) -> Reply:
+    """Act on what is pending for ``key`` here, else in the fleet: Done, or why not."""
     if isinstance(key, protocol.Error):
         return key
     if act(key):
         return protocol.Done(ok=True, message=f"{done} {key}")
-    return protocol.Error(message=f"nothing is pending for key {key!r}", code=NOT_FOUND)
+    nothing = protocol.Error(message=f"nothing is pending for key {key!r}", code=NOT_FOUND)
+    if in_fleet is None:
+        return nothing
+    found_key: str = key
+
+    async def fleet_act() -> protocol.Message:
+        assert in_fleet is not None
+        if await in_fleet(found_key):
+            return protocol.Done(ok=True, message=f"{done} {found_key} (fleet)")
+        return nothing
+
+    return _later(ctx, client, fleet_act)
 
 
 def handle_kill(ctx: Context, client: Client, req: protocol.KillRequest) -> Reply:
@@ -206,6 +314,19 @@ def handle_kill(ctx: Context, client: Client, req: protocol.KillRequest) -> Repl
         assert named.run_id is not None
         run = core.scheduler.runs.get(named.run_id)
         what = f"run {named.run_id}"
+    if run is None and ctx.fleet is not None and named.key is not None:
+        fleet, key = ctx.fleet, named.key
+
+        async def fleet_kill() -> protocol.Message:
+            running = await fleet.kill(key, req.signal)
+            if running is None:
+                return protocol.Error(message=f"nothing is running for {what}",
+                                      code=NOT_FOUND)
+            done = f"sent {req.signal} to" if req.signal else "stopping"
+            return protocol.Done(ok=True, message=f"{done} run {running.run} of {key} on "
+                                 f"{running.host}")
+
+        return _later(ctx, client, fleet_kill)
     if run is None:
         return protocol.Error(message=f"nothing is running for {what}", code=NOT_FOUND)
     core.kill(run.id, req.signal)

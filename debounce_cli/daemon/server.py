@@ -92,7 +92,15 @@ class Server:
                                  max_connections=connection_cap(raise_fd_limit()))
         loop.set_exception_handler(_quiet_when_out_of_descriptors())
         core.settled = self._check_idle
-        ctx = Context(core=core, jobs=config.jobs, shutdown=self.shutdown)
+        self.fleet = None
+        if config.store is not None:
+            from debounce_cli.daemon.fleet.coordinator import Fleet
+
+            self.fleet = Fleet(config, self.clock, loop, self.start.scheduler.new_id, "")
+            self.fleet.changed = self._check_idle
+            core.detached.append(self.fleet.detach)
+            self.fleet.start()
+        ctx = Context(core=core, jobs=config.jobs, shutdown=self.shutdown, fleet=self.fleet)
         self.server: asyncio.AbstractServer | None = None
         if config.listen_fd is not None:
             sock = socket.socket(fileno=config.listen_fd)
@@ -119,6 +127,7 @@ class Server:
         if config.stdin:
             self.stdin = StdinSource(core, config.defaults)
             self.stdin.on_eof = self._check_idle
+            self.stdin.fleet = self.fleet
             self.stdin.start(loop)
         core.apply([])  # the first turn sets the timer for what was restored
         await self.stopped
@@ -131,7 +140,8 @@ class Server:
     def _check_idle(self) -> None:
         if self.state.stopping or self.stopped.done():
             return
-        if self.core.busy() or self.state.connections:
+        if (self.core.busy() or self.state.connections
+                or (self.fleet is not None and self.fleet.busy())):
             self._cancel_idle()
             return
         if self.stdin is not None:
@@ -154,6 +164,8 @@ class Server:
             return
         self.by_signal = True
         self.core.stop_runs()
+        if self.fleet is not None:
+            self.fleet.stop_runs()
         self._stop_now()
 
     def _stop_now(self) -> None:
@@ -180,5 +192,8 @@ class Server:
         """Wait for the runs to end (they were asked to stop), commit the last turn, close."""
         self._cancel_idle()
         await self.core.runs.wait_all()
+        if self.fleet is not None:
+            self.fleet.stop_runs()  # an idle exit or end of input: nothing of ours runs on
+            await self.fleet.close()
         self.core.flush_now()
         self.core.close()

@@ -124,6 +124,7 @@ class StdinSource:
         self.open = True
         self.stopping = False
         self.on_eof: Any = lambda: None
+        self.fleet: Any = None  # the fleet (daemon.fleet.coordinator.Fleet), with a store
         self.base = Base(os.getcwd(), dict(os.environ))
         self.base_env = core.shared.env(self.base.env)
 
@@ -175,6 +176,16 @@ class StdinSource:
         options = self.core.shared.same_options(options)
         env = self.base_env if job.env is self.base.env else job.env
         job = self.core.shared.job(job.argv, job.cwd, env)
+        if options.fleet:
+            from debounce_cli.daemon.handlers import NO_COLLECT, NO_STORE
+
+            if self.fleet is None or options.collect:
+                self._fail(number, NO_STORE if self.fleet is None else NO_COLLECT)
+                return
+            key, inv_id = self.fleet.submit(key, options, job, self.waiter,
+                                            _Line(number, self.waiter))
+            self.waiter.submitted(key, inv_id, number)
+            return
         inv = self.core.submit(key, options, job, self.waiter, _Line(number, self.waiter))
         self.waiter.submitted(inv.key, inv.id, number)
 

@@ -1,0 +1,688 @@
+"""One daemon's part in the fleet: submissions to the store, the runs this host starts, and
+the events of fleet keys delivered to this host's waiters.
+
+- A ``--fleet`` submission is one transaction on the key's state (``state.submit``); the
+  client is answered once the store holds it, or refused (116) when the store is down.
+- The host of the latest invocation starts the run when it falls due, by its own timer (due
+  times are on the store's clock; the timer converts them with the offset measured at every
+  transaction, so a host whose clock is off still fires on time). If that host is gone (no
+  heartbeat for a lease), whichever live daemon scans first takes the run over; the claim is
+  one transaction, so exactly one does.
+- A run this host starts executes here like a local run (``daemon.runs.Runs``), its output
+  and its end go into the key's stream, in order, and are retried until the store takes them.
+- Every host with a waiter, a pending invocation or a run of a key follows that key's stream,
+  and hands events to its waiters: Pending, Started, Output, Finished or Cancelled, the same
+  messages a local key sends.
+- Every lease/4 each daemon beats its heart and scans the keys due: a run whose host went
+  silent is recorded ``lost`` (it may have run: it is never started twice), a pending
+  invocation whose host went silent is taken over.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import binascii
+import sys
+from collections import deque
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from debounce_cli import protocol, states
+from debounce_cli.clock import Clock
+from debounce_cli.daemon.config import Config
+from debounce_cli.daemon.fleet import state as fs
+from debounce_cli.daemon.fleet.store import Store, StoreDown, event_id
+from debounce_cli.daemon.jobs import Job
+from debounce_cli.daemon.runs import Runs
+from debounce_cli.daemon.waiters import Submitter, Waiter, unique
+from debounce_cli.scheduler import Invocation, Options, Run
+
+#: Events of a key remembered after they were handed out, for a waiter that registers late.
+RECENT_EVENTS = 2000
+#: How long a read of a key's stream blocks (a follower with nobody left ends after it).
+READ_BLOCK_MS = 1000
+#: Output queued for the store, at most; past it a run's output is dropped (and said so).
+OUTBOX_LIMIT = 64 * 1024 * 1024
+#: Seconds between attempts while the store is down.
+RETRY = 0.5
+
+
+@dataclass(eq=False)
+class KeyWaiters:
+    """This host's waiters of one fleet key: in a slot (pending) or on a run."""
+
+    slots: dict[int, list[Any]] = field(default_factory=dict)
+    runs: dict[int, list[Any]] = field(default_factory=dict)
+
+    def empty(self) -> bool:
+        return not self.slots and not self.runs
+
+
+@dataclass(eq=False)
+class Follower:
+    key: str
+    last: bytes
+    recent: deque[tuple[tuple[int, int], dict[str, Any]]] = field(
+        default_factory=lambda: deque(maxlen=RECENT_EVENTS))
+    task: asyncio.Task[None] | None = None
+
+
+@dataclass(eq=False)
+class LocalRun:
+    """A fleet run executing on this host."""
+
+    key: str
+    running: fs.Running
+    run: Run
+    why: str | None = None  # states.STOP_*: why it was asked to stop
+    kill: asyncio.TimerHandle | None = None
+    deadline: asyncio.TimerHandle | None = None
+
+
+class _Publisher:
+    """Stands in a fleet run's waiter list: its output goes into the key's stream."""
+
+    def __init__(self, fleet: Fleet, key: str, run_id: int) -> None:
+        self.fleet, self.key, self.run_id = fleet, key, run_id
+
+    def follows(self, run_id: int) -> bool:
+        return True
+
+    def start(self, run_id: int, line: bytes, log: str | None) -> None:
+        pass
+
+    def raw(self, line: bytes) -> None:
+        pass
+
+    def replay(self, so_far: Any) -> None:
+        pass
+
+    def output(self, fd: int, data: bytes, line: bytes, end: int | None) -> None:
+        self.fleet.publish_output(self.key, self.run_id, fd, data)
+
+    def finish(self, msg: protocol.Message) -> None:
+        pass
+
+
+class Fleet:
+    """This daemon in the fleet. ``new_id`` numbers invocations (the core's own counter)."""
+
+    def __init__(self, config: Config, clock: Clock, loop: asyncio.AbstractEventLoop,
+                 new_id: Callable[[], int], log_dir: str) -> None:
+        assert config.store is not None
+        self.config = config
+        self.clock = clock
+        self.loop = loop
+        self.new_id = new_id
+        self.host = config.host_id
+        self.lease = config.lease
+        self.store = Store(config.store)
+        self.runs = Runs(config, loop, None, log_dir, None, events=self, clock=clock)
+        self.offset: float | None = None  # the store's clock minus our monotonic clock
+        self.beat_at = float("-inf")  # our monotonic time of the last heartbeat
+        self.waiting: dict[str, KeyWaiters] = {}
+        self.owned: dict[str, int] = {}  # key -> slot: our invocation is the latest there
+        self.timers: dict[str, asyncio.TimerHandle] = {}
+        self.claiming: set[str] = set()
+        self.local: dict[int, LocalRun] = {}
+        self.followers: dict[str, Follower] = {}
+        self.outbox: deque[tuple[str, Any]] = deque()
+        self.outbox_bytes = 0
+        self.outbox_ready = asyncio.Event()
+        self.tasks: set[asyncio.Task[Any]] = set()
+        self.closing = False
+        self.down_since: float | None = None
+        self.changed: Callable[[], None] = lambda: None  # the server's idle check
+
+    # ------------------------------------------------------------------ life
+    def start(self) -> None:
+        self.spawn(self._beat_and_scan())
+        self.spawn(self._publish())
+
+    def busy(self) -> bool:
+        """Something here still needs this daemon: a waiter, a run, our pending invocation,
+        or output not yet in the store."""
+        return bool(self.local or self.owned or self.outbox or self.claiming
+                    or any(not kw.empty() for kw in self.waiting.values()))
+
+    def stop_runs(self) -> None:
+        for local in list(self.local.values()):
+            self._stop(local, states.STOP_SHUTDOWN)
+
+    async def close(self) -> None:
+        """After the runs have ended: report them (a few seconds at most), leave the fleet."""
+        await self.runs.wait_all()
+        deadline = self.loop.time() + 5.0
+        while self.outbox and self.loop.time() < deadline:
+            self.outbox_ready.set()
+            await asyncio.sleep(0.05)
+        self.closing = True
+        for timer in self.timers.values():
+            timer.cancel()
+        for task in list(self.tasks):
+            task.cancel()
+        await self.store.leave(self.host)
+        await self.store.close()
+
+    def spawn(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[Any]) -> None:
+        self.tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            exc = task.exception()
+            print(f"debounce: fleet: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+        self.changed()
+
+    def _store_now(self) -> float:
+        """The store's clock, as our monotonic clock and the last measured offset put it."""
+        if self.offset is None:
+            return self.clock.wall()
+        return self.clock.monotonic() + self.offset
+
+    def _measured(self, store_now: float) -> None:
+        self.offset = store_now - self.clock.monotonic()
+
+    def _say_down(self, exc: StoreDown) -> None:
+        now = self.clock.monotonic()
+        if self.down_since is None or now - self.down_since > 10:
+            print(f"debounce: {exc}; fleet keys wait for it", file=sys.stderr, flush=True)
+            self.down_since = now
+
+    # ------------------------------------------------------------------ submissions
+    def submit(self, key: str, options: Options, job: Job, waiter: Waiter | None,
+               submitter: Submitter | None) -> tuple[str, int]:
+        """A ``--fleet`` invocation; the submitter is answered once the store holds it.
+        Returns the key it is filed under and its invocation id."""
+        inv = self.new_id()
+        if not options.defer:
+            key = f"{key}#{self.host}-{inv}"
+        self.spawn(self._submit(inv, key, options, job, waiter, submitter))
+        return key, inv
+
+    async def _submit(self, inv: int, key: str, options: Options, job: Job,
+                      waiter: Waiter | None, submitter: Submitter | None) -> None:
+        raw_options = asdict(options)
+        payload = {"argv": job.argv, "cwd": job.cwd, "env": job.env}
+        seen: list[float] = []
+
+        def step(st: fs.KeyState, now: float) -> tuple[fs.Landed, list[fs.Event]]:
+            seen.append(now)
+            return fs.submit(st, inv=inv, host=self.host, job=payload,
+                             raw_options=raw_options, options=options, now=now)
+
+        try:
+            landed, latest, st = await self.store.update(key, step)
+        except StoreDown as exc:
+            if submitter is not None:
+                submitter.answered(protocol.Error(
+                    message=f"{exc}; fleet keys are refused until it is back (local keys "
+                    "are not affected)", code=states.REFUSED))
+            return
+        now = seen[-1]
+        self._measured(now)
+        if isinstance(landed, fs.InSlot):
+            accepted = protocol.Accepted(id=inv, key=key, state=landed.state,
+                                         due_in=max(0.0, landed.due - now),
+                                         coalesced=landed.coalesced)
+            if st.pending is not None and st.pending.host == self.host:
+                self._own(key, landed.slot, landed.due)
+        elif isinstance(landed, fs.InRun):
+            accepted = protocol.Accepted(id=inv, key=key, state=states.RUNNING, due_in=None,
+                                         coalesced=landed.coalesced)
+        else:
+            accepted = protocol.Accepted(id=inv, key=key, state=states.FINISHED, due_in=None,
+                                         coalesced=landed.last.coalesced)
+        if submitter is not None:
+            submitter.answered(accepted)
+        if waiter is not None:
+            self._attach(key, waiter, landed, st, latest)
+        self._follow(key, latest)
+
+    def _attach(self, key: str, waiter: Waiter, landed: fs.Landed | fs.Last,
+                st: fs.KeyState, since: bytes) -> None:
+        """Hand ``waiter`` what it is owed now and file it where the key's events find it."""
+        kw = self.waiting.setdefault(key, KeyWaiters())
+        if isinstance(landed, fs.InSlot):
+            kw.slots.setdefault(landed.slot, []).append(waiter)
+        elif isinstance(landed, fs.InRun):
+            running = st.running
+            assert running is not None
+            kw.runs.setdefault(landed.run, []).append(waiter)
+            waiter.start(landed.run, protocol.encode(_started(key, fs.started_event(running))),
+                         None)
+        else:
+            last = landed.last if isinstance(landed, fs.Done) else landed
+            waiter.finish(_finished(key, last.record(key)))
+            return
+        follower = self.followers.get(key)
+        if follower is not None:
+            # Events the follower handed out before this waiter was filed: its share now.
+            after = event_id(since)
+            for eid, event in list(follower.recent):
+                if eid > after:
+                    self._dispatch(key, event, only=waiter)
+
+    # ------------------------------------------------------------------ requests
+    async def wait(self, key: str, waiter: Waiter) -> protocol.Message | None:
+        """``debounce wait`` on a fleet key: ``None`` once the waiter is filed, else the
+        answer (the last run's result, or "not found")."""
+        st, latest = await self.store.snapshot(key)
+        self._measured(await self.store.now())
+        if st.pending is not None:
+            p = st.pending
+            waiter.raw(protocol.encode(protocol.Pending(
+                key=key, state=states.PENDING, due_in=max(0.0, p.due - self._store_now()),
+                coalesced=p.coalesced)))
+            self._attach(key, waiter, fs.InSlot(p.slot, p.due, p.coalesced), st, latest)
+        elif st.running is not None:
+            self._attach(key, waiter, fs.InRun(st.running.run, st.running.coalesced), st,
+                         latest)
+        elif st.last is not None:
+            return _finished(key, st.last.record(key))
+        else:
+            return protocol.Error(message=f"no fleet key {key!r} pending, running or finished",
+                                  code=states.NOT_FOUND)
+        self._follow(key, latest)
+        return None
+
+    async def status(self) -> list[protocol.KeyStatus]:
+        tags = await self.store.indexed()
+        now = await self.store.now()
+        rows = [_key_status(st, now) for st in await self.store.states(tags)]
+        rows.sort(key=lambda row: row.key)
+        return rows
+
+    async def history(self, key: str | None, limit: int) -> list[protocol.RunRecord]:
+        rows = await self.store.history(key, limit)
+        out = []
+        for row in rows:
+            try:
+                out.append(protocol.RunRecord.from_dict(row, "history"))
+            except protocol.ProtocolError:
+                continue  # a row of another version: left out, not fatal
+        return [r for r in out if isinstance(r, protocol.RunRecord)]
+
+    async def flush(self, key: str) -> bool:
+        found, _, _ = await self.store.update(key, lambda st, now: fs.flush(st, now=now))
+        return found
+
+    async def cancel(self, key: str) -> bool:
+        found, _, _ = await self.store.update(key, lambda st, now: fs.cancel(st))
+        return found
+
+    async def kill(self, key: str, signal: str | None) -> fs.Running | None:
+        running, _, _ = await self.store.update(key, lambda st, now: fs.kill(st, signal=signal))
+        return running
+
+    def detach(self, waiter: Any) -> None:
+        for kw in self.waiting.values():
+            for table in (kw.slots, kw.runs):
+                for number, waiters in list(table.items()):
+                    if waiter in waiters:
+                        waiters.remove(waiter)
+                        if not waiters:
+                            del table[number]
+
+    # ------------------------------------------------------------------ our pending ones
+    def _own(self, key: str, slot: int, due: float) -> None:
+        self.owned[key] = slot
+        self._arm(key, due)
+
+    def _disown(self, key: str) -> None:
+        self.owned.pop(key, None)
+        timer = self.timers.pop(key, None)
+        if timer is not None:
+            timer.cancel()
+
+    def _arm(self, key: str, due: float) -> None:
+        timer = self.timers.pop(key, None)
+        if timer is not None:
+            timer.cancel()
+        at = self.loop.time() + max(0.0, due - self._store_now())
+        self.timers[key] = self.loop.call_at(at, lambda: self._claim_soon(key, False))
+
+    def _claim_soon(self, key: str, take_over: bool) -> None:
+        self.timers.pop(key, None)
+        if key not in self.claiming:
+            self.claiming.add(key)
+            self.spawn(self._claim(key, take_over))
+
+    async def _claim(self, key: str, take_over: bool) -> None:
+        try:
+            try:
+                run_id = await self.store.next_run_id()
+                seen: list[float] = []
+
+                def step(st: fs.KeyState, now: float) -> tuple[fs.Claim, list[fs.Event]]:
+                    seen.append(now)
+                    return fs.claim(st, host=self.host, now=now, run_id=run_id,
+                                    may_take_over=take_over)
+
+                result, _, st = await self.store.update(key, step)
+                claimed_at = self.clock.monotonic()
+            except StoreDown as exc:
+                self._say_down(exc)
+                if key in self.owned:  # ours to start: again soon (the scan also looks)
+                    self.timers[key] = self.loop.call_later(
+                        RETRY, lambda: self._claim_soon(key, take_over))
+                return
+            self._measured(seen[-1])
+            if isinstance(result, fs.Later):
+                if key in self.owned:
+                    self._arm(key, result.due)
+            elif isinstance(result, fs.Start):
+                if self.owned.get(key) == result.running.slot:
+                    self._disown(key)
+                self._execute(key, result.running, claimed_at)
+            elif isinstance(result, fs.Nothing) and st.pending is None:
+                self._disown(key)
+        finally:
+            self.claiming.discard(key)
+
+    # ------------------------------------------------------------------ runs executing here
+    def _execute(self, key: str, running: fs.Running, claimed_at: float) -> None:
+        known = Options.__dataclass_fields__
+        options = Options(**{k: v for k, v in running.options.items() if k in known})
+        job = Job(list(running.job["argv"]), running.job["cwd"],
+                  {**running.job["env"], "DEBOUNCE_HOST": self.host})
+        inv = Invocation(id=running.inv, key=key, options=options,
+                         received_at=self.clock.monotonic(), payload=job,
+                         coalesced=running.coalesced)
+        run = Run(id=running.run, key=key, invocation=inv, coalesced=running.coalesced,
+                  started_at=self.clock.monotonic(), started_wall=running.started_at,
+                  due_wall=running.due)
+        inv.run = run
+        run.waiters.append(_Publisher(self, key, running.run))
+        local = self.local[running.run] = LocalRun(key, running, run)
+        self._follow(key, None)
+        if self.clock.monotonic() - claimed_at > self.lease / 2:
+            # Frozen between the claim and now: another host may already have given this
+            # run up as lost. It does not start here; the store hears it was lost.
+            self.run_exited(running.run, -1, outcome=states.LOST)
+            return
+        if options.timeout is not None:
+            local.deadline = self.loop.call_later(
+                options.timeout, lambda: self._stop(local, states.STOP_TIMEOUT))
+        self.runs.start(run)
+
+    def run_started(self, run: Run) -> None:
+        pass  # the store learnt of it when it was claimed
+
+    def run_exited(self, run_id: int, code: int, outcome: str | None = None) -> None:
+        local = self.local.pop(run_id, None)
+        if local is None:
+            return
+        for handle in (local.kill, local.deadline):
+            if handle is not None:
+                handle.cancel()
+        if outcome is None:
+            outcome = states.OUTCOME_OF_STOP.get(local.why, states.EXITED)
+        fence = local.running.fence
+        self.outbox.append(("finish", (local.key, run_id, fence, code, outcome)))
+        self.outbox_ready.set()
+
+    def _stop(self, local: LocalRun, why: str) -> None:
+        """Stop a run executing here: TERM, then KILL after its stop timeout."""
+        if local.why is not None:
+            return
+        local.why = why
+        local.run.stop_reason = why
+        self.runs.signal(local.run.id, "TERM")
+        timeout = local.run.invocation.options.stop_timeout
+        local.kill = self.loop.call_later(
+            timeout, lambda: self.runs.signal(local.run.id, "KILL"))
+
+    def publish_output(self, key: str, run_id: int, fd: int, data: bytes) -> None:
+        if self.outbox_bytes > OUTBOX_LIMIT:
+            return
+        self.outbox_bytes += len(data)
+        event = {"t": "out", "run": run_id, "fd": fd,
+                 "data": binascii.b2a_base64(data, newline=False).decode()}
+        self.outbox.append(("out", (key, event)))
+        self.outbox_ready.set()
+
+    async def _publish(self) -> None:
+        """Output and ends of the runs here, into the store, in order; retried while it is
+        down, so runs in flight report once it is back."""
+        while True:
+            await self.outbox_ready.wait()
+            self.outbox_ready.clear()
+            while self.outbox:
+                kind, item = self.outbox[0]
+                try:
+                    if kind == "out":
+                        batch: list[tuple[str, fs.Event]] = []
+                        for kind2, item2 in self.outbox:
+                            if kind2 != "out" or len(batch) >= 500:
+                                break
+                            batch.append(item2)
+                        await self.store.publish(batch)
+                        for _ in batch:
+                            _, (_, event) = self.outbox.popleft()
+                            self.outbox_bytes -= len(event["data"]) * 3 // 4
+                        continue
+                    await self.store.update(item[0], _finishing(*item[1:]),
+                                            history=self.config.keep_history)
+                    self.outbox.popleft()
+                except StoreDown as exc:
+                    self._say_down(exc)
+                    await asyncio.sleep(RETRY)
+            self.outbox_bytes = max(0, self.outbox_bytes) if self.outbox else 0
+            self.changed()
+
+    # ------------------------------------------------------------------ following keys
+    def _interested(self, key: str) -> bool:
+        kw = self.waiting.get(key)
+        return bool((kw is not None and not kw.empty()) or key in self.owned
+                    or any(local.key == key for local in self.local.values()))
+
+    def _follow(self, key: str, since: bytes | None) -> None:
+        if key in self.followers:
+            return
+        follower = self.followers[key] = Follower(key, since or b"$")
+        follower.task = asyncio.ensure_future(self._read(follower))
+        self.tasks.add(follower.task)
+        follower.task.add_done_callback(self._done)
+
+    async def _read(self, follower: Follower) -> None:
+        key = follower.key
+        try:
+            if follower.last == b"$":
+                _, follower.last = await self._latest(key)
+            while not self.closing:
+                try:
+                    entries = await self.store.read(key, follower.last, READ_BLOCK_MS)
+                except StoreDown as exc:
+                    self._say_down(exc)
+                    await asyncio.sleep(RETRY)
+                    continue
+                for eid, event in entries:
+                    follower.last = eid
+                    follower.recent.append((event_id(eid), event))
+                    self._dispatch(key, event)
+                if not entries and not self._interested(key):
+                    break
+        finally:
+            if self.followers.get(key) is follower:
+                del self.followers[key]
+            kw = self.waiting.get(key)
+            if kw is not None and kw.empty():
+                del self.waiting[key]
+
+    async def _latest(self, key: str) -> tuple[fs.KeyState, bytes]:
+        while True:
+            try:
+                return await self.store.snapshot(key)
+            except StoreDown as exc:
+                self._say_down(exc)
+                await asyncio.sleep(RETRY)
+
+    def _dispatch(self, key: str, event: dict[str, Any], only: Any = None) -> None:
+        """One event of ``key`` to this host's waiters (or to ``only``, filed late); then
+        what it means for our own pending invocation and runs."""
+        kind = event.get("t")
+        kw = self.waiting.get(key)
+        if kw is not None:
+            self._to_waiters(key, kw, kind, event, only)
+        if only is not None:
+            return
+        if kind == "pending":
+            if event["host"] != self.host:
+                self._disown(key)  # a later invocation from elsewhere won
+            elif self.owned.get(key) == event["slot"]:
+                self._arm(key, event["due"])
+        elif kind in ("started", "moved", "cancelled"):
+            if self.owned.get(key) == event["slot"]:
+                self._disown(key)
+        elif kind == "finished":
+            if key in self.owned:
+                self._claim_soon(key, False)  # ours may have fallen due meanwhile
+        elif kind in ("stop", "signal"):
+            local = self.local.get(event["run"])
+            if local is not None and local.running.fence == event.get("fence"):
+                if kind == "stop":
+                    self._stop(local, event["why"])
+                else:
+                    self.runs.signal(local.run.id, event["sig"])
+
+    def _to_waiters(self, key: str, kw: KeyWaiters, kind: Any, event: dict[str, Any],
+                    only: Any) -> None:
+        def take(table: dict[int, list[Any]], number: int, remove: bool) -> list[Any]:
+            waiters = table.get(number, [])
+            if only is not None:
+                waiters = [only] if only in waiters else []
+                if remove and waiters:
+                    table[number].remove(only)
+                    if not table[number]:
+                        del table[number]
+                return waiters
+            if remove:
+                table.pop(number, None)
+            return unique(waiters)
+
+        if kind == "pending":
+            waiters = take(kw.slots, event["slot"], False)
+            if waiters:
+                line = protocol.encode(protocol.Pending(
+                    key=key, state=states.PENDING,
+                    due_in=max(0.0, event["due"] - self._store_now()),
+                    coalesced=event["coalesced"]))
+                for waiter in waiters:
+                    waiter.raw(line)
+        elif kind in ("started", "moved"):
+            waiters = take(kw.slots, event["slot"], True)
+            if waiters:
+                kw.runs.setdefault(event["run"], []).extend(waiters)
+                if kind == "started":
+                    line = protocol.encode(_started(key, event))
+                else:
+                    line = protocol.encode(protocol.Started(run_id=event["run"], key=key))
+                for waiter in waiters:
+                    waiter.start(event["run"], line, None)
+        elif kind == "out":
+            waiters = take(kw.runs, event["run"], False)
+            if waiters:
+                data = binascii.a2b_base64(event["data"])
+                line = protocol.encode(protocol.Output(fd=event["fd"], data=event["data"]))
+                for waiter in waiters:
+                    if waiter.follows(event["run"]):
+                        waiter.output(event["fd"], data, line, None)
+        elif kind == "finished":
+            waiters = take(kw.runs, event["run_id"], True)
+            then = event.get("then")
+            if then is not None:
+                kw.slots.setdefault(then, []).extend(waiters)  # --on-busy restart
+            else:
+                msg = _finished(key, event)
+                for waiter in waiters:
+                    waiter.finish(msg)
+        elif kind == "cancelled":
+            cancelled = protocol.Cancelled(key=key)
+            for waiter in take(kw.slots, event["slot"], True):
+                waiter.finish(cancelled)
+
+    # ------------------------------------------------------------------ heartbeat and scan
+    async def _beat_and_scan(self) -> None:
+        while not self.closing:
+            try:
+                await self._scan()
+                self.down_since = None
+            except StoreDown as exc:
+                self._say_down(exc)
+            await asyncio.sleep(self.lease / 4)
+
+    async def _scan(self) -> None:
+        now, beats = await self.store.heartbeat(self.host)
+        self._measured(now)
+        self.beat_at = self.clock.monotonic()
+
+        def gone(host: str) -> bool:
+            return host != self.host and beats.get(host, float("-inf")) < now - self.lease
+
+        for st in await self.store.states(await self.store.indexed(upto=now)):
+            key = st.key
+            if key in self.claiming:
+                continue
+            r, p = st.running, st.pending
+            if r is not None and (gone(r.host) or (r.host == self.host
+                                                   and r.run not in self.local)):
+                # Its host went silent (or it is ours from before a restart): lost.
+                await self.store.update(key, _finishing(r.run, r.fence, None, states.LOST),
+                                        history=self.config.keep_history)
+                if p is not None:
+                    self._claim_soon(key, gone(p.host))
+                continue
+            if p is not None and p.due <= now and (p.host == self.host or gone(p.host)):
+                if p.host == self.host and key in self.timers:
+                    continue  # our own timer will see to it
+                self._claim_soon(key, p.host != self.host)
+
+
+def _finishing(run: int, fence: int, code: int | None, outcome: str
+               ) -> Callable[[fs.KeyState, float], tuple[fs.Last | None, list[fs.Event]]]:
+    """The step that records run ``run``'s end (under fencing token ``fence``)."""
+    def step(st: fs.KeyState, now: float) -> tuple[fs.Last | None, list[fs.Event]]:
+        return fs.finish(st, run=run, fence=fence, exit_code=code, outcome=outcome, now=now)
+    return step
+
+
+# ---------------------------------------------------------------------- messages
+def _started(key: str, event: dict[str, Any]) -> protocol.Started:
+    return protocol.Started(run_id=event["run"], invocation=event.get("inv", 0), key=key,
+                            argv=event.get("argv", []), coalesced=event.get("coalesced", 1),
+                            started_at=event.get("started_at", 0.0))
+
+
+def _finished(key: str, row: dict[str, Any]) -> protocol.Finished:
+    code = row.get("exit_code")
+    return protocol.Finished(
+        run_id=row["run_id"], invocation=row.get("invocation") or 0, key=key,
+        argv=row.get("argv", []), exit_code=-1 if code is None else code,
+        coalesced=row.get("coalesced", 1), started_at=row.get("started_at", 0.0),
+        finished_at=row.get("finished_at") or row.get("started_at", 0.0),
+        outcome=row.get("outcome") or states.LOST)
+
+
+def _key_status(st: fs.KeyState, now: float) -> protocol.KeyStatus:
+    pending = running = last = None
+    host = None
+    if st.pending is not None:
+        p = st.pending
+        pending = protocol.PendingRow(id=p.inv, argv=p.job["argv"], cwd=p.job["cwd"],
+                                      state=states.PENDING, due_in=max(0.0, p.due - now),
+                                      coalesced=p.coalesced)
+        host = p.host
+    if st.running is not None:
+        r = st.running
+        running = protocol.RunningRow(run_id=r.run, argv=r.job["argv"], started_at=r.started_at,
+                                      coalesced=r.coalesced, stopping=r.stopping)
+        host = r.host
+    if st.last is not None:
+        last = protocol.LastRun(run_id=st.last.run, exit_code=st.last.exit_code,
+                                finished_at=st.last.finished_at)
+    return protocol.KeyStatus(key=st.key, pending=pending, running=running, last=last,
+                              host=host)

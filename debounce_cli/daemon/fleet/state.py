@@ -1,0 +1,367 @@
+"""A fleet key's state as the store keeps it, and every step taken on it.
+
+Each step is a pure function of the state, the invocation or run it is about, and the store's
+time (``now``, seconds from Redis's ``TIME``): the store runs it inside one transaction, and
+the tests run it with made-up times and no store. The timing rule is the local scheduler's own
+(:func:`debounce_cli.scheduler.arrive`), so a fleet key debounces exactly as a local one.
+
+A key has at most one pending invocation (the latest: it wins, with its host, argv, cwd and
+environment) and at most one run. A pending invocation sits in a *slot*: the quiet period it
+waits in, which later invocations take over, so waiters anywhere follow the slot to the run it
+becomes. ``seq`` numbers slots and runs' fencing tokens: a step from a host that was away
+(frozen, cut off) names a run whose token is no longer the key's, and changes nothing.
+
+Every step returns the events it adds to the key's stream; every daemon with a waiter, a
+pending invocation or a run of the key reads them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from debounce_cli import states
+from debounce_cli.scheduler import Options, arrive
+
+Event = dict[str, Any]
+
+_INF = math.inf
+
+
+@dataclass(slots=True)
+class Pending:
+    """The latest invocation of a key, waiting in ``slot``."""
+
+    slot: int
+    inv: int  # the id its own daemon gave it (Accepted.id there)
+    host: str
+    job: dict[str, Any]  # argv, cwd, env
+    options: dict[str, Any]  # the request's options object
+    due: float
+    coalesced: int
+    lead: bool = False  # due at once: a leading edge (or a max-wait run) not started yet
+    received: float = 0.0
+
+
+@dataclass(slots=True)
+class Running:
+    """The run executing for a key, on ``host``, under fencing token ``fence``."""
+
+    run: int
+    slot: int
+    inv: int
+    host: str
+    fence: int
+    job: dict[str, Any]
+    options: dict[str, Any]
+    coalesced: int
+    due: float
+    started_at: float
+    stopping: str | None = None  # states.STOP_*: asked to stop from some host
+
+
+@dataclass(slots=True)
+class Last:
+    """A key's latest finished run."""
+
+    run: int
+    host: str
+    argv: list[str]
+    cwd: str
+    exit_code: int | None
+    outcome: str
+    coalesced: int
+    started_at: float
+    finished_at: float
+    due: float
+    inv: int
+
+    def record(self, key: str) -> dict[str, Any]:
+        """As ``protocol.RunRecord`` fields (history and ``wait`` show it)."""
+        return {"run_id": self.run, "key": key, "argv": self.argv, "cwd": self.cwd,
+                "exit_code": self.exit_code, "coalesced": self.coalesced,
+                "started_at": self.started_at, "finished_at": self.finished_at,
+                "outcome": self.outcome, "due_at": self.due, "invocation": self.inv,
+                "host": self.host}
+
+
+@dataclass(slots=True)
+class KeyState:
+    """All the store knows of one fleet key."""
+
+    key: str
+    quiet_at: float = -_INF
+    max_from: float = 0.0
+    timer_first: float = -_INF
+    edge_at: float = -_INF
+    seq: int = 0
+    pending: Pending | None = None
+    running: Running | None = None
+    burst_run: int | None = None  # the leading run of the current burst
+    burst_leader: int | None = None  # the slot of the leading invocation, not started yet
+    last: Last | None = None
+    extra: dict[str, Any] = field(default_factory=dict)  # fields of a newer version, kept
+
+    # ------------------------------------------------------------------ storage
+    def dumps(self) -> str:
+        obj = asdict(self)
+        extra = obj.pop("extra")
+        for name in ("quiet_at", "timer_first", "edge_at"):
+            if math.isinf(obj[name]):
+                obj[name] = None
+        return json.dumps({**extra, **obj}, separators=(",", ":"))
+
+    @classmethod
+    def loads(cls, key: str, raw: bytes | str | None) -> KeyState:
+        if raw is None:
+            return cls(key)
+        obj = json.loads(raw)
+        pending = obj.pop("pending", None)
+        running = obj.pop("running", None)
+        last = obj.pop("last", None)
+        known = {name: obj.pop(name) for name in list(obj) if name in _SCALARS}
+        for name in ("quiet_at", "timer_first", "edge_at"):
+            if known.get(name) is None:
+                known.pop(name, None)
+        known["key"] = key
+        return cls(**known,
+                   pending=Pending(**pending) if pending else None,
+                   running=Running(**running) if running else None,
+                   last=Last(**last) if last else None,
+                   extra=obj)
+
+    def idle(self) -> bool:
+        return self.pending is None and self.running is None
+
+    def index_score(self) -> float | None:
+        """Where the key sits in the fleet's index: when something of it next needs doing
+        (``None``: nothing pending or running, it leaves the index)."""
+        if self.running is not None:
+            return self.running.started_at
+        if self.pending is not None:
+            return self.pending.due
+        return None
+
+
+_SCALARS = ("key", "quiet_at", "max_from", "timer_first", "edge_at", "seq", "burst_run",
+            "burst_leader")
+
+
+# ---------------------------------------------------------------------- landing places
+@dataclass(frozen=True, slots=True)
+class InSlot:
+    """The invocation waits in ``slot`` (its own, or one it took over)."""
+
+    slot: int
+    due: float
+    coalesced: int
+    state: str = states.PENDING
+
+
+@dataclass(frozen=True, slots=True)
+class InRun:
+    """The invocation joined run ``run``, executing now (``--on-busy ignore``, or a burst's
+    leading run with ``--no-trailing``)."""
+
+    run: int
+    coalesced: int
+
+
+@dataclass(frozen=True, slots=True)
+class Done:
+    """The invocation joined a run that has already ended (``--no-trailing``)."""
+
+    last: Last
+
+
+Landed = InSlot | InRun | Done
+
+
+def _pending_event(p: Pending) -> Event:
+    return {"t": "pending", "slot": p.slot, "due": p.due, "coalesced": p.coalesced,
+            "host": p.host, "inv": p.inv}
+
+
+def submit(st: KeyState, *, inv: int, host: str, job: dict[str, Any],
+           raw_options: dict[str, Any], options: Options, now: float
+           ) -> tuple[Landed, list[Event]]:
+    """One invocation of the key, from ``host``, at the store's time ``now``."""
+    new_burst, lead, edge = arrive(st, options, now)
+    if new_burst:
+        st.burst_run = None
+        st.burst_leader = None
+    running = st.running
+    if running is not None and options.on_busy == "ignore" and running.stopping is None:
+        running.coalesced += 1
+        return InRun(running.run, running.coalesced), []
+    if options.leading and not lead and not options.trailing:
+        leader = st.pending
+        if leader is not None and leader.slot == st.burst_leader:
+            leader.coalesced += 1
+            return InSlot(leader.slot, leader.due, leader.coalesced), [_pending_event(leader)]
+        if st.burst_run is not None:
+            if running is not None and running.run == st.burst_run:
+                running.coalesced += 1
+                return InRun(running.run, running.coalesced), []
+            if st.last is not None and st.last.run == st.burst_run:
+                return Done(st.last), []
+        lead = True  # nothing to join (cancelled, or gone from the store): lead afresh
+    prev = st.pending
+    if prev is not None:
+        slot, coalesced = prev.slot, prev.coalesced + 1
+        lead = lead or prev.lead
+    else:
+        st.seq += 1
+        slot, coalesced = st.seq, 1
+    due = now if lead else edge
+    if lead:
+        st.burst_leader = slot
+    st.pending = Pending(slot=slot, inv=inv, host=host, job=job, options=raw_options, due=due,
+                         coalesced=coalesced, lead=lead, received=now)
+    return InSlot(slot, due, coalesced), [_pending_event(st.pending)]
+
+
+# ---------------------------------------------------------------------- claiming a run
+@dataclass(frozen=True, slots=True)
+class Nothing:
+    """Nothing to start: nothing pending, or it is another live host's to start."""
+
+
+@dataclass(frozen=True, slots=True)
+class Later:
+    """Not due yet: look again at ``due``."""
+
+    due: float
+
+
+@dataclass(frozen=True, slots=True)
+class Busy:
+    """Due, but the key's run goes on; it is looked at again when that one finishes."""
+
+
+@dataclass(frozen=True, slots=True)
+class Start:
+    """This host starts ``running`` now."""
+
+    running: Running
+
+
+Claim = Nothing | Later | Busy | Start
+
+
+def claim(st: KeyState, *, host: str, now: float, run_id: int, may_take_over: bool
+          ) -> tuple[Claim, list[Event]]:
+    """``host`` would start the key's pending invocation, if it is due and is its to start:
+    its own, or (``may_take_over``) one whose host has gone silent."""
+    p = st.pending
+    if p is None or (p.host != host and not may_take_over):
+        return Nothing(), []
+    if p.due > now:
+        return Later(p.due), []
+    running = st.running
+    if running is not None:
+        on_busy = p.options.get("on_busy", "queue")
+        if running.stopping is not None:
+            return Busy(), []
+        if on_busy == "restart":
+            running.stopping = states.STOP_RESTART
+            return Busy(), [{"t": "stop", "run": running.run, "fence": running.fence,
+                             "why": states.STOP_RESTART}]
+        if on_busy == "signal":
+            # A server that reloads on a signal: tell it; this invocation joins that run.
+            st.pending = None
+            if st.burst_leader == p.slot:
+                st.burst_leader = None
+            running.coalesced += p.coalesced
+            sig = p.options.get("signal", "HUP")
+            return Busy(), [{"t": "signal", "run": running.run, "fence": running.fence,
+                             "sig": sig},
+                            {"t": "moved", "slot": p.slot, "run": running.run}]
+        return Busy(), []
+    st.seq += 1
+    run = Running(run=run_id, slot=p.slot, inv=p.inv, host=host, fence=st.seq, job=p.job,
+                  options=p.options, coalesced=p.coalesced, due=p.due, started_at=now)
+    st.running = run
+    st.pending = None
+    st.max_from = now  # max-wait counts from the last run start
+    if st.burst_leader == p.slot:
+        st.burst_leader = None
+        st.burst_run = run_id
+    return Start(run), [started_event(run)]
+
+
+def started_event(run: Running) -> Event:
+    return {"t": "started", "slot": run.slot, "run": run.run, "host": run.host,
+            "argv": run.job["argv"], "coalesced": run.coalesced, "started_at": run.started_at,
+            "inv": run.inv}
+
+
+# ---------------------------------------------------------------------- ending a run
+def finish(st: KeyState, *, run: int, fence: int, exit_code: int | None, outcome: str,
+           now: float) -> tuple[Last | None, list[Event]]:
+    """Run ``run`` ended. ``None`` when the key's state no longer holds it under ``fence``
+    (it was given up as lost while its host was away): nothing changes."""
+    r = st.running
+    if r is None or r.run != run or r.fence != fence:
+        return None, []
+    if r.stopping == states.STOP_RESTART and outcome == states.EXITED:
+        outcome = states.RESTARTED
+    last = Last(run=r.run, host=r.host, argv=r.job["argv"], cwd=r.job["cwd"],
+                exit_code=exit_code, outcome=outcome, coalesced=r.coalesced,
+                started_at=r.started_at, finished_at=now, due=r.due, inv=r.inv)
+    st.running = None
+    st.last = last
+    event: Event = {"t": "finished", **last.record(st.key)}
+    if r.stopping == states.STOP_RESTART:
+        if st.pending is not None:
+            event["then"] = st.pending.slot  # its waiters follow the run that replaces it
+        else:
+            event["outcome"] = last.outcome = states.STOPPED
+    return last, [event]
+
+
+def lose(st: KeyState, *, now: float) -> tuple[Last | None, list[Event]]:
+    """The key's run was executing on a host that went silent: it is recorded lost (it may
+    have run, so it is never started again)."""
+    r = st.running
+    if r is None:
+        return None, []
+    return finish(st, run=r.run, fence=r.fence, exit_code=None, outcome=states.LOST, now=now)
+
+
+# ---------------------------------------------------------------------- control
+def flush(st: KeyState, *, now: float) -> tuple[bool, list[Event]]:
+    """Make what is pending due now."""
+    p = st.pending
+    if p is None:
+        return False, []
+    if p.due > now:
+        p.due = now
+        return True, [_pending_event(p)]
+    return True, []
+
+
+def cancel(st: KeyState) -> tuple[bool, list[Event]]:
+    """Drop what is pending; its waiters everywhere are told so."""
+    p = st.pending
+    if p is None:
+        return False, []
+    st.pending = None
+    if st.burst_leader == p.slot:
+        st.burst_leader = None
+    return True, [{"t": "cancelled", "slot": p.slot}]
+
+
+def kill(st: KeyState, *, signal: str | None) -> tuple[Running | None, list[Event]]:
+    """``debounce kill`` on a fleet key: stop its run (or send it ``signal``), wherever it
+    executes."""
+    r = st.running
+    if r is None:
+        return None, []
+    if signal is not None:
+        return r, [{"t": "signal", "run": r.run, "fence": r.fence, "sig": signal}]
+    if r.stopping is None:
+        r.stopping = states.STOP_KILL
+    return r, [{"t": "stop", "run": r.run, "fence": r.fence, "why": states.STOP_KILL}]

@@ -1,0 +1,270 @@
+"""The fleet's store: Redis, through redis-py's asyncio client (imported here only, so only a
+daemon with a store ever loads it).
+
+Layout, all under ``debounce:``; every key's own data sits under one hash tag, ``{T}`` with
+``T`` a digest of the key::
+
+    debounce:{T}:state     the key's state (JSON, see ``state.KeyState``)
+    debounce:{T}:events    its stream of events (pending, started, output, finished...),
+                           capped at EVENTS_MAXLEN entries
+    debounce:index         sorted set: T -> when something of the key next needs doing
+    debounce:hosts         hash: host -> its last heartbeat (the store's time)
+    debounce:runs          counter of fleet run ids
+    debounce:history       list of finished runs, newest first (JSON records)
+
+A step on a key is one optimistic transaction (WATCH the state, read it and the store's
+``TIME``, compute, MULTI/EXEC), retried when another host changed the key meanwhile. The
+index and the history are written in the same transaction, so one Redis never disagrees with
+itself; that is also why a Redis Cluster (where they would sit in other slots) is not served
+yet.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError, WatchError
+
+from debounce_cli.daemon.fleet.state import Event, KeyState
+from debounce_cli.daemon.fleet.url import display
+
+#: Events kept per key: a waiter further behind than this misses output (and is told so).
+EVENTS_MAXLEN = 10000
+PREFIX = "debounce:"
+INDEX = PREFIX + "index"
+HOSTS = PREFIX + "hosts"
+RUNS = PREFIX + "runs"
+HISTORY = PREFIX + "history"
+#: An idle key's state (its last run) is kept this long after its last change.
+IDLE_TTL = 7 * 24 * 3600
+
+T = TypeVar("T")
+
+
+class StoreDown(Exception):
+    """The store cannot be reached or failed; ``str()`` names it and says what failed."""
+
+
+def tag_of(key: str) -> str:
+    return hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest()[:24]
+
+
+def state_key(tag: str) -> str:
+    return f"{PREFIX}{{{tag}}}:state"
+
+
+def events_key(tag: str) -> str:
+    return f"{PREFIX}{{{tag}}}:events"
+
+
+def event_id(raw: bytes | str) -> tuple[int, int]:
+    """A stream id as a tuple that compares in stream order."""
+    text = raw.decode() if isinstance(raw, bytes) else raw
+    ms, _, seq = text.partition("-")
+    return int(ms), int(seq or 0)
+
+
+Step = Callable[[KeyState, float], tuple[T, list[Event]]]
+
+
+class Store:
+    def __init__(self, url: str) -> None:
+        self.name = display(url)
+        self.redis = aioredis.Redis.from_url(
+            url, socket_timeout=5.0, socket_connect_timeout=3.0, health_check_interval=30)
+
+    def down(self, exc: BaseException) -> StoreDown:
+        return StoreDown(f"the fleet store {self.name} cannot be reached ({_why(exc)})")
+
+    async def close(self) -> None:
+        try:
+            await self.redis.aclose()
+        except (RedisError, OSError):
+            pass
+
+    # ------------------------------------------------------------------ time and hosts
+    async def now(self) -> float:
+        """The store's clock, seconds since the epoch (every due time is on it)."""
+        try:
+            sec, usec = await self.redis.time()
+        except (RedisError, OSError) as exc:
+            raise self.down(exc) from None
+        return sec + usec / 1e6
+
+    async def heartbeat(self, host: str) -> tuple[float, dict[str, float]]:
+        """Say ``host`` is alive; return the store's time and every host's last heartbeat."""
+        try:
+            now = await self.now()
+            async with self.redis.pipeline(transaction=True) as pipe:
+                pipe.hset(HOSTS, host, repr(now))
+                pipe.hgetall(HOSTS)
+                _, beats = await pipe.execute()
+        except (RedisError, OSError) as exc:
+            raise self.down(exc) from None
+        return now, {k.decode(errors="replace"): float(v) for k, v in beats.items()}
+
+    async def leave(self, host: str) -> None:
+        """``host`` stops: the others may take over what it was to run at once."""
+        try:
+            await self.redis.hdel(HOSTS, host)
+        except (RedisError, OSError):
+            pass
+
+    async def next_run_id(self) -> int:
+        try:
+            return int(await self.redis.incr(RUNS))
+        except (RedisError, OSError) as exc:
+            raise self.down(exc) from None
+
+    # ------------------------------------------------------------------ keys
+    async def update(self, key: str, step: Step[T], history: int = 0
+                     ) -> tuple[T, bytes, KeyState]:
+        """Apply ``step`` to ``key``'s state in one transaction; return its result, the id of
+        the key's latest event after it (a reader from there misses nothing that came after
+        the step), and the state as written. With ``history``, a run the step finished
+        (``state.last`` changed) goes into the history, which keeps that many."""
+        tag = tag_of(key)
+        skey, ekey = state_key(tag), events_key(tag)
+        try:
+            async with self.redis.pipeline(transaction=True) as pipe:
+                while True:
+                    try:
+                        await pipe.watch(skey)
+                        raw = await pipe.get(skey)
+                        sec, usec = await pipe.time()
+                        st = KeyState.loads(key, raw)
+                        before = st.dumps()
+                        last_before = st.last
+                        result, events = step(st, sec + usec / 1e6)
+                        after = st.dumps()
+                        if after == before and not events:
+                            latest = await pipe.xrevrange(ekey, count=1)
+                            await pipe.unwatch()  # type: ignore[no-untyped-call]
+                            return result, _first_id(latest), st
+                        pipe.multi()  # type: ignore[no-untyped-call]
+                        pipe.set(skey, after, ex=None if not st.idle() else IDLE_TTL)
+                        for event in events:
+                            pipe.xadd(ekey, {"e": json.dumps(event, separators=(",", ":"))},
+                                      maxlen=EVENTS_MAXLEN, approximate=True)
+                        score = st.index_score()
+                        if score is None:
+                            pipe.zrem(INDEX, tag)
+                        else:
+                            pipe.zadd(INDEX, {tag: score})
+                        if history and st.last is not None and st.last is not last_before:
+                            pipe.lpush(HISTORY, json.dumps(st.last.record(key)))
+                            pipe.ltrim(HISTORY, 0, history - 1)
+                        pipe.xrevrange(ekey, count=1)
+                        replies = await pipe.execute()
+                        return result, _first_id(replies[-1]), st
+                    except WatchError:
+                        continue
+        except (RedisError, OSError) as exc:
+            raise self.down(exc) from None
+
+    async def load(self, tag: str) -> KeyState | None:
+        try:
+            raw = await self.redis.get(state_key(tag))
+        except (RedisError, OSError) as exc:
+            raise self.down(exc) from None
+        if raw is None:
+            return None
+        return KeyState.loads(json.loads(raw)["key"], raw)
+
+    async def snapshot(self, key: str) -> tuple[KeyState, bytes]:
+        """The key's state and the id of its latest event, read together."""
+        tag = tag_of(key)
+        try:
+            async with self.redis.pipeline(transaction=True) as pipe:
+                pipe.get(state_key(tag))
+                pipe.xrevrange(events_key(tag), count=1)
+                raw, latest = await pipe.execute()
+        except (RedisError, OSError) as exc:
+            raise self.down(exc) from None
+        return KeyState.loads(key, raw), _first_id(latest)
+
+    async def indexed(self, upto: float | None = None) -> list[str]:
+        """Tags in the index (those whose next thing is due by ``upto``)."""
+        try:
+            found = await self.redis.zrangebyscore(INDEX, "-inf",
+                                                   "+inf" if upto is None else repr(upto))
+        except (RedisError, OSError) as exc:
+            raise self.down(exc) from None
+        return [t.decode() if isinstance(t, bytes) else str(t) for t in found]
+
+    async def states(self, tags: list[str]) -> list[KeyState]:
+        if not tags:
+            return []
+        try:
+            raws = await self.redis.mget([state_key(t) for t in tags])
+        except (RedisError, OSError) as exc:
+            raise self.down(exc) from None
+        return [KeyState.loads(json.loads(raw)["key"], raw) for raw in raws if raw]
+
+    async def history(self, key: str | None, limit: int) -> list[dict[str, Any]]:
+        try:
+            raws = await self.redis.lrange(HISTORY, 0, -1 if key is not None else limit - 1)
+        except (RedisError, OSError) as exc:
+            raise self.down(exc) from None
+        rows = [json.loads(raw) for raw in raws]
+        if key is not None:
+            rows = [row for row in rows if row.get("key") == key]
+        return rows[:limit]
+
+    # ------------------------------------------------------------------ events
+    async def publish(self, batch: list[tuple[str, Event]]) -> None:
+        """Add events (output of runs executing here) to their keys' streams, in order."""
+        try:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for key, event in batch:
+                    pipe.xadd(events_key(tag_of(key)),
+                              {"e": json.dumps(event, separators=(",", ":"))},
+                              maxlen=EVENTS_MAXLEN, approximate=True)
+                await pipe.execute()
+        except (RedisError, OSError) as exc:
+            raise self.down(exc) from None
+
+    async def read(self, key: str, after: bytes, block_ms: int
+                   ) -> list[tuple[bytes, Event]]:
+        """Events of ``key`` after ``after``, waiting up to ``block_ms`` for the first."""
+        ekey = events_key(tag_of(key))
+        try:
+            reply: Any = await self.redis.xread({ekey: after}, count=1000, block=block_ms)
+        except (RedisError, OSError) as exc:
+            raise self.down(exc) from None
+        out: list[tuple[bytes, Event]] = []
+        for _, entries in reply or []:
+            for entry_id, fields in entries:
+                out.append((entry_id, json.loads(fields[b"e"])))
+        return out
+
+    async def first_event_id(self, key: str) -> bytes | None:
+        """The oldest event still kept (a reader behind it has missed some)."""
+        try:
+            first = await self.redis.xrange(events_key(tag_of(key)), count=1)
+        except (RedisError, OSError) as exc:
+            raise self.down(exc) from None
+        return _first_id(first) if first else None
+
+
+def _why(exc: BaseException) -> str:
+    """What failed, in a few words: the system's reason when there is one."""
+    from redis.exceptions import TimeoutError as RedisTimeout
+
+    if isinstance(exc, (RedisTimeout, TimeoutError)):
+        return "timed out"
+    cause = exc.__cause__ or exc.__context__
+    if isinstance(cause, OSError) and cause.strerror:
+        return cause.strerror.lower()
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror.lower()
+    return str(exc) or type(exc).__name__
+
+
+def _first_id(entries: Any) -> bytes:
+    """The id of the first of some stream entries (``0-0`` when there are none)."""
+    return bytes(entries[0][0]) if entries else b"0-0"

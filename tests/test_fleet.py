@@ -1,0 +1,262 @@
+"""Fleet mode end to end: a real redis-server and three daemons standing for three hosts
+(their own sockets, state directories and host ids), driven through the real CLI.
+
+Commands write a line per run into a file all "hosts" share, so a test counts runs fleet-wide.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import wait_until
+from fleet_support import Fleet, Redis, finish, runs_in, settle
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture
+def redis():
+    root = Path(tempfile.mkdtemp(prefix="dbr-", dir="/tmp"))
+    server = Redis(root, aof=True)
+    try:
+        yield server
+    finally:
+        server.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def fleet(redis):
+    f = Fleet(redis)
+    try:
+        yield f
+    finally:
+        f.cleanup()
+
+
+def record(path: Path, exit_code: int = 0, extra: str = "") -> list[str]:
+    """A command that notes its run (host, run id, argument) in ``path`` and exits."""
+    return ["sh", "-c", f'{extra}echo "$DEBOUNCE_HOST $DEBOUNCE_RUN_ID $1" >> {path}; '
+            f'echo "out $DEBOUNCE_HOST $1"; exit {exit_code}', "sh"]
+
+
+def submit_in_order(fleet: Fleet, key: str, calls: list[tuple[int, list[str]]]) -> list:
+    """One waiting ``debounce run --fleet`` per (host index, args), each in the store before
+    the next starts, so "the latest invocation" is well defined."""
+    procs = []
+    for i, (host, args) in enumerate(calls, start=1):
+        procs.append(fleet.hosts[host].popen("run", "--fleet", "--key", key, *args))
+        wait_until(lambda i=i: fleet.coalesced(key) >= i, timeout=15)
+    return procs
+
+
+def test_one_run_fleet_wide_on_the_latest_host_and_every_waiter_gets_it(fleet):
+    out = fleet.hosts[0].work / "runs.txt"
+    calls = [(h, ["--delay", "1s", "--", *record(out, 7), f"from-{h}"]) for h in (0, 1, 2, 1)]
+    procs = submit_in_order(fleet, "deploy", calls)
+    results = [finish(p) for p in procs]
+    # The latest invocation (host b's second) won: its argv, on its host, once fleet-wide.
+    assert runs_in(out) == [runs_in(out)[0]] and runs_in(out)[0].startswith("b ")
+    assert runs_in(out)[0].endswith(" from-1")
+    for code, stdout, stderr in results:
+        assert code == 7, stderr
+        assert stdout == "out b from-1\n"
+    history = fleet.hosts[2].fleet_history()
+    assert len(history) == 1
+    assert history[0]["host"] == "b" and history[0]["coalesced"] == 4
+    assert history[0]["exit_code"] == 7 and history[0]["key"] == "deploy"
+
+
+def test_status_shows_the_fleet_key_with_its_host_on_every_host(fleet):
+    proc = fleet.hosts[2].popen("run", "--fleet", "--no-wait", "--key", "k", "--delay", "30s",
+                                "--", "true")
+    assert finish(proc)[0] == 0
+    for host in fleet.hosts:
+        rows = host.fleet_status()
+        assert [(r["key"], r["host"], r["pending"]["coalesced"]) for r in rows] == [("k", "c", 1)]
+    # The local status of a host knows nothing of it, and local rows carry no host.
+    assert fleet.hosts[2].run("status", "--json").stdout.count('"host"') == 0
+    cancel = fleet.hosts[0].run("cancel", "k")
+    assert cancel.returncode == 0, cancel.stderr
+    assert fleet.hosts[1].fleet_status() == []
+
+
+def test_fleet_waiters_on_other_hosts_hear_a_cancel(fleet):
+    procs = submit_in_order(fleet, "c", [(0, ["--delay", "30s", "--", "true"]),
+                                         (1, ["--delay", "30s", "--", "true"])])
+    assert fleet.hosts[2].run("cancel", "c").returncode == 0
+    for proc in procs:
+        code, _, err = finish(proc)
+        assert code == 114, err
+
+
+def test_flush_and_wait_from_another_host(fleet):
+    out = fleet.hosts[0].work / "runs.txt"
+    proc = fleet.hosts[0].popen("run", "--fleet", "--key", "f", "--delay", "60s", "--",
+                                *record(out), "x")
+    wait_until(lambda: fleet.coalesced("f") == 1, timeout=15)
+    waiter = fleet.hosts[2].popen("wait", "f")
+    time.sleep(0.3)  # the waiter files itself (it is not what the assertions wait on)
+    assert fleet.hosts[1].run("flush", "f").returncode == 0
+    assert finish(proc)[0] == 0
+    code, _, err = finish(waiter)
+    assert code == 0, err
+    assert runs_in(out) and runs_in(out)[0].startswith("a ")
+
+
+def test_fleet_without_a_store_is_a_usage_error_naming_the_variable(world):
+    proc = world.run("run", "--fleet", "--", "true")
+    assert proc.returncode == 2
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert "DEBOUNCE_STORE" in proc.stderr
+
+
+def test_unreachable_store_refuses_fleet_keys_and_keeps_local_ones(world):
+    from fleet_support import free_port
+
+    world.env["DEBOUNCE_STORE"] = f"redis://127.0.0.1:{free_port()}/0"
+    proc = world.run("run", "--fleet", "--delay", "0", "--", "true")
+    assert proc.returncode == 116
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert "redis://127.0.0.1:" in proc.stderr and "cannot be reached" in proc.stderr
+    local = world.run("run", "--delay", "0", "--", "echo", "local")
+    assert (local.returncode, local.stdout) == (0, "local\n")
+
+
+def test_a_host_killed_before_its_run_is_taken_over_once(fleet):
+    out = fleet.hosts[0].work / "runs.txt"
+    procs = submit_in_order(fleet, "t", [(1, ["--delay", "1s", "--", *record(out, 3), "b"]),
+                                         (0, ["--delay", "1s", "--", *record(out, 3), "a"])])
+    fleet.hosts[0].kill9()  # the host of the latest invocation dies before it is due
+    code, stdout, err = finish(procs[0])
+    assert code == 3, err
+    assert stdout.startswith("out ") and stdout.endswith(" a\n")  # the latest argv won
+    settle(2.5)  # a lease and more: nobody else runs it again
+    lines = runs_in(out)
+    assert len(lines) == 1 and lines[0].split()[0] in ("b", "c")
+    assert fleet.hosts[1].fleet_history()[0]["host"] == lines[0].split()[0]
+
+
+def test_a_host_killed_during_its_run_reports_it_lost_and_it_never_runs_twice(fleet):
+    out = fleet.hosts[0].work / "runs.txt"
+    command = ["sh", "-c", f'echo "$DEBOUNCE_HOST" >> {out}; sleep 30']
+    procs = submit_in_order(fleet, "l", [(1, ["--delay", "0.5s", "--", *command]),
+                                         (0, ["--delay", "0.5s", "--", *command])])
+    wait_until(lambda: runs_in(out), timeout=15)
+    fleet.hosts[0].kill9()
+    code, _, err = finish(procs[0])
+    assert code == 113, err
+    assert "lost" in err
+    settle(2.5)
+    assert runs_in(out) == ["a"]
+    history = fleet.hosts[2].fleet_history()
+    assert [(r["outcome"], r["host"]) for r in history] == [("lost", "a")]
+
+
+def test_a_frozen_host_does_not_run_what_another_took_over(fleet):
+    out = fleet.hosts[0].work / "runs.txt"
+    procs = submit_in_order(fleet, "z", [(1, ["--delay", "0.5s", "--", *record(out), "b"]),
+                                         (0, ["--delay", "0.5s", "--", *record(out), "a"])])
+    assert fleet.hosts[0].daemon is not None
+    os.kill(fleet.hosts[0].daemon.pid, signal.SIGSTOP)
+    try:
+        code, _, err = finish(procs[0])
+        assert code == 0, err
+    finally:
+        os.kill(fleet.hosts[0].daemon.pid, signal.SIGCONT)
+    settle(2.0)  # host a is back, its timer long past due: it must not run "z" as well
+    lines = runs_in(out)
+    assert len(lines) == 1 and lines[0].split()[0] != "a" and lines[0].endswith(" a")
+
+
+def test_skewed_host_clocks_do_not_move_due_times(redis):
+    fleet = Fleet(redis, extra={"a": ("--clock-skew", "3600"), "b": ("--clock-skew", "-3600")})
+    try:
+        out = fleet.hosts[0].work / "runs.txt"
+        command = ["sh", "-c", f'date +%s.%N >> {out}']
+        for skewed in (0, 1):  # an hour ahead, an hour behind
+            before = time.time()
+            proc = fleet.hosts[skewed].popen("run", "--fleet", "--delay", "1s", "--key",
+                                             f"s{skewed}", "--", *command)
+            assert finish(proc)[0] == 0
+            started = float(runs_in(out)[-1])
+            assert 0.9 <= started - before < 4.0, started - before
+        for row in fleet.hosts[2].fleet_history():
+            assert abs(row_time(row["started_at"]) - time.time()) < 60  # the store's clock
+    finally:
+        fleet.cleanup()
+
+
+def row_time(iso: str) -> float:
+    from datetime import datetime
+
+    return datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
+
+
+def test_fifty_waiters_spread_over_the_hosts_all_get_the_run(fleet):
+    out = fleet.hosts[0].work / "runs.txt"
+    procs = []
+    for i in range(50):
+        host = fleet.hosts[i % 3]
+        procs.append(host.popen("run", "--fleet", "--key", "fifty", "--delay", "2s", "--",
+                                *record(out, 5), f"n{i}"))
+    results = [finish(p, timeout=60) for p in procs]
+    assert len(runs_in(out)) == 1
+    winner = runs_in(out)[0].split()[-1]
+    for code, stdout, err in results:
+        assert code == 5, err
+        assert stdout.endswith(f" {winner}\n")
+    assert fleet.hosts[1].fleet_history()[0]["coalesced"] == 50
+
+
+def test_redis_restart_in_the_middle_of_a_burst(fleet, redis):
+    out = fleet.hosts[0].work / "runs.txt"
+    first = submit_in_order(fleet, "r", [(0, ["--delay", "2s", "--", *record(out), "a"]),
+                                         (1, ["--delay", "2s", "--", *record(out), "b"])])
+    redis.stop()
+    refused = fleet.hosts[2].run("run", "--fleet", "--key", "r", "--delay", "2s", "--", "true")
+    assert refused.returncode == 116, refused.stderr
+    redis.start()
+    later = fleet.hosts[2].popen("run", "--fleet", "--key", "r", "--delay", "2s", "--",
+                                 *record(out), "c")
+    results = [finish(p, timeout=60) for p in (*first, later)]
+    for code, stdout, err in results:
+        assert code == 0, err
+        assert stdout == "out c c\n"
+    settle(1.5)
+    assert runs_in(out) == [runs_in(out)[0]] and runs_in(out)[0].startswith("c ")
+
+
+def test_on_busy_restart_across_hosts(fleet):
+    out = fleet.hosts[0].work / "runs.txt"
+    long = ["sh", "-c", f'echo "$DEBOUNCE_HOST start" >> {out}; sleep 30']
+    first = fleet.hosts[0].popen("run", "--fleet", "--key", "rs", "--delay", "0",
+                                 "--on-busy", "restart", "--", *long)
+    wait_until(lambda: runs_in(out), timeout=15)
+    second = fleet.hosts[1].popen("run", "--fleet", "--key", "rs", "--delay", "0",
+                                  "--on-busy", "restart", "--", *record(out, 4), "second")
+    for proc in (first, second):
+        code, stdout, err = finish(proc)
+        assert code == 4, err
+        assert stdout.endswith("out b second\n")
+    outcomes = [r["outcome"] for r in fleet.hosts[2].fleet_history()]
+    assert outcomes == ["exited", "restarted"]
+
+
+def test_fleet_kill_from_another_host(fleet):
+    proc = fleet.hosts[0].popen("run", "--fleet", "--key", "k9", "--delay", "0", "--",
+                                "sleep", "30")
+    wait_until(lambda: any(r.get("running") for r in fleet.hosts[1].fleet_status()),
+               timeout=15)
+    killed = fleet.hosts[2].run("kill", "k9")
+    assert killed.returncode == 0, killed.stderr
+    code, _, err = finish(proc)
+    assert code == 143, err
+    assert fleet.hosts[1].fleet_history()[0]["outcome"] == "killed"

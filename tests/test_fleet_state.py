@@ -1,0 +1,180 @@
+"""A fleet key's steps with made-up store times, no store: the timing rules against lodash's
+(the same reference the local scheduler is held to), and claims, takeovers, fencing and the
+busy-key rules across hosts."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from test_lodash import EDGES, MAX_WAITS, WAITS, call_times, lodash_model
+
+from debounce_cli import states
+from debounce_cli.daemon.fleet import state as fs
+from debounce_cli.scheduler import Options
+
+JOB = {"argv": ["make"], "cwd": "/src", "env": {}}
+
+
+def submit(st: fs.KeyState, now: float, host: str = "a", inv: int = 1,
+           **options: object) -> fs.Landed:
+    opts = Options(**options)  # type: ignore[arg-type]
+    landed, _ = fs.submit(st, inv=inv, host=host, job=JOB, raw_options=asdict(opts),
+                          options=opts, now=now)
+    return landed
+
+
+def fleet_runs(wait: float, max_wait: float | None, leading: bool, trailing: bool,
+               calls: list[float]) -> list[tuple[float, int]]:
+    """The calls through the fleet's steps on one host: (start time, winning call) of every
+    run, each claimed exactly when due and ending at once (as ``test_lodash.ours`` does)."""
+    opts = Options(delay=wait, max_wait=max_wait, leading=leading, trailing=trailing)
+    st = fs.KeyState("k")
+    out: list[tuple[float, int]] = []
+    runs = iter(range(1, 10_000))
+
+    def advance(until: float) -> None:
+        while st.pending is not None and st.pending.due <= until:
+            now = st.pending.due
+            result, events = fs.claim(st, host="a", now=now, run_id=next(runs),
+                                      may_take_over=False)
+            assert isinstance(result, fs.Start), result
+            assert events[0]["t"] == "started"
+            out.append((now, result.running.inv))
+            last, _ = fs.finish(st, run=result.running.run, fence=result.running.fence,
+                                exit_code=0, outcome=states.EXITED, now=now)
+            assert last is not None
+
+    for i, t in enumerate(calls):
+        advance(t)
+        fs.submit(st, inv=i, host="a", job=JOB, raw_options=asdict(opts), options=opts, now=t)
+        advance(t)  # a leading edge is due at once
+    advance(calls[-1] + 100.0)
+    return out
+
+
+@pytest.mark.timeout(600)
+@settings(max_examples=1500, deadline=None, database=None,
+          suppress_health_check=[HealthCheck.too_slow])
+@given(wait=WAITS, max_wait=MAX_WAITS, edges=EDGES, calls=call_times())
+def test_a_fleet_key_debounces_as_lodash_does(
+    wait: float, max_wait: float | None, edges: tuple[bool, bool], calls: list[float]
+) -> None:
+    leading, trailing = edges
+    assert fleet_runs(wait, max_wait, leading, trailing, calls) == lodash_model(
+        wait, max_wait, leading, trailing, calls)
+
+
+def test_the_latest_invocation_wins_with_its_host_in_one_slot() -> None:
+    st = fs.KeyState("k")
+    first = submit(st, 100.0, host="a", inv=1, delay=2.0)
+    second = submit(st, 101.0, host="b", inv=7, delay=2.0)
+    assert isinstance(first, fs.InSlot) and isinstance(second, fs.InSlot)
+    assert first.slot == second.slot
+    assert (second.due, second.coalesced) == (103.0, 2)
+    assert st.pending is not None and (st.pending.host, st.pending.inv) == ("b", 7)
+
+
+def test_only_the_latest_host_claims_unless_it_went_silent() -> None:
+    st = fs.KeyState("k")
+    submit(st, 100.0, host="a", delay=1.0)
+    assert isinstance(fs.claim(st, host="b", now=102.0, run_id=1, may_take_over=False)[0],
+                      fs.Nothing)
+    assert fs.claim(st, host="a", now=100.5, run_id=1, may_take_over=False)[0] == fs.Later(101.0)
+    result, _ = fs.claim(st, host="b", now=102.0, run_id=1, may_take_over=True)
+    assert isinstance(result, fs.Start) and result.running.host == "b"
+    # Host a comes back: nothing is left for it to start.
+    assert isinstance(fs.claim(st, host="a", now=102.1, run_id=2, may_take_over=False)[0],
+                      fs.Nothing)
+
+
+def test_a_stale_fencing_token_changes_nothing() -> None:
+    st = fs.KeyState("k")
+    submit(st, 100.0, host="a", delay=0.0)
+    result, _ = fs.claim(st, host="a", now=100.0, run_id=1, may_take_over=False)
+    assert isinstance(result, fs.Start)
+    old = result.running.fence
+    lost, events = fs.lose(st, now=111.0)  # host a went silent while running it
+    assert lost is not None and lost.outcome == states.LOST and events[0]["t"] == "finished"
+    before = st.dumps()
+    # Host a comes back and reports its end: fenced off, the record stays "lost".
+    assert fs.finish(st, run=1, fence=old, exit_code=0, outcome=states.EXITED,
+                     now=112.0) == (None, [])
+    assert st.dumps() == before
+
+
+def test_on_busy_restart_stops_the_run_wherever_it_runs_and_its_waiters_follow() -> None:
+    st = fs.KeyState("k")
+    submit(st, 100.0, host="a", delay=0.0, on_busy="restart")
+    run1 = fs.claim(st, host="a", now=100.0, run_id=1, may_take_over=False)[0]
+    assert isinstance(run1, fs.Start)
+    submit(st, 101.0, host="b", inv=2, delay=0.0, on_busy="restart")
+    result, events = fs.claim(st, host="b", now=101.0, run_id=2, may_take_over=False)
+    assert isinstance(result, fs.Busy)
+    assert events == [{"t": "stop", "run": 1, "fence": run1.running.fence,
+                       "why": states.STOP_RESTART}]
+    last, events = fs.finish(st, run=1, fence=run1.running.fence, exit_code=143,
+                             outcome=states.EXITED, now=101.2)
+    assert last is not None and last.outcome == states.RESTARTED
+    assert st.pending is not None and events[0]["then"] == st.pending.slot
+    assert isinstance(fs.claim(st, host="b", now=101.2, run_id=3, may_take_over=False)[0],
+                      fs.Start)
+
+
+def test_on_busy_signal_joins_the_running_run() -> None:
+    st = fs.KeyState("k")
+    submit(st, 100.0, host="a", delay=0.0, on_busy="signal", signal="USR1")
+    run1 = fs.claim(st, host="a", now=100.0, run_id=1, may_take_over=False)[0]
+    assert isinstance(run1, fs.Start)
+    submit(st, 101.0, host="b", inv=2, delay=0.0, on_busy="signal", signal="USR1")
+    result, events = fs.claim(st, host="b", now=101.0, run_id=2, may_take_over=False)
+    assert isinstance(result, fs.Busy)
+    assert [e["t"] for e in events] == ["signal", "moved"]
+    assert events[0]["sig"] == "USR1"
+    assert st.pending is None and st.running is not None and st.running.coalesced == 2
+
+
+def test_on_busy_ignore_joins_and_queue_waits() -> None:
+    st = fs.KeyState("k")
+    submit(st, 100.0, delay=0.0)
+    assert isinstance(fs.claim(st, host="a", now=100.0, run_id=1, may_take_over=False)[0],
+                      fs.Start)
+    assert submit(st, 100.5, delay=0.0, on_busy="ignore") == fs.InRun(1, 2)
+    submit(st, 100.6, delay=0.0)  # queue: one more run after this one
+    assert isinstance(fs.claim(st, host="a", now=100.6, run_id=2, may_take_over=False)[0],
+                      fs.Busy)
+
+
+def test_no_trailing_invocations_share_a_finished_leading_run() -> None:
+    st = fs.KeyState("k")
+    submit(st, 100.0, delay=5.0, leading=True, trailing=False)
+    run = fs.claim(st, host="a", now=100.0, run_id=1, may_take_over=False)[0]
+    assert isinstance(run, fs.Start)
+    fs.finish(st, run=1, fence=run.running.fence, exit_code=4, outcome=states.EXITED,
+              now=100.1)
+    landed = submit(st, 101.0, delay=5.0, leading=True, trailing=False)
+    assert isinstance(landed, fs.Done) and landed.last.exit_code == 4
+
+
+def test_the_state_survives_storage_with_fields_of_a_newer_version() -> None:
+    st = fs.KeyState("k")
+    submit(st, 100.0, delay=1.0, max_wait=5.0)
+    raw = st.dumps().replace('{"key"', '{"future":[1,2],"key"', 1)
+    again = fs.KeyState.loads("k", raw)
+    assert again.dumps().replace('"future":[1,2],', "") == st.dumps()
+    assert again.extra == {"future": [1, 2]}
+    assert fs.KeyState.loads("new", None).quiet_at == float("-inf")
+
+
+def test_a_leader_replaced_before_it_was_claimed_stays_due_at_once() -> None:
+    st = fs.KeyState("k")
+    first = submit(st, 100.0, host="a", delay=5.0, leading=True)
+    # Host b's call comes before host a has claimed the leading run: it takes the leader's
+    # place and is still due at once (the local scheduler does the same).
+    second = submit(st, 100.01, host="b", inv=2, delay=5.0, leading=True)
+    assert isinstance(first, fs.InSlot) and isinstance(second, fs.InSlot)
+    assert (first.due, second.due, second.slot) == (100.0, 100.01, first.slot)
+    result, _ = fs.claim(st, host="b", now=100.02, run_id=1, may_take_over=False)
+    assert isinstance(result, fs.Start) and result.running.inv == 2
+    assert st.burst_run == 1
