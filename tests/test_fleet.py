@@ -260,3 +260,29 @@ def test_fleet_kill_from_another_host(fleet):
     code, _, err = finish(proc)
     assert code == 143, err
     assert fleet.hosts[1].fleet_history()[0]["outcome"] == "killed"
+
+
+def test_a_store_restarted_empty_loses_no_accepted_invocation(tmp_path):
+    root = Path(tempfile.mkdtemp(prefix="dbr-", dir="/tmp"))
+    redis = Redis(root, aof=False)  # no persistence at all: a restart empties it
+    fleet = Fleet(redis)
+    try:
+        out = fleet.hosts[0].work / "runs.txt"
+        procs = submit_in_order(fleet, "e", [(0, ["--delay", "3s", "--", *record(out), "a"]),
+                                             (1, ["--delay", "3s", "--", *record(out), "b"])])
+        waiter = fleet.hosts[2].popen("wait", "e")
+        time.sleep(0.3)  # the waiter files itself (nothing below waits on it)
+        redis.stop()
+        redis.start()
+        results = [finish(p, timeout=60) for p in (*procs, waiter)]
+        for code, stdout, err in results:
+            assert code == 0, err
+            assert stdout.startswith("out ")
+        assert len({stdout for _, stdout, _ in results}) == 1
+        settle(1.0)
+        assert len(runs_in(out)) == 1
+        assert "lost data" in fleet.hosts[0].log() + fleet.hosts[1].log()
+    finally:
+        fleet.cleanup()
+        redis.stop()
+        shutil.rmtree(root, ignore_errors=True)

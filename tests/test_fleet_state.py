@@ -42,8 +42,8 @@ def fleet_runs(wait: float, max_wait: float | None, leading: bool, trailing: boo
             assert isinstance(result, fs.Start), result
             assert events[0]["t"] == "started"
             out.append((now, result.running.inv))
-            last, _ = fs.finish(st, run=result.running.run, fence=result.running.fence,
-                                exit_code=0, outcome=states.EXITED, now=now)
+            last, _ = fs.finish(st, run=result.running, exit_code=0, outcome=states.EXITED,
+                                now=now)
             assert last is not None
 
     for i, t in enumerate(calls):
@@ -94,12 +94,12 @@ def test_a_stale_fencing_token_changes_nothing() -> None:
     submit(st, 100.0, host="a", delay=0.0)
     result, _ = fs.claim(st, host="a", now=100.0, run_id=1, may_take_over=False)
     assert isinstance(result, fs.Start)
-    old = result.running.fence
+    old = result.running
     lost, events = fs.lose(st, now=111.0)  # host a went silent while running it
     assert lost is not None and lost.outcome == states.LOST and events[0]["t"] == "finished"
     before = st.dumps()
     # Host a comes back and reports its end: fenced off, the record stays "lost".
-    assert fs.finish(st, run=1, fence=old, exit_code=0, outcome=states.EXITED,
+    assert fs.finish(st, run=old, exit_code=0, outcome=states.EXITED,
                      now=112.0) == (None, [])
     assert st.dumps() == before
 
@@ -114,8 +114,8 @@ def test_on_busy_restart_stops_the_run_wherever_it_runs_and_its_waiters_follow()
     assert isinstance(result, fs.Busy)
     assert events == [{"t": "stop", "run": 1, "fence": run1.running.fence,
                        "why": states.STOP_RESTART}]
-    last, events = fs.finish(st, run=1, fence=run1.running.fence, exit_code=143,
-                             outcome=states.EXITED, now=101.2)
+    last, events = fs.finish(st, run=run1.running, exit_code=143, outcome=states.EXITED,
+                             now=101.2)
     assert last is not None and last.outcome == states.RESTARTED
     assert st.pending is not None and events[0]["then"] == st.pending.slot
     assert isinstance(fs.claim(st, host="b", now=101.2, run_id=3, may_take_over=False)[0],
@@ -151,8 +151,7 @@ def test_no_trailing_invocations_share_a_finished_leading_run() -> None:
     submit(st, 100.0, delay=5.0, leading=True, trailing=False)
     run = fs.claim(st, host="a", now=100.0, run_id=1, may_take_over=False)[0]
     assert isinstance(run, fs.Start)
-    fs.finish(st, run=1, fence=run.running.fence, exit_code=4, outcome=states.EXITED,
-              now=100.1)
+    fs.finish(st, run=run.running, exit_code=4, outcome=states.EXITED, now=100.1)
     landed = submit(st, 101.0, delay=5.0, leading=True, trailing=False)
     assert isinstance(landed, fs.Done) and landed.last.exit_code == 4
 
@@ -178,3 +177,18 @@ def test_a_leader_replaced_before_it_was_claimed_stays_due_at_once() -> None:
     result, _ = fs.claim(st, host="b", now=100.02, run_id=1, may_take_over=False)
     assert isinstance(result, fs.Start) and result.running.inv == 2
     assert st.burst_run == 1
+
+
+def test_a_run_the_store_forgot_is_still_reported_once() -> None:
+    st = fs.KeyState("k")
+    submit(st, 100.0, host="a", delay=0.0)
+    result, _ = fs.claim(st, host="a", now=100.0, run_id=9, may_take_over=False)
+    assert isinstance(result, fs.Start)
+    forgotten = fs.KeyState("k")  # the store restarted empty while the run went on
+    last, events = fs.finish(forgotten, run=result.running, exit_code=3,
+                             outcome=states.EXITED, now=104.0)
+    assert last is not None and last.exit_code == 3
+    assert events[0]["t"] == "finished" and events[0]["run_id"] == 9
+    assert forgotten.seq == result.running.fence  # later tokens stay above it
+    assert fs.finish(forgotten, run=result.running, exit_code=3, outcome=states.EXITED,
+                     now=105.0) == (None, [])

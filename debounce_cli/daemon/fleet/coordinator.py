@@ -38,8 +38,10 @@ from debounce_cli.daemon.runs import Runs
 from debounce_cli.daemon.waiters import Submitter, Waiter, unique
 from debounce_cli.scheduler import Invocation, Options, Run
 
-#: Events of a key remembered after they were handed out, for a waiter that registers late.
+#: Events of a key remembered after they were handed out, for a waiter that registers late
+#: (at most this many, and this many bytes of output).
 RECENT_EVENTS = 2000
+RECENT_BYTES = 4 * 1024 * 1024
 #: How long a read of a key's stream blocks (a follower with nobody left ends after it).
 READ_BLOCK_MS = 1000
 #: Output queued for the store, at most; past it a run's output is dropped (and said so).
@@ -54,18 +56,38 @@ class KeyWaiters:
 
     slots: dict[int, list[Any]] = field(default_factory=dict)
     runs: dict[int, list[Any]] = field(default_factory=dict)
+    #: Waiters whose slot the store forgot (it lost data): they take the next slot of the key.
+    orphans: list[Any] = field(default_factory=list)
 
     def empty(self) -> bool:
-        return not self.slots and not self.runs
+        return not self.slots and not self.runs and not self.orphans
 
 
 @dataclass(eq=False)
 class Follower:
     key: str
     last: bytes
-    recent: deque[tuple[tuple[int, int], dict[str, Any]]] = field(
-        default_factory=lambda: deque(maxlen=RECENT_EVENTS))
+    recent: deque[tuple[tuple[int, int], dict[str, Any]]] = field(default_factory=deque)
+    recent_bytes: int = 0
     task: asyncio.Task[None] | None = None
+
+    def remember(self, eid: bytes, event: dict[str, Any]) -> None:
+        self.recent.append((event_id(eid), event))
+        self.recent_bytes += len(event.get("data", ""))
+        while len(self.recent) > RECENT_EVENTS or self.recent_bytes > RECENT_BYTES:
+            _, old = self.recent.popleft()
+            self.recent_bytes -= len(old.get("data", ""))
+
+
+@dataclass(eq=False)
+class Mine:
+    """This host's latest invocation of a key while it waits in ``slot``: what this host
+    submits again should the store lose it."""
+
+    inv: int
+    options: Options
+    job: Job
+    slot: int
 
 
 @dataclass(eq=False)
@@ -123,6 +145,9 @@ class Fleet:
         self.beat_at = float("-inf")  # our monotonic time of the last heartbeat
         self.waiting: dict[str, KeyWaiters] = {}
         self.owned: dict[str, int] = {}  # key -> slot: our invocation is the latest there
+        self.mine: dict[str, Mine] = {}
+        self.epoch: bytes | None = None  # the store's epoch token, as first seen
+        self.seen_runs = 0  # the highest run id the store gave us
         self.timers: dict[str, asyncio.TimerHandle] = {}
         self.claiming: set[str] = set()
         self.local: dict[int, LocalRun] = {}
@@ -214,20 +239,27 @@ class Fleet:
             return fs.submit(st, inv=inv, host=self.host, job=payload,
                              raw_options=raw_options, options=options, now=now)
 
-        try:
-            landed, latest, st = await self.store.update(key, step)
-        except StoreDown as exc:
-            if submitter is not None:
-                submitter.answered(protocol.Error(
-                    message=f"{exc}; fleet keys are refused until it is back (local keys "
-                    "are not affected)", code=states.REFUSED))
-            return
+        while True:
+            try:
+                landed, latest, st = await self.store.update(key, step)
+                break
+            except StoreDown as exc:
+                if submitter is not None or self.closing:
+                    if submitter is not None:
+                        submitter.answered(protocol.Error(
+                            message=f"{exc}; fleet keys are refused until it is back (local "
+                            "keys are not affected)", code=states.REFUSED))
+                    return
+                # Submitted again after the store lost it: accepted once, so never dropped.
+                self._say_down(exc)
+                await asyncio.sleep(RETRY)
         now = seen[-1]
         self._measured(now)
         if isinstance(landed, fs.InSlot):
             accepted = protocol.Accepted(id=inv, key=key, state=landed.state,
                                          due_in=max(0.0, landed.due - now),
                                          coalesced=landed.coalesced)
+            self.mine[key] = Mine(inv, options, job, landed.slot)
             if st.pending is not None and st.pending.host == self.host:
                 self._own(key, landed.slot, landed.due)
         elif isinstance(landed, fs.InRun):
@@ -238,6 +270,10 @@ class Fleet:
                                          coalesced=landed.last.coalesced)
         if submitter is not None:
             submitter.answered(accepted)
+        kw = self.waiting.get(key)
+        if kw is not None and kw.orphans and isinstance(landed, fs.InSlot):
+            kw.slots.setdefault(landed.slot, []).extend(kw.orphans)  # submitted again
+            kw.orphans = []
         if waiter is not None:
             self._attach(key, waiter, landed, st, latest)
         self._follow(key, latest)
@@ -355,6 +391,7 @@ class Fleet:
         try:
             try:
                 run_id = await self.store.next_run_id()
+                self.seen_runs = max(self.seen_runs, run_id)
                 seen: list[float] = []
 
                 def step(st: fs.KeyState, now: float) -> tuple[fs.Claim, list[fs.Event]]:
@@ -421,8 +458,7 @@ class Fleet:
                 handle.cancel()
         if outcome is None:
             outcome = states.OUTCOME_OF_STOP.get(local.why, states.EXITED)
-        fence = local.running.fence
-        self.outbox.append(("finish", (local.key, run_id, fence, code, outcome)))
+        self.outbox.append(("finish", (local.key, local.running, code, outcome)))
         self.outbox_ready.set()
 
     def _stop(self, local: LocalRun, why: str) -> None:
@@ -478,6 +514,7 @@ class Fleet:
     def _interested(self, key: str) -> bool:
         kw = self.waiting.get(key)
         return bool((kw is not None and not kw.empty()) or key in self.owned
+                    or key in self.mine
                     or any(local.key == key for local in self.local.values()))
 
     def _follow(self, key: str, since: bytes | None) -> None:
@@ -502,7 +539,7 @@ class Fleet:
                     continue
                 for eid, event in entries:
                     follower.last = eid
-                    follower.recent.append((event_id(eid), event))
+                    follower.remember(eid, event)
                     self._dispatch(key, event)
                 if not entries and not self._interested(key):
                     break
@@ -538,6 +575,9 @@ class Fleet:
         elif kind in ("started", "moved", "cancelled"):
             if self.owned.get(key) == event["slot"]:
                 self._disown(key)
+            mine = self.mine.get(key)
+            if mine is not None and mine.slot == event["slot"]:
+                del self.mine[key]
         elif kind == "finished":
             if key in self.owned:
                 self._claim_soon(key, False)  # ours may have fallen due meanwhile
@@ -565,6 +605,9 @@ class Fleet:
             return unique(waiters)
 
         if kind == "pending":
+            if kw.orphans and only is None:
+                kw.slots.setdefault(event["slot"], []).extend(kw.orphans)
+                kw.orphans = []
             waiters = take(kw.slots, event["slot"], False)
             if waiters:
                 line = protocol.encode(protocol.Pending(
@@ -605,6 +648,28 @@ class Fleet:
             for waiter in take(kw.slots, event["slot"], True):
                 waiter.finish(cancelled)
 
+    async def _recover(self, emptied: bool) -> None:
+        """The store lost data (restarted without persistence, or rolled back to an older
+        snapshot): submit this host's own pending invocations again, and let the waiters
+        here follow whatever is pending for their keys next."""
+        print(f"debounce: the fleet store {self.store.name} lost data (restarted without "
+              "its append-only file?); submitting this host's pending invocations again",
+              file=sys.stderr, flush=True)
+        for kw in self.waiting.values():
+            for waiters in kw.slots.values():
+                kw.orphans.extend(waiters)
+            kw.slots.clear()
+        for key in list(self.owned):
+            self._disown(key)
+        for follower in self.followers.values():
+            follower.recent.clear()
+            follower.recent_bytes = 0
+            if emptied:
+                follower.last = b"0-0"  # a new stream: read it from its start
+        mine, self.mine = self.mine, {}
+        for key, own in mine.items():
+            self.spawn(self._submit(own.inv, key, own.options, own.job, None, None))
+
     # ------------------------------------------------------------------ heartbeat and scan
     async def _beat_and_scan(self) -> None:
         while not self.closing:
@@ -616,9 +681,20 @@ class Fleet:
             await asyncio.sleep(self.lease / 4)
 
     async def _scan(self) -> None:
-        now, beats = await self.store.heartbeat(self.host)
+        beat = await self.store.heartbeat(self.host)
+        now, beats = beat.now, beat.hosts
         self._measured(now)
         self.beat_at = self.clock.monotonic()
+        if self.epoch is None or beat.epoch is None:
+            first = self.epoch is None
+            self.epoch = await self.store.claim_epoch(self.seen_runs)
+            if not first:
+                await self._recover(emptied=True)
+        elif beat.epoch != self.epoch or beat.runs < self.seen_runs:
+            emptied = beat.epoch != self.epoch
+            self.epoch = beat.epoch if emptied else self.epoch
+            await self.store.claim_epoch(self.seen_runs)
+            await self._recover(emptied=emptied)
 
         def gone(host: str) -> bool:
             return host != self.host and beats.get(host, float("-inf")) < now - self.lease
@@ -631,7 +707,7 @@ class Fleet:
             if r is not None and (gone(r.host) or (r.host == self.host
                                                    and r.run not in self.local)):
                 # Its host went silent (or it is ours from before a restart): lost.
-                await self.store.update(key, _finishing(r.run, r.fence, None, states.LOST),
+                await self.store.update(key, _finishing(r, None, states.LOST),
                                         history=self.config.keep_history)
                 if p is not None:
                     self._claim_soon(key, gone(p.host))
@@ -642,11 +718,11 @@ class Fleet:
                 self._claim_soon(key, p.host != self.host)
 
 
-def _finishing(run: int, fence: int, code: int | None, outcome: str
+def _finishing(run: fs.Running, code: int | None, outcome: str
                ) -> Callable[[fs.KeyState, float], tuple[fs.Last | None, list[fs.Event]]]:
-    """The step that records run ``run``'s end (under fencing token ``fence``)."""
+    """The step that records the end of ``run``."""
     def step(st: fs.KeyState, now: float) -> tuple[fs.Last | None, list[fs.Event]]:
-        return fs.finish(st, run=run, fence=fence, exit_code=code, outcome=outcome, now=now)
+        return fs.finish(st, run=run, exit_code=code, outcome=outcome, now=now)
     return step
 
 

@@ -299,19 +299,27 @@ def started_event(run: Running) -> Event:
 
 
 # ---------------------------------------------------------------------- ending a run
-def finish(st: KeyState, *, run: int, fence: int, exit_code: int | None, outcome: str,
+def finish(st: KeyState, *, run: Running, exit_code: int | None, outcome: str,
            now: float) -> tuple[Last | None, list[Event]]:
-    """Run ``run`` ended. ``None`` when the key's state no longer holds it under ``fence``
-    (it was given up as lost while its host was away): nothing changes."""
+    """``run`` ended (its host says so, with the fencing token it was started under).
+
+    ``None`` when the key's state holds a newer fencing token: the run was given up as lost
+    while its host was away, and that record stands. When the state has never heard of the
+    token (the store lost data since the run started), the end is still recorded and its
+    waiters everywhere are told."""
     r = st.running
-    if r is None or r.run != run or r.fence != fence:
-        return None, []
+    if r is None or r.run != run.run or r.fence != run.fence:
+        if run.fence <= st.seq:
+            return None, []
+        st.seq = run.fence  # the store forgot this run: later tokens stay above its token
+        r = run
+    else:
+        st.running = None
     if r.stopping == states.STOP_RESTART and outcome == states.EXITED:
         outcome = states.RESTARTED
     last = Last(run=r.run, host=r.host, argv=r.job["argv"], cwd=r.job["cwd"],
                 exit_code=exit_code, outcome=outcome, coalesced=r.coalesced,
                 started_at=r.started_at, finished_at=now, due=r.due, inv=r.inv)
-    st.running = None
     st.last = last
     event: Event = {"t": "finished", **last.record(st.key)}
     if r.stopping == states.STOP_RESTART:
@@ -328,7 +336,7 @@ def lose(st: KeyState, *, now: float) -> tuple[Last | None, list[Event]]:
     r = st.running
     if r is None:
         return None, []
-    return finish(st, run=r.run, fence=r.fence, exit_code=None, outcome=states.LOST, now=now)
+    return finish(st, run=r, exit_code=None, outcome=states.LOST, now=now)
 
 
 # ---------------------------------------------------------------------- control

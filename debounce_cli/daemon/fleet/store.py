@@ -11,6 +11,9 @@ Layout, all under ``debounce:``; every key's own data sits under one hash tag, `
     debounce:hosts         hash: host -> its last heartbeat (the store's time)
     debounce:runs          counter of fleet run ids
     debounce:history       list of finished runs, newest first (JSON records)
+    debounce:epoch         a token set by the first daemon: when it is gone (or the run
+                           counter went back) the store has lost data, and each daemon
+                           submits its own pending invocations again
 
 A step on a key is one optimistic transaction (WATCH the state, read it and the store's
 ``TIME``, compute, MULTI/EXEC), retried when another host changed the key meanwhile. The
@@ -24,10 +27,14 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, WatchError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from debounce_cli.daemon.fleet.state import Event, KeyState
 from debounce_cli.daemon.fleet.url import display
@@ -39,10 +46,18 @@ INDEX = PREFIX + "index"
 HOSTS = PREFIX + "hosts"
 RUNS = PREFIX + "runs"
 HISTORY = PREFIX + "history"
+EPOCH = PREFIX + "epoch"
 #: An idle key's state (its last run) is kept this long after its last change.
 IDLE_TTL = 7 * 24 * 3600
 
 T = TypeVar("T")
+
+
+class Beat(NamedTuple):
+    now: float
+    hosts: dict[str, float]
+    epoch: bytes | None
+    runs: int
 
 
 class StoreDown(Exception):
@@ -74,8 +89,12 @@ Step = Callable[[KeyState, float], tuple[T, list[Event]]]
 class Store:
     def __init__(self, url: str) -> None:
         self.name = display(url)
+        # A pooled connection that went stale (the store restarted) is replaced at once, and
+        # a failover gets a moment; past that the store counts as down.
+        retry = Retry(ExponentialBackoff(cap=0.5, base=0.05), 2)
         self.redis = aioredis.Redis.from_url(
-            url, socket_timeout=5.0, socket_connect_timeout=3.0, health_check_interval=30)
+            url, socket_timeout=5.0, socket_connect_timeout=3.0, health_check_interval=30,
+            retry=retry, retry_on_error=[RedisConnectionError, RedisTimeoutError])
 
     def down(self, exc: BaseException) -> StoreDown:
         return StoreDown(f"the fleet store {self.name} cannot be reached ({_why(exc)})")
@@ -95,17 +114,36 @@ class Store:
             raise self.down(exc) from None
         return sec + usec / 1e6
 
-    async def heartbeat(self, host: str) -> tuple[float, dict[str, float]]:
-        """Say ``host`` is alive; return the store's time and every host's last heartbeat."""
+    async def heartbeat(self, host: str) -> Beat:
+        """Say ``host`` is alive; return the store's time, every host's last heartbeat, the
+        store's epoch token and its run counter."""
         try:
             now = await self.now()
             async with self.redis.pipeline(transaction=True) as pipe:
                 pipe.hset(HOSTS, host, repr(now))
                 pipe.hgetall(HOSTS)
-                _, beats = await pipe.execute()
+                pipe.get(EPOCH)
+                pipe.get(RUNS)
+                _, beats, epoch, runs = await pipe.execute()
         except (RedisError, OSError) as exc:
             raise self.down(exc) from None
-        return now, {k.decode(errors="replace"): float(v) for k, v in beats.items()}
+        hosts = {k.decode(errors="replace"): float(v) for k, v in beats.items()}
+        return Beat(now, hosts, epoch, int(runs or 0))
+
+    async def claim_epoch(self, at_least_runs: int) -> bytes:
+        """The store's epoch token, set now if it has none; the run counter is raised to
+        ``at_least_runs`` so that run ids are never given twice."""
+        import secrets
+
+        try:
+            await self.redis.set(EPOCH, secrets.token_hex(8), nx=True)
+            current = int(await self.redis.get(RUNS) or 0)
+            if current < at_least_runs:
+                await self.redis.incrby(RUNS, at_least_runs - current)
+            epoch = await self.redis.get(EPOCH)
+            return epoch if isinstance(epoch, bytes) else str(epoch or "").encode()
+        except (RedisError, OSError) as exc:
+            raise self.down(exc) from None
 
     async def leave(self, host: str) -> None:
         """``host`` stops: the others may take over what it was to run at once."""
@@ -253,9 +291,7 @@ class Store:
 
 def _why(exc: BaseException) -> str:
     """What failed, in a few words: the system's reason when there is one."""
-    from redis.exceptions import TimeoutError as RedisTimeout
-
-    if isinstance(exc, (RedisTimeout, TimeoutError)):
+    if isinstance(exc, (RedisTimeoutError, TimeoutError)):
         return "timed out"
     cause = exc.__cause__ or exc.__context__
     if isinstance(cause, OSError) and cause.strerror:
