@@ -17,6 +17,8 @@ Figures:
   idle       CPU time an idle daemon uses in 10 s
   stdin      `debounce daemon --stdin`: lines taken in per second, journal on and off, memory
              per pending invocation, and lateness as the commands themselves see it
+  fleet      three daemons on one redis-server: --fleet submissions per second, due-to-start
+             and start-to-remote-waiter latency (bench/fleet.py)
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.fleet import bench_fleet  # noqa: E402
 from debounce_cli import protocol  # noqa: E402
 
 BIN = Path(sys.executable).parent
@@ -48,11 +51,11 @@ DEBOUNCE = str(BIN / "debounce") if (BIN / "debounce").exists() else None
 class Daemon:
     """A daemon of our own on a private socket and state dir, for one measurement."""
 
-    def __init__(self, *args: str, feed: bool = False):
+    def __init__(self, *args: str, feed: bool = False, env: dict[str, str] | None = None):
         self.root = Path(tempfile.mkdtemp(prefix="dbb-", dir="/tmp"))
         self.socket = str(self.root / "s" / "daemon.sock")
         self.env = dict(os.environ, DEBOUNCE_SOCKET=self.socket,
-                        DEBOUNCE_STATE_DIR=str(self.root / "state"))
+                        DEBOUNCE_STATE_DIR=str(self.root / "state"), **(env or {}))
         self.env.pop("DEBOUNCE_DELAY", None)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "debounce_cli", "daemon", "--idle-exit", "0", *args],
@@ -502,6 +505,7 @@ def main(argv: list[str] | None = None) -> int:
         bench_idle(rows, 1)
         bench_stdin_intake(rows, 5_000, 1)
         bench_stdin_lateness(rows, 300)
+        bench_fleet(rows, 0.5, 5, Daemon, percentile)
     else:
         bench_client(rows, 30)
         bench_submissions(rows, 3)
@@ -511,6 +515,7 @@ def main(argv: list[str] | None = None) -> int:
         bench_idle(rows, 10)
         bench_stdin_intake(rows, 20_000, 3)
         bench_stdin_lateness(rows, 300)
+        bench_fleet(rows, 3, 50, Daemon, percentile)
     if args.json:
         print(json.dumps({"machine": machine(), "rows": rows}, indent=1))
         return 0

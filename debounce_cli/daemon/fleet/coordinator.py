@@ -69,7 +69,6 @@ class Follower:
     last: bytes
     recent: deque[tuple[tuple[int, int], dict[str, Any]]] = field(default_factory=deque)
     recent_bytes: int = 0
-    task: asyncio.Task[None] | None = None
 
     def remember(self, eid: bytes, event: dict[str, Any]) -> None:
         self.recent.append((event_id(eid), event))
@@ -152,6 +151,8 @@ class Fleet:
         self.claiming: set[str] = set()
         self.local: dict[int, LocalRun] = {}
         self.followers: dict[str, Follower] = {}
+        self.follow_changed = asyncio.Event()
+        self.reading = False
         self.outbox: deque[tuple[str, Any]] = deque()
         self.outbox_bytes = 0
         self.outbox_ready = asyncio.Event()
@@ -164,6 +165,7 @@ class Fleet:
     def start(self) -> None:
         self.spawn(self._beat_and_scan())
         self.spawn(self._publish())
+        self.spawn(self._read())
 
     def busy(self) -> bool:
         """Something here still needs this daemon: a waiter, a run, our pending invocation,
@@ -399,7 +401,7 @@ class Fleet:
                     return fs.claim(st, host=self.host, now=now, run_id=run_id,
                                     may_take_over=take_over)
 
-                result, _, st = await self.store.update(key, step)
+                result, latest, st = await self.store.update(key, step)
                 claimed_at = self.clock.monotonic()
             except StoreDown as exc:
                 self._say_down(exc)
@@ -414,14 +416,15 @@ class Fleet:
             elif isinstance(result, fs.Start):
                 if self.owned.get(key) == result.running.slot:
                     self._disown(key)
-                self._execute(key, result.running, claimed_at)
+                self._execute(key, result.running, claimed_at, latest)
             elif isinstance(result, fs.Nothing) and st.pending is None:
                 self._disown(key)
         finally:
             self.claiming.discard(key)
 
     # ------------------------------------------------------------------ runs executing here
-    def _execute(self, key: str, running: fs.Running, claimed_at: float) -> None:
+    def _execute(self, key: str, running: fs.Running, claimed_at: float,
+                 since: bytes) -> None:
         known = Options.__dataclass_fields__
         options = Options(**{k: v for k, v in running.options.items() if k in known})
         job = Job(list(running.job["argv"]), running.job["cwd"],
@@ -435,7 +438,7 @@ class Fleet:
         inv.run = run
         run.waiters.append(_Publisher(self, key, running.run))
         local = self.local[running.run] = LocalRun(key, running, run)
-        self._follow(key, None)
+        self._follow(key, since)  # for a stop or a signal from any host
         if self.clock.monotonic() - claimed_at > self.lease / 2:
             # Frozen between the claim and now: another host may already have given this
             # run up as lost. It does not start here; the store hears it was lost.
@@ -517,46 +520,47 @@ class Fleet:
                     or key in self.mine
                     or any(local.key == key for local in self.local.values()))
 
-    def _follow(self, key: str, since: bytes | None) -> None:
+    def _follow(self, key: str, since: bytes) -> None:
+        """Read ``key``'s events from after ``since`` on (the one reader reads them all)."""
         if key in self.followers:
             return
-        follower = self.followers[key] = Follower(key, since or b"$")
-        follower.task = asyncio.ensure_future(self._read(follower))
-        self.tasks.add(follower.task)
-        follower.task.add_done_callback(self._done)
+        self.followers[key] = Follower(key, since)
+        self.follow_changed.set()
+        if self.reading:
+            self.spawn(self.store.unblock_reader())  # it reads the new key from now on
 
-    async def _read(self, follower: Follower) -> None:
-        key = follower.key
-        try:
-            if follower.last == b"$":
-                _, follower.last = await self._latest(key)
-            while not self.closing:
-                try:
-                    entries = await self.store.read(key, follower.last, READ_BLOCK_MS)
-                except StoreDown as exc:
-                    self._say_down(exc)
-                    await asyncio.sleep(RETRY)
-                    continue
-                for eid, event in entries:
-                    follower.last = eid
-                    follower.remember(eid, event)
-                    self._dispatch(key, event)
-                if not entries and not self._interested(key):
-                    break
-        finally:
-            if self.followers.get(key) is follower:
-                del self.followers[key]
-            kw = self.waiting.get(key)
-            if kw is not None and kw.empty():
-                del self.waiting[key]
-
-    async def _latest(self, key: str) -> tuple[fs.KeyState, bytes]:
-        while True:
+    async def _read(self) -> None:
+        """The one reader of every followed key's stream: a single blocking read on all of
+        them, woken early when a key is added."""
+        while not self.closing:
+            if not self.followers:
+                await self.follow_changed.wait()
+            self.follow_changed.clear()
+            followed = {key: f.last for key, f in self.followers.items()}
+            self.reading = True
             try:
-                return await self.store.snapshot(key)
+                batch = await self.store.read(followed, READ_BLOCK_MS)
             except StoreDown as exc:
                 self._say_down(exc)
                 await asyncio.sleep(RETRY)
+                continue
+            finally:
+                self.reading = False
+            heard = set()
+            for key, eid, event in batch:
+                follower = self.followers.get(key)
+                if follower is None:
+                    continue
+                heard.add(key)
+                follower.last = eid
+                follower.remember(eid, event)
+                self._dispatch(key, event)
+            for key in followed:
+                if key not in heard and not self._interested(key):
+                    self.followers.pop(key, None)
+                    kw = self.waiting.get(key)
+                    if kw is not None and kw.empty():
+                        del self.waiting[key]
 
     def _dispatch(self, key: str, event: dict[str, Any], only: Any = None) -> None:
         """One event of ``key`` to this host's waiters (or to ``only``, filed late); then

@@ -47,6 +47,8 @@ HOSTS = PREFIX + "hosts"
 RUNS = PREFIX + "runs"
 HISTORY = PREFIX + "history"
 EPOCH = PREFIX + "epoch"
+#: Connections for steps on keys, at most (the reader of events has one of its own).
+POOL_SIZE = 32
 #: An idle key's state (its last run) is kept this long after its last change.
 IDLE_TTL = 7 * 24 * 3600
 
@@ -91,19 +93,26 @@ class Store:
         self.name = display(url)
         # A pooled connection that went stale (the store restarted) is replaced at once, and
         # a failover gets a moment; past that the store counts as down.
-        retry = Retry(ExponentialBackoff(cap=0.5, base=0.05), 2)
-        self.redis = aioredis.Redis.from_url(
-            url, socket_timeout=5.0, socket_connect_timeout=3.0, health_check_interval=30,
-            retry=retry, retry_on_error=[RedisConnectionError, RedisTimeoutError])
+        settings: dict[str, Any] = {
+            "socket_timeout": 5.0, "socket_connect_timeout": 3.0, "health_check_interval": 30,
+            "retry": Retry(ExponentialBackoff(cap=0.5, base=0.05), 2),
+            "retry_on_error": [RedisConnectionError, RedisTimeoutError]}
+        # Steps share a bounded pool (a burst of submissions waits for a connection rather
+        # than opening one each); the one blocking reader of events has its own.
+        self.redis = aioredis.Redis(connection_pool=aioredis.BlockingConnectionPool.from_url(
+            url, max_connections=POOL_SIZE, timeout=10.0, **settings))
+        self.reader = aioredis.Redis.from_url(url, max_connections=1, **settings)
+        self.reader_id: int | None = None
 
     def down(self, exc: BaseException) -> StoreDown:
         return StoreDown(f"the fleet store {self.name} cannot be reached ({_why(exc)})")
 
     async def close(self) -> None:
-        try:
-            await self.redis.aclose()
-        except (RedisError, OSError):
-            pass
+        for client in (self.reader, self.redis):
+            try:
+                await client.aclose()
+            except (RedisError, OSError):
+                pass
 
     # ------------------------------------------------------------------ time and hosts
     async def now(self) -> float:
@@ -266,19 +275,35 @@ class Store:
         except (RedisError, OSError) as exc:
             raise self.down(exc) from None
 
-    async def read(self, key: str, after: bytes, block_ms: int
-                   ) -> list[tuple[bytes, Event]]:
-        """Events of ``key`` after ``after``, waiting up to ``block_ms`` for the first."""
-        ekey = events_key(tag_of(key))
+    async def read(self, followed: dict[str, bytes], block_ms: int
+                   ) -> list[tuple[str, bytes, Event]]:
+        """Events of the ``followed`` keys after their ids, waiting up to ``block_ms`` for the
+        first (or until :meth:`unblock_reader`)."""
+        names = {events_key(tag_of(key)): key for key in followed}
         try:
-            reply: Any = await self.redis.xread({ekey: after}, count=1000, block=block_ms)
+            if self.reader_id is None:
+                self.reader_id = int(await self.reader.client_id())
+            reply: Any = await self.reader.xread(
+                {events_key(tag_of(key)): last for key, last in followed.items()},
+                count=1000, block=block_ms)
         except (RedisError, OSError) as exc:
+            self.reader_id = None
             raise self.down(exc) from None
-        out: list[tuple[bytes, Event]] = []
-        for _, entries in reply or []:
+        out: list[tuple[str, bytes, Event]] = []
+        for stream, entries in reply or []:
+            key = names[stream.decode() if isinstance(stream, bytes) else stream]
             for entry_id, fields in entries:
-                out.append((entry_id, json.loads(fields[b"e"])))
+                out.append((key, entry_id, json.loads(fields[b"e"])))
         return out
+
+    async def unblock_reader(self) -> None:
+        """Wake the reader's blocking read (a key was added to what it follows)."""
+        if self.reader_id is None:
+            return
+        try:
+            await self.redis.client_unblock(self.reader_id)
+        except (RedisError, OSError):
+            pass
 
     async def first_event_id(self, key: str) -> bytes | None:
         """The oldest event still kept (a reader behind it has missed some)."""
