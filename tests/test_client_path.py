@@ -1,5 +1,5 @@
-"""The client path stays light: no rich, asyncio, sqlite3 or watchfiles on a pipe, and a plain
-`debounce run` not even click (the fast path, debounce_cli/fast.py)."""
+"""The client path stays light: no rich, asyncio, sqlite3, watchfiles or redis on a pipe, and
+a plain `debounce run` not even click (the fast path, debounce_cli/fast.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-HEAVY = ("rich", "asyncio", "sqlite3", "watchfiles")
+HEAVY = ("rich", "asyncio", "sqlite3", "watchfiles", "redis")
 
 PROBE = f"""
 import sys
@@ -53,6 +53,8 @@ def test_client_commands_on_a_pipe_import_nothing_heavy(world, args):
         ["run", "--delay", "50ms", "--", "echo", "hi"],
         ["run", "--no-wait", "--delay", "50ms", "--key", "k", "--", "true"],
         ["run", "-q", "--on-busy", "restart", "--throttle", "100ms", "--json", "true"],
+        # A fleet run (refused here: this world has no store) costs the client nothing more.
+        ["run", "--fleet", "--delay", "0", "--", "true"],
     ],
 )
 def test_a_plain_run_does_not_even_import_click(world, args):

@@ -6,9 +6,11 @@ Commands write a line per run into a file all "hosts" share, so a test counts ru
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
+import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -16,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from conftest import wait_until
-from fleet_support import Fleet, Redis, finish, runs_in, settle
+from fleet_support import LEASE, LEASE_S, Fleet, Redis, finish, runs_in, settle
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -138,7 +140,7 @@ def test_a_host_killed_before_its_run_is_taken_over_once(fleet):
     code, stdout, err = finish(procs[0])
     assert code == 3, err
     assert stdout.startswith("out ") and stdout.endswith(" a\n")  # the latest argv won
-    settle(2.5)  # a lease and more: nobody else runs it again
+    settle(LEASE_S + 0.5)  # a lease and more: nobody else runs it again
     lines = runs_in(out)
     assert len(lines) == 1 and lines[0].split()[0] in ("b", "c")
     assert fleet.hosts[1].fleet_history()[0]["host"] == lines[0].split()[0]
@@ -154,7 +156,7 @@ def test_a_host_killed_during_its_run_reports_it_lost_and_it_never_runs_twice(fl
     code, _, err = finish(procs[0])
     assert code == 113, err
     assert "lost" in err
-    settle(2.5)
+    settle(LEASE_S + 0.5)
     assert runs_in(out) == ["a"]
     history = fleet.hosts[2].fleet_history()
     assert [(r["outcome"], r["host"]) for r in history] == [("lost", "a")]
@@ -171,7 +173,7 @@ def test_a_frozen_host_does_not_run_what_another_took_over(fleet):
         assert code == 0, err
     finally:
         os.kill(fleet.hosts[0].daemon.pid, signal.SIGCONT)
-    settle(2.0)  # host a is back, its timer long past due: it must not run "z" as well
+    settle(LEASE_S)  # host a is back, its timer long past due: it must not run "z" as well
     lines = runs_in(out)
     assert len(lines) == 1 and lines[0].split()[0] != "a" and lines[0].endswith(" a")
 
@@ -286,3 +288,60 @@ def test_a_store_restarted_empty_loses_no_accepted_invocation(tmp_path):
         fleet.cleanup()
         redis.stop()
         shutil.rmtree(root, ignore_errors=True)
+
+
+def test_joining_a_running_fleet_run_replays_its_output_so_far(fleet):
+    marker = fleet.hosts[0].work / "first-printed"
+    command = ["sh", "-c", f"echo first; touch {marker}; sleep 1; echo second; exit 6"]
+    first = fleet.hosts[0].popen("run", "--fleet", "--key", "j", "--delay", "0",
+                                 "--on-busy", "ignore", "--", *command)
+    wait_until(marker.exists, timeout=15)
+    time.sleep(0.2)  # "first" is in the store by now (it was printed before the marker)
+    joiner = fleet.hosts[1].popen("run", "--fleet", "--key", "j", "--delay", "0",
+                                  "--on-busy", "ignore", "--", "true")
+    for proc in (first, joiner):
+        code, stdout, err = finish(proc)
+        assert (code, stdout) == (6, "first\nsecond\n"), err
+    logs = fleet.hosts[2].run("logs", "j")
+    assert (logs.returncode, logs.stdout) == (0, "first\nsecond\n"), logs.stderr
+
+
+def test_a_stdin_line_with_fleet_true_joins_the_fleet_key(fleet):
+    out = fleet.hosts[0].work / "runs.txt"
+    feeder = fleet.hosts[2].popen("daemon", "--stdin", "--lease", LEASE, "--idle-exit", "0",
+                                  stdin=subprocess.PIPE)
+    line = json.dumps({"argv": [*record(out, 0), "stdin"], "key": "sd", "fleet": True,
+                       "delay": 1.0})
+    assert feeder.stdin is not None
+    feeder.stdin.write(line + "\n")
+    feeder.stdin.flush()
+    wait_until(lambda: fleet.coalesced("sd") == 1, timeout=15)
+    waiter = fleet.hosts[0].popen("run", "--fleet", "--key", "sd", "--delay", "1s", "--",
+                                  *record(out, 0), "socket")
+    feeder.stdin.close()
+    feeder.stdin = None  # end of input: the daemon exits once its lines have run
+    code, stdout, err = finish(waiter)
+    assert (code, stdout) == (0, "out a socket\n"), err
+    code, stdout, err = finish(feeder)
+    assert code == 0, err
+    assert stdout == "out a socket\n"  # the stdin daemon's line was coalesced into it
+    assert len(runs_in(out)) == 1
+
+
+def test_a_run_in_flight_reports_once_the_store_is_back(fleet, redis):
+    marker = fleet.hosts[0].work / "started"
+    command = ["sh", "-c", f"touch {marker}; sleep 1.5; echo done; exit 5"]
+    runner = fleet.hosts[0].popen("run", "--fleet", "--key", "inflight", "--delay", "0", "--",
+                                  *command)
+    wait_until(marker.exists, timeout=15)
+    waiter = fleet.hosts[1].popen("wait", "inflight")
+    time.sleep(0.3)  # the waiter files itself (nothing below waits on it)
+    redis.stop()
+    time.sleep(2.0)  # the run ends while the store is down
+    assert runner.poll() is None and waiter.poll() is None
+    redis.start()
+    for proc in (runner, waiter):
+        code, stdout, err = finish(proc)
+        assert (code, stdout) == (5, "done\n"), err
+    history = fleet.hosts[2].fleet_history()
+    assert [(r["exit_code"], r["outcome"]) for r in history] == [(5, "exited")]

@@ -236,6 +236,9 @@ def handle_logs(ctx: Context, client: Client, req: protocol.LogsRequest) -> Repl
         return protocol.LogsReply(run_id=run.id, key=run.key,
                                   log_path=records.job_of(run.invocation).log_path, running=True)
     record = core.stored_run(named.key, named.run_id)
+    if record is None and ctx.fleet is not None and named.key is not None:
+        fleet, key = ctx.fleet, named.key
+        return _later(ctx, client, lambda: fleet.logs(key))
     if record is None:
         what = f"key {named.key!r}" if named.key is not None else f"id {named.run_id}"
         return protocol.Error(message=f"no run of {what} is known", code=NOT_FOUND)

@@ -96,7 +96,9 @@ class Server:
         if config.store is not None:
             from debounce_cli.daemon.fleet.coordinator import Fleet
 
-            self.fleet = Fleet(config, self.clock, loop, self.start.scheduler.new_id, "")
+            fleet_logs = os.path.join(self.start.log_dir, "fleet") if self.start.log_dir else ""
+            self.fleet = Fleet(config, self.clock, loop, self.start.scheduler.new_id,
+                               fleet_logs)
             self.fleet.changed = self._check_idle
             core.detached.append(self.fleet.detach)
             self.fleet.start()

@@ -129,6 +129,14 @@ class StdinSource:
         self.base_env = core.shared.env(self.base.env)
 
     def start(self, loop: asyncio.AbstractEventLoop, fd: int = 0) -> None:
+        def hand_over(callback: Callable[..., None], *args: Any) -> bool:
+            """To the loop; False once it has closed (a signal ended the daemon meanwhile)."""
+            try:
+                loop.call_soon_threadsafe(callback, *args)
+            except RuntimeError:
+                return False
+            return True
+
         def reader() -> None:
             number = 0
             rest = b""
@@ -146,11 +154,11 @@ class StdinSource:
                 for raw in whole:
                     number += 1
                     batch.append((number, raw))
-                if batch:
-                    loop.call_soon_threadsafe(self.lines, batch)
-            if rest:
-                loop.call_soon_threadsafe(self.lines, [(number + 1, rest)])
-            loop.call_soon_threadsafe(self._eof)
+                if batch and not hand_over(self.lines, batch):
+                    return
+            if rest and not hand_over(self.lines, [(number + 1, rest)]):
+                return
+            hand_over(self._eof)
 
         threading.Thread(target=reader, name="stdin", daemon=True).start()
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import binascii
+import os
 import sys
 from collections import deque
 from collections.abc import Callable
@@ -30,12 +31,14 @@ from typing import Any
 
 from debounce_cli import protocol, states
 from debounce_cli.clock import Clock
+from debounce_cli.daemon import records
 from debounce_cli.daemon.config import Config
 from debounce_cli.daemon.fleet import state as fs
 from debounce_cli.daemon.fleet.store import Store, StoreDown, event_id
 from debounce_cli.daemon.jobs import Job
 from debounce_cli.daemon.runs import Runs
 from debounce_cli.daemon.waiters import Submitter, Waiter, unique
+from debounce_cli.logfile import LogWriter
 from debounce_cli.scheduler import Invocation, Options, Run
 
 #: Events of a key remembered after they were handed out, for a waiter that registers late
@@ -48,6 +51,8 @@ READ_BLOCK_MS = 1000
 OUTBOX_LIMIT = 64 * 1024 * 1024
 #: Seconds between attempts while the store is down.
 RETRY = 0.5
+#: Logs of fleet runs written here for `debounce logs`, at most.
+FLEET_LOGS = 100
 
 
 @dataclass(eq=False)
@@ -58,6 +63,8 @@ class KeyWaiters:
     runs: dict[int, list[Any]] = field(default_factory=dict)
     #: Waiters whose slot the store forgot (it lost data): they take the next slot of the key.
     orphans: list[Any] = field(default_factory=list)
+    #: The latest event each waiter had accounted for when it was filed.
+    since: dict[Any, tuple[int, int]] = field(default_factory=dict)
 
     def empty(self) -> bool:
         return not self.slots and not self.runs and not self.orphans
@@ -131,6 +138,7 @@ class Fleet:
 
     def __init__(self, config: Config, clock: Clock, loop: asyncio.AbstractEventLoop,
                  new_id: Callable[[], int], log_dir: str) -> None:
+        self.log_dir = log_dir  # `debounce logs` of fleet runs are written here
         assert config.store is not None
         self.config = config
         self.clock = clock
@@ -139,9 +147,10 @@ class Fleet:
         self.host = config.host_id
         self.lease = config.lease
         self.store = Store(config.store)
-        self.runs = Runs(config, loop, None, log_dir, None, events=self, clock=clock)
+        self.runs = Runs(config, loop, None, "", None, events=self, clock=clock)
         self.offset: float | None = None  # the store's clock minus our monotonic clock
         self.beat_at = float("-inf")  # our monotonic time of the last heartbeat
+        self.connected_since: float | None = None  # in touch with the store since then
         self.waiting: dict[str, KeyWaiters] = {}
         self.owned: dict[str, int] = {}  # key -> slot: our invocation is the latest there
         self.mine: dict[str, Mine] = {}
@@ -277,32 +286,85 @@ class Fleet:
             kw.slots.setdefault(landed.slot, []).extend(kw.orphans)  # submitted again
             kw.orphans = []
         if waiter is not None:
-            self._attach(key, waiter, landed, st, latest)
+            await self._attach(key, waiter, landed, st, latest)
         self._follow(key, latest)
 
-    def _attach(self, key: str, waiter: Waiter, landed: fs.Landed | fs.Last,
-                st: fs.KeyState, since: bytes) -> None:
-        """Hand ``waiter`` what it is owed now and file it where the key's events find it."""
+    async def _attach(self, key: str, waiter: Waiter, landed: fs.Landed, st: fs.KeyState,
+                      since: bytes) -> None:
+        """Hand ``waiter`` what it is owed now and file it where the key's events find it.
+
+        A waiter that joins a run (executing, or already ended) gets its output so far first,
+        from the key's stream up to ``since``; what came after, the follower's memory or the
+        live events give it, in order."""
         kw = self.waiting.setdefault(key, KeyWaiters())
+        kw.since[waiter] = max(kw.since.get(waiter, (0, 0)), event_id(since))
         if isinstance(landed, fs.InSlot):
             kw.slots.setdefault(landed.slot, []).append(waiter)
-        elif isinstance(landed, fs.InRun):
-            running = st.running
-            assert running is not None
-            kw.runs.setdefault(landed.run, []).append(waiter)
-            waiter.start(landed.run, protocol.encode(_started(key, fs.started_event(running))),
-                         None)
         else:
-            last = landed.last if isinstance(landed, fs.Done) else landed
-            waiter.finish(_finished(key, last.record(key)))
-            return
+            if isinstance(landed, fs.InRun):
+                assert st.running is not None
+                started = _started(key, fs.started_event(st.running))
+            else:
+                started = _started(key, {"run": landed.last.run, "argv": landed.last.argv,
+                                         "coalesced": landed.last.coalesced,
+                                         "started_at": landed.last.started_at,
+                                         "inv": landed.last.inv})
+            waiter.start(started.run_id, protocol.encode(started), None)
+            for fd, data in await self._output(key, started.run_id, since):
+                waiter.output(fd, data, records.output_line(fd, data), None)
+            if isinstance(landed, fs.Done):
+                waiter.finish(_finished(key, landed.last.record(key)))
+                return
+            kw.runs.setdefault(landed.run, []).append(waiter)
         follower = self.followers.get(key)
         if follower is not None:
             # Events the follower handed out before this waiter was filed: its share now.
             after = event_id(since)
             for eid, event in list(follower.recent):
                 if eid > after:
-                    self._dispatch(key, event, only=waiter)
+                    self._dispatch(key, event, eid, only=waiter)
+
+    async def _output(self, key: str, run: int, upto: bytes | None
+                      ) -> list[tuple[int, bytes]]:
+        """Run ``run``'s output as the key's stream still holds it (up to ``upto``)."""
+        try:
+            events = await self.store.events(key, upto)
+        except StoreDown as exc:
+            self._say_down(exc)
+            return []
+        return [(event["fd"], binascii.a2b_base64(event["data"])) for _, event in events
+                if event.get("t") == "out" and event.get("run") == run]
+
+    async def logs(self, key: str) -> protocol.Message:
+        """``debounce logs`` on a fleet key: its latest run's output (from the stream), as a
+        log file here for the client to read."""
+        st, _ = await self.store.snapshot(key)
+        source = st.running or st.last
+        if source is None:
+            return protocol.Error(message=f"no run of fleet key {key!r} is known",
+                                  code=states.NOT_FOUND)
+        run = source.run
+        chunks = await self._output(key, run, None)
+        directory = self._logs_dir()
+        path = os.path.join(directory, f"{run}.log")
+        try:
+            log = LogWriter(path)
+            for fd, data in chunks:
+                log.write(fd, data)
+            log.close()
+        except OSError as exc:
+            return protocol.Error(message=f"cannot write {path}: {exc.strerror}",
+                                  code=states.REFUSED)
+        _keep_newest(directory, FLEET_LOGS)
+        return protocol.LogsReply(run_id=run, key=key, log_path=path, running=False)
+
+    def _logs_dir(self) -> str:
+        if not self.log_dir:
+            import tempfile
+
+            self.log_dir = tempfile.mkdtemp(prefix="debounce-fleet-logs-")
+        os.makedirs(self.log_dir, mode=0o700, exist_ok=True)
+        return self.log_dir
 
     # ------------------------------------------------------------------ requests
     async def wait(self, key: str, waiter: Waiter) -> protocol.Message | None:
@@ -315,10 +377,10 @@ class Fleet:
             waiter.raw(protocol.encode(protocol.Pending(
                 key=key, state=states.PENDING, due_in=max(0.0, p.due - self._store_now()),
                 coalesced=p.coalesced)))
-            self._attach(key, waiter, fs.InSlot(p.slot, p.due, p.coalesced), st, latest)
+            await self._attach(key, waiter, fs.InSlot(p.slot, p.due, p.coalesced), st, latest)
         elif st.running is not None:
-            self._attach(key, waiter, fs.InRun(st.running.run, st.running.coalesced), st,
-                         latest)
+            await self._attach(key, waiter, fs.InRun(st.running.run, st.running.coalesced),
+                               st, latest)
         elif st.last is not None:
             return _finished(key, st.last.record(key))
         else:
@@ -358,6 +420,9 @@ class Fleet:
 
     def detach(self, waiter: Any) -> None:
         for kw in self.waiting.values():
+            kw.since.pop(waiter, None)
+            if waiter in kw.orphans:
+                kw.orphans.remove(waiter)
             for table in (kw.slots, kw.runs):
                 for number, waiters in list(table.items()):
                     if waiter in waiters:
@@ -554,21 +619,24 @@ class Fleet:
                 heard.add(key)
                 follower.last = eid
                 follower.remember(eid, event)
-                self._dispatch(key, event)
+                self._dispatch(key, event, event_id(eid))
             for key in followed:
                 if key not in heard and not self._interested(key):
                     self.followers.pop(key, None)
                     kw = self.waiting.get(key)
                     if kw is not None and kw.empty():
                         del self.waiting[key]
+            if batch:
+                self.changed()  # the last waiter may be done: the server's idle check
 
-    def _dispatch(self, key: str, event: dict[str, Any], only: Any = None) -> None:
+    def _dispatch(self, key: str, event: dict[str, Any], eid: tuple[int, int],
+                  only: Any = None) -> None:
         """One event of ``key`` to this host's waiters (or to ``only``, filed late); then
         what it means for our own pending invocation and runs."""
         kind = event.get("t")
         kw = self.waiting.get(key)
         if kw is not None:
-            self._to_waiters(key, kw, kind, event, only)
+            self._to_waiters(key, kw, kind, event, eid, only)
         if only is not None:
             return
         if kind == "pending":
@@ -594,9 +662,11 @@ class Fleet:
                     self.runs.signal(local.run.id, event["sig"])
 
     def _to_waiters(self, key: str, kw: KeyWaiters, kind: Any, event: dict[str, Any],
-                    only: Any) -> None:
+                    eid: tuple[int, int], only: Any) -> None:
         def take(table: dict[int, list[Any]], number: int, remove: bool) -> list[Any]:
             waiters = table.get(number, [])
+            if kw.since:  # a waiter filed after this event had it already (or not at all)
+                waiters = [w for w in waiters if kw.since.get(w, (0, 0)) < eid]
             if only is not None:
                 waiters = [only] if only in waiters else []
                 if remove and waiters:
@@ -646,10 +716,12 @@ class Fleet:
             else:
                 msg = _finished(key, event)
                 for waiter in waiters:
+                    kw.since.pop(waiter, None)
                     waiter.finish(msg)
         elif kind == "cancelled":
             cancelled = protocol.Cancelled(key=key)
             for waiter in take(kw.slots, event["slot"], True):
+                kw.since.pop(waiter, None)
                 waiter.finish(cancelled)
 
     async def _recover(self, emptied: bool) -> None:
@@ -681,6 +753,7 @@ class Fleet:
                 await self._scan()
                 self.down_since = None
             except StoreDown as exc:
+                self.connected_since = None
                 self._say_down(exc)
             await asyncio.sleep(self.lease / 4)
 
@@ -689,6 +762,12 @@ class Fleet:
         now, beats = beat.now, beat.hosts
         self._measured(now)
         self.beat_at = self.clock.monotonic()
+        if self.connected_since is None:
+            self.connected_since = self.beat_at
+        # Another host's silence means it is gone only once we have been in touch with the
+        # store for a whole lease ourselves: after the store was down, every host gets a
+        # lease to beat again before anything of its is taken over.
+        judging = self.beat_at - self.connected_since >= self.lease
         if self.epoch is None or beat.epoch is None:
             first = self.epoch is None
             self.epoch = await self.store.claim_epoch(self.seen_runs)
@@ -701,7 +780,8 @@ class Fleet:
             await self._recover(emptied=emptied)
 
         def gone(host: str) -> bool:
-            return host != self.host and beats.get(host, float("-inf")) < now - self.lease
+            return (judging and host != self.host
+                    and beats.get(host, float("-inf")) < now - self.lease)
 
         for st in await self.store.states(await self.store.indexed(upto=now)):
             key = st.key
@@ -711,6 +791,11 @@ class Fleet:
             if r is not None and (gone(r.host) or (r.host == self.host
                                                    and r.run not in self.local)):
                 # Its host went silent (or it is ours from before a restart): lost.
+                silent = now - beats.get(r.host, float("-inf"))
+                why = (f"{r.host} has been silent for {silent:.1f}s" if r.host != self.host
+                       else "this host's daemon restarted")
+                print(f"debounce: fleet run {r.run} of {key!r}: lost ({why})",
+                      file=sys.stderr, flush=True)
                 await self.store.update(key, _finishing(r, None, states.LOST),
                                         history=self.config.keep_history)
                 if p is not None:
@@ -720,6 +805,19 @@ class Fleet:
                 if p.host == self.host and key in self.timers:
                     continue  # our own timer will see to it
                 self._claim_soon(key, p.host != self.host)
+
+
+def _keep_newest(directory: str, count: int) -> None:
+    """Remove all but the ``count`` newest files of ``directory``."""
+    try:
+        entries = sorted(os.scandir(directory), key=lambda e: e.stat().st_mtime, reverse=True)
+    except OSError:
+        return
+    for entry in entries[count:]:
+        try:
+            os.unlink(entry.path)
+        except OSError:
+            pass
 
 
 def _finishing(run: fs.Running, code: int | None, outcome: str

@@ -296,6 +296,16 @@ class Store:
                 out.append((key, entry_id, json.loads(fields[b"e"])))
         return out
 
+    async def events(self, key: str, upto: bytes | None = None
+                     ) -> list[tuple[bytes, Event]]:
+        """The key's events still kept, oldest first (up to ``upto``, included)."""
+        try:
+            entries: Any = await self.redis.xrange(events_key(tag_of(key)), "-",
+                                                   upto if upto is not None else "+")
+        except (RedisError, OSError) as exc:
+            raise self.down(exc) from None
+        return [(entry_id, json.loads(fields[b"e"])) for entry_id, fields in entries]
+
     async def unblock_reader(self) -> None:
         """Wake the reader's blocking read (a key was added to what it follows)."""
         if self.reader_id is None:
