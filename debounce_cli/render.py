@@ -242,19 +242,24 @@ def status_table(reply: protocol.StatusReply) -> None:
 
     table = Table(title=f"debounce daemon {reply.pid}" + (f", {reply.jobs} jobs" if reply.jobs
                                                          else ""), title_justify="left")
-    for name in ("key", "state", "command", "due in / running for", "coalesced", "last"):
+    fleet = any(row.host is not None for row in reply.keys)
+    names = ["key", "state", "command", "due in / running for", "coalesced", "last"]
+    if fleet:
+        names.insert(2, "host")
+    for name in names:
         table.add_column(name, overflow="fold")
     now = time.time()
     for row in reply.keys:
         last = row.last
         last_text = "" if not last else f"run {last.run_id}: exit {last.exit_code}"
         running, pending = row.running, row.pending
+        host = [row.host or ""] if fleet else []
         if running:
-            table.add_row(row.key, "[bold green]running[/]", shlex.join(running.argv),
+            table.add_row(row.key, "[bold green]running[/]", *host, shlex.join(running.argv),
                           format_duration(max(0.0, now - running.started_at)),
                           str(running.coalesced), last_text)
         if pending:
-            table.add_row("" if running else row.key, f"[yellow]{pending.state}[/]",
+            table.add_row("" if running else row.key, f"[yellow]{pending.state}[/]", *host,
                           shlex.join(pending.argv), format_duration(pending.due_in),
                           str(pending.coalesced), "" if running else last_text)
     if not reply.keys:
@@ -270,14 +275,19 @@ def history_table(runs: list[protocol.RunRecord]) -> None:
     from rich.table import Table
 
     table = Table()
-    for name in ("run", "exit", "outcome", "started", "took", "coalesced", "key", "command"):
+    fleet = any(run.host is not None for run in runs)
+    names = ["run", "exit", "outcome", "started", "took", "coalesced", "key", "command"]
+    if fleet:
+        names.insert(6, "host")
+    for name in names:
         table.add_column(name, overflow="fold")
     for run in runs:
         code = run.exit_code
         style = "green" if code == 0 else "red"
+        host = [run.host or ""] if fleet else []
         table.add_row(
             str(run.run_id), f"[{style}]{'-' if code is None else code}[/]", run.outcome or "",
-            when(run.started_at), format_duration(_took(run)), str(run.coalesced),
+            when(run.started_at), format_duration(_took(run)), str(run.coalesced), *host,
             run.key, shlex.join(run.argv),
         )
     _console().print(table)

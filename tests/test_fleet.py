@@ -342,6 +342,6 @@ def test_a_run_in_flight_reports_once_the_store_is_back(fleet, redis):
     redis.start()
     for proc in (runner, waiter):
         code, stdout, err = finish(proc)
-        assert (code, stdout) == (5, "done\n"), err
+        assert (code, stdout) == (5, "done\n"), err + "".join(h.log() for h in fleet.hosts)
     history = fleet.hosts[2].fleet_history()
     assert [(r["exit_code"], r["outcome"]) for r in history] == [(5, "exited")]

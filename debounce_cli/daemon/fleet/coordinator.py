@@ -159,6 +159,7 @@ class Fleet:
         self.timers: dict[str, asyncio.TimerHandle] = {}
         self.claiming: set[str] = set()
         self.local: dict[int, LocalRun] = {}
+        self.reporting: set[int] = set()  # runs ended here whose end the store has not had
         self.followers: dict[str, Follower] = {}
         self.follow_changed = asyncio.Event()
         self.reading = False
@@ -526,6 +527,7 @@ class Fleet:
                 handle.cancel()
         if outcome is None:
             outcome = states.OUTCOME_OF_STOP.get(local.why, states.EXITED)
+        self.reporting.add(run_id)
         self.outbox.append(("finish", (local.key, local.running, code, outcome)))
         self.outbox_ready.set()
 
@@ -572,6 +574,7 @@ class Fleet:
                     await self.store.update(item[0], _finishing(*item[1:]),
                                             history=self.config.keep_history)
                     self.outbox.popleft()
+                    self.reporting.discard(item[1].run)
                 except StoreDown as exc:
                     self._say_down(exc)
                     await asyncio.sleep(RETRY)
@@ -788,8 +791,9 @@ class Fleet:
             if key in self.claiming:
                 continue
             r, p = st.running, st.pending
-            if r is not None and (gone(r.host) or (r.host == self.host
-                                                   and r.run not in self.local)):
+            ours_gone = (r is not None and r.host == self.host and r.run not in self.local
+                         and r.run not in self.reporting)
+            if r is not None and (gone(r.host) or ours_gone):
                 # Its host went silent (or it is ours from before a restart): lost.
                 silent = now - beats.get(r.host, float("-inf"))
                 why = (f"{r.host} has been silent for {silent:.1f}s" if r.host != self.host
