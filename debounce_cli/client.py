@@ -8,9 +8,7 @@ costs more than this whole module; the ``_socket`` C module underneath does the 
 from __future__ import annotations
 
 import _socket  # the C module: socket.py's enum conversions cost ~4 ms at start-up
-import binascii
 import os
-import struct
 import sys
 import time
 
@@ -30,8 +28,10 @@ CONNECT_TIMEOUT = 5.0
 # struct timeval for SO_SNDTIMEO, which bounds a blocking connect() on a Unix socket (the
 # kernel wakes us as soon as the backlog has room). settimeout() would not do: with it the
 # socket is non-blocking, and connect() to a full backlog fails at once with EAGAIN.
-_CONNECT_TIMEVAL = struct.pack("@ll", int(CONNECT_TIMEOUT), 0)
-_NO_TIMEVAL = struct.pack("@ll", 0, 0)
+# Two C longs (seconds, microseconds), packed by hand: struct's import is start-up time too.
+_LONG = 8 if sys.maxsize > 2**32 else 4
+_CONNECT_TIMEVAL = int(CONNECT_TIMEOUT).to_bytes(_LONG, sys.byteorder) + bytes(_LONG)
+_NO_TIMEVAL = bytes(2 * _LONG)
 
 
 class ClientError(Exception):
@@ -161,7 +161,7 @@ def _check_peer(sock: _socket.socket, sock_path: str) -> None:
     led here, that is the one check a swapped directory or socket cannot fool.
     """
     cred = sock.getsockopt(_socket.SOL_SOCKET, _socket.SO_PEERCRED, 12)
-    _pid, uid, _gid = struct.unpack("@iII", cred)
+    uid = int.from_bytes(cred[4:8], sys.byteorder)  # struct ucred: int pid, uid_t uid, gid
     if uid != os.getuid():
         raise ClientError(
             f"the process answering on {sock_path} runs as uid {uid}, not as you "
@@ -323,6 +323,8 @@ def wait_for_run(
     :class:`DaemonLost` when the daemon closes the connection first, and ``TimeoutError``
     when ``timeout`` seconds pass first.
     """
+    from binascii import a2b_base64  # only a waiting client decodes output
+
     deadline = None if timeout is None else time.monotonic() + timeout
     key = None
     try:
@@ -342,7 +344,7 @@ def wait_for_run(
                 raise DaemonLost(key)
             if isinstance(msg, protocol.Output):
                 if out is not None:
-                    out(msg.fd, binascii.a2b_base64(msg.data))
+                    out(msg.fd, a2b_base64(msg.data))
             elif isinstance(msg, (protocol.Accepted, protocol.Pending)):
                 key = msg.key
                 display.pending(msg)

@@ -61,8 +61,6 @@ def converse(
     wait_timeout: float | None = None,
 ) -> int:
     """Send a run or wait request and follow it to the end; return the exit status."""
-    import functools
-
     from debounce_cli import client, protocol
 
     try:
@@ -93,7 +91,9 @@ def converse(
 
             terminal = TerminalDisplay()
             display = terminal
-            out = functools.partial(terminal.output, write=client.write_output)
+
+            def out(fd: int, data: bytes) -> None:
+                terminal.output(fd, data, write=client.write_output)
         try:
             result = client.wait_for_run(conn, display, out, wait_timeout)
         except TimeoutError:

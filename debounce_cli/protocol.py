@@ -18,7 +18,6 @@ raises anything else.
 
 from __future__ import annotations
 
-import json
 from itertools import repeat
 
 from debounce_cli import states
@@ -485,13 +484,79 @@ def _plain(obj: Any) -> Any:
     raise TypeError(f"{type(obj).__name__} cannot be sent")
 
 
-#: One encoder for every message: json.dumps() with arguments builds a new one per call.
-_ENCODER = json.JSONEncoder(separators=(",", ":"), default=_plain)
+# ------------------------------------------------------------------ JSON, through _json
+# The json package imports re, and re imports enum: together about 5 ms of every client's
+# start, more than half of what starting Python costs. The C scanner and encoder that json
+# itself uses are in _json and need neither; json is imported only to word a decoding error.
+try:
+    import _json
+except ImportError:  # not CPython: the json package it is
+    _json = None  # type: ignore[assignment]
+
+
+class _ScanContext:
+    """What ``_json.make_scanner`` reads off a decoder: json.JSONDecoder's defaults."""
+
+    strict = True
+    object_hook = None
+    object_pairs_hook = None
+    parse_float = float
+    parse_int = int
+
+    @staticmethod
+    def parse_constant(name: str) -> float:
+        return {"NaN": float("nan"), "Infinity": float("inf"), "-Infinity": float("-inf")}[name]
+
+    memo: dict[str, Any] = {}
+
+
+_WHITESPACE = " \t\n\r"
+
+
+class _Invalid(ValueError):
+    """Not JSON (worded as json's own JSONDecodeError would be)."""
+
+
+def _json_loads(text: str) -> Any:
+    if _json is None:
+        import json
+
+        return json.loads(text)
+    end = len(text)
+    i = 0
+    while i < end and text[i] in _WHITESPACE:
+        i += 1
+    try:
+        obj, i = _SCAN(text, i)
+    except StopIteration as exc:
+        raise _Invalid(f"Expecting value: column {exc.value + 1}") from None
+    except SystemError:
+        # The scanner words its other errors with json.decoder's JSONDecodeError, and fails
+        # this way when json was never imported: let json say what is wrong.
+        import json
+
+        return json.loads(text)
+    while i < end and text[i] in _WHITESPACE:
+        i += 1
+    if i != end:
+        raise _Invalid(f"Extra data: column {i + 1}")
+    return obj
+
+
+if _json is not None:
+    _SCAN = _json.make_scanner(_ScanContext())  # type: ignore[arg-type]
+    #: One encoder for every message (compact separators; records through _plain).
+    _ENCODE = _json.make_encoder(None, _plain, _json.encode_basestring_ascii, None, ":", ",",
+                                 False, False, True)
+else:  # pragma: no cover - other Pythons
+    import json as _json_module
+
+    _ENCODE = _json_module.JSONEncoder(separators=(",", ":"), default=_plain).iterencode
 
 
 def encode(msg: Message) -> bytes:
     """One line of JSON, newline included."""
-    return (_ENCODER.encode(msg.to_dict()) + "\n").encode()
+    return ("".join(_ENCODE(msg.to_dict(), 0)) + "\n").encode()
 
 
 def decode(line: bytes, kinds: dict[str, type[Message]], limit: int = MAX_MESSAGE) -> Message:
@@ -522,10 +587,13 @@ def loads(text: str) -> Any:
     not UTF-8 (U+DC80 to U+DCFF, as Python reads such file names and arguments) are kept.
     """
     try:
-        obj = json.loads(text)
-    except (json.JSONDecodeError, RecursionError) as exc:
+        obj = _json_loads(text)
+    except (_Invalid, RecursionError) as exc:
         raise ProtocolError(f"message is not valid JSON: {exc}") from None
-    except ValueError:  # an integer past int_max_str_digits
+    except ValueError as exc:
+        if hasattr(exc, "pos"):  # json's JSONDecodeError, from the C scanner
+            raise ProtocolError(f"message is not valid JSON: {exc}") from None
+        # An integer past int_max_str_digits.
         raise ProtocolError("message has a number of thousands of digits; numbers must fit "
                             "in 64 bits") from None
     if "\\ud" in text or "\\uD" in text:  # only an escape can carry a surrogate here

@@ -82,7 +82,7 @@ def test_readme_documents_every_exit_status_and_command():
     from debounce_cli.exits import ExitStatus
 
     readme = (ROOT / "README.md").read_text()
-    for status in ExitStatus:
+    for status in ExitStatus.all().values():
         if status:
             assert f"| {int(status)} |" in readme, f"exit status {int(status)} not in README"
     for name in cli.commands:
