@@ -433,7 +433,8 @@ def bench_stdin_intake(rows: list[tuple[str, str, str]], lines: int, rounds: int
                      "invocation", "daemon RSS growth / lines"))
 
 
-def bench_stdin_lateness(rows: list[tuple[str, str, str]], lines: int) -> None:
+def bench_stdin_lateness(rows: list[tuple[str, str, str]], lines: int, singles: int = 20
+                         ) -> None:
     """Lines written at once, each running `date` into a file: the command's own clock minus
     the time the lines were written, so reading, parsing, scheduling and spawning all count."""
     daemon = Daemon("--stdin", feed=True)
@@ -459,15 +460,40 @@ def bench_stdin_lateness(rows: list[tuple[str, str, str]], lines: int) -> None:
 
         daemon.feed(line("warm-up"))  # the first run, and imports on its path, not measured
         stamps(1)
+        # One line at a time: what a line costs when the machine is not busy starting others.
+        alone = []
+        for i in range(singles):
+            written = time.time()
+            daemon.feed(line(f"one{i}"))
+            alone.append((stamps(2 + i)[-1] / 1e9 - written) * 1000)
+        rows.append((f"stdin: lateness, one line at a time ({singles})",
+                     f"p50 {percentile(alone, 50):.1f} ms, p99 {percentile(alone, 99):.1f} ms",
+                     "`date` in the command minus time written"))
         data = b"".join(line(f"l{i}") for i in range(lines))
         written = time.time()
         daemon.feed(data)
-        late = [(ns / 1e9 - written) * 1000 for ns in stamps(1 + lines)[1:]]
+        late = [(ns / 1e9 - written) * 1000
+                for ns in stamps(1 + singles + lines)[1 + singles:]]
         rows.append((f"stdin: lateness, {lines} lines written at once",
                      f"p50 {percentile(late, 50):.1f} ms, p99 {percentile(late, 99):.1f} ms",
                      "`date` in the command minus time written"))
     finally:
         daemon.close()
+    # The floor for the burst: the same commands started by Python itself, all at once.
+    root = Path(tempfile.mkdtemp(prefix="dbb-", dir="/tmp"))
+    try:
+        out = root / "stamps"
+        command = f"date +%s%N >> {shlex.quote(str(out))}"
+        started = time.time()
+        procs = [subprocess.Popen(["sh", "-c", command]) for _ in range(lines)]
+        for proc in procs:
+            proc.wait()
+        floor = [(int(x) / 1e9 - started) * 1000 for x in out.read_text().split()]
+        rows.append((f"stdin: floor, {lines} `sh -c date` started by subprocess at once",
+                     f"p50 {percentile(floor, 50):.1f} ms, p99 {percentile(floor, 99):.1f} ms",
+                     "no debounce at all: what starting that many processes costs here"))
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def machine() -> str:
@@ -513,8 +539,8 @@ def main(argv: list[str] | None = None) -> int:
         bench_memory_and_scaling(rows, [1_000, 10_000, 100_000], 2000)
         bench_burst(rows, 1000)
         bench_idle(rows, 10)
-        bench_stdin_intake(rows, 20_000, 3)
-        bench_stdin_lateness(rows, 300)
+        bench_stdin_intake(rows, 10_000, 3)
+        bench_stdin_lateness(rows, 300, 50)
         bench_fleet(rows, 3, 50, Daemon, percentile)
     if args.json:
         print(json.dumps({"machine": machine(), "rows": rows}, indent=1))

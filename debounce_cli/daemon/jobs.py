@@ -24,6 +24,7 @@ class Job:
     env: dict[str, str]
     pid: int | None = None
     log_path: str | None = None
+    line: int | None = None  # the stdin line it came from (debounce daemon --stdin)
 
 
 def parse_options(raw: dict[str, Any]) -> Options:

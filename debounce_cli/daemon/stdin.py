@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple
 
 from debounce_cli import keys, protocol
+from debounce_cli.daemon import records
 from debounce_cli.daemon.core import Core
 from debounce_cli.daemon.jobs import Job, parse_options
 from debounce_cli.durations import DurationError, parse_duration
@@ -40,20 +41,23 @@ class StdinWaiter:
     def __init__(self) -> None:
         self.failures = 0
         self.runs: set[int] = set()  # runs whose output goes to stdout/stderr now
-        #: key -> (invocation id, line) of its latest line: the one that wins, unless a later
-        #: line of the key came while its run went on (then the key names it instead).
-        self.lines: dict[str, tuple[int, int]] = {}
+        #: The line of a local run's winning invocation (its Job carries it: a table here
+        #: would cost every pending invocation a few hundred bytes).
+        self.line_of_run: Callable[[int], int | None] = lambda run_id: None
+        #: Fleet keys: key -> (invocation id, line) of its latest line here (a fleet run may
+        #: execute on another host, so no Job of ours carries it).
+        self.fleet_lines: dict[str, tuple[int, int]] = {}
 
-    def submitted(self, key: str, invocation: int, number: int) -> None:
-        self.lines[key] = (invocation, number)
+    def submitted_fleet(self, key: str, invocation: int, number: int) -> None:
+        self.fleet_lines[key] = (invocation, number)
 
-    def _line_of(self, key: str, invocation: int) -> int | None:
-        """The line of the invocation that won, if it was the key's latest."""
-        latest = self.lines.get(key)
-        if latest is None or latest[0] != invocation:
-            return None
-        del self.lines[key]
-        return latest[1]
+    def _line_of(self, msg: protocol.Finished) -> int | None:
+        """The line of the invocation that won."""
+        latest = self.fleet_lines.get(msg.key)
+        if latest is None:
+            return self.line_of_run(msg.run_id)
+        del self.fleet_lines[msg.key]
+        return latest[1] if latest[0] == msg.invocation else None
 
     def raw(self, line: bytes) -> None:
         pass
@@ -79,7 +83,7 @@ class StdinWaiter:
     def finish(self, msg: protocol.Message) -> None:
         if isinstance(msg, protocol.Finished):
             self.runs.discard(msg.run_id)
-            number = self._line_of(msg.key, msg.invocation)
+            number = self._line_of(msg)
             if msg.exit_code != 0:
                 self.failures += 1
                 where = f"line {number}" if number is not None else f"key {msg.key!r}"
@@ -87,7 +91,7 @@ class StdinWaiter:
                      f"{msg.exit_code} (run {msg.run_id}, {msg.outcome})")
         elif isinstance(msg, protocol.Cancelled):
             self.failures += 1
-            latest = self.lines.pop(msg.key, None)
+            latest = self.fleet_lines.pop(msg.key, None)
             where = f"line {latest[1]}" if latest else f"key {msg.key!r}"
             _say(f"debounce: stdin {where}: cancelled before it ran")
 
@@ -121,6 +125,7 @@ class StdinSource:
         self.core = core
         self.defaults = defaults
         self.waiter = StdinWaiter()
+        self.waiter.line_of_run = self._line_of_run
         self.open = True
         self.stopping = False
         self.on_eof: Any = lambda: None
@@ -192,10 +197,14 @@ class StdinSource:
                 return
             key, inv_id = self.fleet.submit(key, options, job, self.waiter,
                                             _Line(number, self.waiter))
-            self.waiter.submitted(key, inv_id, number)
+            self.waiter.submitted_fleet(key, inv_id, number)
             return
-        inv = self.core.submit(key, options, job, self.waiter, _Line(number, self.waiter))
-        self.waiter.submitted(inv.key, inv.id, number)
+        job.line = number
+        self.core.submit(key, options, job, self.waiter, _Line(number, self.waiter))
+
+    def _line_of_run(self, run_id: int) -> int | None:
+        run = self.core.find_run(run_id)
+        return None if run is None else records.job_of(run.invocation).line
 
     def _fail(self, number: int, why: str) -> None:
         _report(number, why)
