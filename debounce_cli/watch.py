@@ -459,18 +459,30 @@ class Watcher:
             runs = dict(self.runs)
         if not ours and not runs:
             return
-        reply = self._ask(protocol.StatusRequest())
+        fleet = bool(self.options.get("fleet"))
+        host = None
+        if fleet:
+            import socket
+
+            from debounce_cli.options import HOST_ENV
+
+            host = os.environ.get(HOST_ENV) or socket.gethostname()
+        reply = self._ask(protocol.StatusRequest(fleet=fleet))
         if not isinstance(reply, protocol.StatusReply):
             return
         for row in reply.keys:
+            if fleet and row.host not in (None, host):
+                continue  # another host's invocation or run of the fleet key: not ours
             if row.pending is not None and row.pending.id in ours:
                 answer = self._ask(protocol.CancelRequest(key=row.key))
                 if isinstance(answer, protocol.Done):
                     print(f"debounce: cancelled what was pending for {row.key}",
                           file=sys.stderr, flush=True)
             if row.running is not None and row.running.run_id in runs:
-                answer = self._ask(protocol.KillRequest(target=str(row.running.run_id),
-                                                        by="run"))
+                # A fleet run is named by its key (its id is the fleet's, not this daemon's).
+                answer = self._ask(protocol.KillRequest(target=row.key, by="key") if fleet
+                                   else protocol.KillRequest(target=str(row.running.run_id),
+                                                             by="run"))
                 if isinstance(answer, protocol.Done):
                     print(f"debounce: stopping run {row.running.run_id} of {row.key}",
                           file=sys.stderr, flush=True)

@@ -345,3 +345,20 @@ def test_a_run_in_flight_reports_once_the_store_is_back(fleet, redis):
         assert (code, stdout) == (5, "done\n"), err + "".join(h.log() for h in fleet.hosts)
     history = fleet.hosts[2].fleet_history()
     assert [(r["exit_code"], r["outcome"]) for r in history] == [(5, "exited")]
+
+
+def test_watch_fleet_submits_to_the_fleet_and_ctrl_c_cancels_what_it_left(fleet):
+    watched = fleet.hosts[0].work / "src"
+    watched.mkdir()
+    watcher = fleet.hosts[0].popen("watch", "--fleet", "--delay", "30s", "--key", "w",
+                                   str(watched), "--", "true")
+    wait_until(lambda: "watching" in (watcher.stderr.readline() if watcher.stderr else ""),
+               timeout=15)
+    (watched / "a.txt").write_text("x")
+    wait_until(lambda: fleet.coalesced("w") >= 1, timeout=15)
+    assert [r["host"] for r in fleet.hosts[1].fleet_status()] == ["a"]
+    watcher.send_signal(signal.SIGINT)
+    code, _, err = finish(watcher)
+    assert code == 130, err
+    assert "cancelled what was pending for w" in err
+    assert fleet.hosts[2].fleet_status() == []
