@@ -362,3 +362,30 @@ def test_watch_fleet_submits_to_the_fleet_and_ctrl_c_cancels_what_it_left(fleet)
     assert code == 130, err
     assert "cancelled what was pending for w" in err
     assert fleet.hosts[2].fleet_status() == []
+
+
+def test_a_stdin_daemon_whose_input_ends_at_once_still_runs_its_fleet_line(fleet):
+    out = fleet.hosts[0].work / "runs.txt"
+    line = json.dumps({"argv": [*record(out, 0), "stdin"], "key": "eof", "fleet": True,
+                       "delay": 0.3})
+    proc = fleet.hosts[1].popen("daemon", "--stdin", "--lease", LEASE, "--idle-exit", "0",
+                                stdin=subprocess.PIPE)
+    out_text, err_text = proc.communicate(line + "\n", timeout=30)
+    assert proc.returncode == 0, err_text
+    assert out_text == "out b stdin\n"
+    assert runs_in(out) == [runs_in(out)[0]] and runs_in(out)[0].startswith("b ")
+
+
+def test_an_idle_key_leaves_nothing_behind_for_ever(fleet, redis):
+    import redis as redis_py
+
+    proc = fleet.hosts[0].popen("run", "--fleet", "--key", "ttl", "--delay", "0", "--", "true")
+    assert finish(proc)[0] == 0
+    client = redis_py.Redis(port=redis.port)
+    try:
+        names = [n.decode() for n in client.keys("debounce:{*}:*")]
+        assert sorted(n.rsplit(":", 1)[1] for n in names) == ["events", "state"]
+        for name in names:
+            assert 0 < client.ttl(name) <= 7 * 24 * 3600, name  # kept a week, then gone
+    finally:
+        client.close()

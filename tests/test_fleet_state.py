@@ -192,3 +192,27 @@ def test_a_run_the_store_forgot_is_still_reported_once() -> None:
     assert forgotten.seq == result.running.fence  # later tokens stay above it
     assert fs.finish(forgotten, run=result.running, exit_code=3, outcome=states.EXITED,
                      now=105.0) == (None, [])
+
+
+def test_a_retried_submission_or_claim_finds_its_own_work_done() -> None:
+    # redis-py turns a lost answer to EXEC into a WatchError: the step runs again on the
+    # state it already changed, and must change nothing more.
+    st = fs.KeyState("k")
+    opts = Options(delay=1.0)
+    first, events = fs.submit(st, inv=1, host="a", job=JOB, raw_options=asdict(opts),
+                              options=opts, now=100.0, token="i1:1")
+    again, events_again = fs.submit(st, inv=1, host="a", job=JOB, raw_options=asdict(opts),
+                                    options=opts, now=100.2, token="i1:1")
+    assert again == first and events and events_again == []
+    assert st.pending is not None and st.pending.coalesced == 1 and st.pending.due == 101.0
+    started, _ = fs.claim(st, host="a", now=101.0, run_id=5, may_take_over=False)
+    retried, events = fs.claim(st, host="a", now=101.1, run_id=5, may_take_over=False)
+    assert isinstance(started, fs.Start) and retried == started and events == []
+
+
+def test_a_state_written_by_a_newer_version_still_loads() -> None:
+    st = fs.KeyState("k")
+    submit(st, 100.0, delay=1.0)
+    raw = st.dumps().replace('"slot":', '"priority":3,"slot":', 1)
+    again = fs.KeyState.loads("k", raw)
+    assert again.pending is not None and again.pending.slot == st.pending.slot  # type: ignore[union-attr]

@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import binascii
 import os
+import secrets
 import sys
 from collections import deque
 from collections.abc import Callable
@@ -34,7 +35,7 @@ from debounce_cli.clock import Clock
 from debounce_cli.daemon import records
 from debounce_cli.daemon.config import Config
 from debounce_cli.daemon.fleet import state as fs
-from debounce_cli.daemon.fleet.store import Store, StoreDown, event_id
+from debounce_cli.daemon.fleet.store import FORGET_HOST, Beat, Store, StoreDown, event_id
 from debounce_cli.daemon.jobs import Job
 from debounce_cli.daemon.runs import Runs
 from debounce_cli.daemon.waiters import Submitter, Waiter, unique
@@ -63,8 +64,19 @@ class KeyWaiters:
     runs: dict[int, list[Any]] = field(default_factory=dict)
     #: Waiters whose slot the store forgot (it lost data): they take the next slot of the key.
     orphans: list[Any] = field(default_factory=list)
-    #: The latest event each waiter had accounted for when it was filed.
-    since: dict[Any, tuple[int, int]] = field(default_factory=dict)
+    #: (waiter, "slot" or "run", number) -> the latest event it had accounted for when it
+    #: was filed there: events up to it are not its (it had them, or they were before it).
+    since: dict[tuple[Any, str, int], tuple[int, int]] = field(default_factory=dict)
+
+    def forget(self, waiter: Any) -> None:
+        for mark in [mark for mark in self.since if mark[0] is waiter]:
+            del self.since[mark]
+
+    def move(self, waiter: Any, src: tuple[str, int], dst: tuple[str, int]) -> None:
+        """It follows ``dst`` now (a slot became a run, a stopped run its replacement)."""
+        mark = self.since.pop((waiter, *src), None)
+        if mark is not None:
+            self.since[(waiter, *dst)] = mark
 
     def empty(self) -> bool:
         return not self.slots and not self.runs and not self.orphans
@@ -104,6 +116,7 @@ class LocalRun:
     running: fs.Running
     run: Run
     why: str | None = None  # states.STOP_*: why it was asked to stop
+    chunks: int = 0  # output chunks published (each event carries its number)
     kill: asyncio.TimerHandle | None = None
     deadline: asyncio.TimerHandle | None = None
 
@@ -151,8 +164,16 @@ class Fleet:
         self.offset: float | None = None  # the store's clock minus our monotonic clock
         self.beat_at = float("-inf")  # our monotonic time of the last heartbeat
         self.connected_since: float | None = None  # in touch with the store since then
+        self.beats: Beat | None = None  # the last heartbeat's view of the fleet
         self.waiting: dict[str, KeyWaiters] = {}
-        self.owned: dict[str, int] = {}  # key -> slot: our invocation is the latest there
+        #: key -> (slot, event id of our submission): our invocation is the latest there.
+        self.owned: dict[str, tuple[int, tuple[int, int]]] = {}
+        self.instance = secrets.token_hex(6)  # names this daemon's submissions in the store
+        self.submitting = 0  # submissions not yet in the store
+        self.reclaim: set[str] = set()  # keys to claim again once the claim in flight is done
+        #: (key, run) -> the last output chunk handed out: a chunk published twice (its
+        #: pipeline retried after a lost answer) is handed out once.
+        self.out_seen: dict[tuple[str, int], int] = {}
         self.mine: dict[str, Mine] = {}
         self.epoch: bytes | None = None  # the store's epoch token, as first seen
         self.seen_runs = 0  # the highest run id the store gave us
@@ -173,14 +194,33 @@ class Fleet:
 
     # ------------------------------------------------------------------ life
     def start(self) -> None:
-        self.spawn(self._beat_and_scan())
-        self.spawn(self._publish())
-        self.spawn(self._read())
+        self.spawn(self._forever("heartbeat", self._beat))
+        self.spawn(self._forever("scan", self._scan))
+        self.spawn(self._forever("publisher", self._publish))
+        self.spawn(self._forever("reader", self._read))
+
+    async def _forever(self, name: str, loop: Callable[[], Any]) -> None:
+        """Run one of the fleet's loops for the daemon's life: an exception it did not
+        expect is said once and the loop starts again (a dead heartbeat would get this
+        host's runs taken for lost; a dead reader would leave every waiter hanging)."""
+        while not self.closing:
+            try:
+                await loop()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - the loop must go on
+                import traceback
+
+                print(f"debounce: fleet {name}: {type(exc).__name__}: {exc}", file=sys.stderr,
+                      flush=True)
+                traceback.print_exc()
+                await asyncio.sleep(RETRY)
 
     def busy(self) -> bool:
         """Something here still needs this daemon: a waiter, a run, our pending invocation,
-        or output not yet in the store."""
+        a submission on its way, or output not yet in the store."""
         return bool(self.local or self.owned or self.outbox or self.claiming
+                    or self.submitting
                     or any(not kw.empty() for kw in self.waiting.values()))
 
     def stop_runs(self) -> None:
@@ -237,19 +277,34 @@ class Fleet:
         inv = self.new_id()
         if not options.defer:
             key = f"{key}#{self.host}-{inv}"
-        self.spawn(self._submit(inv, key, options, job, waiter, submitter))
+        self.submitting += 1
+        self.spawn(self._submitted(inv, key, options, job, waiter, submitter))
         return key, inv
+
+    async def _submitted(self, inv: int, key: str, options: Options, job: Job,
+                         waiter: Waiter | None, submitter: Submitter | None) -> None:
+        try:
+            await self._submit(inv, key, options, job, waiter, submitter)
+        except Exception as exc:
+            if submitter is not None:  # never leave a client without its answer
+                submitter.answered(protocol.Error(
+                    message=f"fleet: {type(exc).__name__}: {exc}", code=states.REFUSED))
+            raise
+        finally:
+            self.submitting -= 1
+            self.changed()
 
     async def _submit(self, inv: int, key: str, options: Options, job: Job,
                       waiter: Waiter | None, submitter: Submitter | None) -> None:
         raw_options = asdict(options)
+        token = f"{self.instance}:{inv}"
         payload = {"argv": job.argv, "cwd": job.cwd, "env": job.env}
         seen: list[float] = []
 
         def step(st: fs.KeyState, now: float) -> tuple[fs.Landed, list[fs.Event]]:
             seen.append(now)
             return fs.submit(st, inv=inv, host=self.host, job=payload,
-                             raw_options=raw_options, options=options, now=now)
+                             raw_options=raw_options, options=options, now=now, token=token)
 
         while True:
             try:
@@ -273,7 +328,7 @@ class Fleet:
                                          coalesced=landed.coalesced)
             self.mine[key] = Mine(inv, options, job, landed.slot)
             if st.pending is not None and st.pending.host == self.host:
-                self._own(key, landed.slot, landed.due)
+                self._own(key, landed.slot, landed.due, event_id(latest))
         elif isinstance(landed, fs.InRun):
             accepted = protocol.Accepted(id=inv, key=key, state=states.RUNNING, due_in=None,
                                          coalesced=landed.coalesced)
@@ -297,9 +352,10 @@ class Fleet:
         A waiter that joins a run (executing, or already ended) gets its output so far first,
         from the key's stream up to ``since``; what came after, the follower's memory or the
         live events give it, in order."""
-        kw = self.waiting.setdefault(key, KeyWaiters())
-        kw.since[waiter] = max(kw.since.get(waiter, (0, 0)), event_id(since))
+        mark = event_id(since)
         if isinstance(landed, fs.InSlot):
+            kw = self.waiting.setdefault(key, KeyWaiters())
+            kw.since[(waiter, "slot", landed.slot)] = mark
             kw.slots.setdefault(landed.slot, []).append(waiter)
         else:
             if isinstance(landed, fs.InRun):
@@ -316,6 +372,9 @@ class Fleet:
             if isinstance(landed, fs.Done):
                 waiter.finish(_finished(key, landed.last.record(key)))
                 return
+            # Taken again after the wait: the reader may have dropped the key's table.
+            kw = self.waiting.setdefault(key, KeyWaiters())
+            kw.since[(waiter, "run", landed.run)] = mark
             kw.runs.setdefault(landed.run, []).append(waiter)
         follower = self.followers.get(key)
         if follower is not None:
@@ -333,8 +392,15 @@ class Fleet:
         except StoreDown as exc:
             self._say_down(exc)
             return []
-        return [(event["fd"], binascii.a2b_base64(event["data"])) for _, event in events
-                if event.get("t") == "out" and event.get("run") == run]
+        out: list[tuple[int, bytes]] = []
+        last = -1
+        for _, event in events:
+            if event.get("t") == "out" and event.get("run") == run:
+                n = event.get("n", last + 1)
+                if n > last:  # a chunk published twice is shown once
+                    last = n
+                    out.append((event["fd"], binascii.a2b_base64(event["data"])))
+        return out
 
     async def logs(self, key: str) -> protocol.Message:
         """``debounce logs`` on a fleet key: its latest run's output (from the stream), as a
@@ -421,7 +487,7 @@ class Fleet:
 
     def detach(self, waiter: Any) -> None:
         for kw in self.waiting.values():
-            kw.since.pop(waiter, None)
+            kw.forget(waiter)
             if waiter in kw.orphans:
                 kw.orphans.remove(waiter)
             for table in (kw.slots, kw.runs):
@@ -432,8 +498,8 @@ class Fleet:
                             del table[number]
 
     # ------------------------------------------------------------------ our pending ones
-    def _own(self, key: str, slot: int, due: float) -> None:
-        self.owned[key] = slot
+    def _own(self, key: str, slot: int, due: float, since: tuple[int, int]) -> None:
+        self.owned[key] = (slot, since)
         self._arm(key, due)
 
     def _disown(self, key: str) -> None:
@@ -451,11 +517,16 @@ class Fleet:
 
     def _claim_soon(self, key: str, take_over: bool) -> None:
         self.timers.pop(key, None)
-        if key not in self.claiming:
-            self.claiming.add(key)
-            self.spawn(self._claim(key, take_over))
+        if key in self.claiming:
+            self.reclaim.add(key)  # something changed meanwhile: look again after this one
+            return
+        self.claiming.add(key)
+        self.spawn(self._claim(key, take_over))
 
     async def _claim(self, key: str, take_over: bool) -> None:
+        # The fence: a host frozen (or cut off) for half a lease between here and the start
+        # of the run may already be taken for gone, its claim given up as lost.
+        asked_at = self.clock.monotonic()
         try:
             try:
                 run_id = await self.store.next_run_id()
@@ -468,7 +539,6 @@ class Fleet:
                                     may_take_over=take_over)
 
                 result, latest, st = await self.store.update(key, step)
-                claimed_at = self.clock.monotonic()
             except StoreDown as exc:
                 self._say_down(exc)
                 if key in self.owned:  # ours to start: again soon (the scan also looks)
@@ -480,16 +550,20 @@ class Fleet:
                 if key in self.owned:
                     self._arm(key, result.due)
             elif isinstance(result, fs.Start):
-                if self.owned.get(key) == result.running.slot:
+                owned = self.owned.get(key)
+                if owned is not None and owned[0] == result.running.slot:
                     self._disown(key)
-                self._execute(key, result.running, claimed_at, latest)
+                self._execute(key, result.running, asked_at, latest)
             elif isinstance(result, fs.Nothing) and st.pending is None:
                 self._disown(key)
         finally:
             self.claiming.discard(key)
+            if key in self.reclaim:
+                self.reclaim.discard(key)
+                self._claim_soon(key, take_over)
 
     # ------------------------------------------------------------------ runs executing here
-    def _execute(self, key: str, running: fs.Running, claimed_at: float,
+    def _execute(self, key: str, running: fs.Running, asked_at: float,
                  since: bytes) -> None:
         known = Options.__dataclass_fields__
         options = Options(**{k: v for k, v in running.options.items() if k in known})
@@ -505,7 +579,7 @@ class Fleet:
         run.waiters.append(_Publisher(self, key, running.run))
         local = self.local[running.run] = LocalRun(key, running, run)
         self._follow(key, since)  # for a stop or a signal from any host
-        if self.clock.monotonic() - claimed_at > self.lease / 2:
+        if self.clock.monotonic() - asked_at > self.lease / 2:
             # Frozen between the claim and now: another host may already have given this
             # run up as lost. It does not start here; the store hears it was lost.
             self.run_exited(running.run, -1, outcome=states.LOST)
@@ -543,10 +617,12 @@ class Fleet:
             timeout, lambda: self.runs.signal(local.run.id, "KILL"))
 
     def publish_output(self, key: str, run_id: int, fd: int, data: bytes) -> None:
-        if self.outbox_bytes > OUTBOX_LIMIT:
+        local = self.local.get(run_id)
+        if self.outbox_bytes > OUTBOX_LIMIT or local is None:
             return
         self.outbox_bytes += len(data)
-        event = {"t": "out", "run": run_id, "fd": fd,
+        local.chunks += 1
+        event = {"t": "out", "run": run_id, "fd": fd, "n": local.chunks,
                  "data": binascii.b2a_base64(data, newline=False).decode()}
         self.outbox.append(("out", (key, event)))
         self.outbox_ready.set()
@@ -554,7 +630,7 @@ class Fleet:
     async def _publish(self) -> None:
         """Output and ends of the runs here, into the store, in order; retried while it is
         down, so runs in flight report once it is back."""
-        while True:
+        while not self.closing:
             await self.outbox_ready.wait()
             self.outbox_ready.clear()
             while self.outbox:
@@ -621,6 +697,11 @@ class Fleet:
                     continue
                 heard.add(key)
                 follower.last = eid
+                if event.get("t") == "out" and "n" in event:
+                    chunk = (key, event["run"])
+                    if event["n"] <= self.out_seen.get(chunk, 0):
+                        continue  # published twice (a retried pipeline): handed out once
+                    self.out_seen[chunk] = event["n"]
                 follower.remember(eid, event)
                 self._dispatch(key, event, event_id(eid))
             for key in followed:
@@ -642,19 +723,22 @@ class Fleet:
             self._to_waiters(key, kw, kind, event, eid, only)
         if only is not None:
             return
+        owned = self.owned.get(key)
         if kind == "pending":
             if event["host"] != self.host:
-                self._disown(key)  # a later invocation from elsewhere won
-            elif self.owned.get(key) == event["slot"]:
+                if owned is not None and eid > owned[1]:
+                    self._disown(key)  # a later invocation from elsewhere won
+            elif owned is not None and owned[0] == event["slot"]:
                 self._arm(key, event["due"])
         elif kind in ("started", "moved", "cancelled"):
-            if self.owned.get(key) == event["slot"]:
+            if owned is not None and owned[0] == event["slot"]:
                 self._disown(key)
             mine = self.mine.get(key)
             if mine is not None and mine.slot == event["slot"]:
                 del self.mine[key]
         elif kind == "finished":
-            if key in self.owned:
+            self.out_seen.pop((key, event["run_id"]), None)
+            if owned is not None:
                 self._claim_soon(key, False)  # ours may have fallen due meanwhile
         elif kind in ("stop", "signal"):
             local = self.local.get(event["run"])
@@ -666,26 +750,28 @@ class Fleet:
 
     def _to_waiters(self, key: str, kw: KeyWaiters, kind: Any, event: dict[str, Any],
                     eid: tuple[int, int], only: Any) -> None:
-        def take(table: dict[int, list[Any]], number: int, remove: bool) -> list[Any]:
-            waiters = table.get(number, [])
-            if kw.since:  # a waiter filed after this event had it already (or not at all)
-                waiters = [w for w in waiters if kw.since.get(w, (0, 0)) < eid]
-            if only is not None:
-                waiters = [only] if only in waiters else []
-                if remove and waiters:
-                    table[number].remove(only)
-                    if not table[number]:
-                        del table[number]
-                return waiters
-            if remove:
-                table.pop(number, None)
-            return unique(waiters)
+        def take(table: dict[int, list[Any]], what: str, number: int,
+                 remove: bool) -> list[Any]:
+            """The waiters of slot or run ``number`` this event is for (not those filed
+            after it: they had it, or it was before them); with ``remove``, off the table."""
+            present = table.get(number)
+            if not present:
+                return []
+            chosen = [w for w in present if (only is None or w is only)
+                      and kw.since.get((w, what, number), (0, 0)) < eid]
+            if remove and chosen:
+                rest = [w for w in present if not any(w is c for c in chosen)]
+                if rest:
+                    table[number] = rest
+                else:
+                    del table[number]
+            return unique(chosen)
 
         if kind == "pending":
             if kw.orphans and only is None:
                 kw.slots.setdefault(event["slot"], []).extend(kw.orphans)
                 kw.orphans = []
-            waiters = take(kw.slots, event["slot"], False)
+            waiters = take(kw.slots, "slot", event["slot"], False)
             if waiters:
                 line = protocol.encode(protocol.Pending(
                     key=key, state=states.PENDING,
@@ -694,17 +780,19 @@ class Fleet:
                 for waiter in waiters:
                     waiter.raw(line)
         elif kind in ("started", "moved"):
-            waiters = take(kw.slots, event["slot"], True)
+            slot, run = event["slot"], event["run"]
+            waiters = take(kw.slots, "slot", slot, True)
             if waiters:
-                kw.runs.setdefault(event["run"], []).extend(waiters)
+                kw.runs.setdefault(run, []).extend(waiters)
                 if kind == "started":
                     line = protocol.encode(_started(key, event))
                 else:
-                    line = protocol.encode(protocol.Started(run_id=event["run"], key=key))
+                    line = protocol.encode(protocol.Started(run_id=run, key=key))
                 for waiter in waiters:
-                    waiter.start(event["run"], line, None)
+                    kw.move(waiter, ("slot", slot), ("run", run))
+                    waiter.start(run, line, None)
         elif kind == "out":
-            waiters = take(kw.runs, event["run"], False)
+            waiters = take(kw.runs, "run", event["run"], False)
             if waiters:
                 data = binascii.a2b_base64(event["data"])
                 line = protocol.encode(protocol.Output(fd=event["fd"], data=event["data"]))
@@ -712,19 +800,22 @@ class Fleet:
                     if waiter.follows(event["run"]):
                         waiter.output(event["fd"], data, line, None)
         elif kind == "finished":
-            waiters = take(kw.runs, event["run_id"], True)
+            run = event["run_id"]
+            waiters = take(kw.runs, "run", run, True)
             then = event.get("then")
-            if then is not None:
-                kw.slots.setdefault(then, []).extend(waiters)  # --on-busy restart
+            if then is not None:  # --on-busy restart: they follow the run that replaces it
+                kw.slots.setdefault(then, []).extend(waiters)
+                for waiter in waiters:
+                    kw.move(waiter, ("run", run), ("slot", then))
             else:
                 msg = _finished(key, event)
                 for waiter in waiters:
-                    kw.since.pop(waiter, None)
+                    kw.since.pop((waiter, "run", run), None)
                     waiter.finish(msg)
         elif kind == "cancelled":
             cancelled = protocol.Cancelled(key=key)
-            for waiter in take(kw.slots, event["slot"], True):
-                kw.since.pop(waiter, None)
+            for waiter in take(kw.slots, "slot", event["slot"], True):
+                kw.since.pop((waiter, "slot", event["slot"]), None)
                 waiter.finish(cancelled)
 
     async def _recover(self, emptied: bool) -> None:
@@ -738,6 +829,7 @@ class Fleet:
             for waiters in kw.slots.values():
                 kw.orphans.extend(waiters)
             kw.slots.clear()
+            kw.since = {mark: at for mark, at in kw.since.items() if mark[1] != "slot"}
         for key in list(self.owned):
             self._disown(key)
         for follower in self.followers.values():
@@ -750,41 +842,65 @@ class Fleet:
             self.spawn(self._submit(own.inv, key, own.options, own.job, None, None))
 
     # ------------------------------------------------------------------ heartbeat and scan
-    async def _beat_and_scan(self) -> None:
+    async def _beat(self) -> None:
+        """Every quarter lease: say this host is alive, learn the others' heartbeats, and
+        notice a store that lost data. A loop of its own, so a long scan never delays it."""
         while not self.closing:
+            seen_runs = self.seen_runs  # before asking: a claim meanwhile may raise it
             try:
-                await self._scan()
-                self.down_since = None
+                beat = await self.store.heartbeat(self.host)
             except StoreDown as exc:
                 self.connected_since = None
                 self._say_down(exc)
+                await asyncio.sleep(self.lease / 4)
+                continue
+            self.down_since = None
+            self._measured(beat.now)
+            self.beat_at = self.clock.monotonic()
+            if self.connected_since is None:
+                self.connected_since = self.beat_at
+            self.beats = beat
+            if self.epoch is None or beat.epoch is None:
+                first = self.epoch is None
+                self.epoch = await self.store.claim_epoch(seen_runs)
+                if not first:
+                    await self._recover(emptied=True)
+            elif beat.epoch != self.epoch or beat.runs < seen_runs:
+                emptied = beat.epoch != self.epoch
+                self.epoch = beat.epoch if emptied else self.epoch
+                await self.store.claim_epoch(seen_runs)
+                await self._recover(emptied=emptied)
+            forgotten = [host for host, at in beat.hosts.items()
+                         if at < beat.now - max(FORGET_HOST, 100 * self.lease)]
+            if forgotten:
+                await self.store.forget_hosts(forgotten)
             await asyncio.sleep(self.lease / 4)
 
     async def _scan(self) -> None:
-        beat = await self.store.heartbeat(self.host)
-        now, beats = beat.now, beat.hosts
-        self._measured(now)
-        self.beat_at = self.clock.monotonic()
-        if self.connected_since is None:
-            self.connected_since = self.beat_at
+        """Every quarter lease: the keys due, for runs whose host went silent (lost) and
+        pending invocations whose host went silent (taken over); and the keys whose stream
+        was trimmed past what this host had read (resynced)."""
+        while not self.closing:
+            await asyncio.sleep(self.lease / 4)
+            if self.beats is None or self.connected_since is None:
+                continue
+            try:
+                await self._scan_once(self.beats)
+                await self._resync_trimmed()
+            except StoreDown as exc:
+                self._say_down(exc)
+
+    async def _scan_once(self, beat: Beat) -> None:
+        now, beats = self._store_now(), beat.hosts
+        assert self.connected_since is not None
         # Another host's silence means it is gone only once we have been in touch with the
         # store for a whole lease ourselves: after the store was down, every host gets a
         # lease to beat again before anything of its is taken over.
         judging = self.beat_at - self.connected_since >= self.lease
-        if self.epoch is None or beat.epoch is None:
-            first = self.epoch is None
-            self.epoch = await self.store.claim_epoch(self.seen_runs)
-            if not first:
-                await self._recover(emptied=True)
-        elif beat.epoch != self.epoch or beat.runs < self.seen_runs:
-            emptied = beat.epoch != self.epoch
-            self.epoch = beat.epoch if emptied else self.epoch
-            await self.store.claim_epoch(self.seen_runs)
-            await self._recover(emptied=emptied)
 
         def gone(host: str) -> bool:
             return (judging and host != self.host
-                    and beats.get(host, float("-inf")) < now - self.lease)
+                    and beats.get(host, float("-inf")) < beat.now - self.lease)
 
         for st in await self.store.states(await self.store.indexed(upto=now)):
             key = st.key
@@ -795,7 +911,7 @@ class Fleet:
                          and r.run not in self.reporting)
             if r is not None and (gone(r.host) or ours_gone):
                 # Its host went silent (or it is ours from before a restart): lost.
-                silent = now - beats.get(r.host, float("-inf"))
+                silent = beat.now - beats.get(r.host, float("-inf"))
                 why = (f"{r.host} has been silent for {silent:.1f}s" if r.host != self.host
                        else "this host's daemon restarted")
                 print(f"debounce: fleet run {r.run} of {key!r}: lost ({why})",
@@ -809,6 +925,56 @@ class Fleet:
                 if p.host == self.host and key in self.timers:
                     continue  # our own timer will see to it
                 self._claim_soon(key, p.host != self.host)
+
+    async def _resync_trimmed(self) -> None:
+        """A key's stream keeps its latest EVENTS_MAXLEN events: a host that fell further
+        behind (cut off from the store while a run elsewhere wrote a lot) has missed some.
+        Its waiters then get what the key's state says instead of hanging."""
+        for key, follower in list(self.followers.items()):
+            kw = self.waiting.get(key)
+            if kw is None or (not kw.slots and not kw.runs):
+                continue
+            trimmed = await self.store.trimmed_after(key, follower.last)
+            if not trimmed:
+                continue
+            st, latest = await self.store.snapshot(key)
+            print(f"debounce: fleet key {key!r}: this host missed events (its stream was "
+                  "trimmed); its waiters take the key's state as it is now", file=sys.stderr,
+                  flush=True)
+            follower.last = latest
+            follower.recent.clear()
+            follower.recent_bytes = 0
+            self._resync(key, kw, st)
+
+    def _resync(self, key: str, kw: KeyWaiters, st: fs.KeyState) -> None:
+        last = st.last
+        for run, waiters in list(kw.runs.items()):
+            if st.running is not None and st.running.run == run:
+                continue
+            del kw.runs[run]
+            msg = (_finished(key, last.record(key)) if last is not None and last.run == run
+                   else _finished(key, {"run_id": run, "outcome": states.LOST}))
+            for waiter in unique(waiters):
+                kw.since.pop((waiter, "run", run), None)
+                waiter.finish(msg)
+        for slot, waiters in list(kw.slots.items()):
+            if st.pending is not None and st.pending.slot == slot:
+                continue
+            del kw.slots[slot]
+            running = st.running
+            if running is not None and running.slot == slot:
+                kw.runs.setdefault(running.run, []).extend(waiters)
+                line = protocol.encode(_started(key, fs.started_event(running)))
+                for waiter in unique(waiters):
+                    kw.move(waiter, ("slot", slot), ("run", running.run))
+                    waiter.start(running.run, line, None)
+                continue
+            for waiter in unique(waiters):
+                kw.since.pop((waiter, "slot", slot), None)
+                if last is not None and last.slot == slot:
+                    waiter.finish(_finished(key, last.record(key)))
+                else:
+                    waiter.finish(protocol.Cancelled(key=key))
 
 
 def _keep_newest(directory: str, count: int) -> None:

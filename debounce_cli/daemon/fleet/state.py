@@ -43,6 +43,9 @@ class Pending:
     coalesced: int
     lead: bool = False  # due at once: a leading edge (or a max-wait run) not started yet
     received: float = 0.0
+    #: Unique to this submission (its daemon's instance and invocation id): a transaction
+    #: retried after its EXEC's answer was lost recognises its own work.
+    token: str = ""
 
 
 @dataclass(slots=True)
@@ -77,6 +80,7 @@ class Last:
     finished_at: float
     due: float
     inv: int
+    slot: int = 0  # the slot its invocation waited in (a reader that missed events resyncs)
 
     def record(self, key: str) -> dict[str, Any]:
         """As ``protocol.RunRecord`` fields (history and ``wait`` show it)."""
@@ -127,10 +131,8 @@ class KeyState:
                 known.pop(name, None)
         known["key"] = key
         return cls(**known,
-                   pending=Pending(**pending) if pending else None,
-                   running=Running(**running) if running else None,
-                   last=Last(**last) if last else None,
-                   extra=obj)
+                   pending=_known(Pending, pending), running=_known(Running, running),
+                   last=_known(Last, last), extra=obj)
 
     def idle(self) -> bool:
         return self.pending is None and self.running is None
@@ -143,6 +145,14 @@ class KeyState:
         if self.pending is not None:
             return self.pending.due
         return None
+
+
+def _known(cls: Any, fields: dict[str, Any] | None) -> Any:
+    """``cls`` from the stored fields it knows (a newer version's extra fields are left)."""
+    if not fields:
+        return None
+    names = cls.__dataclass_fields__
+    return cls(**{name: value for name, value in fields.items() if name in names})
 
 
 _SCALARS = ("key", "quiet_at", "max_from", "timer_first", "edge_at", "seq", "burst_run",
@@ -185,9 +195,14 @@ def _pending_event(p: Pending) -> Event:
 
 
 def submit(st: KeyState, *, inv: int, host: str, job: dict[str, Any],
-           raw_options: dict[str, Any], options: Options, now: float
+           raw_options: dict[str, Any], options: Options, now: float, token: str = ""
            ) -> tuple[Landed, list[Event]]:
-    """One invocation of the key, from ``host``, at the store's time ``now``."""
+    """One invocation of the key, from ``host``, at the store's time ``now``. ``token``
+    names this submission: if the key's pending invocation already carries it, this is a
+    retry of a transaction that went through, and nothing changes."""
+    p = st.pending
+    if token and p is not None and p.token == token:
+        return InSlot(p.slot, p.due, p.coalesced), []
     new_burst, lead, edge = arrive(st, options, now)
     if new_burst:
         st.burst_run = None
@@ -219,7 +234,7 @@ def submit(st: KeyState, *, inv: int, host: str, job: dict[str, Any],
     if lead:
         st.burst_leader = slot
     st.pending = Pending(slot=slot, inv=inv, host=host, job=job, options=raw_options, due=due,
-                         coalesced=coalesced, lead=lead, received=now)
+                         coalesced=coalesced, lead=lead, received=now, token=token)
     return InSlot(slot, due, coalesced), [_pending_event(st.pending)]
 
 
@@ -254,7 +269,11 @@ Claim = Nothing | Later | Busy | Start
 def claim(st: KeyState, *, host: str, now: float, run_id: int, may_take_over: bool
           ) -> tuple[Claim, list[Event]]:
     """``host`` would start the key's pending invocation, if it is due and is its to start:
-    its own, or (``may_take_over``) one whose host has gone silent."""
+    its own, or (``may_take_over``) one whose host has gone silent. A retry of a claim that
+    went through (``run_id`` is already the key's run, here) starts it all the same."""
+    r = st.running
+    if r is not None and r.run == run_id and r.host == host:
+        return Start(r), []
     p = st.pending
     if p is None or (p.host != host and not may_take_over):
         return Nothing(), []
@@ -319,7 +338,7 @@ def finish(st: KeyState, *, run: Running, exit_code: int | None, outcome: str,
         outcome = states.RESTARTED
     last = Last(run=r.run, host=r.host, argv=r.job["argv"], cwd=r.job["cwd"],
                 exit_code=exit_code, outcome=outcome, coalesced=r.coalesced,
-                started_at=r.started_at, finished_at=now, due=r.due, inv=r.inv)
+                started_at=r.started_at, finished_at=now, due=r.due, inv=r.inv, slot=r.slot)
     st.last = last
     event: Event = {"t": "finished", **last.record(st.key)}
     if r.stopping == states.STOP_RESTART:

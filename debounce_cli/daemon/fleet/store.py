@@ -33,7 +33,7 @@ import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError, WatchError
+from redis.exceptions import RedisError, ResponseError, WatchError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from debounce_cli.daemon.fleet.state import Event, KeyState
@@ -49,6 +49,10 @@ HISTORY = PREFIX + "history"
 EPOCH = PREFIX + "epoch"
 #: Connections for steps on keys, at most (the reader of events has one of its own).
 POOL_SIZE = 32
+#: Attempts of one step on a key that others keep changing, at most.
+MAX_TRIES = 200
+#: A host silent this long leaves the table of heartbeats (its runs were long given up).
+FORGET_HOST = 24 * 3600
 #: An idle key's state (its last run) is kept this long after its last change.
 IDLE_TTL = 7 * 24 * 3600
 
@@ -154,6 +158,12 @@ class Store:
         except (RedisError, OSError) as exc:
             raise self.down(exc) from None
 
+    async def forget_hosts(self, hosts: list[str]) -> None:
+        try:
+            await self.redis.hdel(HOSTS, *hosts)
+        except (RedisError, OSError):
+            pass
+
     async def leave(self, host: str) -> None:
         """``host`` stops: the others may take over what it was to run at once."""
         try:
@@ -178,7 +188,7 @@ class Store:
         skey, ekey = state_key(tag), events_key(tag)
         try:
             async with self.redis.pipeline(transaction=True) as pipe:
-                while True:
+                for _ in range(MAX_TRIES):
                     try:
                         await pipe.watch(skey)
                         raw = await pipe.get(skey)
@@ -194,6 +204,10 @@ class Store:
                             return result, _first_id(latest), st
                         pipe.multi()  # type: ignore[no-untyped-call]
                         pipe.set(skey, after, ex=None if not st.idle() else IDLE_TTL)
+                        if st.idle():  # the stream goes with the state it belongs to
+                            pipe.expire(ekey, IDLE_TTL)
+                        else:
+                            pipe.persist(ekey)
                         for event in events:
                             pipe.xadd(ekey, {"e": json.dumps(event, separators=(",", ":"))},
                                       maxlen=EVENTS_MAXLEN, approximate=True)
@@ -209,9 +223,13 @@ class Store:
                         replies = await pipe.execute()
                         return result, _first_id(replies[-1]), st
                     except WatchError:
+                        # Another host changed the key, or the answer to EXEC was lost (then
+                        # the step, run again, finds its own work done: steps are idempotent).
                         continue
         except (RedisError, OSError) as exc:
             raise self.down(exc) from None
+        raise StoreDown(f"the fleet store {self.name}: key {key!r} changed under {MAX_TRIES} "
+                        "attempts in a row; try again")
 
     async def load(self, tag: str) -> KeyState | None:
         try:
@@ -315,13 +333,19 @@ class Store:
         except (RedisError, OSError):
             pass
 
-    async def first_event_id(self, key: str) -> bytes | None:
-        """The oldest event still kept (a reader behind it has missed some)."""
+    async def trimmed_after(self, key: str, last: bytes) -> bool:
+        """Has the key's stream dropped events after ``last`` (a reader there missed them)?
+        Redis 7 says which id it deleted last; an older one cannot tell (False)."""
         try:
-            first = await self.redis.xrange(events_key(tag_of(key)), count=1)
+            info: Any = await self.redis.xinfo_stream(events_key(tag_of(key)))
+        except ResponseError:
+            return False  # no such stream (yet): nothing was trimmed
         except (RedisError, OSError) as exc:
             raise self.down(exc) from None
-        return _first_id(first) if first else None
+        deleted = info.get("max-deleted-entry-id")
+        if not deleted:
+            return False
+        return event_id(deleted) > event_id(last) and event_id(last) != (0, 0)
 
 
 def _why(exc: BaseException) -> str:
