@@ -275,6 +275,7 @@ class Scheduler:
         self._timers: list[tuple[float, int, Run]] = []  # timeout and kill deadlines, heap
         self._bursts: list[tuple[float, int, str]] = []  # ends of --leading bursts, heap
         self.pending_count = 0  # keys with a pending invocation
+        self.borrowed = 0  # job slots held by runs of the fleet (see borrow)
         self.draining = False  # shutting down: runs are stopped and nothing new starts
         self._seq = itertools.count()
         self._ids = itertools.count(first_id)
@@ -692,7 +693,24 @@ class Scheduler:
             effects.append(Updated(inv))
 
     def _slot_free(self) -> bool:
-        return self.jobs is None or len(self.runs) < self.jobs
+        return self.jobs is None or len(self.runs) + self.borrowed < self.jobs
+
+    def borrow(self) -> bool:
+        """Take a job slot for a run this scheduler does not manage (a fleet run starting on
+        this host), if one is free and no local invocation queues for it."""
+        if self.draining or self.queue or not self._slot_free():
+            return False
+        if self.jobs is not None:
+            self.borrowed += 1
+        return True
+
+    def give_back(self) -> list[Effect]:
+        """A borrowed slot is free again: the queue's first invocation may start."""
+        effects: list[Effect] = []
+        if self.jobs is not None and self.borrowed:
+            self.borrowed -= 1
+            self._fill_slots(self.clock(), effects)
+        return effects
 
     def _fill_slots(self, now: float, effects: list[Effect]) -> None:
         while self.queue and self._slot_free() and not self.draining:

@@ -389,3 +389,31 @@ def test_an_idle_key_leaves_nothing_behind_for_ever(fleet, redis):
             assert 0 < client.ttl(name) <= 7 * 24 * 3600, name  # kept a week, then gone
     finally:
         client.close()
+
+
+def test_fleet_runs_take_the_hosts_job_slots_and_a_queued_one_keeps_its_place(redis):
+    fleet = Fleet(redis, extra={"a": ("--jobs", "1")})
+    try:
+        a = fleet.hosts[0]
+        out = a.work / "runs.txt"
+        marker = a.work / "blocking"
+        blocker = a.popen("run", "--delay", "0", "--", "sh", "-c", f"touch {marker}; sleep 2")
+        wait_until(marker.exists, timeout=15)
+        started = time.monotonic()
+        first = a.popen("run", "--fleet", "--key", "q", "--delay", "0", "--",
+                        *record(out), "first")
+        wait_until(lambda: [r["pending"]["state"] for r in a.fleet_status()
+                            if r.get("pending")] == ["queued"], timeout=15)
+        assert not runs_in(out)  # the one job slot is the local run's
+        # A later invocation replaces the queued one and keeps its place: it does not wait
+        # through its 10 s delay, it runs as soon as the slot is free.
+        second = a.popen("run", "--fleet", "--key", "q", "--delay", "10s", "--",
+                         *record(out), "second")
+        for proc in (first, second):
+            code, stdout, err = finish(proc)
+            assert (code, stdout) == (0, "out a second\n"), err
+        assert time.monotonic() - started < 8.0
+        assert finish(blocker)[0] == 0
+        assert len(runs_in(out)) == 1
+    finally:
+        fleet.cleanup()

@@ -216,3 +216,28 @@ def test_a_state_written_by_a_newer_version_still_loads() -> None:
     raw = st.dumps().replace('"slot":', '"priority":3,"slot":', 1)
     again = fs.KeyState.loads("k", raw)
     assert again.pending is not None and again.pending.slot == st.pending.slot  # type: ignore[union-attr]
+
+
+def test_a_queued_invocation_keeps_its_place_when_replaced() -> None:
+    st = fs.KeyState("k")
+    submit(st, 100.0, host="a", delay=1.0)
+    assert fs.queue(st, host="a", now=100.5) == (False, [])  # not due yet
+    queued, events = fs.queue(st, host="a", now=101.0)
+    assert queued and events[0]["queued"] is True
+    landed = submit(st, 102.0, host="a", inv=2, delay=30.0)
+    assert isinstance(landed, fs.InSlot)
+    assert (landed.due, landed.state, landed.coalesced) == (101.0, "queued", 2)
+
+
+def test_fleet_runs_borrow_the_local_schedulers_job_slots() -> None:
+    from debounce_cli.clock import FakeClock
+    from debounce_cli.scheduler import Scheduler, StartRun
+
+    clock = FakeClock()
+    sched = Scheduler(clock.monotonic, jobs=1)
+    assert sched.borrow()  # a fleet run takes the only slot
+    _, effects = sched.submit("local", Options(delay=0.0))
+    assert not [e for e in effects if isinstance(e, StartRun)]  # it queues behind it
+    assert not sched.borrow()  # and a second fleet run waits too
+    assert [type(e) for e in sched.give_back()].count(StartRun) == 1
+    assert not sched.borrow()

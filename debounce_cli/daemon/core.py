@@ -148,6 +148,8 @@ class Core:
         self.retry: TimerHandle | None = None
         #: Called after every turn's effects, for the server's idle check.
         self.settled: Callable[[], None] = lambda: None
+        #: Called when a local run ends: a fleet run waiting for a job slot may take it.
+        self.slot_freed: Callable[[], None] = lambda: None
         #: Told of every waiter that went away (the fleet keeps waiters of its own).
         self.detached: list[Callable[[Waiter], None]] = []
 
@@ -247,6 +249,7 @@ class Core:
     def run_exited(self, run_id: int, code: int) -> None:
         self.retention_due = True  # after the commit that records this run
         self.apply(self.scheduler.run_exited(run_id, code))
+        self.slot_freed()
 
     # ------------------------------------------------------------------ effects and commits
     def apply(self, effects: list[Effect]) -> None:

@@ -97,9 +97,10 @@ class Server:
             from debounce_cli.daemon.fleet.coordinator import Fleet
 
             fleet_logs = os.path.join(self.start.log_dir, "fleet") if self.start.log_dir else ""
-            self.fleet = Fleet(config, self.clock, loop, self.start.scheduler.new_id,
-                               fleet_logs)
+            self.fleet = Fleet(config, self.clock, loop, self.start.scheduler, fleet_logs)
             self.fleet.changed = self._check_idle
+            self.fleet.apply = core.apply
+            core.slot_freed = self.fleet.slot_freed
             core.detached.append(self.fleet.detach)
             self.fleet.start()
         ctx = Context(core=core, jobs=config.jobs, shutdown=self.shutdown, fleet=self.fleet)

@@ -40,7 +40,7 @@ from debounce_cli.daemon.jobs import Job
 from debounce_cli.daemon.runs import Runs
 from debounce_cli.daemon.waiters import Submitter, Waiter, unique
 from debounce_cli.logfile import LogWriter
-from debounce_cli.scheduler import Invocation, Options, Run
+from debounce_cli.scheduler import Invocation, Options, Run, Scheduler
 
 #: Events of a key remembered after they were handed out, for a waiter that registers late
 #: (at most this many, and this many bytes of output).
@@ -147,16 +147,22 @@ class _Publisher:
 
 
 class Fleet:
-    """This daemon in the fleet. ``new_id`` numbers invocations (the core's own counter)."""
+    """This daemon in the fleet. ``slots`` is the local scheduler: its counter numbers our
+    invocations, and fleet runs starting here take its job slots (``daemon --jobs``)."""
 
     def __init__(self, config: Config, clock: Clock, loop: asyncio.AbstractEventLoop,
-                 new_id: Callable[[], int], log_dir: str) -> None:
+                 slots: Scheduler, log_dir: str) -> None:
         self.log_dir = log_dir  # `debounce logs` of fleet runs are written here
         assert config.store is not None
         self.config = config
         self.clock = clock
         self.loop = loop
-        self.new_id = new_id
+        self.slots = slots
+        self.new_id = slots.new_id
+        #: Called with the effects of a slot given back (the local queue's next run starts).
+        self.apply: Callable[[list[Any]], None] = lambda effects: None
+        #: Our due pending invocations waiting for a job slot here, in arrival order.
+        self.slot_queue: deque[str] = deque()
         self.host = config.host_id
         self.lease = config.lease
         self.store = Store(config.store)
@@ -523,11 +529,16 @@ class Fleet:
         self.claiming.add(key)
         self.spawn(self._claim(key, take_over))
 
-    async def _claim(self, key: str, take_over: bool) -> None:
+    async def _claim(self, key: str, take_over: bool, slot_held: bool = False) -> None:
         # The fence: a host frozen (or cut off) for half a lease between here and the start
         # of the run may already be taken for gone, its claim given up as lost.
         asked_at = self.clock.monotonic()
+        slot = slot_held or self.slots.borrow()
+        started = False
         try:
+            if not slot:
+                await self._queue_for_slot(key)
+                return
             try:
                 run_id = await self.store.next_run_id()
                 self.seen_runs = max(self.seen_runs, run_id)
@@ -553,18 +564,49 @@ class Fleet:
                 owned = self.owned.get(key)
                 if owned is not None and owned[0] == result.running.slot:
                     self._disown(key)
-                self._execute(key, result.running, asked_at, latest)
+                started = self._execute(key, result.running, asked_at, latest)
             elif isinstance(result, fs.Nothing) and st.pending is None:
                 self._disown(key)
         finally:
+            if slot and not started:
+                self._give_back()
             self.claiming.discard(key)
             if key in self.reclaim:
                 self.reclaim.discard(key)
                 self._claim_soon(key, take_over)
 
+    async def _queue_for_slot(self, key: str) -> None:
+        """Due, but every job slot here is taken: say so in the store (the invocation keeps
+        its place) and wait for a slot."""
+        try:
+            await self.store.update(key, lambda st, now: fs.queue(st, host=self.host, now=now))
+        except StoreDown as exc:
+            self._say_down(exc)
+        if key not in self.slot_queue:
+            self.slot_queue.append(key)
+
+    def _give_back(self) -> None:
+        self.apply(self.slots.give_back())
+        self.slot_freed()
+
+    def slot_freed(self) -> None:
+        """A job slot here may be free: our first queued fleet key takes it (local
+        invocations queued for one go first)."""
+        while self.slot_queue:
+            if not self.slots.borrow():
+                return
+            key = self.slot_queue.popleft()
+            if key in self.claiming:
+                self.reclaim.add(key)
+                self.apply(self.slots.give_back())
+                continue
+            self.claiming.add(key)
+            self.spawn(self._claim(key, False, slot_held=True))
+
     # ------------------------------------------------------------------ runs executing here
     def _execute(self, key: str, running: fs.Running, asked_at: float,
-                 since: bytes) -> None:
+                 since: bytes) -> bool:
+        """Start a run claimed here, in the job slot taken for it (its end gives it back)."""
         known = Options.__dataclass_fields__
         options = Options(**{k: v for k, v in running.options.items() if k in known})
         job = Job(list(running.job["argv"]), running.job["cwd"],
@@ -583,11 +625,12 @@ class Fleet:
             # Frozen between the claim and now: another host may already have given this
             # run up as lost. It does not start here; the store hears it was lost.
             self.run_exited(running.run, -1, outcome=states.LOST)
-            return
+            return True
         if options.timeout is not None:
             local.deadline = self.loop.call_later(
                 options.timeout, lambda: self._stop(local, states.STOP_TIMEOUT))
         self.runs.start(run)
+        return True
 
     def run_started(self, run: Run) -> None:
         pass  # the store learnt of it when it was claimed
@@ -603,6 +646,7 @@ class Fleet:
             outcome = states.OUTCOME_OF_STOP.get(local.why, states.EXITED)
         self.reporting.add(run_id)
         self.outbox.append(("finish", (local.key, local.running, code, outcome)))
+        self._give_back()
         self.outbox_ready.set()
 
     def _stop(self, local: LocalRun, why: str) -> None:
@@ -774,7 +818,7 @@ class Fleet:
             waiters = take(kw.slots, "slot", event["slot"], False)
             if waiters:
                 line = protocol.encode(protocol.Pending(
-                    key=key, state=states.PENDING,
+                    key=key, state=states.QUEUED if event.get("queued") else states.PENDING,
                     due_in=max(0.0, event["due"] - self._store_now()),
                     coalesced=event["coalesced"]))
                 for waiter in waiters:
@@ -922,8 +966,8 @@ class Fleet:
                     self._claim_soon(key, gone(p.host))
                 continue
             if p is not None and p.due <= now and (p.host == self.host or gone(p.host)):
-                if p.host == self.host and key in self.timers:
-                    continue  # our own timer will see to it
+                if p.host == self.host and (key in self.timers or key in self.slot_queue):
+                    continue  # our own timer (or a free job slot) will see to it
                 self._claim_soon(key, p.host != self.host)
 
     async def _resync_trimmed(self) -> None:
@@ -1021,8 +1065,8 @@ def _key_status(st: fs.KeyState, now: float) -> protocol.KeyStatus:
     if st.pending is not None:
         p = st.pending
         pending = protocol.PendingRow(id=p.inv, argv=p.job["argv"], cwd=p.job["cwd"],
-                                      state=states.PENDING, due_in=max(0.0, p.due - now),
-                                      coalesced=p.coalesced)
+                                      state=states.QUEUED if p.queued else states.PENDING,
+                                      due_in=max(0.0, p.due - now), coalesced=p.coalesced)
         host = p.host
     if st.running is not None:
         r = st.running

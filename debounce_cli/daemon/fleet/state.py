@@ -46,6 +46,9 @@ class Pending:
     #: Unique to this submission (its daemon's instance and invocation id): a transaction
     #: retried after its EXEC's answer was lost recognises its own work.
     token: str = ""
+    #: Due, but its host's job slots are all taken (daemon --jobs): it keeps its place, and a
+    #: later invocation that replaces it does not wait through a delay again (rule 4).
+    queued: bool = False
 
 
 @dataclass(slots=True)
@@ -191,7 +194,17 @@ Landed = InSlot | InRun | Done
 
 def _pending_event(p: Pending) -> Event:
     return {"t": "pending", "slot": p.slot, "due": p.due, "coalesced": p.coalesced,
-            "host": p.host, "inv": p.inv}
+            "host": p.host, "inv": p.inv, "queued": p.queued}
+
+
+def queue(st: KeyState, *, host: str, now: float) -> tuple[bool, list[Event]]:
+    """``host`` owns the key's pending invocation, due, but has no free job slot: it queues
+    there (it keeps its place; see ``Pending.queued``)."""
+    p = st.pending
+    if p is None or p.host != host or p.due > now or p.queued:
+        return False, []
+    p.queued = True
+    return True, [_pending_event(p)]
 
 
 def submit(st: KeyState, *, inv: int, host: str, job: dict[str, Any],
@@ -231,11 +244,17 @@ def submit(st: KeyState, *, inv: int, host: str, job: dict[str, Any],
         st.seq += 1
         slot, coalesced = st.seq, 1
     due = now if lead else edge
+    queued = prev is not None and prev.queued
+    if queued:
+        assert prev is not None
+        due = prev.due  # deferring in the backlog: its place, no new quiet period
     if lead:
         st.burst_leader = slot
     st.pending = Pending(slot=slot, inv=inv, host=host, job=job, options=raw_options, due=due,
-                         coalesced=coalesced, lead=lead, received=now, token=token)
-    return InSlot(slot, due, coalesced), [_pending_event(st.pending)]
+                         coalesced=coalesced, lead=lead, received=now, token=token,
+                         queued=queued)
+    state = states.QUEUED if queued else states.PENDING
+    return InSlot(slot, due, coalesced, state), [_pending_event(st.pending)]
 
 
 # ---------------------------------------------------------------------- claiming a run
