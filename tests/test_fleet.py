@@ -417,3 +417,39 @@ def test_fleet_runs_take_the_hosts_job_slots_and_a_queued_one_keeps_its_place(re
         assert len(runs_in(out)) == 1
     finally:
         fleet.cleanup()
+
+
+def test_collect_across_hosts_runs_once_with_every_hosts_argument(fleet):
+    out = fleet.hosts[0].work / "collected"
+    script = f'printf "%s\\n" "$@" > {out}; wc -l < "$DEBOUNCE_BATCH" >> {out}'
+    calls = [(h, ["--delay", "1s", "--collect", "--", "sh", "-c", script, "sh", name])
+             for h, name in ((0, "a.js"), (1, "b.js"), (2, "a.js"), (1, "c.js"))]
+    procs = submit_in_order(fleet, "fmt", calls)
+    for proc in procs:
+        code, _, err = finish(proc)
+        assert code == 0, err
+    assert runs_in(out) == ["a.js", "b.js", "c.js", "4"]
+    (run,) = fleet.hosts[0].fleet_history()
+    assert run["host"] == "b" and run["coalesced"] == 4
+
+
+def test_run_ids_of_fleet_runs_work_from_any_host(fleet):
+    marker = fleet.hosts[0].work / "started"
+    proc = fleet.hosts[0].popen("run", "--fleet", "--key", "byid", "--delay", "0", "--", "sh",
+                                "-c", f"echo hello; touch {marker}; sleep 30")
+    wait_until(marker.exists, timeout=15)
+    (row,) = [r for r in fleet.hosts[1].fleet_status() if r["key"] == "byid"]
+    run_id = str(row["running"]["run_id"])
+    waiter = fleet.hosts[2].popen("wait", "--run", run_id)
+    time.sleep(0.3)  # the waiter files itself (nothing below waits on it)
+    killed = fleet.hosts[1].run("kill", "--run", run_id)
+    assert killed.returncode == 0, killed.stderr
+    assert finish(proc)[0] == 143
+    code, stdout, err = finish(waiter)
+    assert (code, stdout) == (143, "hello\n"), err
+    logs = fleet.hosts[2].run("logs", "--run", run_id)
+    assert (logs.returncode, logs.stdout) == (0, "hello\n"), logs.stderr
+    finished = fleet.hosts[1].run("wait", "--run", run_id)
+    assert finished.returncode == 143, finished.stderr
+    missing = fleet.hosts[1].run("wait", "--run", "999999")
+    assert missing.returncode == 117, missing.stderr

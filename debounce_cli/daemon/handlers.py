@@ -77,15 +77,10 @@ NO_STORE = ("--fleet needs a store: set DEBOUNCE_STORE=redis://host:port/db (thi
             "started without one: 'debounce stop' first)")
 
 
-NO_COLLECT = "--collect does not work with --fleet yet; drop one of them"
-
-
 def _fleet_run(ctx: Context, client: Client, req: protocol.RunRequest,
                options: Options) -> Reply:
     if ctx.fleet is None:
         return protocol.Error(message=NO_STORE)
-    if options.collect:
-        return protocol.Error(message=NO_COLLECT)
     client.owe(wait=req.wait)
     job = ctx.core.shared.job(req.argv, req.cwd, req.env)
     ctx.fleet.submit(req.key, options, job, client if req.wait else None, client)
@@ -155,8 +150,8 @@ def handle_wait(ctx: Context, client: Client, req: protocol.WaitRequest) -> Repl
         record = core.stored_run(named.key, named.run_id)
         if record is not None:
             return record.finished()
-        if ctx.fleet is not None and named.key is not None:
-            return _fleet_wait(ctx, client, named.key)
+        if ctx.fleet is not None:
+            return _fleet_wait(ctx, client, named.key, named.run_id)
         what = f"key {named.key!r}" if named.key is not None else f"run {named.run_id}"
         return protocol.Error(message=f"no {what} pending, running or finished",
                               code=NOT_FOUND)
@@ -167,8 +162,8 @@ def handle_wait(ctx: Context, client: Client, req: protocol.WaitRequest) -> Repl
     return None
 
 
-def _fleet_wait(ctx: Context, client: Client, key: str) -> Reply:
-    """``wait`` on a key this daemon does not know: the fleet's, if it is one."""
+def _fleet_wait(ctx: Context, client: Client, key: str | None, run_id: int | None) -> Reply:
+    """``wait`` on a key or run this daemon does not know: the fleet's, if it is one."""
     from debounce_cli.daemon.fleet.store import StoreDown
 
     fleet = ctx.fleet
@@ -177,7 +172,11 @@ def _fleet_wait(ctx: Context, client: Client, key: str) -> Reply:
 
     async def follow() -> None:
         try:
-            reply = await fleet.wait(key, client)
+            if key is not None:
+                reply = await fleet.wait(key, client)
+            else:
+                assert run_id is not None
+                reply = await fleet.wait_run(run_id, client)
         except StoreDown as exc:
             reply = protocol.Error(message=str(exc), code=REFUSED)
         if isinstance(reply, protocol.Error):
@@ -236,9 +235,9 @@ def handle_logs(ctx: Context, client: Client, req: protocol.LogsRequest) -> Repl
         return protocol.LogsReply(run_id=run.id, key=run.key,
                                   log_path=records.job_of(run.invocation).log_path, running=True)
     record = core.stored_run(named.key, named.run_id)
-    if record is None and ctx.fleet is not None and named.key is not None:
-        fleet, key = ctx.fleet, named.key
-        return _later(ctx, client, lambda: fleet.logs(key))
+    if record is None and ctx.fleet is not None:
+        fleet, key, run_id = ctx.fleet, named.key, named.run_id
+        return _later(ctx, client, lambda: fleet.logs(key, run_id))
     if record is None:
         what = f"key {named.key!r}" if named.key is not None else f"id {named.run_id}"
         return protocol.Error(message=f"no run of {what} is known", code=NOT_FOUND)
@@ -317,17 +316,18 @@ def handle_kill(ctx: Context, client: Client, req: protocol.KillRequest) -> Repl
         assert named.run_id is not None
         run = core.scheduler.runs.get(named.run_id)
         what = f"run {named.run_id}"
-    if run is None and ctx.fleet is not None and named.key is not None:
-        fleet, key = ctx.fleet, named.key
+    if run is None and ctx.fleet is not None:
+        fleet, key, run_id = ctx.fleet, named.key, named.run_id
 
         async def fleet_kill() -> protocol.Message:
-            running = await fleet.kill(key, req.signal)
+            running = await fleet.kill(key, req.signal, run_id)
             if running is None:
                 return protocol.Error(message=f"nothing is running for {what}",
                                       code=NOT_FOUND)
             done = f"sent {req.signal} to" if req.signal else "stopping"
-            return protocol.Done(ok=True, message=f"{done} run {running.run} of {key} on "
-                                 f"{running.host}")
+            of = f" of {key}" if key is not None else ""
+            return protocol.Done(ok=True,
+                                 message=f"{done} run {running.run}{of} on {running.host}")
 
         return _later(ctx, client, fleet_kill)
     if run is None:

@@ -190,10 +190,10 @@ class StdinSource:
         env = self.base_env if job.env is self.base.env else job.env
         job = self.core.shared.job(job.argv, job.cwd, env)
         if options.fleet:
-            from debounce_cli.daemon.handlers import NO_COLLECT, NO_STORE
+            from debounce_cli.daemon.handlers import NO_STORE
 
-            if self.fleet is None or options.collect:
-                self._fail(number, NO_STORE if self.fleet is None else NO_COLLECT)
+            if self.fleet is None:
+                self._fail(number, NO_STORE)
                 return
             key, inv_id = self.fleet.submit(key, options, job, self.waiter,
                                             _Line(number, self.waiter))

@@ -408,15 +408,22 @@ class Fleet:
                     out.append((event["fd"], binascii.a2b_base64(event["data"])))
         return out
 
-    async def logs(self, key: str) -> protocol.Message:
-        """``debounce logs`` on a fleet key: its latest run's output (from the stream), as a
-        log file here for the client to read."""
-        st, _ = await self.store.snapshot(key)
-        source = st.running or st.last
-        if source is None:
-            return protocol.Error(message=f"no run of fleet key {key!r} is known",
-                                  code=states.NOT_FOUND)
-        run = source.run
+    async def logs(self, key: str | None, run_id: int | None = None) -> protocol.Message:
+        """``debounce logs`` on a fleet key (its latest run) or fleet run: the output as the
+        key's stream holds it, as a log file here for the client to read."""
+        if key is None:
+            assert run_id is not None
+            key = await self.store.key_of_run(run_id)
+            if key is None:
+                return _no_run(run_id)
+            run = run_id
+        else:
+            st, _ = await self.store.snapshot(key)
+            source = st.running or st.last
+            if source is None:
+                return protocol.Error(message=f"no run of fleet key {key!r} is known",
+                                      code=states.NOT_FOUND)
+            run = source.run
         chunks = await self._output(key, run, None)
         directory = self._logs_dir()
         path = os.path.join(directory, f"{run}.log")
@@ -462,6 +469,24 @@ class Fleet:
         self._follow(key, latest)
         return None
 
+    async def wait_run(self, run_id: int, waiter: Waiter) -> protocol.Message | None:
+        """``debounce wait --run N`` on a fleet run: ``None`` once the waiter follows it, else
+        its result (or "not found")."""
+        key = await self.store.key_of_run(run_id)
+        if key is None:
+            return _no_run(run_id)
+        st, latest = await self.store.snapshot(key)
+        if st.running is not None and st.running.run == run_id:
+            await self._attach(key, waiter, fs.InRun(run_id, st.running.coalesced), st, latest)
+            self._follow(key, latest)
+            return None
+        if st.last is not None and st.last.run == run_id:
+            return _finished(key, st.last.record(key))
+        for row in await self.store.history(key, 10_000):
+            if row.get("run_id") == run_id:
+                return _finished(key, row)
+        return _no_run(run_id)
+
     async def status(self) -> list[protocol.KeyStatus]:
         tags = await self.store.indexed()
         now = await self.store.now()
@@ -487,8 +512,16 @@ class Fleet:
         found, _, _ = await self.store.update(key, lambda st, now: fs.cancel(st))
         return found
 
-    async def kill(self, key: str, signal: str | None) -> fs.Running | None:
-        running, _, _ = await self.store.update(key, lambda st, now: fs.kill(st, signal=signal))
+    async def kill(self, key: str | None, signal: str | None, run_id: int | None = None
+                   ) -> fs.Running | None:
+        """Stop (or signal) what runs for a fleet key, or fleet run ``run_id``."""
+        if key is None:
+            assert run_id is not None
+            key = await self.store.key_of_run(run_id)
+            if key is None:
+                return None
+        running, _, _ = await self.store.update(
+            key, lambda st, now: fs.kill(st, signal=signal, run=run_id))
         return running
 
     def detach(self, waiter: Any) -> None:
@@ -565,6 +598,7 @@ class Fleet:
                 if owned is not None and owned[0] == result.running.slot:
                     self._disown(key)
                 started = self._execute(key, result.running, asked_at, latest)
+                self.spawn(self.store.name_run(result.running.run, key))
             elif isinstance(result, fs.Nothing) and st.pending is None:
                 self._disown(key)
         finally:
@@ -614,6 +648,8 @@ class Fleet:
         inv = Invocation(id=running.inv, key=key, options=options,
                          received_at=self.clock.monotonic(), payload=job,
                          coalesced=running.coalesced)
+        if running.batch:  # --collect: every coalesced invocation's command line
+            inv.batch = [Job(list(argv), job.cwd, job.env) for argv in running.batch]
         run = Run(id=running.run, key=key, invocation=inv, coalesced=running.coalesced,
                   started_at=self.clock.monotonic(), started_wall=running.started_at,
                   due_wall=running.due)
@@ -1019,6 +1055,11 @@ class Fleet:
                     waiter.finish(_finished(key, last.record(key)))
                 else:
                     waiter.finish(protocol.Cancelled(key=key))
+
+
+def _no_run(run_id: int) -> protocol.Error:
+    return protocol.Error(message=f"no run {run_id} is known here or in the fleet",
+                          code=states.NOT_FOUND)
 
 
 def _keep_newest(directory: str, count: int) -> None:

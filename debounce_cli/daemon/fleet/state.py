@@ -49,6 +49,8 @@ class Pending:
     #: Due, but its host's job slots are all taken (daemon --jobs): it keeps its place, and a
     #: later invocation that replaces it does not wait through a delay again (rule 4).
     queued: bool = False
+    #: --collect: the argv of every invocation it stands for, oldest first.
+    batch: list[list[str]] | None = None
 
 
 @dataclass(slots=True)
@@ -66,6 +68,7 @@ class Running:
     due: float
     started_at: float
     stopping: str | None = None  # states.STOP_*: asked to stop from some host
+    batch: list[list[str]] | None = None  # --collect: every coalesced invocation's argv
 
 
 @dataclass(slots=True)
@@ -244,6 +247,9 @@ def submit(st: KeyState, *, inv: int, host: str, job: dict[str, Any],
         st.seq += 1
         slot, coalesced = st.seq, 1
     due = now if lead else edge
+    batch = None
+    if options.collect and prev is not None:
+        batch = [*(prev.batch or [prev.job["argv"]]), job["argv"]]
     queued = prev is not None and prev.queued
     if queued:
         assert prev is not None
@@ -252,7 +258,7 @@ def submit(st: KeyState, *, inv: int, host: str, job: dict[str, Any],
         st.burst_leader = slot
     st.pending = Pending(slot=slot, inv=inv, host=host, job=job, options=raw_options, due=due,
                          coalesced=coalesced, lead=lead, received=now, token=token,
-                         queued=queued)
+                         queued=queued, batch=batch)
     state = states.QUEUED if queued else states.PENDING
     return InSlot(slot, due, coalesced, state), [_pending_event(st.pending)]
 
@@ -320,7 +326,8 @@ def claim(st: KeyState, *, host: str, now: float, run_id: int, may_take_over: bo
         return Busy(), []
     st.seq += 1
     run = Running(run=run_id, slot=p.slot, inv=p.inv, host=host, fence=st.seq, job=p.job,
-                  options=p.options, coalesced=p.coalesced, due=p.due, started_at=now)
+                  options=p.options, coalesced=p.coalesced, due=p.due, started_at=now,
+                  batch=p.batch)
     st.running = run
     st.pending = None
     st.max_from = now  # max-wait counts from the last run start
@@ -400,11 +407,12 @@ def cancel(st: KeyState) -> tuple[bool, list[Event]]:
     return True, [{"t": "cancelled", "slot": p.slot}]
 
 
-def kill(st: KeyState, *, signal: str | None) -> tuple[Running | None, list[Event]]:
+def kill(st: KeyState, *, signal: str | None, run: int | None = None
+         ) -> tuple[Running | None, list[Event]]:
     """``debounce kill`` on a fleet key: stop its run (or send it ``signal``), wherever it
-    executes."""
+    executes; with ``run``, only if that is the run executing."""
     r = st.running
-    if r is None:
+    if r is None or (run is not None and r.run != run):
         return None, []
     if signal is not None:
         return r, [{"t": "signal", "run": r.run, "fence": r.fence, "sig": signal}]

@@ -11,6 +11,7 @@ Layout, all under ``debounce:``; every key's own data sits under one hash tag, `
     debounce:hosts         hash: host -> its last heartbeat (the store's time)
     debounce:runs          counter of fleet run ids
     debounce:history       list of finished runs, newest first (JSON records)
+    debounce:run:N         the key of fleet run N (for --run N), kept a week
     debounce:epoch         a token set by the first daemon: when it is gone (or the run
                            counter went back) the store has lost data, and each daemon
                            submits its own pending invocations again
@@ -230,6 +231,23 @@ class Store:
             raise self.down(exc) from None
         raise StoreDown(f"the fleet store {self.name}: key {key!r} changed under {MAX_TRIES} "
                         "attempts in a row; try again")
+
+    async def name_run(self, run: int, key: str) -> None:
+        """Which key fleet run ``run`` belongs to (``--run N`` from any host)."""
+        try:
+            await self.redis.set(f"{PREFIX}run:{run}", key.encode("utf-8", "surrogateescape"),
+                                 ex=IDLE_TTL)
+        except (RedisError, OSError):
+            pass  # only --run N on this run is the poorer for it
+
+    async def key_of_run(self, run: int) -> str | None:
+        try:
+            key = await self.redis.get(f"{PREFIX}run:{run}")
+        except (RedisError, OSError) as exc:
+            raise self.down(exc) from None
+        if key is None:
+            return None
+        return key.decode("utf-8", "surrogateescape") if isinstance(key, bytes) else str(key)
 
     async def load(self, tag: str) -> KeyState | None:
         try:
