@@ -453,3 +453,30 @@ def test_run_ids_of_fleet_runs_work_from_any_host(fleet):
     assert finished.returncode == 143, finished.stderr
     missing = fleet.hosts[1].run("wait", "--run", "999999")
     assert missing.returncode == 117, missing.stderr
+
+
+def test_killing_and_restarting_a_host_mid_burst_runs_every_key_exactly_once(fleet):
+    import random
+
+    rng = random.Random(7)
+    out = fleet.hosts[0].work / "runs.txt"
+    keys = [f"chaos{i}" for i in range(20)]
+    waiters = []
+    for key in keys:
+        for host in rng.sample(range(3), 3):
+            command = ["--delay", "1.5s", "--", "sh", "-c", f'echo "{key}" >> {out}']
+            if host == 0:  # host a's clients lose their daemon: they do not wait
+                proc = fleet.hosts[0].popen("run", "--fleet", "--no-wait", "--key", key,
+                                            *command)
+                assert finish(proc)[0] == 0
+            else:
+                waiters.append(fleet.hosts[host].popen("run", "--fleet", "--key", key,
+                                                       *command))
+    fleet.hosts[0].kill9()  # before anything is due; some keys' latest invocation is a's
+    fleet.hosts[0].start()  # the same host comes back (its runs from before are not here)
+    for proc in waiters:
+        code, _, err = finish(proc, timeout=60)
+        assert code == 0, err
+    settle(LEASE_S + 0.5)
+    ran = runs_in(out)
+    assert sorted(ran) == sorted(keys), [k for k in keys if ran.count(k) != 1]
