@@ -4,6 +4,7 @@ busy-key rules across hosts."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict
 
 import pytest
@@ -241,3 +242,50 @@ def test_fleet_runs_borrow_the_local_schedulers_job_slots() -> None:
     assert not sched.borrow()  # and a second fleet run waits too
     assert [type(e) for e in sched.give_back()].count(StartRun) == 1
     assert not sched.borrow()
+
+
+class FakeWaiter:
+    """A waiter that keeps what it was handed, by message type."""
+
+    def __init__(self) -> None:
+        self.got: list[str] = []
+        self.run: int | None = None
+
+    def raw(self, line: bytes) -> None:
+        self.got.append(json.loads(line)["type"])
+
+    def follows(self, run_id: int) -> bool:
+        return self.run == run_id
+
+    def start(self, run_id: int, line: bytes, log: str | None) -> None:
+        self.run = run_id
+        self.got.append("started")
+
+    def output(self, fd: int, data: bytes, line: bytes, end: int | None) -> None:
+        self.got.append(data.decode())
+
+    def replay(self, so_far: object) -> None:
+        pass
+
+    def finish(self, msg: object) -> None:
+        self.got.append(type(msg).__name__.lower())
+
+
+def test_events_reach_each_waiter_once_from_its_slot_to_its_run() -> None:
+    from debounce_cli.daemon.fleet.waiting import KeyWaiters, deliver
+
+    kw = KeyWaiters()
+    early, late = FakeWaiter(), FakeWaiter()
+    kw.slots[1] = [early, late]
+    kw.since[(late, "slot", 1)] = (5, 0)  # filed after event 5: it had that one
+    events = [
+        ((4, 0), {"t": "pending", "slot": 1, "due": 1.0, "coalesced": 2, "host": "a"}),
+        ((6, 0), {"t": "started", "slot": 1, "run": 9, "host": "a", "argv": ["x"]}),
+        ((7, 0), {"t": "out", "run": 9, "fd": 1, "n": 1, "data": "aGkK"}),
+        ((8, 0), {"t": "finished", "run_id": 9, "exit_code": 0, "outcome": "exited"}),
+    ]
+    for eid, event in events:
+        deliver("k", kw, event, eid, None, 0.0)
+    assert early.got == ["pending", "started", "hi\n", "finished"]
+    assert late.got == ["started", "hi\n", "finished"]
+    assert kw.empty() and not kw.since

@@ -27,25 +27,23 @@ import secrets
 import sys
 from collections import deque
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from debounce_cli import protocol, states
 from debounce_cli.clock import Clock
 from debounce_cli.daemon import records
 from debounce_cli.daemon.config import Config
+from debounce_cli.daemon.fleet import messages
 from debounce_cli.daemon.fleet import state as fs
 from debounce_cli.daemon.fleet.store import FORGET_HOST, Beat, Store, StoreDown, event_id
+from debounce_cli.daemon.fleet.waiting import Follower, KeyWaiters, deliver, resync
 from debounce_cli.daemon.jobs import Job
 from debounce_cli.daemon.runs import Runs
-from debounce_cli.daemon.waiters import Submitter, Waiter, unique
+from debounce_cli.daemon.waiters import Submitter, Waiter
 from debounce_cli.logfile import LogWriter
 from debounce_cli.scheduler import Invocation, Options, Run, Scheduler
 
-#: Events of a key remembered after they were handed out, for a waiter that registers late
-#: (at most this many, and this many bytes of output).
-RECENT_EVENTS = 2000
-RECENT_BYTES = 4 * 1024 * 1024
 #: How long a read of a key's stream blocks (a follower with nobody left ends after it).
 READ_BLOCK_MS = 1000
 #: Output queued for the store, at most; past it a run's output is dropped (and said so).
@@ -54,47 +52,6 @@ OUTBOX_LIMIT = 64 * 1024 * 1024
 RETRY = 0.5
 #: Logs of fleet runs written here for `debounce logs`, at most.
 FLEET_LOGS = 100
-
-
-@dataclass(eq=False)
-class KeyWaiters:
-    """This host's waiters of one fleet key: in a slot (pending) or on a run."""
-
-    slots: dict[int, list[Any]] = field(default_factory=dict)
-    runs: dict[int, list[Any]] = field(default_factory=dict)
-    #: Waiters whose slot the store forgot (it lost data): they take the next slot of the key.
-    orphans: list[Any] = field(default_factory=list)
-    #: (waiter, "slot" or "run", number) -> the latest event it had accounted for when it
-    #: was filed there: events up to it are not its (it had them, or they were before it).
-    since: dict[tuple[Any, str, int], tuple[int, int]] = field(default_factory=dict)
-
-    def forget(self, waiter: Any) -> None:
-        for mark in [mark for mark in self.since if mark[0] is waiter]:
-            del self.since[mark]
-
-    def move(self, waiter: Any, src: tuple[str, int], dst: tuple[str, int]) -> None:
-        """It follows ``dst`` now (a slot became a run, a stopped run its replacement)."""
-        mark = self.since.pop((waiter, *src), None)
-        if mark is not None:
-            self.since[(waiter, *dst)] = mark
-
-    def empty(self) -> bool:
-        return not self.slots and not self.runs and not self.orphans
-
-
-@dataclass(eq=False)
-class Follower:
-    key: str
-    last: bytes
-    recent: deque[tuple[tuple[int, int], dict[str, Any]]] = field(default_factory=deque)
-    recent_bytes: int = 0
-
-    def remember(self, eid: bytes, event: dict[str, Any]) -> None:
-        self.recent.append((event_id(eid), event))
-        self.recent_bytes += len(event.get("data", ""))
-        while len(self.recent) > RECENT_EVENTS or self.recent_bytes > RECENT_BYTES:
-            _, old = self.recent.popleft()
-            self.recent_bytes -= len(old.get("data", ""))
 
 
 @dataclass(eq=False)
@@ -366,9 +323,9 @@ class Fleet:
         else:
             if isinstance(landed, fs.InRun):
                 assert st.running is not None
-                started = _started(key, fs.started_event(st.running))
+                started = messages.started(key, fs.started_event(st.running))
             else:
-                started = _started(key, {"run": landed.last.run, "argv": landed.last.argv,
+                started = messages.started(key, {"run": landed.last.run, "argv": landed.last.argv,
                                          "coalesced": landed.last.coalesced,
                                          "started_at": landed.last.started_at,
                                          "inv": landed.last.inv})
@@ -376,7 +333,7 @@ class Fleet:
             for fd, data in await self._output(key, started.run_id, since):
                 waiter.output(fd, data, records.output_line(fd, data), None)
             if isinstance(landed, fs.Done):
-                waiter.finish(_finished(key, landed.last.record(key)))
+                waiter.finish(messages.finished(key, landed.last.record(key)))
                 return
             # Taken again after the wait: the reader may have dropped the key's table.
             kw = self.waiting.setdefault(key, KeyWaiters())
@@ -415,7 +372,7 @@ class Fleet:
             assert run_id is not None
             key = await self.store.key_of_run(run_id)
             if key is None:
-                return _no_run(run_id)
+                return messages.no_run(run_id)
             run = run_id
         else:
             st, _ = await self.store.snapshot(key)
@@ -462,7 +419,7 @@ class Fleet:
             await self._attach(key, waiter, fs.InRun(st.running.run, st.running.coalesced),
                                st, latest)
         elif st.last is not None:
-            return _finished(key, st.last.record(key))
+            return messages.finished(key, st.last.record(key))
         else:
             return protocol.Error(message=f"no fleet key {key!r} pending, running or finished",
                                   code=states.NOT_FOUND)
@@ -474,23 +431,23 @@ class Fleet:
         its result (or "not found")."""
         key = await self.store.key_of_run(run_id)
         if key is None:
-            return _no_run(run_id)
+            return messages.no_run(run_id)
         st, latest = await self.store.snapshot(key)
         if st.running is not None and st.running.run == run_id:
             await self._attach(key, waiter, fs.InRun(run_id, st.running.coalesced), st, latest)
             self._follow(key, latest)
             return None
         if st.last is not None and st.last.run == run_id:
-            return _finished(key, st.last.record(key))
+            return messages.finished(key, st.last.record(key))
         for row in await self.store.history(key, 10_000):
             if row.get("run_id") == run_id:
-                return _finished(key, row)
-        return _no_run(run_id)
+                return messages.finished(key, row)
+        return messages.no_run(run_id)
 
     async def status(self) -> list[protocol.KeyStatus]:
         tags = await self.store.indexed()
         now = await self.store.now()
-        rows = [_key_status(st, now) for st in await self.store.states(tags)]
+        rows = [messages.key_status(st, now) for st in await self.store.states(tags)]
         rows.sort(key=lambda row: row.key)
         return rows
 
@@ -800,7 +757,7 @@ class Fleet:
         kind = event.get("t")
         kw = self.waiting.get(key)
         if kw is not None:
-            self._to_waiters(key, kw, kind, event, eid, only)
+            deliver(key, kw, event, eid, only, self._store_now())
         if only is not None:
             return
         owned = self.owned.get(key)
@@ -827,76 +784,6 @@ class Fleet:
                     self._stop(local, event["why"])
                 else:
                     self.runs.signal(local.run.id, event["sig"])
-
-    def _to_waiters(self, key: str, kw: KeyWaiters, kind: Any, event: dict[str, Any],
-                    eid: tuple[int, int], only: Any) -> None:
-        def take(table: dict[int, list[Any]], what: str, number: int,
-                 remove: bool) -> list[Any]:
-            """The waiters of slot or run ``number`` this event is for (not those filed
-            after it: they had it, or it was before them); with ``remove``, off the table."""
-            present = table.get(number)
-            if not present:
-                return []
-            chosen = [w for w in present if (only is None or w is only)
-                      and kw.since.get((w, what, number), (0, 0)) < eid]
-            if remove and chosen:
-                rest = [w for w in present if not any(w is c for c in chosen)]
-                if rest:
-                    table[number] = rest
-                else:
-                    del table[number]
-            return unique(chosen)
-
-        if kind == "pending":
-            if kw.orphans and only is None:
-                kw.slots.setdefault(event["slot"], []).extend(kw.orphans)
-                kw.orphans = []
-            waiters = take(kw.slots, "slot", event["slot"], False)
-            if waiters:
-                line = protocol.encode(protocol.Pending(
-                    key=key, state=states.QUEUED if event.get("queued") else states.PENDING,
-                    due_in=max(0.0, event["due"] - self._store_now()),
-                    coalesced=event["coalesced"]))
-                for waiter in waiters:
-                    waiter.raw(line)
-        elif kind in ("started", "moved"):
-            slot, run = event["slot"], event["run"]
-            waiters = take(kw.slots, "slot", slot, True)
-            if waiters:
-                kw.runs.setdefault(run, []).extend(waiters)
-                if kind == "started":
-                    line = protocol.encode(_started(key, event))
-                else:
-                    line = protocol.encode(protocol.Started(run_id=run, key=key))
-                for waiter in waiters:
-                    kw.move(waiter, ("slot", slot), ("run", run))
-                    waiter.start(run, line, None)
-        elif kind == "out":
-            waiters = take(kw.runs, "run", event["run"], False)
-            if waiters:
-                data = binascii.a2b_base64(event["data"])
-                line = protocol.encode(protocol.Output(fd=event["fd"], data=event["data"]))
-                for waiter in waiters:
-                    if waiter.follows(event["run"]):
-                        waiter.output(event["fd"], data, line, None)
-        elif kind == "finished":
-            run = event["run_id"]
-            waiters = take(kw.runs, "run", run, True)
-            then = event.get("then")
-            if then is not None:  # --on-busy restart: they follow the run that replaces it
-                kw.slots.setdefault(then, []).extend(waiters)
-                for waiter in waiters:
-                    kw.move(waiter, ("run", run), ("slot", then))
-            else:
-                msg = _finished(key, event)
-                for waiter in waiters:
-                    kw.since.pop((waiter, "run", run), None)
-                    waiter.finish(msg)
-        elif kind == "cancelled":
-            cancelled = protocol.Cancelled(key=key)
-            for waiter in take(kw.slots, "slot", event["slot"], True):
-                kw.since.pop((waiter, "slot", event["slot"]), None)
-                waiter.finish(cancelled)
 
     async def _recover(self, emptied: bool) -> None:
         """The store lost data (restarted without persistence, or rolled back to an older
@@ -1024,43 +911,7 @@ class Fleet:
             follower.last = latest
             follower.recent.clear()
             follower.recent_bytes = 0
-            self._resync(key, kw, st)
-
-    def _resync(self, key: str, kw: KeyWaiters, st: fs.KeyState) -> None:
-        last = st.last
-        for run, waiters in list(kw.runs.items()):
-            if st.running is not None and st.running.run == run:
-                continue
-            del kw.runs[run]
-            msg = (_finished(key, last.record(key)) if last is not None and last.run == run
-                   else _finished(key, {"run_id": run, "outcome": states.LOST}))
-            for waiter in unique(waiters):
-                kw.since.pop((waiter, "run", run), None)
-                waiter.finish(msg)
-        for slot, waiters in list(kw.slots.items()):
-            if st.pending is not None and st.pending.slot == slot:
-                continue
-            del kw.slots[slot]
-            running = st.running
-            if running is not None and running.slot == slot:
-                kw.runs.setdefault(running.run, []).extend(waiters)
-                line = protocol.encode(_started(key, fs.started_event(running)))
-                for waiter in unique(waiters):
-                    kw.move(waiter, ("slot", slot), ("run", running.run))
-                    waiter.start(running.run, line, None)
-                continue
-            for waiter in unique(waiters):
-                kw.since.pop((waiter, "slot", slot), None)
-                if last is not None and last.slot == slot:
-                    waiter.finish(_finished(key, last.record(key)))
-                else:
-                    waiter.finish(protocol.Cancelled(key=key))
-
-
-def _no_run(run_id: int) -> protocol.Error:
-    return protocol.Error(message=f"no run {run_id} is known here or in the fleet",
-                          code=states.NOT_FOUND)
-
+            resync(key, kw, st)
 
 def _keep_newest(directory: str, count: int) -> None:
     """Remove all but the ``count`` newest files of ``directory``."""
@@ -1083,39 +934,3 @@ def _finishing(run: fs.Running, code: int | None, outcome: str
     return step
 
 
-# ---------------------------------------------------------------------- messages
-def _started(key: str, event: dict[str, Any]) -> protocol.Started:
-    return protocol.Started(run_id=event["run"], invocation=event.get("inv", 0), key=key,
-                            argv=event.get("argv", []), coalesced=event.get("coalesced", 1),
-                            started_at=event.get("started_at", 0.0))
-
-
-def _finished(key: str, row: dict[str, Any]) -> protocol.Finished:
-    code = row.get("exit_code")
-    return protocol.Finished(
-        run_id=row["run_id"], invocation=row.get("invocation") or 0, key=key,
-        argv=row.get("argv", []), exit_code=-1 if code is None else code,
-        coalesced=row.get("coalesced", 1), started_at=row.get("started_at", 0.0),
-        finished_at=row.get("finished_at") or row.get("started_at", 0.0),
-        outcome=row.get("outcome") or states.LOST)
-
-
-def _key_status(st: fs.KeyState, now: float) -> protocol.KeyStatus:
-    pending = running = last = None
-    host = None
-    if st.pending is not None:
-        p = st.pending
-        pending = protocol.PendingRow(id=p.inv, argv=p.job["argv"], cwd=p.job["cwd"],
-                                      state=states.QUEUED if p.queued else states.PENDING,
-                                      due_in=max(0.0, p.due - now), coalesced=p.coalesced)
-        host = p.host
-    if st.running is not None:
-        r = st.running
-        running = protocol.RunningRow(run_id=r.run, argv=r.job["argv"], started_at=r.started_at,
-                                      coalesced=r.coalesced, stopping=r.stopping)
-        host = r.host
-    if st.last is not None:
-        last = protocol.LastRun(run_id=st.last.run, exit_code=st.last.exit_code,
-                                finished_at=st.last.finished_at)
-    return protocol.KeyStatus(key=st.key, pending=pending, running=running, last=last,
-                              host=host)
