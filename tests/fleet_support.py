@@ -75,6 +75,75 @@ class Redis:
         self.proc = None
 
 
+class RedisCluster:
+    """Three redis-server nodes made one Redis Cluster (no replicas), on loopback ports."""
+
+    def __init__(self, root: Path) -> None:
+        cli = shutil.which("redis-cli")
+        if REDIS is None or cli is None:
+            pytest.skip("redis-server and redis-cli are not installed (.ci/run installs "
+                        "Debian's redis-server, which brings both)")
+        self.root = root
+        self.ports = cluster_ports(3)
+        self.procs = []
+        for port in self.ports:
+            node = root / str(port)
+            node.mkdir()
+            self.procs.append(subprocess.Popen(
+                [REDIS, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(node),
+                 "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+                 "--save", "", "--appendonly", "no", "--logfile", str(node / "log")],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        for port in self.ports:
+            wait_until(lambda port=port: _pong(port), timeout=10)
+        subprocess.run([cli, "--cluster", "create",
+                        *(f"127.0.0.1:{port}" for port in self.ports),
+                        "--cluster-replicas", "0", "--cluster-yes"],
+                       check=True, capture_output=True, timeout=60)
+        for port in self.ports:
+            wait_until(lambda port=port: b"cluster_state:ok" in subprocess.run(
+                [cli, "-p", str(port), "cluster", "info"], capture_output=True).stdout,
+                timeout=30)
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.ports[0]}/0"
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.terminate()
+                proc.wait(timeout=10)
+
+
+def cluster_ports(count: int) -> list[int]:
+    """Free ports whose cluster bus ports (port + 10000) are free too, so below 55536."""
+    import random
+
+    found: list[int] = []
+    while len(found) < count:
+        port = random.randrange(20000, 30000)
+        if port in found:
+            continue
+        try:
+            for p in (port, port + 10000):
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", p))
+        except OSError:
+            continue
+        found.append(port)
+    return found
+
+
+def _pong(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5) as s:
+            s.sendall(b"PING\r\n")
+            return s.recv(16).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
 class Host(World):
     """One host of the fleet: a world whose daemon has a host id and the fleet's store."""
 
@@ -115,8 +184,8 @@ class Host(World):
 
 
 class Fleet:
-    def __init__(self, redis: Redis, count: int = 3, extra: dict[str, tuple[str, ...]] | None
-                 = None) -> None:
+    def __init__(self, redis: Redis | RedisCluster, count: int = 3,
+                 extra: dict[str, tuple[str, ...]] | None = None) -> None:
         self.redis = redis
         self.hosts: list[Host] = []
         for i in range(count):

@@ -480,3 +480,42 @@ def test_killing_and_restarting_a_host_mid_burst_runs_every_key_exactly_once(fle
     settle(LEASE_S + 0.5)
     ran = runs_in(out)
     assert sorted(ran) == sorted(keys), [k for k in keys if ran.count(k) != 1]
+
+
+def test_a_redis_cluster_serves_the_fleet():
+    from fleet_support import RedisCluster
+
+    root = Path(tempfile.mkdtemp(prefix="dbc-", dir="/tmp"))
+    cluster = RedisCluster(root)
+    fleet = Fleet(cluster)
+    try:
+        out = fleet.hosts[0].work / "runs.txt"
+        keys = [f"cluster-{i}" for i in range(6)]  # spread over the cluster's slots
+        procs = []
+        for key in keys:
+            procs += submit_in_order(fleet, key, [
+                (h, ["--delay", "0.5s", "--", *record(out), key]) for h in (0, 1, 2)])
+        for proc in procs:
+            code, stdout, err = finish(proc)
+            assert code == 0, err
+            assert stdout.startswith("out c ")
+        assert sorted(line.split()[-1] for line in runs_in(out)) == sorted(keys)
+        history = fleet.hosts[1].fleet_history("--limit", "100")
+        assert sorted(row["key"] for row in history) == sorted(keys)
+        assert {row["host"] for row in history} == {"c"}
+        # A host killed before its run is due: another takes the run over, once.
+        (waiter,) = submit_in_order(fleet, "cluster-t", [
+            (1, ["--delay", "1s", "--", *record(out), "t"])])
+        proc = fleet.hosts[0].popen("run", "--fleet", "--no-wait", "--key", "cluster-t",
+                                    "--delay", "1s", "--", *record(out), "t")
+        assert finish(proc)[0] == 0
+        fleet.hosts[0].kill9()
+        code, stdout, err = finish(waiter)
+        assert code == 0, err
+        settle(LEASE_S + 0.5)
+        taken = [line for line in runs_in(out) if line.endswith(" t")]
+        assert len(taken) == 1 and taken[0].split()[0] in ("b", "c")
+    finally:
+        fleet.cleanup()
+        cluster.stop()
+        shutil.rmtree(root, ignore_errors=True)

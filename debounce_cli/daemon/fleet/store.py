@@ -2,29 +2,32 @@
 daemon with a store ever loads it).
 
 Layout, all under ``debounce:``; every key's own data sits under one hash tag, ``{T}`` with
-``T`` a digest of the key::
+``T`` a digest of the key, and the fleet's own keys under ``{fleet}``::
 
-    debounce:{T}:state     the key's state (JSON, see ``state.KeyState``)
-    debounce:{T}:events    its stream of events (pending, started, output, finished...),
-                           capped at EVENTS_MAXLEN entries
-    debounce:index         sorted set: T -> when something of the key next needs doing
-    debounce:hosts         hash: host -> its last heartbeat (the store's time)
-    debounce:runs          counter of fleet run ids
-    debounce:history       list of finished runs, newest first (JSON records)
-    debounce:run:N         the key of fleet run N (for --run N), kept a week
-    debounce:epoch         a token set by the first daemon: when it is gone (or the run
-                           counter went back) the store has lost data, and each daemon
-                           submits its own pending invocations again
+    debounce:{T}:state         the key's state (JSON, see ``state.KeyState``)
+    debounce:{T}:events        its stream of events (pending, started, output, finished...),
+                               capped at EVENTS_MAXLEN entries; both expire a week after
+                               the key fell idle
+    debounce:{fleet}:index     sorted set: T -> when something of the key next needs doing
+    debounce:{fleet}:hosts     hash: host -> its last heartbeat (the store's time)
+    debounce:{fleet}:runs      counter of fleet run ids
+    debounce:{fleet}:history   list of finished runs, newest first (JSON records)
+    debounce:{fleet}:run:N     the key of fleet run N (for --run N), kept a week
+    debounce:{fleet}:epoch     a token set by the first daemon: when it is gone (or the run
+                               counter went back) the store has lost data, and each daemon
+                               submits its own pending invocations again
 
 A step on a key is one optimistic transaction (WATCH the state, read it and the store's
-``TIME``, compute, MULTI/EXEC), retried when another host changed the key meanwhile. The
-index and the history are written in the same transaction, so one Redis never disagrees with
-itself; that is also why a Redis Cluster (where they would sit in other slots) is not served
-yet.
+``TIME``, compute, MULTI/EXEC), retried when another host changed the key meanwhile. On one
+Redis the index and the history are written in the same transaction. A Redis Cluster is
+recognised when it first answers: there each step stays in its key's slot (TIME comes from
+that key's node), the index and history follow in a transaction of the ``{fleet}`` slot, and
+the reader polls each key's stream (a blocking read may not span slots).
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 from collections.abc import Callable
@@ -43,13 +46,17 @@ from debounce_cli.daemon.fleet.url import display
 #: Events kept per key: a waiter further behind than this misses output (and is told so).
 EVENTS_MAXLEN = 10000
 PREFIX = "debounce:"
-INDEX = PREFIX + "index"
-HOSTS = PREFIX + "hosts"
-RUNS = PREFIX + "runs"
-HISTORY = PREFIX + "history"
-EPOCH = PREFIX + "epoch"
+#: The fleet's own keys share one hash tag, so that they sit in one slot of a Redis Cluster.
+FLEET = PREFIX + "{fleet}:"
+INDEX = FLEET + "index"
+HOSTS = FLEET + "hosts"
+RUNS = FLEET + "runs"
+HISTORY = FLEET + "history"
+EPOCH = FLEET + "epoch"
 #: Connections for steps on keys, at most (the reader of events has one of its own).
 POOL_SIZE = 32
+#: How often a cluster's reader looks for events (it cannot block on several slots at once).
+POLL = 0.05
 #: Attempts of one step on a key that others keep changing, at most.
 MAX_TRIES = 200
 #: A host silent this long leaves the table of heartbeats (its runs were long given up).
@@ -104,16 +111,45 @@ class Store:
             "retry_on_error": [RedisConnectionError, RedisTimeoutError]}
         # Steps share a bounded pool (a burst of submissions waits for a connection rather
         # than opening one each); the one blocking reader of events has its own.
-        self.redis = aioredis.Redis(connection_pool=aioredis.BlockingConnectionPool.from_url(
-            url, max_connections=POOL_SIZE, timeout=10.0, **settings))
-        self.reader = aioredis.Redis.from_url(url, max_connections=1, **settings)
+        self.url = url
+        self.settings = settings
+        self.redis: Any = aioredis.Redis(
+            connection_pool=aioredis.BlockingConnectionPool.from_url(
+                url, max_connections=POOL_SIZE, timeout=10.0, **settings))
+        self.reader: Any = aioredis.Redis.from_url(url, max_connections=1, **settings)
         self.reader_id: int | None = None
+        #: A Redis Cluster? Known once the store has first answered (see _ready).
+        self.cluster: bool | None = None
+        self.poked = asyncio.Event()  # a cluster's reader polls: this wakes it early
+
+    async def _ready(self) -> None:
+        """Learn once whether the store is a Redis Cluster, and if so talk to it as one: the
+        keys of one fleet key share a hash tag, and so do the fleet's own keys; each step
+        stays in one slot, and what crosses slots is written apart."""
+        if self.cluster is not None:
+            return
+        info = await self.redis.info("cluster")
+        self.cluster = bool(info.get("cluster_enabled"))
+        if self.cluster:
+            from redis.asyncio.cluster import RedisCluster
+
+            plain = (self.redis, self.reader)
+            self.redis = self.reader = RedisCluster.from_url(
+                self.url, socket_timeout=5.0, socket_connect_timeout=3.0)
+            for client in plain:
+                await client.aclose()
+
+    async def _time(self, key: str) -> Any:
+        """TIME from the node that holds ``key`` (in a cluster every node has its own)."""
+        if self.cluster:
+            return await self.redis.time(target_nodes=self.redis.get_node_from_key(key))
+        return await self.redis.time()
 
     def down(self, exc: BaseException) -> StoreDown:
         return StoreDown(f"the fleet store {self.name} cannot be reached ({_why(exc)})")
 
     async def close(self) -> None:
-        for client in (self.reader, self.redis):
+        for client in {id(c): c for c in (self.reader, self.redis)}.values():
             try:
                 await client.aclose()
             except (RedisError, OSError):
@@ -123,15 +159,17 @@ class Store:
     async def now(self) -> float:
         """The store's clock, seconds since the epoch (every due time is on it)."""
         try:
-            sec, usec = await self.redis.time()
+            await self._ready()
+            sec, usec = await self._time(HOSTS)
         except (RedisError, OSError) as exc:
             raise self.down(exc) from None
-        return sec + usec / 1e6
+        return float(sec + usec / 1e6)
 
     async def heartbeat(self, host: str) -> Beat:
         """Say ``host`` is alive; return the store's time, every host's last heartbeat, the
         store's epoch token and its run counter."""
         try:
+            await self._ready()
             now = await self.now()
             async with self.redis.pipeline(transaction=True) as pipe:
                 pipe.hset(HOSTS, host, repr(now))
@@ -150,6 +188,7 @@ class Store:
         import secrets
 
         try:
+            await self._ready()
             await self.redis.set(EPOCH, secrets.token_hex(8), nx=True)
             current = int(await self.redis.get(RUNS) or 0)
             if current < at_least_runs:
@@ -161,6 +200,7 @@ class Store:
 
     async def forget_hosts(self, hosts: list[str]) -> None:
         try:
+            await self._ready()
             await self.redis.hdel(HOSTS, *hosts)
         except (RedisError, OSError):
             pass
@@ -168,12 +208,14 @@ class Store:
     async def leave(self, host: str) -> None:
         """``host`` stops: the others may take over what it was to run at once."""
         try:
+            await self._ready()
             await self.redis.hdel(HOSTS, host)
         except (RedisError, OSError):
             pass
 
     async def next_run_id(self) -> int:
         try:
+            await self._ready()
             return int(await self.redis.incr(RUNS))
         except (RedisError, OSError) as exc:
             raise self.down(exc) from None
@@ -188,12 +230,14 @@ class Store:
         tag = tag_of(key)
         skey, ekey = state_key(tag), events_key(tag)
         try:
+            await self._ready()
             async with self.redis.pipeline(transaction=True) as pipe:
                 for _ in range(MAX_TRIES):
                     try:
                         await pipe.watch(skey)
                         raw = await pipe.get(skey)
-                        sec, usec = await pipe.time()
+                        sec, usec = (await self._time(skey) if self.cluster
+                                     else await pipe.time())
                         st = KeyState.loads(key, raw)
                         before = st.dumps()
                         last_before = st.last
@@ -201,9 +245,9 @@ class Store:
                         after = st.dumps()
                         if after == before and not events:
                             latest = await pipe.xrevrange(ekey, count=1)
-                            await pipe.unwatch()  # type: ignore[no-untyped-call]
+                            await pipe.unwatch()
                             return result, _first_id(latest), st
-                        pipe.multi()  # type: ignore[no-untyped-call]
+                        pipe.multi()
                         pipe.set(skey, after, ex=None if not st.idle() else IDLE_TTL)
                         if st.idle():  # the stream goes with the state it belongs to
                             pipe.expire(ekey, IDLE_TTL)
@@ -212,16 +256,17 @@ class Store:
                         for event in events:
                             pipe.xadd(ekey, {"e": json.dumps(event, separators=(",", ":"))},
                                       maxlen=EVENTS_MAXLEN, approximate=True)
-                        score = st.index_score()
-                        if score is None:
-                            pipe.zrem(INDEX, tag)
-                        else:
-                            pipe.zadd(INDEX, {tag: score})
-                        if history and st.last is not None and st.last is not last_before:
-                            pipe.lpush(HISTORY, json.dumps(st.last.record(key)))
-                            pipe.ltrim(HISTORY, 0, history - 1)
+                        finished = (st.last.record(key) if history and st.last is not None
+                                    and st.last is not last_before else None)
+                        fleet = pipe if not self.cluster else None
+                        if fleet is not None:  # one Redis: all in the same transaction
+                            self._index(fleet, tag, st, finished, history)
                         pipe.xrevrange(ekey, count=1)
                         replies = await pipe.execute()
+                        if self.cluster:  # the fleet's keys are in another slot: apart
+                            async with self.redis.pipeline(transaction=True) as apart:
+                                self._index(apart, tag, st, finished, history)
+                                await apart.execute()
                         return result, _first_id(replies[-1]), st
                     except WatchError:
                         # Another host changed the key, or the answer to EXEC was lost (then
@@ -235,22 +280,39 @@ class Store:
     async def name_run(self, run: int, key: str) -> None:
         """Which key fleet run ``run`` belongs to (``--run N`` from any host)."""
         try:
-            await self.redis.set(f"{PREFIX}run:{run}", key.encode("utf-8", "surrogateescape"),
+            await self._ready()
+            await self.redis.set(f"{FLEET}run:{run}", key.encode("utf-8", "surrogateescape"),
                                  ex=IDLE_TTL)
         except (RedisError, OSError):
             pass  # only --run N on this run is the poorer for it
 
     async def key_of_run(self, run: int) -> str | None:
         try:
-            key = await self.redis.get(f"{PREFIX}run:{run}")
+            await self._ready()
+            key = await self.redis.get(f"{FLEET}run:{run}")
         except (RedisError, OSError) as exc:
             raise self.down(exc) from None
         if key is None:
             return None
         return key.decode("utf-8", "surrogateescape") if isinstance(key, bytes) else str(key)
 
+    @staticmethod
+    def _index(pipe: Any, tag: str, st: KeyState, finished: dict[str, Any] | None,
+               history: int) -> None:
+        """The fleet's index of keys (and its history, when a run ``finished``) after a
+        step on one key."""
+        score = st.index_score()
+        if score is None:
+            pipe.zrem(INDEX, tag)
+        else:
+            pipe.zadd(INDEX, {tag: score})
+        if finished is not None:
+            pipe.lpush(HISTORY, json.dumps(finished))
+            pipe.ltrim(HISTORY, 0, history - 1)
+
     async def load(self, tag: str) -> KeyState | None:
         try:
+            await self._ready()
             raw = await self.redis.get(state_key(tag))
         except (RedisError, OSError) as exc:
             raise self.down(exc) from None
@@ -262,6 +324,7 @@ class Store:
         """The key's state and the id of its latest event, read together."""
         tag = tag_of(key)
         try:
+            await self._ready()
             async with self.redis.pipeline(transaction=True) as pipe:
                 pipe.get(state_key(tag))
                 pipe.xrevrange(events_key(tag), count=1)
@@ -273,6 +336,7 @@ class Store:
     async def indexed(self, upto: float | None = None) -> list[str]:
         """Tags in the index (those whose next thing is due by ``upto``)."""
         try:
+            await self._ready()
             found = await self.redis.zrangebyscore(INDEX, "-inf",
                                                    "+inf" if upto is None else repr(upto))
         except (RedisError, OSError) as exc:
@@ -283,13 +347,17 @@ class Store:
         if not tags:
             return []
         try:
-            raws = await self.redis.mget([state_key(t) for t in tags])
+            await self._ready()
+            names = [state_key(t) for t in tags]
+            raws = await (self.redis.mget_nonatomic(names) if self.cluster
+                          else self.redis.mget(names))
         except (RedisError, OSError) as exc:
             raise self.down(exc) from None
         return [KeyState.loads(json.loads(raw)["key"], raw) for raw in raws if raw]
 
     async def history(self, key: str | None, limit: int) -> list[dict[str, Any]]:
         try:
+            await self._ready()
             raws = await self.redis.lrange(HISTORY, 0, -1 if key is not None else limit - 1)
         except (RedisError, OSError) as exc:
             raise self.down(exc) from None
@@ -302,6 +370,7 @@ class Store:
     async def publish(self, batch: list[tuple[str, Event]]) -> None:
         """Add events (output of runs executing here) to their keys' streams, in order."""
         try:
+            await self._ready()
             async with self.redis.pipeline(transaction=False) as pipe:
                 for key, event in batch:
                     pipe.xadd(events_key(tag_of(key)),
@@ -317,11 +386,15 @@ class Store:
         first (or until :meth:`unblock_reader`)."""
         names = {events_key(tag_of(key)): key for key in followed}
         try:
-            if self.reader_id is None:
-                self.reader_id = int(await self.reader.client_id())
-            reply: Any = await self.reader.xread(
-                {events_key(tag_of(key)): last for key, last in followed.items()},
-                count=1000, block=block_ms)
+            await self._ready()
+            if self.cluster:
+                reply = await self._poll(followed, block_ms)
+            else:
+                if self.reader_id is None:
+                    self.reader_id = int(await self.reader.client_id())
+                reply = await self.reader.xread(
+                    {events_key(tag_of(key)): last for key, last in followed.items()},
+                    count=1000, block=block_ms)
         except (RedisError, OSError) as exc:
             self.reader_id = None
             raise self.down(exc) from None
@@ -332,10 +405,32 @@ class Store:
                 out.append((key, entry_id, json.loads(fields[b"e"])))
         return out
 
+    async def _poll(self, followed: dict[str, bytes], block_ms: int) -> Any:
+        """A cluster's read: a blocking XREAD may not name streams of several slots, so every
+        key is read without blocking (one pipeline a node), every POLL seconds until events
+        come, ``block_ms`` pass, or a key is added."""
+        deadline = asyncio.get_running_loop().time() + block_ms / 1000
+        while True:
+            self.poked.clear()
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for key, last in followed.items():
+                    pipe.xread({events_key(tag_of(key)): last}, count=1000)
+                replies = await pipe.execute()
+            found = [stream for reply in replies for stream in (reply or [])]
+            left = deadline - asyncio.get_running_loop().time()
+            if found or left <= 0:
+                return found
+            try:
+                await asyncio.wait_for(self.poked.wait(), min(POLL, left))
+                return []
+            except TimeoutError:
+                pass
+
     async def events(self, key: str, upto: bytes | None = None
                      ) -> list[tuple[bytes, Event]]:
         """The key's events still kept, oldest first (up to ``upto``, included)."""
         try:
+            await self._ready()
             entries: Any = await self.redis.xrange(events_key(tag_of(key)), "-",
                                                    upto if upto is not None else "+")
         except (RedisError, OSError) as exc:
@@ -344,9 +439,13 @@ class Store:
 
     async def unblock_reader(self) -> None:
         """Wake the reader's blocking read (a key was added to what it follows)."""
+        if self.cluster:
+            self.poked.set()
+            return
         if self.reader_id is None:
             return
         try:
+            await self._ready()
             await self.redis.client_unblock(self.reader_id)
         except (RedisError, OSError):
             pass
@@ -355,6 +454,7 @@ class Store:
         """Has the key's stream dropped events after ``last`` (a reader there missed them)?
         Redis 7 says which id it deleted last; an older one cannot tell (False)."""
         try:
+            await self._ready()
             info: Any = await self.redis.xinfo_stream(events_key(tag_of(key)))
         except ResponseError:
             return False  # no such stream (yet): nothing was trimmed
