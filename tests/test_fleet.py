@@ -519,3 +519,28 @@ def test_a_redis_cluster_serves_the_fleet():
         fleet.cleanup()
         cluster.stop()
         shutil.rmtree(root, ignore_errors=True)
+
+
+def test_an_auto_started_daemon_takes_the_store_from_the_client_and_unix_urls_work(world):
+    root = Path(tempfile.mkdtemp(prefix="dbu-", dir="/tmp"))
+    sock = root / "redis.sock"
+    from fleet_support import REDIS
+
+    if REDIS is None:
+        pytest.skip("redis-server is not installed (.ci/run installs Debian's redis-server)")
+    server = subprocess.Popen([REDIS, "--port", "0", "--unixsocket", str(sock),
+                               "--unixsocketperm", "700", "--save", "", "--dir", str(root)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_until(sock.exists, timeout=10)
+        world.env["DEBOUNCE_STORE"] = f"unix://{sock}"
+        world.env["DEBOUNCE_HOST_ID"] = "solo"
+        proc = world.run("run", "--fleet", "--delay", "0", "--key", "u", "--", "sh", "-c",
+                         'echo "on $DEBOUNCE_HOST"')
+        assert (proc.returncode, proc.stdout) == (0, "on solo\n"), proc.stderr
+        rows = world.run("history", "--fleet", "--json")
+        assert json.loads(rows.stdout)["host"] == "solo"
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+        shutil.rmtree(root, ignore_errors=True)
