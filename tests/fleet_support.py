@@ -94,16 +94,20 @@ class RedisCluster:
                  "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
                  "--save", "", "--appendonly", "no", "--logfile", str(node / "log")],
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-        for port in self.ports:
-            wait_until(lambda port=port: _pong(port), timeout=10)
-        subprocess.run([cli, "--cluster", "create",
-                        *(f"127.0.0.1:{port}" for port in self.ports),
-                        "--cluster-replicas", "0", "--cluster-yes"],
-                       check=True, capture_output=True, timeout=60)
-        for port in self.ports:
-            wait_until(lambda port=port: b"cluster_state:ok" in subprocess.run(
-                [cli, "-p", str(port), "cluster", "info"], capture_output=True).stdout,
-                timeout=30)
+        try:
+            for port in self.ports:
+                wait_until(lambda port=port: _pong(port), timeout=10)
+            subprocess.run([cli, "--cluster", "create",
+                            *(f"127.0.0.1:{port}" for port in self.ports),
+                            "--cluster-replicas", "0", "--cluster-yes"],
+                           check=True, capture_output=True, timeout=60)
+            for port in self.ports:
+                wait_until(lambda port=port: b"cluster_state:ok" in subprocess.run(
+                    [cli, "-p", str(port), "cluster", "info"], capture_output=True).stdout,
+                    timeout=30)
+        except BaseException:
+            self.stop()  # no node outlives a cluster that could not be made
+            raise
 
     @property
     def url(self) -> str:
