@@ -106,6 +106,16 @@ def _later(ctx: Context, client: Client, answer: Callable[[], Awaitable[protocol
     return None
 
 
+def _in_fleet(ctx: Context, client: Client, command: str,
+              answer: Callable[[Fleet], Awaitable[protocol.Message]]) -> Reply:
+    """``status --fleet`` and ``history --fleet``: answered from the store, or refused when
+    this daemon has none."""
+    fleet = ctx.fleet
+    if fleet is None:
+        return protocol.Error(message=NO_STORE.replace("--fleet", f"{command} --fleet", 1))
+    return _later(ctx, client, lambda: answer(fleet))
+
+
 @dataclass(frozen=True)
 class Named:
     """What a KEY|RUN_ID argument names: a key, or a run by its id."""
@@ -191,30 +201,20 @@ def _fleet_wait(ctx: Context, client: Client, key: str | None, run_id: int | Non
 
 def handle_status(ctx: Context, client: Client, req: protocol.StatusRequest) -> Reply:
     if req.fleet:
-        fleet = ctx.fleet
-        if fleet is None:
-            return protocol.Error(message=NO_STORE.replace("--fleet", "status --fleet", 1))
-
-        async def rows() -> protocol.Message:
-            assert fleet is not None
+        async def rows(fleet: Fleet) -> protocol.Message:
             return protocol.StatusReply(keys=await fleet.status(), pid=os.getpid(),
                                         jobs=ctx.jobs)
 
-        return _later(ctx, client, rows)
+        return _in_fleet(ctx, client, "status", rows)
     return protocol.StatusReply(keys=ctx.core.status(), pid=os.getpid(), jobs=ctx.jobs)
 
 
 def handle_history(ctx: Context, client: Client, req: protocol.HistoryRequest) -> Reply:
     if req.fleet:
-        fleet = ctx.fleet
-        if fleet is None:
-            return protocol.Error(message=NO_STORE.replace("--fleet", "history --fleet", 1))
-
-        async def fleet_runs() -> protocol.Message:
-            assert fleet is not None
+        async def fleet_runs(fleet: Fleet) -> protocol.Message:
             return protocol.HistoryReply(runs=await fleet.history(req.key, max(0, req.limit)))
 
-        return _later(ctx, client, fleet_runs)
+        return _in_fleet(ctx, client, "history", fleet_runs)
     runs = ctx.core.history(req.key, max(0, req.limit))
     return protocol.HistoryReply(runs=runs)
 
