@@ -92,6 +92,7 @@ CREATE INDEX IF NOT EXISTS runs_by_key ON runs (socket, key, run_id);
 _ADDED_COLUMNS = [
     ("runs", "due_at", "REAL"), ("runs", "inv_id", "INTEGER"), ("envs", "socket", "TEXT"),
     ("runs", "env_id", "INTEGER"), ("runs", "options", "TEXT"), ("pending", "batch", "TEXT"),
+    ("runs", "batch", "TEXT"),
 ]
 
 class JournalError(Exception):
@@ -125,8 +126,9 @@ class UnfinishedRun:
     """A run that had not finished when its daemon died: it started, or it never did.
 
     It carries what is needed to run it after all if it never started (its invocation's id,
-    argv, cwd, environment and options; ``env`` or ``options`` is ``None`` in journals
-    written before they were kept), and its ``pid`` if that was committed.
+    argv, cwd, environment and options, and with ``--collect`` the argv of every invocation
+    it stands for; ``env``, ``options`` or ``batch`` is ``None`` in journals written before
+    they were kept), and its ``pid`` if that was committed.
     """
 
     run_id: int
@@ -138,6 +140,7 @@ class UnfinishedRun:
     env: dict[str, str] | None
     options: dict[str, Any] | None
     coalesced: int
+    batch: list[list[str]] | None = None  # --collect: the argv of each invocation it stands for
 
 
 @dataclass
@@ -382,10 +385,14 @@ class Journal:
         unfinished = run.state != FINISHED
         env_id = self._env_id(db, job.env) if unfinished else None
         options = _options_json(run.invocation.options) if unfinished else None
+        # --collect: the invocations the run stands for, or a run put back would run only
+        # the last one's argument.
+        batch = run.invocation.batch
+        batch_json = json.dumps([p.argv for p in batch]) if unfinished and batch else None
         db.execute(
             "INSERT OR REPLACE INTO runs (socket, run_id, key, argv, cwd, coalesced, started_at, "
-            "due_at, inv_id, finished_at, exit_code, outcome, pid, log_path, env_id, options) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "due_at, inv_id, finished_at, exit_code, outcome, pid, log_path, env_id, options, "
+            "batch) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 self.socket, run.id, _t(run.key), self._argv_json(job.argv), _t(job.cwd),
                 run.coalesced,
@@ -393,7 +400,7 @@ class Journal:
                 run.finished_wall if run.state == FINISHED else None,
                 run.exit_code if run.state == FINISHED else None,
                 run.outcome if run.state == FINISHED else None,
-                job.pid, job.log_path, env_id, options,
+                job.pid, job.log_path, env_id, options, batch_json,
             ),
         )
 
@@ -431,10 +438,11 @@ class Journal:
                 run_id=r[0], key=_s(r[1]), pid=r[2], invocation=r[3], argv=json.loads(r[4]),
                 cwd=_s(r[5]), env=json.loads(r[6]) if r[6] is not None else None,
                 options=json.loads(r[7]) if r[7] is not None else None, coalesced=r[8],
+                batch=json.loads(r[9]) if r[9] is not None else None,
             )
             for r in db.execute(
                 "SELECT r.run_id, r.key, r.pid, r.inv_id, r.argv, r.cwd, e.env, r.options, "
-                "r.coalesced FROM runs r LEFT JOIN envs e ON e.id = r.env_id "
+                "r.coalesced, r.batch FROM runs r LEFT JOIN envs e ON e.id = r.env_id "
                 "WHERE r.socket = ? AND r.finished_at IS NULL ORDER BY r.run_id",
                 (self.socket,),
             )
@@ -456,7 +464,8 @@ class Journal:
         """
         now = time.time()
         with self._transaction() as db:
-            done = "env_id = NULL, options = NULL WHERE socket = ? AND run_id = ?"
+            done = ("env_id = NULL, options = NULL, batch = NULL "
+                    "WHERE socket = ? AND run_id = ?")
             db.executemany(
                 f"UPDATE runs SET finished_at = ?, outcome = ?, {done}",
                 [(now, LOST, self.socket, run_id) for run_id in lost],

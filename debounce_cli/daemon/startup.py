@@ -163,7 +163,8 @@ def _run_again(journal: Journal, scheduler: Scheduler, run: UnfinishedRun, clock
     """A run that never started: its invocation is pending again, due at once.
 
     If a later invocation of its key is pending too, that one stands for both, as it would
-    have had the run not been started (the latest invocation wins).
+    have had the run not been started (the latest invocation wins). A ``--collect`` run comes
+    back with its batch (the invocations it stood for), which goes ahead of the later one's.
     """
     assert run.env is not None and run.options is not None
     try:
@@ -172,17 +173,24 @@ def _run_again(journal: Journal, scheduler: Scheduler, run: UnfinishedRun, clock
         print(f"debounce: cannot run again a stored run of {run.key!r}: {exc}", file=sys.stderr)
         return
     journal.forget_runs([run.run_id])
+    env = run.env
+    batch = [Job(argv, run.cwd, env) for argv in run.batch] if run.batch else []
+    # The stored argv of a --collect run may already be the collected command line: the
+    # winner is the last invocation of the batch.
+    job = Job(batch[-1].argv, run.cwd, env) if batch else Job(run.argv, run.cwd, env)
     ks = scheduler.keys.get(run.key)
     now = clock.monotonic()
     if ks is not None and ks.pending is not None:
         later = ks.pending
         later.coalesced += run.coalesced
+        if later.options.collect:
+            later.batch = [*(batch or [job]), *(later.batch or [later.payload])]
         journal.observe(later.state, later)
         return
     inv = scheduler.restore(
-        run.invocation or scheduler.new_id(), run.key, options,
-        Job(run.argv, run.cwd, run.env), received_at=now, due=now, first_at=now,
-        coalesced=run.coalesced, leading_edge=False,
+        run.invocation or scheduler.new_id(), run.key, options, job,
+        received_at=now, due=now, first_at=now, coalesced=run.coalesced, leading_edge=False,
+        batch=batch or None,
     )
     journal.observe(inv.state, inv)
 

@@ -1,0 +1,139 @@
+"""Issue 23, "Exactly once, round three": faults that still broke a promise.
+
+Each test drives the real daemon and client as subprocesses (or the raw protocol, or a journal
+left the way a killed daemon leaves it) and checks what a user would: every acknowledged
+invocation runs exactly once or is reported lost, every run ends with a status, nothing is
+left running, output is never cut short silently.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+from test_durability import history, kill9
+from test_faults import Session
+
+from debounce_cli import protocol
+from debounce_cli.clock import FakeClock
+from debounce_cli.daemon.jobs import Job
+from debounce_cli.journal import Journal
+from debounce_cli.scheduler import Options, Scheduler, StartRun
+
+from conftest import lines, status, wait_until
+
+#: A run that appends "<key> <its arguments>" to the file named as $0: what ran, with what.
+NOTE = 'echo "$DEBOUNCE_KEY $*" >> "$0"'
+
+
+def noted(path: Path) -> dict[str, list[list[str]]]:
+    """Per key, the arguments of each run that wrote a NOTE line."""
+    out: dict[str, list[list[str]]] = {}
+    for line in lines(path):
+        key, *args = line.split()
+        out.setdefault(key, []).append(args)
+    return out
+
+
+# ----------------------------------------------------------------------------- 1. --collect
+
+
+def _journal_of_a_daemon_killed_between_commit_and_spawn(world, keys: list[str], log: Path,
+                                                          lasts: list[str]) -> None:
+    """Write the journal a daemon leaves when kill -9 lands after the commit that records the
+    ``--collect`` runs of ``keys`` (one invocation per item of ``lasts`` each) and before any
+    of their processes was spawned: the same modules the daemon uses, no process started."""
+    os.makedirs(world.state, mode=0o700, exist_ok=True)
+    journal = Journal(str(world.state), world.socket)
+    journal.open()
+    restored = journal.load()
+    clock = FakeClock(time.monotonic(), time.time() - time.monotonic())
+    scheduler = Scheduler(clock.monotonic, wall=clock.wall, first_id=restored.next_id,
+                          first_run_id=restored.next_run_id)
+    scheduler.observer = journal.observe
+    options = Options(delay=1.0, collect=True)
+    env = dict(world.env)
+    for key in keys:
+        for last in lasts:
+            scheduler.submit(key, options,
+                             Job(["sh", "-c", NOTE, str(log), last], str(world.work), env), None)
+    clock.advance(1.5)
+    started = [e for e in scheduler.tick() if isinstance(e, StartRun)]
+    assert len(started) == len(keys)
+    journal.commit(scheduler, clock.wall() - clock.monotonic())
+    journal.close()
+
+
+def test_a_collect_run_recorded_but_never_spawned_runs_its_whole_batch_after_kill_9(world):
+    """Issue 23, item 1: the next daemon ran such a run with the last invocation's argument
+    only; the others' never ran and none was recorded lost."""
+    log = world.work / "runs.log"
+    _journal_of_a_daemon_killed_between_commit_and_spawn(world, ["k1", "k2"], log,
+                                                         ["a", "b", "c"])
+    status(world)  # the next daemon
+    wait_until(lambda: len(lines(log)) >= 2, timeout=15)
+    wait_until(lambda: not status(world)["keys"], timeout=10)
+    assert noted(log) == {"k1": [["a", "b", "c"]], "k2": [["a", "b", "c"]]}
+    rows = history(world)
+    assert sorted((r["key"], r["coalesced"], r["argv"][-3:]) for r in rows) == [
+        ("k1", 3, ["a", "b", "c"]), ("k2", 3, ["a", "b", "c"])]
+
+
+def test_a_collect_run_put_back_behind_a_later_invocation_keeps_both_batches(world):
+    """A run that never started, put back while the key has a later invocation pending: the
+    later one stands for both, and its run collects every argument."""
+    log = world.work / "runs.log"
+    _journal_of_a_daemon_killed_between_commit_and_spawn(world, ["k"], log, ["a", "b"])
+    # The same daemon had taken a later invocation of the key before it was killed.
+    journal = Journal(str(world.state), world.socket)
+    journal.open()
+    restored = journal.load()
+    clock = FakeClock(time.monotonic(), time.time() - time.monotonic())
+    scheduler = Scheduler(clock.monotonic, wall=clock.wall, first_id=restored.next_id,
+                          first_run_id=restored.next_run_id)
+    scheduler.observer = journal.observe
+    scheduler.submit("k", Options(delay=1.0, collect=True),
+                     Job(["sh", "-c", NOTE, str(log), "c"], str(world.work), dict(world.env)),
+                     None)
+    journal.commit(scheduler, clock.wall() - clock.monotonic())
+    journal.close()
+    status(world)
+    wait_until(lambda: lines(log), timeout=15)
+    wait_until(lambda: not status(world)["keys"], timeout=10)
+    assert noted(log) == {"k": [["a", "b", "c"]]}
+    [row] = history(world)
+    assert row["coalesced"] == 3
+
+
+@pytest.mark.slow
+def test_collect_batches_survive_kill_9_at_scale(world):
+    """Issue 23, item 1 as reported: 300 keys x 3 acknowledged --collect invocations, kill -9
+    once about 90 runs have started. Every key's arguments run exactly once, or its run is
+    recorded lost."""
+    log = world.work / "runs.log"
+    keys = [f"k{n}" for n in range(300)]
+    session = Session(world)
+    try:
+        for last in ("a", "b", "c"):
+            session.send(b"".join(
+                protocol.encode(protocol.RunRequest(
+                    argv=["sh", "-c", NOTE, str(log), last], cwd=str(world.work),
+                    env=world.env, key=key, options={"delay": 3.0, "collect": True},
+                    wait=False))
+                for key in keys))
+            for _ in keys:
+                assert isinstance(session.recv(), protocol.Accepted)
+    finally:
+        session.close()
+    wait_until(lambda: len(lines(log)) >= 90, timeout=30, interval=0.001)
+    kill9(world.socket)
+    status(world)  # the next daemon
+    wait_until(lambda: not status(world)["keys"], timeout=60)
+    ran = noted(log)
+    lost = {r["key"] for r in history(world, "--limit", "10000") if r["outcome"] == "lost"}
+    for key in keys:
+        args = [arg for run in ran.get(key, []) for arg in run]
+        assert len(args) == len(set(args)), (key, args)  # nothing ran twice
+        assert set(args) == {"a", "b", "c"} or key in lost, (key, args)
