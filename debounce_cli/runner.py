@@ -97,7 +97,20 @@ class RunProcess:
         self.start_error: tuple[int, str] | None = None
 
     async def start(self) -> None:
-        """Spawn the process; on failure remember the shell-like status and message."""
+        """Spawn the process; on failure remember the shell-like status and message.
+
+        Never raises: whatever goes wrong before the command runs ends the run with a status
+        (126, as a shell says of what it cannot execute), never leaves it running for good.
+        """
+        if self.start_error is not None:
+            return  # known not to start (see daemon.runs)
+        try:
+            await self._start()
+        except Exception as exc:  # noqa: BLE001 - a failure to start is the run's status
+            self.pid = None
+            self.start_error = (126, f"debounce: {self.argv[0]}: cannot start: {exc}\n")
+
+    async def _start(self) -> None:
         name = self.argv[0]
         if not os.path.isdir(self.cwd):
             self.start_error = (126, f"debounce: cannot enter {self.cwd}: no such directory\n")
@@ -159,8 +172,8 @@ class RunProcess:
         """Stream the output to ``on_output`` and return the shell-style exit status."""
         if self.start_error is not None:
             code, message = self.start_error
-            self.on_output(2, message.encode())
             self.finished = True
+            self.on_output(2, _bytes_of(message))
             return code
         transport, protocol = self.transport, self.protocol
         assert transport is not None and protocol is not None
@@ -176,6 +189,15 @@ class RunProcess:
         self.finished = True
         assert status is not None
         return 128 - status if status < 0 else status
+
+
+def _bytes_of(message: str) -> bytes:
+    """A message naming a command or directory as the bytes it was given: names that are not
+    UTF-8 reach Python as surrogates (``surrogateescape``), and go back to their own bytes."""
+    try:
+        return message.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # a lone surrogate that stands for no byte
+        return message.encode("utf-8", "backslashreplace")
 
 
 def batches(argvs: list[list[str]], env: dict[str, str]) -> list[list[str]]:

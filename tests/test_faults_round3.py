@@ -137,3 +137,34 @@ def test_collect_batches_survive_kill_9_at_scale(world):
         args = [arg for run in ran.get(key, []) for arg in run]
         assert len(args) == len(set(args)), (key, args)  # nothing ran twice
         assert set(args) == {"a", "b", "c"} or key in lost, (key, args)
+
+
+# ----------------------------------------------------------------------------- 2. spawn failures
+
+
+def test_a_non_utf8_command_that_cannot_start_ends_127_and_wedges_nothing(world):
+    """Issue 23, item 2: the run's task died on the message's bytes; the key stayed running
+    for good and every later invocation queued behind it."""
+    bad = os.fsdecode(b"/nonexistent/\xff")
+    proc = world.run("run", "--delay", "0", "--key", "k", "--", bad, timeout=20,
+                     errors="surrogateescape")
+    assert proc.returncode == 127, proc.stderr
+    [line] = proc.stderr.splitlines()
+    assert line == "debounce: /nonexistent/\udcff: command not found", line
+    assert not status(world)["keys"]
+    again = world.run("run", "--delay", "0", "--key", "k", "--", "true", timeout=20)
+    assert again.returncode == 0, again.stderr
+
+
+def test_a_non_utf8_cwd_removed_before_the_run_ends_126(world):
+    """Issue 23, item 2: the same wedge with a working directory that is gone at run time."""
+    cwd = os.path.join(os.fsencode(world.work), b"gone-\xff")
+    os.mkdir(cwd)
+    client = world.popen("run", "--key", "cw", "--delay", "2s", "--", "true", cwd=cwd,
+                         errors="surrogateescape")
+    wait_until(lambda: any(row["key"] == "cw" for row in status(world)["keys"]), timeout=10)
+    os.rmdir(cwd)
+    _out, err = client.communicate(timeout=20)
+    assert client.returncode == 126, err
+    assert len(err.splitlines()) == 1 and "gone-" in err, err
+    assert not status(world)["keys"]

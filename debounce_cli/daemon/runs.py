@@ -71,7 +71,24 @@ class Runs:
         self.finished_since_prune = 0
 
     def start(self, run: Run) -> None:
-        """Prepare the run's process and log; it is spawned soon, a few per turn."""
+        """Prepare the run's process and log; it is spawned soon, a few per turn.
+
+        A run that cannot even be prepared still ends, with status 126, like one whose
+        command cannot be started: it must never hold its key as "running" for good.
+        """
+        try:
+            proc = self._prepare(run)
+        except Exception as exc:  # noqa: BLE001 - the run must end with a status
+            print(f"debounce: run {run.id} cannot start: {exc!r}", file=sys.stderr)
+            self.later.pop(run.id, None)
+            proc = RunProcess([run.key], "/", {}, lambda fd, data: None)
+            proc.start_error = (126, "")
+            self.procs[run.id] = proc
+        self.to_spawn.append((run, proc))
+        if len(self.to_spawn) == 1:
+            self.loop.call_soon(self._spawn_some)
+
+    def _prepare(self, run: Run) -> RunProcess:
         job = records.job_of(run.invocation)
         env = dict(job.env)
         more: list[list[str]] = []
@@ -108,9 +125,7 @@ class Runs:
         log_path = job.log_path if log is not None else None
         for waiter in unique(run.waiters):
             waiter.start(run.id, started, log_path)
-        self.to_spawn.append((run, proc))
-        if len(self.to_spawn) == 1:
-            self.loop.call_soon(self._spawn_some)
+        return proc
 
     def _collect(self, run: Run, job: Job, env: dict[str, str]) -> tuple[Job, list[list[str]]]:
         """``--collect``: the run's command line(s) for every coalesced invocation, and the
@@ -194,6 +209,31 @@ class Runs:
             self.loop.call_soon(self._spawn_some)
 
     async def _execute(self, run: Run, proc: RunProcess) -> None:
+        """Run the run's process(es) and report its end, whatever happens on the way: a run
+        whose task died unreported would stay "running" for good and hold its key."""
+        try:
+            code = await self._processes(run, proc)
+        except Exception as exc:  # noqa: BLE001 - the run must end with a status
+            print(f"debounce: run {run.id} failed: {exc!r}", file=sys.stderr)
+            current = self.procs.get(run.id, proc)
+            current.signal("KILL")  # nothing of it may go on unwatched
+            current.finished = True
+            self.later.pop(run.id, None)
+            code = 126
+        self._drop_batch_file(run)
+        if self.ledger_fd is not None and proc.pid is not None:
+            # Its end, noted at once: a crash before the commit does not make it "lost".
+            note_end(self.ledger_fd, run.id, code, self.clock.wall())
+        self.procs.pop(run.id, None)
+        self.buffers.pop(run.id, None)
+        log = self.logs.pop(run.id, None)
+        if log is not None:
+            log.close()
+        self.events.run_exited(run.id, code)
+
+    async def _processes(self, run: Run, proc: RunProcess) -> int:
+        """Start the run's process, and the rest of a --collect batch one after another;
+        return the first non-zero status among them."""
         await proc.start()
         if proc.pid is not None:
             records.job_of(run.invocation).pid = proc.pid
@@ -208,16 +248,7 @@ class Runs:
             await following.start()
             status = await following.wait()
             code = code or status  # every caller gets the first non-zero status
-        self._drop_batch_file(run)
-        if self.ledger_fd is not None and proc.pid is not None:
-            # Its end, noted at once: a crash before the commit does not make it "lost".
-            note_end(self.ledger_fd, run.id, code, self.clock.wall())
-        self.procs.pop(run.id, None)
-        self.buffers.pop(run.id, None)
-        log = self.logs.pop(run.id, None)
-        if log is not None:
-            log.close()
-        self.events.run_exited(run.id, code)
+        return code
 
     def _open_log(self, run: Run) -> LogWriter | None:
         if not self.log_dir:
