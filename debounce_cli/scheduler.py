@@ -1,10 +1,13 @@
-"""The debounce state machine: plain data, an injected clock, no I/O and no asyncio.
+"""The local keys: heaps, waiters and job slots around the rules, on an injected clock; no
+I/O and no asyncio.
 
-Every rule of the SPEC's Semantics section lives here, so it can be tested exactly by moving a
-fake clock. The daemon feeds it events (``submit``, ``tick``, ``run_exited``, ``flush``,
-``cancel``) and carries out the effects each call returns (start a process, send a signal, tell
-waiters a run finished). It asks :meth:`Scheduler.next_deadline` when to call ``tick`` next, so
-nothing polls.
+Every per-key decision is :mod:`debounce_cli.rules`' (the fleet's keys call the same
+functions); this module keeps what only a local key has: the heaps of due times and timers,
+the waiters that follow replacements to runs, the daemon's job slots and their queue, and the
+effects the daemon carries out. The daemon feeds it events (``submit``, ``tick``,
+``run_exited``, ``flush``, ``cancel``, ``kill``) and carries out the effects each call
+returns (start a process, send a signal, tell waiters a run finished). It asks
+:meth:`Scheduler.next_deadline` when to call ``tick`` next, so nothing polls.
 
 Waiters are opaque tokens owned by the caller (a client connection, the stdin source). They sit
 on the invocation they wait for; when that invocation is superseded they move to its
@@ -14,18 +17,8 @@ replacements to the run that finally stands for it.
 Every change of an invocation's or run's state goes through :meth:`Scheduler._transition`, the
 one place a journal hooks into (``observer``).
 
-The rules, in the SPEC's terms, where they needed deciding (lodash's ``debounce`` is the
-reference for 6 and 7; ``tests/test_lodash.py`` compares the two on generated calls):
+What is decided here, in the SPEC's terms:
 
-- A *burst* of a key starts with an invocation that comes a full delay or more after the
-  key's previous invocation. Max-wait counts from the later of the burst's start and the
-  start of the key's last run (lodash's ``lastInvokeTime``) and is never shorter than the
-  delay. Under a steady stream that gives one run per max-wait.
-- ``--leading --no-trailing --max-wait D``: an invocation D or more after the last run start
-  runs at once (lodash's throttle with ``trailing: false``); the others share the result of
-  their burst's leading run, also while that one is still queued for a slot.
-- ``--on-busy ignore`` joins the running run only while nobody has asked it to stop
-  (timeout, restart, shutdown); otherwise the invocation is pending as usual.
 - ``--on-busy restart``: the callers of the stopped run follow its replacement once the
   stopped run has ended. If the replacement is cancelled, they get the stopped run's own
   result (outcome ``stopped``), never "cancelled".
@@ -41,42 +34,17 @@ import itertools
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
-from debounce_cli import states
-from debounce_cli.options import DEFAULTS, usage_problems
+from debounce_cli import rules, states
+from debounce_cli.rules import Options, arrive
 from debounce_cli.states import CANCELLED, FINISHED, PENDING, QUEUED, RUNNING, SUPERSEDED
 
 __all__ = [
     "CANCELLED", "FINISHED", "PENDING", "QUEUED", "RUNNING", "SUPERSEDED",
     "Cancelled", "Effect", "Invocation", "Joined", "KeyState", "Options", "Run", "RunFinished",
-    "Scheduler", "SignalRun", "StartRun", "Timing", "Updated", "arrive",
+    "Scheduler", "SignalRun", "StartRun", "Updated", "arrive",
 ]
-
-
-@dataclass(frozen=True, slots=True)
-class Options:
-    """Per-invocation rules; the latest invocation's options win, like its argv."""
-
-    delay: float = DEFAULTS["delay"]
-    max_wait: float | None = DEFAULTS["max_wait"]
-    leading: bool = DEFAULTS["leading"]
-    trailing: bool = DEFAULTS["trailing"]
-    on_busy: str = DEFAULTS["on_busy"]
-    stop_timeout: float = DEFAULTS["stop_timeout"]
-    timeout: float | None = DEFAULTS["timeout"]
-    defer: bool = DEFAULTS["defer"]
-    signal: str = DEFAULTS["signal"]
-    collect: bool = DEFAULTS["collect"]
-    fleet: bool = DEFAULTS["fleet"]
-
-    def problems(self) -> list[str]:
-        """Usage errors, worded for the command line; empty when the options are usable."""
-        return usage_problems({
-            "delay": self.delay, "max_wait": self.max_wait, "leading": self.leading,
-            "trailing": self.trailing, "on_busy": self.on_busy,
-            "stop_timeout": self.stop_timeout, "timeout": self.timeout, "signal": self.signal,
-        })
 
 
 @dataclass(eq=False, slots=True)
@@ -103,6 +71,18 @@ class Invocation:
     adopted: Sequence[tuple[Any, Run]] = ()  # (an empty tuple is shared: memory per pending)
     #: With --collect, the payloads of every invocation this one stands for, oldest first.
     batch: Sequence[Any] = ()
+
+    @property
+    def lead(self) -> bool:
+        return self.leading_edge
+
+    @lead.setter
+    def lead(self, value: bool) -> None:
+        self.leading_edge = value
+
+    @property
+    def queued(self) -> bool:
+        return self.state == QUEUED
 
     def head(self) -> Invocation:
         """Follow the chain of replacements to the invocation that stands for this one now."""
@@ -133,18 +113,21 @@ class Run:
     finished_wall: float | None = None
     outcome: str | None = None  # states.EXITED, TIMED_OUT, RESTARTED or STOPPED
 
+    @property
+    def stopping(self) -> str | None:
+        return self.stop_reason
+
+    @property
+    def options(self) -> Options:
+        return self.invocation.options
+
 
 @dataclass(eq=False, slots=True)
-class KeyState:
-    key: str
+class KeyState(rules.KeyRecord):
+    """A local key: the rules' record, with its pending invocation and its run."""
+
     pending: Invocation | None = None
     running: Run | None = None
-    quiet_at: float = float("-inf")  # a full delay after the key's last invocation
-    max_from: float = 0.0  # max-wait counts from here: the burst's start or the last run start
-    timer_first: float = float("-inf")  # when the quiet period armed first in this burst ends
-    edge_at: float = float("-inf")  # the burst's trailing edge: until then it goes on
-    burst_run: Run | None = None  # the leading run of the current burst
-    burst_leader: Invocation | None = None  # the leading invocation, before it has started
 
 
 # Effects the daemon carries out.
@@ -191,57 +174,6 @@ class Cancelled:
 
 
 Effect = StartRun | SignalRun | RunFinished | Joined | Updated | Cancelled
-
-
-class Timing(Protocol):
-    """A key's timing fields, as :class:`KeyState` keeps them (and the fleet's key state)."""
-
-    quiet_at: float
-    max_from: float
-    timer_first: float
-    edge_at: float
-
-
-def arrive(ks: Timing, options: Options, now: float) -> tuple[bool, bool, float]:
-    """One invocation of a key arrives at ``now``: lodash's ``debounce``, step for step.
-
-    Updates the key's timing fields and returns ``(new_burst, lead, edge)``: whether it
-    begins a burst, whether it runs at once (leading edge, or max-wait has passed), and when
-    the burst's trailing edge comes. A pure function of the fields, the options and ``now``,
-    so a local key and a fleet key (whose fields live in the store) follow the same rule.
-
-    A call "invokes" when a full delay has passed since the key's last call, or max-wait since
-    its last run started (or its burst began); with no trailing edge pending (lodash's
-    "timer"), that begins a burst; with one pending and a max-wait, the call runs at once.
-    Max-wait is never shorter than the delay.
-    """
-    max_wait = options.max_wait
-    if max_wait is not None:
-        max_wait = max(max_wait, options.delay)
-    edge_pending = now < ks.edge_at
-    invoking = now >= ks.quiet_at or (max_wait is not None and now >= ks.max_from + max_wait)
-    # One float for "a delay from now", wherever it goes: each one kept costs 24 bytes, and
-    # a pending key keeps several.
-    quiet = now + options.delay
-    ks.quiet_at = quiet
-    new_burst = invoking and not edge_pending
-    lead = False
-    if new_burst:
-        ks.max_from = now
-        ks.timer_first = quiet
-        lead = options.leading
-    elif invoking and max_wait is not None:
-        ks.timer_first = quiet
-        lead = True  # max-wait has passed: this one runs now, leading or not
-    elif not edge_pending:
-        ks.timer_first = quiet  # a quiet period armed by this call
-    # When the trailing edge comes (lodash: min(last call + wait, max(first timer expiry,
-    # last invoke + maxWait))); a call in no burst of its own keeps it, for the next call.
-    edge = quiet
-    if max_wait is not None:
-        edge = min(edge, max(ks.timer_first, ks.max_from + max_wait))
-    ks.edge_at = edge
-    return new_burst, lead, edge
 
 
 class Scheduler:
@@ -316,67 +248,52 @@ class Scheduler:
         ks = self.keys.get(key)
         if ks is None:
             ks = self.keys[key] = KeyState(key)
-        new_burst, lead, edge = arrive(ks, options, now)
-        if new_burst:
-            ks.burst_run = None
-            ks.burst_leader = None
+        prev = ks.pending
+        landing = rules.land(ks, options, now, pending=prev, running=ks.running,
+                             burst=ks.burst_run)
         inv.first_at = ks.max_from
-
-        running = ks.running
-        if running is not None and options.on_busy == "ignore" and running.stop_reason is None:
-            self._join_run(inv, running, effects)
+        kind = landing.kind
+        if kind == rules.JOIN_RUN:
+            assert ks.running is not None
+            self._join_run(inv, ks.running, effects)
+            return inv, effects
+        if kind == rules.JOIN_BURST:
+            self._join_run(inv, ks.burst_run, effects)
+            return inv, effects
+        if kind == rules.JOIN_LEADER:
+            assert prev is not None
+            prev.waiters.extend(inv.waiters)
+            inv.waiters = []
+            inv.replaced_by = prev
+            inv.joined = prev
+            self._transition(inv, SUPERSEDED)
+            self._transition(prev, prev.state)
+            effects.append(Updated(prev))
             return inv, effects
 
-        if options.leading and not lead and not options.trailing:
-            # Later invocations of a burst without a trailing edge start nothing: they share
-            # the leading invocation's result, whether it is still waiting, running or done
-            # (with --max-wait, the first one max-wait after the last run start led, above).
-            leader = ks.burst_leader
-            if leader is not None and leader is ks.pending:
-                leader.waiters.extend(inv.waiters)
-                inv.waiters = []
-                leader.coalesced += 1
-                inv.replaced_by = leader
-                inv.joined = leader
-                self._transition(inv, SUPERSEDED)
-                self._transition(leader, leader.state)
-                effects.append(Updated(leader))
-                return inv, effects
-            if ks.burst_run is not None:
-                self._join_run(inv, ks.burst_run, effects)
-                return inv, effects
-            lead = True  # nothing to join (e.g. cancelled): lead afresh
-
-        prev = ks.pending
-        inv.leading_edge = lead
+        inv.leading_edge = landing.lead
+        inv.coalesced = landing.coalesced
+        inv.due = landing.due
         if prev is not None:
-            inv.coalesced = prev.coalesced + 1
             inv.waiters = prev.waiters + inv.waiters
             prev.waiters = []
             inv.adopted, prev.adopted = prev.adopted, ()
-            if options.collect:
-                inv.batch = [*(prev.batch or [prev.payload]), inv.payload]
+            if landing.collect:
+                # The batch moves to the replacement and grows in place: a copy per
+                # invocation would make a burst of N cost N squared.
+                batch = prev.batch if prev.batch else [prev.payload]
+                assert isinstance(batch, list)
+                batch.append(inv.payload)
+                inv.batch, prev.batch = batch, ()
             prev.replaced_by = inv
             inv.replaced = prev
-            was_queued = prev.state == QUEUED
-            inv.leading_edge = inv.leading_edge or prev.leading_edge
-            if ks.burst_leader is prev:
-                ks.burst_leader = inv
             self._transition(prev, SUPERSEDED)
-            self._set_pending(ks, inv)
-            if was_queued:
-                # Deferring in the backlog: take the queued one's place, no new quiet period.
-                inv.due = prev.due
-                self._transition(inv, QUEUED)
-                effects.append(Updated(inv))
-                return inv, effects
-        else:
-            self._set_pending(ks, inv)
-        if lead or inv.leading_edge:  # leads now, or replaces a leader not started yet
-            inv.due = now
-            ks.burst_leader = inv
-        else:
-            inv.due = edge
+        self._set_pending(ks, inv)
+        if landing.keeps_place:
+            # Deferring in the backlog: take the queued one's place, no new quiet period.
+            self._transition(inv, QUEUED)
+            effects.append(Updated(inv))
+            return inv, effects
         self._transition(inv, PENDING)
         heapq.heappush(self._due, (inv.due, next(self._seq), inv))
         effects.append(Updated(inv))
@@ -409,9 +326,8 @@ class Scheduler:
         ks = self.keys.get(key)
         if ks is None:
             ks = self.keys[key] = KeyState(key)
-        ks.max_from = first_at
-        ks.quiet_at = received_at + options.delay
-        ks.timer_first = ks.edge_at = due
+        rules.restore(ks, options, received_at=received_at, due=due, first_at=first_at,
+                      lead=leading_edge)
         self._set_pending(ks, inv)
         self._transition(inv, PENDING)
         heapq.heappush(self._due, (inv.due, next(self._seq), inv))
@@ -432,19 +348,18 @@ class Scheduler:
         run.finished_wall = self.wall()
         ks = self.keys[run.key]
         ks.running = None
-        run.outcome = states.OUTCOME_OF_STOP[run.stop_reason]
-        waiters, run.waiters = run.waiters, []
         replacement = ks.pending
-        if run.stop_reason == states.STOP_RESTART:
-            if replacement is None:
-                run.outcome = states.STOPPED  # the invocation that would replace it was cancelled
-            else:
-                # Its waiters follow the run that replaces it; should that one be cancelled
-                # before it starts, they are told this run's real result, never "cancelled".
-                replacement.waiters[:0] = waiters
-                replacement.adopted = [*replacement.adopted,
-                                       *((waiter, run) for waiter in waiters)]
-                waiters = []
+        run.outcome, follow = rules.ended(run.stop_reason, states.EXITED,
+                                          replacement is not None)
+        waiters, run.waiters = run.waiters, []
+        if follow:
+            assert replacement is not None
+            # Its waiters follow the run that replaces it; should that one be cancelled
+            # before it starts, they are told this run's real result, never "cancelled".
+            replacement.waiters[:0] = waiters
+            replacement.adopted = [*replacement.adopted,
+                                   *((waiter, run) for waiter in waiters)]
+            waiters = []
         run.invocation.state = FINISHED
         self._transition(run, FINISHED)
         effects: list[Effect] = [RunFinished(run, waiters)]
@@ -462,8 +377,7 @@ class Scheduler:
             return False, effects
         inv = ks.pending
         now = self.clock()
-        if inv.state == PENDING and inv.due > now:
-            inv.due = now
+        if inv.state == PENDING and rules.flushed(inv, now):
             self._transition(inv, PENDING)
             heapq.heappush(self._due, (now, next(self._seq), inv))
             effects.append(Updated(inv))
@@ -478,8 +392,7 @@ class Scheduler:
             return False, effects
         inv = ks.pending
         self._set_pending(ks, None)
-        if ks.burst_leader is inv:
-            ks.burst_leader = None
+        rules.cancelled(ks)
         if inv.state == QUEUED:
             self.queue.remove(key)
         waiters, inv.waiters = inv.waiters, []
@@ -508,7 +421,7 @@ class Scheduler:
         inv.waiters, run.waiters = run.waiters + inv.waiters, []
         if ks.burst_run is run:
             ks.burst_run = None
-            ks.burst_leader = inv
+            ks.leader = True
         self._set_pending(ks, inv)
         self._transition(inv, PENDING)
         heapq.heappush(self._due, (inv.due, next(self._seq), inv))
@@ -538,16 +451,19 @@ class Scheduler:
         self._transition(inv, CANCELLED)
         if prev is None:
             self._set_pending(ks, None)
-            if ks.burst_leader is inv:
-                ks.burst_leader = None
+            ks.leader = False
             self._forget_if_idle(ks, self.clock())
             return True
         prev.replaced_by = None
         prev.waiters = others
         prev.adopted, inv.adopted = inv.adopted, ()
+        if inv.batch:
+            batch = inv.batch
+            assert isinstance(batch, list)
+            batch.pop()  # its own payload: the batch grew in place
+            prev.batch, inv.batch = (batch if len(batch) > 1 else ()), ()
         self._set_pending(ks, prev)
-        if ks.burst_leader is inv:
-            ks.burst_leader = prev
+        ks.leader = ks.leader and prev.leading_edge
         if was_queued:
             self._transition(prev, QUEUED)  # it keeps the place in the queue
         else:
@@ -628,7 +544,7 @@ class Scheduler:
             self.observer(state, obj)
 
     def _join_run(self, inv: Invocation, run: Run, effects: list[Effect]) -> None:
-        run.coalesced += 1
+        """``inv`` joins ``run`` (the rules counted it there already)."""
         inv.joined = run
         self._transition(run, run.state)
         inv.run = run
@@ -670,27 +586,27 @@ class Scheduler:
         """The pending invocation of ``ks`` is due: start it, queue it, or wait for its key."""
         inv = ks.pending
         assert inv is not None
-        if ks.running is not None:
-            running = ks.running
-            if inv.options.on_busy == "restart" and running.stop_reason is None:
-                # Its waiters follow the run that replaces it, once it has ended (run_exited).
-                self._stop(running, states.STOP_RESTART, now, effects)
-                effects.append(Updated(inv))
-            elif inv.options.on_busy == "signal" and running.stop_reason is None:
-                # A server that reloads on a signal: tell it, and this invocation is that run.
-                effects.append(SignalRun(running, inv.options.signal))
-                self._set_pending(ks, None)
-                if ks.burst_leader is inv:
-                    ks.burst_leader = None
-                running.coalesced += inv.coalesced - 1
-                self._join_run(inv, running, effects)
-            return  # starts when the running one has ended (run_exited calls back here)
-        if self._slot_free() and not self.queue and not self.draining:
+        slot_free = self._slot_free() and not self.queue and not self.draining
+        decision = rules.fall_due(ks, inv, ks.running, slot_free)
+        if decision == rules.START:
             self._start(ks, now, effects)
-        else:
+        elif decision == rules.QUEUE:
             self._transition(inv, QUEUED)
             self.queue.append(ks.key)
             effects.append(Updated(inv))
+        elif decision == rules.RESTART:
+            # Its waiters follow the run that replaces it, once it has ended (run_exited).
+            assert ks.running is not None
+            self._stop(ks.running, states.STOP_RESTART, now, effects)
+            effects.append(Updated(inv))
+        elif decision == rules.SIGNAL:
+            # A server that reloads on a signal: tell it, and this invocation is that run.
+            running = ks.running
+            assert running is not None
+            effects.append(SignalRun(running, inv.options.signal))
+            self._set_pending(ks, None)
+            self._join_run(inv, running, effects)
+        # WAIT: it starts when the running one has ended (run_exited calls back here)
 
     def _slot_free(self) -> bool:
         return self.jobs is None or len(self.runs) + self.borrowed < self.jobs
@@ -737,10 +653,8 @@ class Scheduler:
         if inv.options.timeout is not None:
             run.deadline = now + inv.options.timeout
             heapq.heappush(self._timers, (run.deadline, next(self._seq), run))
-        if ks.burst_leader is inv:
-            ks.burst_leader = None
+        if rules.started(ks, inv, now):
             ks.burst_run = run
-        ks.max_from = now  # max-wait counts from the last run start
         ks.running = run
         self.runs[run.id] = run
         self._transition(inv, RUNNING)
@@ -756,14 +670,16 @@ class Scheduler:
         heapq.heappush(self._timers, (run.kill_at, next(self._seq), run))
 
     def _forget_if_idle(self, ks: KeyState, now: float) -> None:
-        """Drop an idle key, once its burst is over (until then it remembers when it ends and
-        where max-wait counts from); an idle key whose burst goes on is looked at again then."""
+        """Drop an idle key, once the rules need nothing of it (until then it remembers when
+        its burst ends, where max-wait counts from and when a leading run may start); an
+        idle key that must be remembered is looked at again then."""
         if ks.pending is not None or ks.running is not None or self.keys.get(ks.key) is not ks:
             return
-        if now >= ks.quiet_at:
+        until = rules.remembered_until(ks)
+        if now >= until:
             del self.keys[ks.key]
         else:
-            heapq.heappush(self._bursts, (ks.quiet_at, next(self._seq), ks.key))
+            heapq.heappush(self._bursts, (until, next(self._seq), ks.key))
 
     def _prune(self) -> None:
         """Drop stale heap tops so next_deadline never wakes the daemon for nothing."""
@@ -782,6 +698,7 @@ class Scheduler:
         while self._bursts:
             when, _, key = self._bursts[0]
             ks = self.keys.get(key)
-            if ks is not None and ks.quiet_at == when and ks.pending is None and ks.running is None:
+            if (ks is not None and rules.remembered_until(ks) == when and ks.pending is None
+                    and ks.running is None):
                 break
             heapq.heappop(self._bursts)

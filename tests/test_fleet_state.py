@@ -5,11 +5,10 @@ busy-key rules across hosts."""
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
 
 import pytest
 from hypothesis import HealthCheck, given, settings
-from test_lodash import EDGES, MAX_WAITS, WAITS, call_times, lodash_model
+from test_lodash import EDGES, MAX_WAITS, WAITS, agrees_with_lodash, call_times, lodash_model
 
 from debounce_cli import states
 from debounce_cli.daemon.fleet import state as fs
@@ -21,8 +20,7 @@ JOB = {"argv": ["make"], "cwd": "/src", "env": {}}
 def submit(st: fs.KeyState, now: float, host: str = "a", inv: int = 1,
            **options: object) -> fs.Landed:
     opts = Options(**options)  # type: ignore[arg-type]
-    landed, _ = fs.submit(st, inv=inv, host=host, job=JOB, raw_options=asdict(opts),
-                          options=opts, now=now)
+    landed, _ = fs.submit(st, inv=inv, host=host, job=JOB, options=opts, now=now)
     return landed
 
 
@@ -49,7 +47,7 @@ def fleet_runs(wait: float, max_wait: float | None, leading: bool, trailing: boo
 
     for i, t in enumerate(calls):
         advance(t)
-        fs.submit(st, inv=i, host="a", job=JOB, raw_options=asdict(opts), options=opts, now=t)
+        fs.submit(st, inv=i, host="a", job=JOB, options=opts, now=t)
         advance(t)  # a leading edge is due at once
     advance(calls[-1] + 100.0)
     return out
@@ -63,8 +61,9 @@ def test_a_fleet_key_debounces_as_lodash_does(
     wait: float, max_wait: float | None, edges: tuple[bool, bool], calls: list[float]
 ) -> None:
     leading, trailing = edges
-    assert fleet_runs(wait, max_wait, leading, trailing, calls) == lodash_model(
-        wait, max_wait, leading, trailing, calls)
+    agrees_with_lodash(fleet_runs(wait, max_wait, leading, trailing, calls),
+                       lodash_model(wait, max_wait, leading, trailing, calls),
+                       wait, max_wait, leading, trailing, calls)
 
 
 def test_the_latest_invocation_wins_with_its_host_in_one_slot() -> None:
@@ -200,9 +199,9 @@ def test_a_retried_submission_or_claim_finds_its_own_work_done() -> None:
     # state it already changed, and must change nothing more.
     st = fs.KeyState("k")
     opts = Options(delay=1.0)
-    first, events = fs.submit(st, inv=1, host="a", job=JOB, raw_options=asdict(opts),
+    first, events = fs.submit(st, inv=1, host="a", job=JOB,
                               options=opts, now=100.0, token="i1:1")
-    again, events_again = fs.submit(st, inv=1, host="a", job=JOB, raw_options=asdict(opts),
+    again, events_again = fs.submit(st, inv=1, host="a", job=JOB,
                                     options=opts, now=100.2, token="i1:1")
     assert again == first and events and events_again == []
     assert st.pending is not None and st.pending.coalesced == 1 and st.pending.due == 101.0

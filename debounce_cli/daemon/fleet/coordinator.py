@@ -27,7 +27,7 @@ import secrets
 import sys
 from collections import deque
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 from debounce_cli import protocol, states
@@ -259,7 +259,6 @@ class Fleet:
 
     async def _submit(self, inv: int, key: str, options: Options, job: Job,
                       waiter: Waiter | None, submitter: Submitter | None) -> None:
-        raw_options = asdict(options)
         token = f"{self.instance}:{inv}"
         payload = {"argv": job.argv, "cwd": job.cwd, "env": job.env}
         seen: list[float] = []
@@ -267,7 +266,7 @@ class Fleet:
         def step(st: fs.KeyState, now: float) -> tuple[fs.Landed, list[fs.Event]]:
             seen.append(now)
             return fs.submit(st, inv=inv, host=self.host, job=payload,
-                             raw_options=raw_options, options=options, now=now, token=token)
+                             options=options, now=now, token=token)
 
         while True:
             try:
@@ -598,8 +597,7 @@ class Fleet:
     def _execute(self, key: str, running: fs.Running, asked_at: float,
                  since: bytes) -> bool:
         """Start a run claimed here, in the job slot taken for it (its end gives it back)."""
-        known = Options.__dataclass_fields__
-        options = Options(**{k: v for k, v in running.options.items() if k in known})
+        options = running.options
         job = Job(list(running.job["argv"]), running.job["cwd"],
                   {**running.job["env"], "DEBOUNCE_HOST": self.host})
         inv = Invocation(id=running.inv, key=key, options=options,

@@ -2,8 +2,10 @@
 
 Each step is a pure function of the state, the invocation or run it is about, and the store's
 time (``now``, seconds from Redis's ``TIME``): the store runs it inside one transaction, and
-the tests run it with made-up times and no store. The timing rule is the local scheduler's own
-(:func:`debounce_cli.scheduler.arrive`), so a fleet key debounces exactly as a local one.
+the tests run it with made-up times and no store. Every decision is the rules' own
+(:mod:`debounce_cli.rules`, which the local scheduler calls too), so a fleet key debounces
+exactly as a local one; what is here is the fleet's bookkeeping: slots, hosts, fencing tokens,
+events.
 
 A key has at most one pending invocation (the latest: it wins, with its host, argv, cwd and
 environment) and at most one run. A pending invocation sits in a *slot*: the quiet period it
@@ -22,8 +24,8 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from debounce_cli import states
-from debounce_cli.scheduler import Options, arrive
+from debounce_cli import rules, states
+from debounce_cli.rules import Options
 
 Event = dict[str, Any]
 
@@ -38,7 +40,7 @@ class Pending:
     inv: int  # the id its own daemon gave it (Accepted.id there)
     host: str
     job: dict[str, Any]  # argv, cwd, env
-    options: dict[str, Any]  # the request's options object
+    options: Options
     due: float
     coalesced: int
     lead: bool = False  # due at once: a leading edge (or a max-wait run) not started yet
@@ -63,7 +65,7 @@ class Running:
     host: str
     fence: int
     job: dict[str, Any]
-    options: dict[str, Any]
+    options: Options
     coalesced: int
     due: float
     started_at: float
@@ -97,20 +99,14 @@ class Last:
                 "host": self.host}
 
 
-@dataclass(slots=True)
-class KeyState:
-    """All the store knows of one fleet key."""
+@dataclass(eq=False, slots=True)
+class KeyState(rules.KeyRecord):
+    """All the store knows of one fleet key: the rules' record (``burst_run`` is a run id
+    here), and its slots, runs and hosts."""
 
-    key: str
-    quiet_at: float = -_INF
-    max_from: float = 0.0
-    timer_first: float = -_INF
-    edge_at: float = -_INF
     seq: int = 0
     pending: Pending | None = None
     running: Running | None = None
-    burst_run: int | None = None  # the leading run of the current burst
-    burst_leader: int | None = None  # the slot of the leading invocation, not started yet
     last: Last | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # fields of a newer version, kept
 
@@ -118,7 +114,7 @@ class KeyState:
     def dumps(self) -> str:
         obj = asdict(self)
         extra = obj.pop("extra")
-        for name in ("quiet_at", "timer_first", "edge_at"):
+        for name in _TIMES:
             if math.isinf(obj[name]):
                 obj[name] = None
         return json.dumps({**extra, **obj}, separators=(",", ":"))
@@ -132,13 +128,17 @@ class KeyState:
         running = obj.pop("running", None)
         last = obj.pop("last", None)
         known = {name: obj.pop(name) for name in list(obj) if name in _SCALARS}
-        for name in ("quiet_at", "timer_first", "edge_at"):
+        for name in _TIMES:
             if known.get(name) is None:
                 known.pop(name, None)
         known["key"] = key
-        return cls(**known,
-                   pending=_known(Pending, pending), running=_known(Running, running),
-                   last=_known(Last, last), extra=obj)
+        st = cls(**known,
+                 pending=_known(Pending, pending), running=_known(Running, running),
+                 last=_known(Last, last), extra=obj)
+        old_leader = obj.pop("burst_leader", None)  # written by an earlier version: a slot
+        if old_leader is not None and st.pending is not None:
+            st.leader = st.pending.slot == old_leader
+        return st
 
     def idle(self) -> bool:
         return self.pending is None and self.running is None
@@ -158,11 +158,15 @@ def _known(cls: Any, fields: dict[str, Any] | None) -> Any:
     if not fields:
         return None
     names = cls.__dataclass_fields__
-    return cls(**{name: value for name, value in fields.items() if name in names})
+    known = {name: value for name, value in fields.items() if name in names}
+    if "options" in known:
+        known["options"] = Options.from_stored(known["options"])
+    return cls(**known)
 
 
-_SCALARS = ("key", "quiet_at", "max_from", "timer_first", "edge_at", "seq", "burst_run",
-            "burst_leader")
+_TIMES = ("quiet_at", "timer_first", "edge_at", "lead_after")  # -inf is stored as null
+_SCALARS = ("key", "quiet_at", "max_from", "timer_first", "edge_at", "lead_after", "leader",
+            "seq", "burst_run")
 
 
 # ---------------------------------------------------------------------- landing places
@@ -210,57 +214,48 @@ def queue(st: KeyState, *, host: str, now: float) -> tuple[bool, list[Event]]:
     return True, [_pending_event(p)]
 
 
-def submit(st: KeyState, *, inv: int, host: str, job: dict[str, Any],
-           raw_options: dict[str, Any], options: Options, now: float, token: str = ""
-           ) -> tuple[Landed, list[Event]]:
-    """One invocation of the key, from ``host``, at the store's time ``now``. ``token``
-    names this submission: if the key's pending invocation already carries it, this is a
-    retry of a transaction that went through, and nothing changes."""
+def submit(st: KeyState, *, inv: int, host: str, job: dict[str, Any], options: Options,
+           now: float, token: str = "") -> tuple[Landed, list[Event]]:
+    """One invocation of the key, from ``host``, at the store's time ``now``, where the
+    rules land it. ``token`` names this submission: if the key's pending invocation already
+    carries it, this is a retry of a transaction that went through, and nothing changes."""
     p = st.pending
     if token and p is not None and p.token == token:
         return InSlot(p.slot, p.due, p.coalesced), []
-    new_burst, lead, edge = arrive(st, options, now)
-    if new_burst:
-        st.burst_run = None
-        st.burst_leader = None
     running = st.running
-    if running is not None and options.on_busy == "ignore" and running.stopping is None:
-        running.coalesced += 1
-        return InRun(running.run, running.coalesced), []
-    if options.leading and not lead and not options.trailing:
-        leader = st.pending
-        if leader is not None and leader.slot == st.burst_leader:
-            leader.coalesced += 1
-            return InSlot(leader.slot, leader.due, leader.coalesced), [_pending_event(leader)]
-        if st.burst_run is not None:
-            if running is not None and running.run == st.burst_run:
-                running.coalesced += 1
-                return InRun(running.run, running.coalesced), []
-            if st.last is not None and st.last.run == st.burst_run:
-                return Done(st.last), []
-        lead = True  # nothing to join (cancelled, or gone from the store): lead afresh
-    prev = st.pending
-    if prev is not None:
-        slot, coalesced = prev.slot, prev.coalesced + 1
-        lead = lead or prev.lead
+    burst: Running | Last | None = None
+    if st.burst_run is not None:
+        if running is not None and running.run == st.burst_run:
+            burst = running
+        elif st.last is not None and st.last.run == st.burst_run:
+            burst = st.last
+    landing = rules.land(st, options, now, pending=p, running=running, burst=burst)
+    kind = landing.kind
+    if kind == rules.JOIN_RUN:
+        assert running is not None
+        return InRun(running.run, landing.coalesced), []
+    if kind == rules.JOIN_LEADER:
+        assert p is not None
+        return InSlot(p.slot, p.due, p.coalesced), [_pending_event(p)]
+    if kind == rules.JOIN_BURST:
+        if isinstance(burst, Running):
+            return InRun(burst.run, landing.coalesced), []
+        assert isinstance(burst, Last)
+        return Done(burst), []
+    if p is not None:
+        slot = p.slot
     else:
         st.seq += 1
-        slot, coalesced = st.seq, 1
-    due = now if lead else edge
+        slot = st.seq
     batch = None
-    if options.collect and prev is not None:
-        batch = [*(prev.batch or [prev.job["argv"]]), job["argv"]]
-    queued = prev is not None and prev.queued
-    if queued:
-        assert prev is not None
-        due = prev.due  # deferring in the backlog: its place, no new quiet period
-    if lead:
-        st.burst_leader = slot
-    st.pending = Pending(slot=slot, inv=inv, host=host, job=job, options=raw_options, due=due,
-                         coalesced=coalesced, lead=lead, received=now, token=token,
-                         queued=queued, batch=batch)
-    state = states.QUEUED if queued else states.PENDING
-    return InSlot(slot, due, coalesced, state), [_pending_event(st.pending)]
+    if landing.collect and p is not None:
+        batch = p.batch or [p.job["argv"]]
+        batch.append(job["argv"])
+    st.pending = Pending(slot=slot, inv=inv, host=host, job=job, options=options,
+                         due=landing.due, coalesced=landing.coalesced, lead=landing.lead,
+                         received=now, token=token, queued=landing.keeps_place, batch=batch)
+    state = states.QUEUED if landing.keeps_place else states.PENDING
+    return InSlot(slot, landing.due, landing.coalesced, state), [_pending_event(st.pending)]
 
 
 # ---------------------------------------------------------------------- claiming a run
@@ -305,34 +300,29 @@ def claim(st: KeyState, *, host: str, now: float, run_id: int, may_take_over: bo
     if p.due > now:
         return Later(p.due), []
     running = st.running
-    if running is not None:
-        on_busy = p.options.get("on_busy", "queue")
-        if running.stopping is not None:
-            return Busy(), []
-        if on_busy == "restart":
-            running.stopping = states.STOP_RESTART
-            return Busy(), [{"t": "stop", "run": running.run, "fence": running.fence,
-                             "why": states.STOP_RESTART}]
-        if on_busy == "signal":
-            # A server that reloads on a signal: tell it; this invocation joins that run.
-            st.pending = None
-            if st.burst_leader == p.slot:
-                st.burst_leader = None
-            running.coalesced += p.coalesced
-            sig = p.options.get("signal", "HUP")
-            return Busy(), [{"t": "signal", "run": running.run, "fence": running.fence,
-                             "sig": sig},
-                            {"t": "moved", "slot": p.slot, "run": running.run}]
+    # The host claims only with a job slot free (else it queues the invocation: ``queue``).
+    decision = rules.fall_due(st, p, running, slot_free=True)
+    if decision == rules.WAIT:
         return Busy(), []
+    if decision == rules.RESTART:
+        assert running is not None
+        running.stopping = states.STOP_RESTART
+        return Busy(), [{"t": "stop", "run": running.run, "fence": running.fence,
+                         "why": states.STOP_RESTART}]
+    if decision == rules.SIGNAL:
+        # A server that reloads on a signal: tell it; this invocation joins that run.
+        assert running is not None
+        st.pending = None
+        return Busy(), [{"t": "signal", "run": running.run, "fence": running.fence,
+                         "sig": p.options.signal},
+                        {"t": "moved", "slot": p.slot, "run": running.run}]
     st.seq += 1
     run = Running(run=run_id, slot=p.slot, inv=p.inv, host=host, fence=st.seq, job=p.job,
                   options=p.options, coalesced=p.coalesced, due=p.due, started_at=now,
                   batch=p.batch)
     st.running = run
     st.pending = None
-    st.max_from = now  # max-wait counts from the last run start
-    if st.burst_leader == p.slot:
-        st.burst_leader = None
+    if rules.started(st, p, now):
         st.burst_run = run_id
     return Start(run), [started_event(run)]
 
@@ -360,18 +350,15 @@ def finish(st: KeyState, *, run: Running, exit_code: int | None, outcome: str,
         r = run
     else:
         st.running = None
-    if r.stopping == states.STOP_RESTART and outcome == states.EXITED:
-        outcome = states.RESTARTED
+    outcome, follow = rules.ended(r.stopping, outcome, st.pending is not None)
     last = Last(run=r.run, host=r.host, argv=r.job["argv"], cwd=r.job["cwd"],
                 exit_code=exit_code, outcome=outcome, coalesced=r.coalesced,
                 started_at=r.started_at, finished_at=now, due=r.due, inv=r.inv, slot=r.slot)
     st.last = last
     event: Event = {"t": "finished", **last.record(st.key)}
-    if r.stopping == states.STOP_RESTART:
-        if st.pending is not None:
-            event["then"] = st.pending.slot  # its waiters follow the run that replaces it
-        else:
-            event["outcome"] = last.outcome = states.STOPPED
+    if follow:
+        assert st.pending is not None
+        event["then"] = st.pending.slot  # its waiters follow the run that replaces it
     return last, [event]
 
 
@@ -390,8 +377,7 @@ def flush(st: KeyState, *, now: float) -> tuple[bool, list[Event]]:
     p = st.pending
     if p is None:
         return False, []
-    if p.due > now:
-        p.due = now
+    if rules.flushed(p, now):
         return True, [_pending_event(p)]
     return True, []
 
@@ -402,8 +388,7 @@ def cancel(st: KeyState) -> tuple[bool, list[Event]]:
     if p is None:
         return False, []
     st.pending = None
-    if st.burst_leader == p.slot:
-        st.burst_leader = None
+    rules.cancelled(st)
     return True, [{"t": "cancelled", "slot": p.slot}]
 
 
