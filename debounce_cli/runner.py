@@ -38,6 +38,11 @@ from typing import NamedTuple
 #: the pipes must not keep the run open.
 DRAIN_GRACE = 1.0
 
+#: How often a stopped run whose first process has exited looks for the rest of its group.
+GROUP_POLL = 0.05
+#: How long after SIGKILL a stopped run waits for the rest of its group to go.
+KILL_PATIENCE = 5.0
+
 OnOutput = Callable[[int, bytes], None]
 
 
@@ -95,6 +100,8 @@ class RunProcess:
         self.protocol: _Protocol | None = None
         self.finished = False
         self.start_error: tuple[int, str] | None = None
+        #: Once stopped (:meth:`stop`): when what is left of the process group gets SIGKILL.
+        self.kill_at: float | None = None
 
     async def start(self) -> None:
         """Spawn the process; on failure remember the shell-like status and message.
@@ -168,6 +175,18 @@ class RunProcess:
         except (ProcessLookupError, PermissionError):
             pass  # the whole group is gone
 
+    def stop(self, timeout: float) -> None:
+        """Stop the run: SIGTERM to its process group now, and SIGKILL to whatever is left of
+        the group ``timeout`` seconds later, also after the first process has exited (a child
+        that ignores SIGTERM outlives it); the run ends only when the group is gone or killed.
+        """
+        if self.finished:
+            return
+        kill_at = time.monotonic() + timeout
+        if self.kill_at is None or kill_at < self.kill_at:
+            self.kill_at = kill_at
+        self.signal("TERM")
+
     async def wait(self) -> int:
         """Stream the output to ``on_output`` and return the shell-style exit status."""
         if self.start_error is not None:
@@ -184,11 +203,54 @@ class RunProcess:
             await asyncio.wait_for(asyncio.shield(protocol.drained), DRAIN_GRACE)
         except TimeoutError:
             pass
+        if self.kill_at is not None:
+            await self._until_group_gone(self.kill_at)
         status = transport.get_returncode()
         transport.close()
         self.finished = True
         assert status is not None
         return 128 - status if status < 0 else status
+
+
+    async def _until_group_gone(self, kill_at: float) -> None:
+        """A stopped run whose first process has exited: wait for the rest of its group to go,
+        and SIGKILL what is left at ``kill_at`` (a process group id is not reused while any
+        member lives, so the group is still this run's)."""
+        assert self.pid is not None
+        killed = False
+        while _group_alive(self.pid):
+            now = time.monotonic()
+            if now >= kill_at:
+                if killed:
+                    if now >= kill_at + KILL_PATIENCE:
+                        return  # unkillable (uninterruptible sleep): do not hold the run
+                else:
+                    killed = True
+                    try:
+                        os.killpg(self.pid, signal.SIGKILL)
+                    except OSError:
+                        return
+            await asyncio.sleep(GROUP_POLL)
+
+
+def _group_alive(pgid: int) -> bool:
+    """Whether process group ``pgid`` still has a member that is not a zombie."""
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        names = os.listdir("/proc")
+    except OSError:
+        return True
+    for name in names:
+        if name.isdigit():
+            fields = _stat_fields(int(name))
+            if fields and len(fields) > 2 and fields[2] == str(pgid) and fields[0] != "Z":
+                return True
+    return False  # only zombies left, waiting for their new parent to reap them
 
 
 def _bytes_of(message: str) -> bytes:

@@ -9,11 +9,13 @@ left running, output is never cut short silently.
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
 import time
 from pathlib import Path
 
 import pytest
-from test_durability import history, kill9
+from test_durability import history, kill9, pid_gone
 from test_faults import Session
 
 from debounce_cli import protocol
@@ -168,3 +170,47 @@ def test_a_non_utf8_cwd_removed_before_the_run_ends_126(world):
     assert client.returncode == 126, err
     assert len(err.splitlines()) == 1 and "gone-" in err, err
     assert not status(world)["keys"]
+
+
+# ----------------------------------------------------------------------------- 4. stopping a group
+
+#: A run whose shell leaves a child that ignores SIGTERM (its pid in the file named as $0),
+#: then waits; TERM ends the shell and its sleep, not the child.
+STUBBORN = '(trap "" TERM; exec sleep 300) & echo $! > "$0"; sleep 302'
+
+
+def _stubborn_run(world, *options: str) -> tuple[subprocess.Popen, int]:
+    pid_file = world.work / f"stubborn-{len(world.procs)}.pid"
+    # Longer than runner.DRAIN_GRACE: the run has ended (its leader exited after TERM, and the
+    # output was drained) before the stop timeout is up.
+    client = world.popen("run", "--key", "k", "--delay", "0", "--stop-timeout", "1500ms",
+                         *options, "--", "sh", "-c", STUBBORN, str(pid_file))
+    wait_until(lambda: lines(pid_file), timeout=10)
+    return client, int(lines(pid_file)[0])
+
+
+@pytest.mark.parametrize("how", ["kill", "stop", "timeout", "restart"])
+def test_a_child_that_ignores_sigterm_is_killed_after_the_stop_timeout(world, how):
+    """Issue 23, item 4: `sleep 300` outlived kill, stop, --timeout, --on-busy restart and the
+    daemon: the SIGKILL never came once the group's leader had exited after TERM."""
+    status(world)
+    client, child = _stubborn_run(world, *(("--timeout", "500ms") if how == "timeout" else ()))
+    try:
+        if how == "kill":
+            assert world.run("kill", "k").returncode == 0
+        elif how == "stop":
+            assert world.run("stop").returncode == 0
+        elif how == "restart":
+            again = world.popen("run", "--key", "k", "--delay", "0", "--on-busy", "restart",
+                                "--", "true")
+        client.communicate(timeout=20)
+        assert client.returncode in (0, 143), client.returncode
+        wait_until(lambda: pid_gone(child), timeout=8)
+        if how == "restart":
+            again.communicate(timeout=20)
+            assert again.returncode == 0
+    finally:
+        try:
+            os.kill(child, signal.SIGKILL)
+        except ProcessLookupError:
+            pass

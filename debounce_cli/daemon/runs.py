@@ -62,6 +62,7 @@ class Runs:
         self.log_dir = log_dir
         self.events = events
         self.procs: dict[int, RunProcess] = {}
+        self.active: dict[int, Run] = {}  # the runs whose processes are in procs
         self.logs: dict[int, LogWriter] = {}
         self.buffers: dict[int, list[tuple[int, bytes]]] = {}  # output of runs without a log
         self.to_spawn: deque[tuple[Run, RunProcess]] = deque()
@@ -76,6 +77,7 @@ class Runs:
         A run that cannot even be prepared still ends, with status 126, like one whose
         command cannot be started: it must never hold its key as "running" for good.
         """
+        self.active[run.id] = run
         try:
             proc = self._prepare(run)
         except Exception as exc:  # noqa: BLE001 - the run must end with a status
@@ -164,8 +166,15 @@ class Runs:
                 pass
 
     def signal(self, run_id: int, name: str) -> None:
+        """Send ``name`` to a run's process group; the TERM of a stop (kill, --timeout,
+        restart, shutdown) also has the runner SIGKILL what is left after the stop timeout."""
         proc = self.procs.get(run_id)
-        if proc is not None:
+        if proc is None:
+            return
+        run = self.active.get(run_id)
+        if name == "TERM" and run is not None and run.stop_reason is not None:
+            proc.stop(run.invocation.options.stop_timeout)
+        else:
             proc.signal(name)
 
     def log_of(self, run: Run) -> str | None:
@@ -225,6 +234,7 @@ class Runs:
             # Its end, noted at once: a crash before the commit does not make it "lost".
             note_end(self.ledger_fd, run.id, code, self.clock.wall())
         self.procs.pop(run.id, None)
+        self.active.pop(run.id, None)
         self.buffers.pop(run.id, None)
         log = self.logs.pop(run.id, None)
         if log is not None:
@@ -239,13 +249,15 @@ class Runs:
             records.job_of(run.invocation).pid = proc.pid
             self.events.run_started(run)
         if run.stop_reason is not None:  # stopped before it could start
-            proc.signal("TERM")
+            proc.stop(run.invocation.options.stop_timeout)
         code = await proc.wait()
         for following in self.later.pop(run.id, []):
             if run.stop_reason is not None:
                 break  # stopped: the rest of the batch does not start
             self.procs[run.id] = following
             await following.start()
+            if run.stop_reason is not None:  # stopped while it was being started
+                following.stop(run.invocation.options.stop_timeout)
             status = await following.wait()
             code = code or status  # every caller gets the first non-zero status
         return code
