@@ -416,17 +416,23 @@ def stop(socket_path: str | None) -> int:
     from debounce_cli import client, protocol
 
     sock = _socket(socket_path)
+    # Named before it is asked: once it has exited, its pid may be another process's.
+    process = client.daemon_process(sock)
     try:
-        client.request(sock, protocol.StopRequest(), autostart=False)
-    except client.ClientError as exc:
-        if exc.code == "unreachable":
-            print(f"debounce: no daemon is running on {sock}", file=sys.stderr)
+        try:
+            client.request(sock, protocol.StopRequest(), autostart=False)
+        except client.ClientError as exc:
+            if exc.code == "unreachable":
+                print(f"debounce: no daemon is running on {sock}", file=sys.stderr)
+                return ExitStatus.SUCCESS
+            raise Failure(str(exc), client_status(exc)) from None
+        except client.DaemonLost:
+            pass
+        if client.wait_until_gone(sock, timeout=60, process=process):
             return ExitStatus.SUCCESS
-        raise Failure(str(exc), client_status(exc)) from None
-    except client.DaemonLost:
-        pass
-    if client.wait_until_gone(sock, timeout=60):
-        return ExitStatus.SUCCESS
+    finally:
+        if process is not None:
+            process.close()
     raise Failure("the daemon did not exit within 60s", ExitStatus.DAEMON_UNREACHABLE)
 
 

@@ -212,33 +212,105 @@ def _start_and_connect(sock_path: str) -> Connection:
         os.close(lock_fd)
 
 
-def wait_until_gone(sock_path: str, timeout: float) -> bool:
+class DaemonProcess:
+    """The process of the daemon serving a socket, named before it is asked to stop.
+
+    Its pid comes from the lock file (the daemon writes it there once the lock is its own).
+    On Linux a pidfd is opened at once: it names that process and no other, even if the pid
+    is reused after it exits, and it becomes readable when the process has exited.
+    """
+
+    def __init__(self, pid: int, pidfd: int | None):
+        self.pid = pid
+        self.pidfd = pidfd
+
+    def wait(self, timeout: float) -> bool:
+        """Wait until the process has exited (a zombie not yet reaped counts as exited)."""
+        if self.pidfd is not None:
+            import select
+
+            return bool(select.select([self.pidfd], [], [], max(0.0, timeout))[0])
+        deadline = time.monotonic() + timeout
+        while _running(self.pid):
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.01)
+        return True
+
+    def close(self) -> None:
+        if self.pidfd is not None:
+            os.close(self.pidfd)
+            self.pidfd = None
+
+
+def _running(pid: int) -> bool:
+    """Whether ``pid`` is a process that has not exited (zombies have)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[-1].split()[:1] != [b"Z"]
+    except FileNotFoundError:
+        return False
+    except OSError:
+        pass
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        pass
+    return True
+
+
+def daemon_process(sock_path: str) -> DaemonProcess | None:
+    """The daemon that holds ``sock_path``'s lock now, ``None`` if it cannot be told."""
+    try:
+        with open(paths.lock_path(sock_path), "rb") as f:
+            pid = int(f.read(32).strip() or b"0")
+    except (OSError, ValueError):
+        return None
+    if pid <= 0:
+        return None
+    try:
+        pidfd: int | None = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return None
+    except (AttributeError, OSError):
+        pidfd = None  # not Linux, or an old kernel: poll the pid instead
+    return DaemonProcess(pid, pidfd)
+
+
+def wait_until_gone(sock_path: str, timeout: float,
+                    process: DaemonProcess | None = None) -> bool:
     """After a stop request: wait until the daemon on ``sock_path`` has exited.
 
-    The daemon holds its lock file until its very end: it is gone once we can take the lock,
-    or once a newer daemon (started by a client meanwhile) has taken it over. False when
+    The daemon lets go of its lock file as its last act, but Python still takes a while to
+    finish after that: so once the lock is free (or a newer daemon, started by a client
+    meanwhile, has taken it over), wait for ``process`` itself to exit too. False when
     ``timeout`` passes first.
     """
     import fcntl
 
+    deadline = time.monotonic() + timeout
     try:
         fd = os.open(paths.lock_path(sock_path), os.O_RDWR | os.O_CLOEXEC)
     except OSError:
-        return True
-    try:
-        stopping = os.pread(fd, 32, 0)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                return True
-            except BlockingIOError:
-                if os.pread(fd, 32, 0) != stopping:
-                    return True
-                time.sleep(0.02)
-    finally:
-        os.close(fd)
-    return False
+        fd = -1
+    if fd >= 0:
+        try:
+            stopping = os.pread(fd, 32, 0)
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if os.pread(fd, 32, 0) != stopping:
+                        break
+                    if time.monotonic() >= deadline:
+                        return False
+                    time.sleep(0.02)
+        finally:
+            os.close(fd)
+    return process is None or process.wait(deadline - time.monotonic())
 
 
 def daemon_log_path(sock_path: str) -> str:
