@@ -9,18 +9,22 @@ left running, output is never cut short silently.
 from __future__ import annotations
 
 import os
+import shlex
 import signal
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from test_durability import history, kill9, pid_gone
 from test_faults import Session
 
 from debounce_cli import protocol
 from debounce_cli.clock import FakeClock
 from debounce_cli.daemon.jobs import Job
+from debounce_cli.daemon.stdin import split_command_line
 from debounce_cli.journal import Journal
 from debounce_cli.scheduler import Options, Scheduler, StartRun
 
@@ -214,3 +218,97 @@ def test_a_child_that_ignores_sigterm_is_killed_after_the_stop_timeout(world, ho
             os.kill(child, signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+
+# ----------------------------------------------------------------------------- 5. long stdin lines
+
+#: The longest line ``debounce daemon --stdin`` takes (README, "Reading invocations from
+#: standard input").
+MAX_LINE = 1 << 20
+
+
+def _stdin_daemon(world, *args: str) -> subprocess.Popen:
+    proc = subprocess.Popen(world.argv("daemon", "--stdin", "--no-journal", "--delay", "0",
+                                       *args),
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, cwd=world.work, env=world.env)
+    world.procs.append(proc)  # stopped and closed by the world's clean-up
+    return proc
+
+
+def _peak_rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    raise AssertionError("no VmHWM")
+
+
+def test_a_long_shell_quoted_line_within_the_limit_is_parsed_at_once(world):
+    """Issue 23, item 5: one quoted word of a megabyte held the event loop for 20 s (shlex
+    is quadratic): the next line waited, and SIGTERM was not honoured meanwhile.
+
+    Such a word is more than the kernel takes as one argument, so its run fails to start
+    (126, as a shell says "Argument list too long"); the line after it runs at once.
+    """
+    marker = world.work / "next"
+    proc = _stdin_daemon(world)
+    assert proc.stdin is not None
+    proc.stdin.write(b"true '" + b"x" * (MAX_LINE - 100) + b"'\n")
+    proc.stdin.write(f"touch {marker}\n".encode())
+    proc.stdin.flush()
+    wait_until(marker.exists, timeout=10)
+    proc.send_signal(signal.SIGTERM)
+    _out, err = proc.communicate(timeout=10)
+    assert proc.returncode == 0, err[-500:]
+    assert b"debounce: true: Argument list too long" in err
+    assert b"stdin line 1: true xxx" in err
+
+
+def test_a_line_over_the_limit_is_refused_by_number_and_memory_stays_bounded(world):
+    """Issue 23, item 5: a 64 MiB JSON line took 52 s and 540 MiB (the reader copied its
+    carry-over once per read)."""
+    proc = _stdin_daemon(world)
+    assert proc.stdin is not None
+    started = time.monotonic()
+    proc.stdin.write(b"true\n")
+    piece = b'{"argv": ["echo", "' + b"y" * (1 << 20)
+    proc.stdin.write(piece)
+    for _ in range(63):
+        proc.stdin.write(b"y" * (1 << 20))
+    proc.stdin.write(b'"]}\n')
+    marker = world.work / "after"
+    proc.stdin.write(f"touch {marker}\n".encode())
+    proc.stdin.flush()
+    wait_until(marker.exists, timeout=30)
+    peak = _peak_rss_kib(proc.pid)
+    _out, err = proc.communicate(timeout=30)
+    assert time.monotonic() - started < 30
+    assert proc.returncode == 1, err  # the refused line counts as a failure
+    [line] = err.decode().splitlines()
+    assert line.startswith("debounce: stdin line 2: ") and "1 MiB" in line, line
+    assert peak < 100 * 1024, f"peak RSS {peak} KiB"
+
+
+def test_sigterm_is_honoured_while_a_long_line_is_being_read(world):
+    proc = _stdin_daemon(world)
+    assert proc.stdin is not None
+    proc.stdin.write(b"echo '" + b"z" * (8 << 20))  # no end of line yet: input stays open
+    proc.stdin.flush()
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=10) == 0
+
+
+@settings(max_examples=2000, deadline=None)
+@given(st.text(alphabet=st.sampled_from(list("ab \t\r'\"\\#$x\x0b")), max_size=30))
+def test_stdin_lines_split_as_shlex_splits_them(text):
+    """The linear splitter of stdin lines reads every line as shlex.split did."""
+    try:
+        expected: list[str] | str = shlex.split(text)
+    except ValueError:
+        expected = "refused"
+    try:
+        got: list[str] | str = split_command_line(text)
+    except ValueError:
+        got = "refused"
+    assert got == expected

@@ -3,12 +3,19 @@
 A line is a shell-quoted command line or a JSON object whose fields are those of the option
 table (``options.RUN_OPTIONS``) plus ``argv``, ``key``, ``cwd`` and ``env``. The runs' output
 goes to the daemon's own stdout and stderr; failures are counted for the exit status.
+
+A line holds at most ``MAX_LINE`` bytes (1 MiB, as much as a command line the kernel takes
+in one argument, give or take). A longer one is refused by its number and counts as a
+failure; the reader drops its bytes as they come instead of keeping them, and nothing here
+copies or parses a line more than a fixed number of times, so no line can hold the event loop
+or fill the memory.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import re
 import shlex
 import sys
 import threading
@@ -111,6 +118,10 @@ class _Line:
 
 #: Bytes read from stdin at a time; the lines of each read go to the loop in one callback.
 READ_SIZE = 1 << 16
+#: The longest line taken, in bytes (its end of line not counted).
+MAX_LINE = 1 << 20
+TOO_LONG = (f"longer than {MAX_LINE >> 20} MiB, the most a stdin line may hold; pass long "
+            "data to the command through a file instead")
 
 
 class StdinSource:
@@ -144,7 +155,10 @@ class StdinSource:
 
         def reader() -> None:
             number = 0
-            rest = b""
+            # The line read so far, in pieces (joined once, at its end: never copied per
+            # read), and its length; past MAX_LINE its bytes are dropped as they come.
+            parts: list[bytes] = []
+            size = 0
             while True:
                 try:
                     chunk = os.read(fd, READ_SIZE)
@@ -154,25 +168,39 @@ class StdinSource:
                     chunk = b""
                 if not chunk:
                     break
-                *whole, rest = (rest + chunk).split(b"\n")
-                batch = []
-                for raw in whole:
+                *ends, last = chunk.split(b"\n")
+                batch: list[tuple[int, bytes | None]] = []
+                for piece in ends:
                     number += 1
-                    batch.append((number, raw))
+                    if size + len(piece) > MAX_LINE:
+                        batch.append((number, None))
+                    else:
+                        batch.append((number, b"".join(parts) + piece if parts else piece))
+                    parts, size = [], 0
+                size += len(last)
+                if size <= MAX_LINE:
+                    parts.append(last)
+                else:
+                    parts = []
                 if batch and not hand_over(self.lines, batch):
                     return
-            if rest and not hand_over(self.lines, [(number + 1, rest)]):
+            if size and not hand_over(self.lines, [
+                    (number + 1, b"".join(parts) if size <= MAX_LINE else None)]):
                 return
             hand_over(self._eof)
 
         threading.Thread(target=reader, name="stdin", daemon=True).start()
 
-    def lines(self, batch: list[tuple[int, bytes]]) -> None:
+    def lines(self, batch: list[tuple[int, bytes | None]]) -> None:
         for number, raw in batch:
             self.line(number, raw)
 
-    def line(self, number: int, raw: bytes) -> None:
+    def line(self, number: int, raw: bytes | None) -> None:
+        """Submit one line; ``None`` stands for a line longer than ``MAX_LINE``."""
         if self.stopping:
+            return
+        if raw is None:
+            self._fail(number, TOO_LONG)
             return
         try:
             parsed = parse_stdin_line(raw, self.defaults, self.base)
@@ -259,7 +287,7 @@ def parse_stdin_line(raw: bytes, defaults: dict[str, Any], base: Base | None = N
         argv, template, cwd, env = _json_line(obj, settings, template, cwd, env)
     else:
         try:
-            argv = shlex.split(text)
+            argv = split_command_line(text)
         except ValueError as exc:
             raise ValueError(f"cannot split command line: {exc}") from None
     try:
@@ -271,6 +299,55 @@ def parse_stdin_line(raw: bytes, defaults: dict[str, Any], base: Base | None = N
     except keys.KeyTemplateError as exc:
         raise ValueError(str(exc)) from None
     return key, options, Job(argv, cwd, env)
+
+
+#: The pieces of a shell-quoted command line, as ``shlex.split`` reads them (POSIX rules, no
+#: comments): blanks between words, '...', "..." (where a backslash escapes only " and \\),
+#: a backslash escaping any one character, plain characters, and a quote or backslash that
+#: nothing closes or follows.
+_PIECE = re.compile(r"""
+    (?P<blank>[ \t\r\n]+)
+  | '(?P<single>[^']*)'
+  | "(?P<double>[^"\\]*(?:\\[\s\S][^"\\]*)*)"
+  | \\(?P<escaped>[\s\S])
+  | (?P<plain>[^ \t\r\n'"\\]+)
+  | (?P<bad>[\s\S])
+""", re.VERBOSE)
+_ESCAPED_IN_DOUBLE = re.compile(r'\\([\\"])')
+
+
+def split_command_line(text: str) -> list[str]:
+    """``shlex.split(text)``, in time linear in the line's length.
+
+    shlex builds each word a character at a time by string concatenation: one quoted word of
+    a megabyte took 20 seconds, and a stdin line is parsed on the event loop. Raises
+    ValueError with shlex's words for an unclosed quote or a trailing backslash.
+    """
+    words: list[str] = []
+    word: list[str] = []
+    quoted = False  # the word so far has a quoted part: '' is a word of its own
+    for match in _PIECE.finditer(text):
+        kind = match.lastgroup
+        if kind == "blank":
+            if word or quoted:
+                words.append("".join(word))
+            word, quoted = [], False
+        elif kind == "single":
+            word.append(match.group("single"))
+            quoted = True
+        elif kind == "double":
+            word.append(_ESCAPED_IN_DOUBLE.sub(r"\1", match.group("double")))
+            quoted = True
+        elif kind == "escaped":
+            word.append(match.group("escaped"))
+        elif kind == "plain":
+            word.append(match.group("plain"))
+        else:
+            raise ValueError("No escaped character" if match.group("bad") == "\\"
+                             else "No closing quotation")
+    if word or quoted:
+        words.append("".join(word))
+    return words
 
 
 def _json_line(obj: dict[str, Any], settings: dict[str, Any], template: str | None, cwd: str,
