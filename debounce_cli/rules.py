@@ -99,8 +99,8 @@ class KeyRecord:
     a leading run may start (``--throttle``: a delay after the previous start). ``leader``
     says that the key's pending invocation leads its burst (a leading edge not started yet:
     ``--no-trailing`` calls share its result).
-    ``burst_run`` names the burst's leading run once it started (a ``Run`` locally, a run id
-    in the fleet): later ``--no-trailing`` calls of the burst join it.
+    ``burst_run`` names the burst's latest run (a ``Run`` locally, a run id in the fleet):
+    later ``--no-trailing`` calls of the burst join it.
     """
 
     key: str
@@ -217,7 +217,7 @@ def land(k: KeyRecord, options: Options, now: float, *, pending: PendingLike | N
          running: RunLike | None, burst: Counted | None) -> Landing:
     """An invocation with ``options`` arrives at ``now``.
 
-    ``pending`` and ``running`` are the key's; ``burst`` is the burst's leading run
+    ``pending`` and ``running`` are the key's; ``burst`` is the burst's latest run
     (``k.burst_run``) when it is still known, executing or ended. Counts of what it joins
     (``coalesced``) are raised here; the caller moves waiters and writes events.
     """
@@ -288,9 +288,10 @@ def fall_due(k: KeyRecord, pending: PendingLike, running: RunLike | None,
     return START if slot_free else QUEUE
 
 
-def started(k: KeyRecord, pending: PendingLike, now: float) -> bool:
-    """The pending invocation starts as a run at ``now``. Returns whether that run is its
-    burst's leading run (the caller sets ``k.burst_run`` to it)."""
+def started(k: KeyRecord, pending: PendingLike, now: float) -> None:
+    """The pending invocation starts as a run at ``now``; the caller sets ``k.burst_run`` to
+    it: the burst's latest run, which later ``--no-trailing`` calls of the burst join (its
+    leading run, unless options were mixed within the burst)."""
     max_wait = pending.options.max_wait_or_none
     if max_wait is not None and not pending.lead and now < k.edge_at:
         # Started before its burst's trailing edge (flushed, or queued and kept its place):
@@ -299,9 +300,7 @@ def started(k: KeyRecord, pending: PendingLike, now: float) -> bool:
     k.max_from = now  # max-wait counts from the last run start
     if max_wait is not None:
         k.lead_after = now + pending.options.delay
-    leads = k.leader
     k.leader = False
-    return leads
 
 
 # -------------------------------------------------------------------- ending and control

@@ -653,8 +653,8 @@ class Scheduler:
         if inv.options.timeout is not None:
             run.deadline = now + inv.options.timeout
             heapq.heappush(self._timers, (run.deadline, next(self._seq), run))
-        if rules.started(ks, inv, now):
-            ks.burst_run = run
+        rules.started(ks, inv, now)
+        ks.burst_run = run
         ks.running = run
         self.runs[run.id] = run
         self._transition(inv, RUNNING)

@@ -221,9 +221,12 @@ def test_a_state_written_by_a_newer_version_still_loads() -> None:
 def test_a_queued_invocation_keeps_its_place_when_replaced() -> None:
     st = fs.KeyState("k")
     submit(st, 100.0, host="a", delay=1.0)
-    assert fs.queue(st, host="a", now=100.5) == (False, [])  # not due yet
-    queued, events = fs.queue(st, host="a", now=101.0)
-    assert queued and events[0]["queued"] is True
+    early, _ = fs.claim(st, host="a", now=100.5, run_id=0, may_take_over=False,
+                        slot_free=False)
+    assert early == fs.Later(101.0)  # not due yet
+    queued, events = fs.claim(st, host="a", now=101.0, run_id=0, may_take_over=False,
+                              slot_free=False)
+    assert queued == fs.Queued() and events[0]["queued"] is True
     landed = submit(st, 102.0, host="a", inv=2, delay=30.0)
     assert isinstance(landed, fs.InSlot)
     assert (landed.due, landed.state, landed.coalesced) == (101.0, "queued", 2)

@@ -525,18 +525,17 @@ class Fleet:
         slot = slot_held or self.slots.borrow()
         started = False
         try:
-            if not slot:
-                await self._queue_for_slot(key)
-                return
             try:
-                run_id = await self.store.next_run_id()
-                self.seen_runs = max(self.seen_runs, run_id)
+                run_id = 0  # without a job slot here, the claim never starts a run
+                if slot:
+                    run_id = await self.store.next_run_id()
+                    self.seen_runs = max(self.seen_runs, run_id)
                 seen: list[float] = []
 
                 def step(st: fs.KeyState, now: float) -> tuple[fs.Claim, list[fs.Event]]:
                     seen.append(now)
                     return fs.claim(st, host=self.host, now=now, run_id=run_id,
-                                    may_take_over=take_over)
+                                    may_take_over=take_over, slot_free=slot)
 
                 result, latest, st = await self.store.update(key, step)
             except StoreDown as exc:
@@ -546,7 +545,10 @@ class Fleet:
                         RETRY, lambda: self._claim_soon(key, take_over))
                 return
             self._measured(seen[-1])
-            if isinstance(result, fs.Later):
+            if isinstance(result, fs.Queued):
+                if key not in self.slot_queue:
+                    self.slot_queue.append(key)  # a slot freed here claims it again
+            elif isinstance(result, fs.Later):
                 if key in self.owned:
                     self._arm(key, result.due)
             elif isinstance(result, fs.Start):
@@ -564,16 +566,6 @@ class Fleet:
             if key in self.reclaim:
                 self.reclaim.discard(key)
                 self._claim_soon(key, take_over)
-
-    async def _queue_for_slot(self, key: str) -> None:
-        """Due, but every job slot here is taken: say so in the store (the invocation keeps
-        its place) and wait for a slot."""
-        try:
-            await self.store.update(key, lambda st, now: fs.queue(st, host=self.host, now=now))
-        except StoreDown as exc:
-            self._say_down(exc)
-        if key not in self.slot_queue:
-            self.slot_queue.append(key)
 
     def _give_back(self) -> None:
         self.apply(self.slots.give_back())

@@ -204,16 +204,6 @@ def _pending_event(p: Pending) -> Event:
             "host": p.host, "inv": p.inv, "queued": p.queued}
 
 
-def queue(st: KeyState, *, host: str, now: float) -> tuple[bool, list[Event]]:
-    """``host`` owns the key's pending invocation, due, but has no free job slot: it queues
-    there (it keeps its place; see ``Pending.queued``)."""
-    p = st.pending
-    if p is None or p.host != host or p.due > now or p.queued:
-        return False, []
-    p.queued = True
-    return True, [_pending_event(p)]
-
-
 def submit(st: KeyState, *, inv: int, host: str, job: dict[str, Any], options: Options,
            now: float, token: str = "") -> tuple[Landed, list[Event]]:
     """One invocation of the key, from ``host``, at the store's time ``now``, where the
@@ -277,17 +267,23 @@ class Busy:
 
 
 @dataclass(frozen=True, slots=True)
+class Queued:
+    """Due, but this host's job slots are all taken (``daemon --jobs``): it waits for one
+    and keeps its place (a later invocation that replaces it does not wait again)."""
+
+
+@dataclass(frozen=True, slots=True)
 class Start:
     """This host starts ``running`` now."""
 
     running: Running
 
 
-Claim = Nothing | Later | Busy | Start
+Claim = Nothing | Later | Busy | Queued | Start
 
 
-def claim(st: KeyState, *, host: str, now: float, run_id: int, may_take_over: bool
-          ) -> tuple[Claim, list[Event]]:
+def claim(st: KeyState, *, host: str, now: float, run_id: int, may_take_over: bool,
+          slot_free: bool = True) -> tuple[Claim, list[Event]]:
     """``host`` would start the key's pending invocation, if it is due and is its to start:
     its own, or (``may_take_over``) one whose host has gone silent. A retry of a claim that
     went through (``run_id`` is already the key's run, here) starts it all the same."""
@@ -300,8 +296,12 @@ def claim(st: KeyState, *, host: str, now: float, run_id: int, may_take_over: bo
     if p.due > now:
         return Later(p.due), []
     running = st.running
-    # The host claims only with a job slot free (else it queues the invocation: ``queue``).
-    decision = rules.fall_due(st, p, running, slot_free=True)
+    decision = rules.fall_due(st, p, running, slot_free)
+    if decision == rules.QUEUE:
+        if p.queued:
+            return Queued(), []
+        p.queued = True
+        return Queued(), [_pending_event(p)]
     if decision == rules.WAIT:
         return Busy(), []
     if decision == rules.RESTART:
@@ -322,8 +322,8 @@ def claim(st: KeyState, *, host: str, now: float, run_id: int, may_take_over: bo
                   batch=p.batch)
     st.running = run
     st.pending = None
-    if rules.started(st, p, now):
-        st.burst_run = run_id
+    rules.started(st, p, now)
+    st.burst_run = run_id
     return Start(run), [started_event(run)]
 
 

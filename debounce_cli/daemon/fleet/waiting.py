@@ -35,10 +35,15 @@ class KeyWaiters:
     #: (waiter, "slot" or "run", number) -> the latest event it had accounted for when it
     #: was filed there: events up to it are not its (it had them, or they were before it).
     since: dict[tuple[Any, str, int], tuple[int, int]] = field(default_factory=dict)
+    #: Waiters of a run stopped for --on-busy restart, now in the slot of its replacement:
+    #: the end of that run, which they are told should the replacement be cancelled (a run
+    #: that started is never reported cancelled: SPEC rule 5).
+    adopted: dict[Any, dict[str, Any]] = field(default_factory=dict)
 
     def forget(self, waiter: Any) -> None:
         for mark in [mark for mark in self.since if mark[0] is waiter]:
             del self.since[mark]
+        self.adopted.pop(waiter, None)
 
     def move(self, waiter: Any, src: tuple[str, int], dst: tuple[str, int]) -> None:
         """It follows ``dst`` now (a slot became a run, a stopped run its replacement)."""
@@ -110,6 +115,7 @@ def deliver(key: str, kw: KeyWaiters, event: dict[str, Any], eid: tuple[int, int
             else:
                 line = protocol.encode(protocol.Started(run_id=run, key=key))
             for waiter in waiters:
+                kw.adopted.pop(waiter, None)
                 kw.move(waiter, ("slot", slot), ("run", run))
                 waiter.start(run, line, None)
     elif kind == "out":
@@ -127,6 +133,7 @@ def deliver(key: str, kw: KeyWaiters, event: dict[str, Any], eid: tuple[int, int
         if then is not None:  # --on-busy restart: they follow the run that replaces it
             kw.slots.setdefault(then, []).extend(waiters)
             for waiter in waiters:
+                kw.adopted[waiter] = event
                 kw.move(waiter, ("run", run), ("slot", then))
         else:
             msg = messages.finished(key, event)
@@ -137,7 +144,8 @@ def deliver(key: str, kw: KeyWaiters, event: dict[str, Any], eid: tuple[int, int
         cancelled = protocol.Cancelled(key=key)
         for waiter in take(kw.slots, "slot", event["slot"], True):
             kw.since.pop((waiter, "slot", event["slot"]), None)
-            waiter.finish(cancelled)
+            stopped = kw.adopted.pop(waiter, None)
+            waiter.finish(cancelled if stopped is None else messages.finished(key, stopped))
 
 
 def resync(key: str, kw: KeyWaiters, st: fs.KeyState) -> None:
