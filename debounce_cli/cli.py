@@ -19,8 +19,11 @@ from debounce_cli.conversation import (
     UsageProblem,
     client_status,
     converse,
+    emit,
+    finish_output,
     refused,
     run_request,
+    write_error,
 )
 from debounce_cli.durations import DurationError, parse_duration
 from debounce_cli.exits import ExitStatus
@@ -449,13 +452,13 @@ def status(as_json: bool, fleet: bool, socket_path: str | None) -> int:
     reply = _ask(socket_path, protocol.StatusRequest(fleet=fleet))
     assert isinstance(reply, protocol.StatusReply)
     if as_json:
-        print(render.status_json(reply))
+        emit(render.status_json(reply))
     elif sys.stdout is not None and sys.stdout.isatty():
         render.status_table(reply)
     else:
         text = render.status_text(reply)
         if text:
-            print(text)
+            emit(text)
     return ExitStatus.SUCCESS
 
 
@@ -573,7 +576,7 @@ def history(key: str | None, limit: int, as_json: bool, fleet: bool,
         return ExitStatus.SUCCESS
     text = render.history_json(reply.runs) if as_json else render.history_text(reply.runs)
     if text:
-        print(text)
+        emit(text)
     return ExitStatus.SUCCESS
 
 
@@ -592,8 +595,12 @@ def logs(target: str | None, key_option: str | None, run_id: int | None,
     if not reply.log_path:
         raise Failure(f"run {reply.run_id} keeps no log", ExitStatus.NOT_FOUND)
     try:
-        for fd, data in read_log(reply.log_path):
+        records = read_log(reply.log_path)
+        for fd, data in records:  # reading may fail at any record, writing never raises
             client.write_output(fd, data)
+            lost = client.write_error()
+            if lost is not None:
+                raise Failure(write_error(lost), ExitStatus.FAILURE)
     except OSError as exc:
         raise Failure(f"cannot read the log of run {reply.run_id}: {exc.strerror}",
                       ExitStatus.NOT_FOUND) from None
@@ -608,7 +615,7 @@ def completion(shell: str) -> int:
     For bash: eval "$(debounce completion bash)" in ~/.bashrc. The same scripts are in the
     completions/ directory of the source.
     """
-    sys.stdout.write(completion_script(shell))
+    emit(completion_script(shell), end="")
     return ExitStatus.SUCCESS
 
 
@@ -641,6 +648,10 @@ def main(args: list[str] | None = None) -> NoReturn:
     """Run the CLI; every failure ends as one line on stderr and a documented exit status."""
     try:
         status = cli.main(args=args, prog_name="debounce", standalone_mode=False)
+    except OSError as exc:
+        if not _stdout_broken(exc):
+            raise
+        status = ExitStatus.SUCCESS  # click's own output (--help, --version): reported below
     except click.UsageError as exc:
         where = exc.ctx.command_path if exc.ctx is not None else "debounce"
         print(f"{where}: {exc.format_message()} (see '{where} --help')", file=sys.stderr)
@@ -655,4 +666,19 @@ def main(args: list[str] | None = None) -> NoReturn:
         sys.exit(exc.status)
     except KeyboardInterrupt:
         sys.exit(ExitStatus.INTERRUPTED)
-    sys.exit(status or 0)
+    sys.exit(finish_output(status or 0))
+
+
+def _stdout_broken(exc: OSError) -> bool:
+    """Whether ``exc``, raised out of click, came from click writing to our stdout (--help,
+    --version): then it is noted as a write error, reported as ours are."""
+    from debounce_cli import client
+
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    code = tb.tb_frame.f_code if tb is not None else None
+    if code is None or code.co_name != "echo" or "click" not in code.co_filename:
+        return False
+    client.note_lost(1, exc)
+    return True

@@ -18,6 +18,7 @@ from debounce_cli.protocol import Message
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Callable
+    from typing import Any
 
 #: How long a client waits for an auto-started daemon to say it is ready.
 START_TIMEOUT = 10.0
@@ -428,20 +429,79 @@ def wait_for_run(
         display.close()
 
 
+#: Our own streams that could not be written, by fd: the error, or ``None`` when the reader
+#: went away (EPIPE: ``| head -1`` has what it wants, which is no error, as for coreutils).
+#: Nothing more is written to a stream once it is here.
+lost: dict[int, OSError | None] = {}
+
+
 def write_output(fd: int, data: bytes) -> None:
     """Copy a chunk of the run's output to our own stdout or stderr, at once.
 
-    A caller that closed the stream (``>&-``) or whose reader went away still gets the run's
-    exit status: the output just has nowhere to go.
+    A stream that cannot take it (closed with ``>&-``, a full disk) is noted in :data:`lost`,
+    and the caller still gets the run's exit status: the CLI reports the write error at the
+    end. A reader that went away is noted too, quietly.
     """
-    stream = sys.stdout if fd == 1 else sys.stderr
-    if stream is None:
+    if fd in lost or not data:
         return
+    stream = sys.stdout if fd == 1 else sys.stderr
     try:
+        if stream is None:
+            raise OSError(9, os.strerror(9))  # EBADF: the stream was closed before we began
         stream.buffer.write(data)
         stream.buffer.flush()
-    except (OSError, ValueError):
-        pass
+    except (OSError, ValueError) as exc:
+        _lose(fd, stream, exc)
+
+
+def write_text(text: str) -> None:
+    """Print ``text`` on our stdout, at once; a failure is noted as for :func:`write_output`."""
+    if 1 in lost:
+        return
+    stream = sys.stdout
+    try:
+        if stream is None:
+            raise OSError(9, os.strerror(9))  # EBADF
+        stream.write(text)
+        stream.flush()
+    except (OSError, ValueError) as exc:
+        _lose(1, stream, exc)
+
+
+def flush_stdout() -> None:
+    """Flush what print() left in our stdout's buffer; a failure is noted."""
+    if 1 not in lost and sys.stdout is not None:
+        try:
+            sys.stdout.flush()
+        except (OSError, ValueError) as exc:
+            _lose(1, sys.stdout, exc)
+
+
+def write_error() -> OSError | None:
+    """The first failure to write our stdout or stderr, if any (a reader gone is none)."""
+    return next((exc for exc in lost.values() if exc is not None), None)
+
+
+def note_lost(fd: int, exc: OSError) -> None:
+    """Writing to our ``fd`` failed somewhere else (click's own output): note it."""
+    _lose(fd, sys.stdout if fd == 1 else sys.stderr, exc)
+
+
+def _lose(fd: int, stream: Any, exc: OSError | ValueError) -> None:
+    if isinstance(exc, ValueError):  # the file object was closed
+        exc = OSError(9, os.strerror(9))
+    lost.setdefault(fd, None if exc.errno == 32 else exc)  # 32: EPIPE
+    if stream is not None:
+        # What is still buffered, and anything written later, now goes to /dev/null, so that
+        # Python's own flush at exit does not fail (and print a traceback) all over again.
+        try:
+            null = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
+            try:
+                os.dup2(null, stream.fileno())
+            finally:
+                os.close(null)
+        except (OSError, ValueError):
+            pass
 
 
 def request(sock_path: str, message: Message, autostart: bool = True) -> Message:

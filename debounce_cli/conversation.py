@@ -74,7 +74,7 @@ def converse(
                 if as_json:
                     import json
 
-                    print(json.dumps({
+                    emit(json.dumps({
                         "id": reply.id, "key": reply.key, "state": reply.state,
                         "due_in": reply.due_in, "coalesced": reply.coalesced,
                     }))
@@ -129,7 +129,12 @@ def converse(
             if as_json:
                 from debounce_cli.render import finished_json
 
-                print(finished_json(result))
+                client.write_text(finished_json(result) + "\n")
+            unwritten = client.write_error()
+            if unwritten is not None:
+                # The output is incomplete: say so, and what the run itself did.
+                raise Failure(f"{write_error(unwritten)}; run {result.run_id} exited "
+                              f"{result.exit_code}", ExitStatus.FAILURE)
             return result.exit_code
         if isinstance(result, protocol.Cancelled):
             raise Failure(f"{result.key} was cancelled before it ran", ExitStatus.CANCELLED)
@@ -141,6 +146,35 @@ def converse(
                       ExitStatus.DAEMON_UNREACHABLE) from None
     finally:
         conn.close()
+
+
+def write_error(exc: OSError) -> str:
+    """How a failure to write our output is reported, as coreutils do."""
+    return f"write error: {exc.strerror or exc}"
+
+
+def emit(text: str, end: str = "\n") -> None:
+    """Print ``text`` on our stdout, at once. A stdout that cannot take it (closed, a full
+    disk) is a failure of ours (exit 1); a reader that went away (``| head -1``) is not."""
+    from debounce_cli import client
+
+    client.write_text(text + end)
+    lost = client.write_error()
+    if lost is not None:
+        raise Failure(write_error(lost), ExitStatus.FAILURE)
+
+
+def finish_output(status: int) -> int:
+    """``status``, once what is left in our stdout's buffer has been written; a write error
+    that nothing reported yet is reported now and ends in exit 1."""
+    from debounce_cli import client
+
+    client.flush_stdout()
+    lost = client.write_error()
+    if lost is None:
+        return status
+    say(f"debounce: {write_error(lost)}")
+    return ExitStatus.FAILURE
 
 
 def say(line: str) -> None:

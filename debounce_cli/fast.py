@@ -161,12 +161,12 @@ def main() -> NoReturn:
 
 
 def _fast(parsed: RunArgs) -> int:
-    from debounce_cli.conversation import Failure, UsageProblem, say
+    from debounce_cli.conversation import Failure, UsageProblem, finish_output, say
     from debounce_cli.exits import ExitStatus
     from debounce_cli.paths import PathError
 
     try:
-        return run_fast(parsed)
+        return finish_output(run_fast(parsed))
     except (UsageProblem, PathError):
         # click says it its way (the same words, with "see --help")
         from debounce_cli.cli import main as click_main

@@ -39,7 +39,9 @@ EXIT_MEANINGS = {
     "directory is full or read-only.",
     ExitStatus.NOT_FOUND: "Nothing by that key or run id (wait, flush, cancel, logs).",
     ExitStatus.FAILURE: "debounce daemon could not start; with --stdin, a line failed to "
-    "parse or a run failed.",
+    "parse or a run failed. Any command: its output could not be written (a full disk, a "
+    "closed stdout); a waiting client also says what the run's own status was. A reader "
+    "that goes away (| head -1) is no error.",
     ExitStatus.INTERRUPTED: "Interrupted (Ctrl-C): a waiting client stops waiting and the "
     "invocation stays with the daemon; debounce watch cancels and stops what it submitted.",
 }

@@ -43,3 +43,63 @@ def test_stop_returns_only_once_the_daemon_process_has_exited(world):
     assert r.returncode == 0, r.stderr
     assert not _running(daemon.pid), "debounce stop returned while the daemon still ran"
     assert not os.path.exists(world.socket)
+
+
+# ------------------------------------------------------------------------------ 2. write errors
+def _cli(world, *args: str, stdout: str) -> subprocess.CompletedProcess:
+    """The CLI with its stdout on /dev/full ("full") or closed, as with '>&-' ("closed")."""
+    redirect = ">/dev/full" if stdout == "full" else ">&-"
+    script = f'exec "$@" {redirect}'
+    return subprocess.run(["sh", "-c", script, "sh", *world.argv(*args)], cwd=world.work,
+                          env=world.env, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                          timeout=30)
+
+
+ENOSPC = "No space left on device"
+EBADF = "Bad file descriptor"
+
+
+def test_a_full_stdout_is_one_line_and_exit_1_for_every_command(world):
+    """> /dev/full: 'debounce: write error: ...' and exit 1, never a traceback or a lost
+    output passed off as success; a waiting run also says what the run's own status was."""
+    r = world.run("run", "--delay", "0", "--key", "w", "--", "sh", "-c", "echo out; exit 3")
+    assert r.returncode == 3 and r.stdout == "out\n"
+    for args in (("completion", "bash"), ("history",), ("--help",),
+                 ("run", "--help"), ("logs", "--run", "1"), ("logs", "w"),
+                 ("history", "--json")):
+        r = _cli(world, *args, stdout="full")
+        assert (r.returncode, r.stderr) == (1, f"debounce: write error: {ENOSPC}\n"), args
+    world.run("run", "--no-wait", "--key", "p", "--delay", "1h", "--", "true")
+    for args in (("status",), ("status", "--json")):
+        r = _cli(world, *args, stdout="full")
+        assert (r.returncode, r.stderr) == (1, f"debounce: write error: {ENOSPC}\n"), args
+    r = _cli(world, "run", "--delay", "0", "--key", "w", "--", "sh", "-c", "echo out; exit 3",
+             stdout="full")
+    assert r.returncode == 1
+    assert r.stderr == f"debounce: write error: {ENOSPC}; run 2 exited 3\n"
+    r = _cli(world, "run", "--delay", "0", "--json", "--", "true", stdout="full")
+    assert r.returncode == 1 and r.stderr.startswith(f"debounce: write error: {ENOSPC}; run ")
+
+
+def test_a_closed_stdout_is_a_write_error_unless_nothing_is_written(world):
+    """'>&-': the same one line (Bad file descriptor) and exit 1 when there is output to
+    write; a command that writes nothing to stdout still succeeds."""
+    r = world.run("run", "--delay", "0", "--key", "c", "--", "echo", "out")
+    assert r.returncode == 0
+    for args in (("completion", "bash"), ("logs", "--run", "1"), ("history",)):
+        r = _cli(world, *args, stdout="closed")
+        assert (r.returncode, r.stderr) == (1, f"debounce: write error: {EBADF}\n"), args
+    r = _cli(world, "run", "--delay", "0", "--", "echo", "again", stdout="closed")
+    assert (r.returncode, r.stderr) == (1, f"debounce: write error: {EBADF}; run 2 exited 0\n")
+    r = _cli(world, "run", "--delay", "0", "--", "sh", "-c", "echo to stderr >&2", stdout="closed")
+    assert (r.returncode, r.stderr) == (0, "to stderr\n")
+
+
+def test_a_reader_that_goes_away_is_no_error(world):
+    """`| head -1` stays quiet: a run exits with its own status, history with 0."""
+    pipeline = '"$@" | head -1'
+    r = subprocess.run(["bash", "-c", f"set -o pipefail; {pipeline}", "sh",
+                        *world.argv("run", "--delay", "0", "--", "seq", "200000")],
+                       cwd=world.work, env=world.env, capture_output=True, text=True,
+                       timeout=60)
+    assert (r.returncode, r.stdout, r.stderr) == (0, "1\n", "")
