@@ -15,31 +15,84 @@ from typing import BinaryIO
 _HEADER = struct.Struct(">BI")
 #: Bytes before each record's chunk.
 HEADER_SIZE = _HEADER.size
+#: The stream of debounce's own note where a log stops early (not the run's output): readers
+#: show it on stderr; a client catching up from the log takes it as the reason, not as output.
+NOTE = 3
+#: Free space a log leaves on its disk, at most (and at most a sixteenth of the disk): the
+#: journal beside it must still be able to record the run and what comes after.
+RESERVE = 1024 * 1024
+#: Bytes written between two looks at the disk's free space.
+CHECK_EVERY = 256 * 1024
 
 
 class LogWriter:
-    """Append-only writer; after a write error (a full disk) it stops and says so once."""
+    """Append-only writer; after a write error (a full disk) it stops and says so once.
+
+    It also stops before the disk is full, leaving :data:`RESERVE` free so the journal can
+    still commit. Where it stops it appends a :data:`NOTE` record saying why (best effort), so
+    ``debounce logs`` and a client catching up from the log learn that the log is cut short.
+    """
 
     def __init__(self, path: str):
         self.path = path
         self.error: str | None = None
         self.size = 0  # bytes written: where the next record starts
         self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        self.next_check = 0
+        self.reserve: int | None = None
 
     def write(self, fd: int, data: bytes) -> int | None:
         """Append one record; return where it ends, or ``None`` once writing has failed."""
         if self.error is not None:
             return None
         record = _HEADER.pack(fd, len(data)) + data
+        if self.size + len(record) > self.next_check and not self._room_for(len(record)):
+            return None
+        start = self.size
         try:
             while record:  # a pipe chunk is at most 64 KiB: this loops only on a short write
                 written = os.write(self.fd, record)
                 record = record[written:]
                 self.size += written
         except OSError as exc:
-            self.error = exc.strerror or str(exc)
+            # A record cut short would garble what follows it: take it back first.
+            try:
+                os.ftruncate(self.fd, start)
+                self.size = start
+            except OSError:
+                pass
+            self._stop(f"cannot write to the disk holding it ({exc.strerror or exc})")
             return None
         return self.size
+
+    def _room_for(self, size: int) -> bool:
+        """Whether the disk keeps its reserve after ``size`` more bytes; stops the log if not.
+        Looked at every CHECK_EVERY bytes."""
+        try:
+            st = os.fstatvfs(self.fd)
+        except OSError:
+            self.next_check = self.size + CHECK_EVERY
+            return True
+        if self.reserve is None:
+            self.reserve = min(RESERVE, st.f_blocks * st.f_frsize // 16)
+        free = st.f_bavail * st.f_frsize
+        if free - size < self.reserve + CHECK_EVERY:
+            if free - size < self.reserve:
+                self._stop(f"the disk holding it is nearly full ({free // 1024} KiB free)")
+                return False
+            self.next_check = self.size  # close to the reserve: look at every write
+        else:
+            self.next_check = self.size + CHECK_EVERY
+        return True
+
+    def _stop(self, why: str) -> None:
+        self.error = why
+        note = f"debounce: the log of this run stops here: {why}; later output was not kept\n"
+        data = note.encode("utf-8", "backslashreplace")
+        try:
+            os.write(self.fd, _HEADER.pack(NOTE, len(data)) + data)
+        except OSError:
+            pass
 
     def close(self) -> None:
         try:

@@ -8,6 +8,7 @@ left running, output is never cut short silently.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
 import signal
@@ -312,3 +313,65 @@ def test_stdin_lines_split_as_shlex_splits_them(text):
     except ValueError:
         got = "refused"
     assert got == expected
+
+
+# ----------------------------------------------------------------------------- 3. a full log disk
+
+
+@contextlib.contextmanager
+def small_state_dir(world, size: str):
+    """A tmpfs of ``size`` as the state dir: yields the environment that uses it."""
+    mnt = world.root / "small"
+    mnt.mkdir()
+    mount = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(mnt)],
+        capture_output=True, text=True,
+    )
+    if mount.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs to fill: {mount.stderr.strip()}")
+    env = dict(world.env, DEBOUNCE_STATE_DIR=str(mnt))
+    try:
+        yield env
+    finally:
+        world.run("stop", env=env, timeout=60)
+        if subprocess.run(["umount", str(mnt)], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def _slow_reader_on_a_filling_disk(world, size: str, count: int) -> None:
+    """``debounce run -- seq COUNT`` read by a client that reads nothing until the run has
+    ended, with the state dir (and so the run's log) on a tmpfs of ``size``. The client gets
+    all the output, or one line on stderr saying output was lost and why, and the run's
+    status; either way the run is in history and ``debounce logs`` says where its log
+    stops."""
+    with small_state_dir(world, size) as env:
+        done = world.work / "done"
+        client = world.popen("run", "--delay", "0", "--key", "seq", "--", "sh", "-c",
+                             f'seq {count}; touch "$0"', str(done), env=env)
+        wait_until(done.exists, timeout=120)
+        out, err = client.communicate(timeout=120)
+        expected = "".join(f"{n}\n" for n in range(1, count + 1))
+        if out != expected:
+            # The run's status is kept (every caller of a run gets its status), and said.
+            [lost] = [line for line in err.splitlines() if "lost" in line]
+            assert "disk" in lost and "read too slowly" in lost, err[-2000:]
+        assert client.returncode == 0, err[-2000:]
+        [row] = history(world, env=env)
+        assert (row["key"], row["exit_code"]) == ("seq", 0)
+        logs = world.run("logs", str(row["run_id"]), env=env, timeout=60)
+        assert logs.returncode == 0, logs.stderr
+        assert expected.startswith(logs.stdout)
+        [note] = logs.stderr.splitlines()
+        assert "log" in note and "disk" in note, note
+
+
+def test_a_slow_reader_gets_all_the_output_when_the_log_disk_fills(world):
+    """Issue 23, item 3: the client got part of the output, exited 0 and said nothing; the
+    run was not in history."""
+    _slow_reader_on_a_filling_disk(world, "4m", 1_000_000)
+
+
+@pytest.mark.slow
+def test_a_slow_reader_of_a_huge_output_is_told_what_a_full_log_disk_lost(world):
+    """Issue 23, item 3 at the reported scale: 96.9 MB of output, a 20 MB state dir."""
+    _slow_reader_on_a_filling_disk(world, "20m", 12_000_000)

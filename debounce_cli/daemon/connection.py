@@ -25,7 +25,7 @@ from typing import BinaryIO
 from debounce_cli import protocol
 from debounce_cli.daemon import records
 from debounce_cli.daemon.handlers import HANDLERS, Context
-from debounce_cli.logfile import HEADER_SIZE, read_records
+from debounce_cli.logfile import HEADER_SIZE, NOTE, read_records
 from debounce_cli.protocol import ProtocolError
 from debounce_cli.states import BAD_REQUEST, REFUSED
 
@@ -80,6 +80,11 @@ class Connection(asyncio.Protocol):
         self.log: str | None = None  # that run's output log
         self.paused = False  # the transport holds more than CATCHUP_HIGH unsent bytes
         self.catchup: BinaryIO | None = None  # reading the log instead of live output
+        #: Output that came while catching up after the log stopped (a full disk): sent when
+        #: the log is exhausted, up to OUTPUT_BACKLOG bytes; past that it is lost, and said.
+        self.tail: list[bytes] = []
+        self.tail_size = 0
+        self.log_stopped: str | None = None  # the run's log stopped early: why, if known
         self.last: protocol.Message | None = None  # the end, held until caught up
         self.timer: asyncio.TimerHandle | None = None
         self.active = 0.0  # loop time of the last request or answer
@@ -263,8 +268,16 @@ class Connection(asyncio.Protocol):
         reads, back to live output when it has caught up. For a run without a log, past
         OUTPUT_BACKLOG unsent bytes its copy stops, and it is told so at the end.
         """
+        if end is None and self.log is not None and self.log_stopped is None:
+            self.log_stopped = ""  # the log keeps no more of the run's output
         if self.catchup is not None:
-            return  # it is in the log: the catch-up reads it in turn
+            if end is None:  # not in the log: it follows what the catch-up reads from there
+                if self.tail_size + len(line) > OUTPUT_BACKLOG:
+                    self.output_dropped = True
+                else:
+                    self.tail.append(line)
+                    self.tail_size += len(line)
+            return  # in the log: the catch-up reads it in turn
         transport = self.transport
         if transport is None:
             return
@@ -282,9 +295,14 @@ class Connection(asyncio.Protocol):
             return
         self.finishing = True
         if self.output_dropped and isinstance(msg, protocol.Finished):
-            note = (f"debounce: this client read too slowly and missed some of the output; "
-                    f"'debounce logs {msg.run_id}' has all of it\n").encode()
-            self.raw(records.output_line(2, note))
+            if self.log_stopped is not None:
+                why = self.log_stopped or "the run's log could not keep it"
+                note = (f"debounce: some of the output of run {msg.run_id} was lost: this "
+                        f"client read too slowly and {why}\n")
+            else:
+                note = (f"debounce: this client read too slowly and missed some of the "
+                        f"output; 'debounce logs {msg.run_id}' has all of it\n")
+            self.raw(records.output_line(2, note.encode("utf-8", "backslashreplace")))
         self.send(msg)
         if self.acked:
             self.close()
@@ -309,11 +327,17 @@ class Connection(asyncio.Protocol):
             chunks = read_records(f, CATCHUP_LOW)
             if not chunks:  # all that was written so far is sent: live output from here
                 self._end_catchup()
+                tail, self.tail, self.tail_size = self.tail, [], 0
+                for line in tail:  # what came after the log stopped
+                    self.raw(line)
                 if self.last is not None:
                     last, self.last = self.last, None
                     self.finish(last)
                 return
             for fd, data, _end in chunks:
+                if fd == NOTE:  # where and why the log stops: not the run's output
+                    self.log_stopped = _reason(data)
+                    continue
                 self.raw(records.output_line(fd, data))
 
     def _end_catchup(self) -> None:
@@ -372,6 +396,14 @@ class Connection(asyncio.Protocol):
             self.refuse(f"no request within {READ_TIMEOUT:g}s; closing")
         else:
             self.timer = loop.call_at(self.active + READ_TIMEOUT, self._timed_out)
+
+
+def _reason(note: bytes) -> str:
+    """Why a log stopped, from its NOTE record, worded to follow "this client read too
+    slowly and"."""
+    text = note.decode("utf-8", "replace").strip()
+    why = text.partition("stops here: ")[2].partition("; later output")[0]
+    return f"the run's log stopped: {why}" if why else "the run's log could not keep it"
 
 
 def _peer_allowed(transport: asyncio.BaseTransport) -> bool:
