@@ -336,9 +336,10 @@ def cancelled(k: KeyRecord) -> None:
 
 
 def remembered_until(k: KeyRecord) -> float:
-    """An idle key (nothing pending or running) is kept until then: until its burst is over,
-    and no leading run may start yet."""
-    return max(k.quiet_at, k.lead_after)
+    """An idle key (nothing pending or running) is kept until then: while its burst goes
+    on (a delay after its last call, and its trailing edge still armed) and while no leading
+    run may start yet."""
+    return max(k.quiet_at, k.edge_at, k.lead_after)
 
 
 def restore(k: KeyRecord, options: Options, *, received_at: float, due: float,

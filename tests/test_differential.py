@@ -21,6 +21,7 @@ then the call or control command.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -347,8 +348,12 @@ def histories(draw: st.DrawFn) -> tuple[list[Op], float, list[float]]:
     return ops, hog, durations
 
 
-@pytest.mark.timeout(300)
-@settings(max_examples=3000, deadline=None, database=None,
+#: More examples for a long hunt: DEBOUNCE_DIFF_EXAMPLES=100000 pytest tests/test_differential.py
+EXAMPLES = int(os.environ.get("DEBOUNCE_DIFF_EXAMPLES", "2000"))
+
+
+@pytest.mark.timeout(300 + EXAMPLES // 50)
+@settings(max_examples=EXAMPLES, deadline=None, database=None,
           suppress_health_check=[HealthCheck.too_slow])
 @given(histories())
 def test_a_local_key_and_a_fleet_key_make_the_same_runs(
@@ -373,3 +378,19 @@ def test_leading_no_trailing_joins_the_leader_queued_behind_a_full_slot() -> Non
     assert [(start, winner) for start, winner, *_ in local.runs] == [(3.0, 1)]
     assert local.told == fleet.told == {
         0: ("run", 0, 0, "exited"), 1: ("run", 0, 0, "exited"), 2: ("run", 0, 0, "exited")}
+
+
+def test_a_key_whose_edge_is_still_armed_is_remembered_while_idle() -> None:
+    """Found by the generated test: a run started before its burst's trailing edge keeps the
+    edge armed for max-wait; the key's run then ends with nothing pending, and the local
+    scheduler forgot the idle key (and the armed edge) while the fleet's state kept it. A call
+    at 1.5 runs at once on both (max-wait after the run at 1.125 has passed)."""
+    queue = Options(delay=0.0)
+    capped = Options(delay=0.25, max_wait=0.5)
+    ops = [Op(0.0, "call", queue), Op(0.0, "call", queue), Op(0.5, "call", Options(delay=0.5)),
+           Op(0.875, "call", capped),
+           Op(0.875, "call", Options(delay=0.5, leading=True, trailing=False)),
+           Op(1.5, "call", capped)]
+    local, fleet = play(ops, hog=0.75, durations=[0.375])
+    assert local.runs == fleet.runs
+    assert [start for start, *_ in local.runs] == [0.75, 1.125, 1.5]
