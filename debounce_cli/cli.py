@@ -213,8 +213,8 @@ def run(
 
     Options stop at COMMAND, so `debounce run make -j4` passes -j4 to make. The run's output
     streams to this command's stdout and stderr. debounce's own failures exit 2 (usage), 112
-    (no daemon), 113 (daemon lost; `debounce wait KEY` reattaches), 114 (cancelled) or 116
-    (refused).
+    (no daemon), 113 (daemon lost; `debounce wait --key KEY` reattaches), 114 (cancelled),
+    116 (refused) or 1 (the output could not be written).
     """
     try:
         request = run_request(list(command), key_template, _options(**scheduling), no_wait)

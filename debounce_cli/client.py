@@ -62,6 +62,7 @@ class Connection:
         self.sock = sock
         self.buffer = bytearray()
         self.scanned = 0  # no newline before this offset of the buffer
+        self.key: str | None = None  # the key the daemon filed what we follow under
 
     def send(self, *messages: Message) -> None:
         self.sock.sendall(b"".join(protocol.encode(m) for m in messages))
@@ -392,14 +393,13 @@ def wait_for_run(
 ) -> Message:
     """Follow a conversation to its end: Finished, Cancelled or Error.
 
-    Output chunks go to ``out(fd, data)``; progress goes to ``display``. Raises
-    :class:`DaemonLost` when the daemon closes the connection first, and ``TimeoutError``
-    when ``timeout`` seconds pass first.
+    Output chunks go to ``out(fd, data)``; progress goes to ``display``; ``conn.key`` learns
+    the key the daemon filed it under. Raises :class:`DaemonLost` when the daemon closes the
+    connection first, and ``TimeoutError`` when ``timeout`` seconds pass first.
     """
     from binascii import a2b_base64  # only a waiting client decodes output
 
     deadline = None if timeout is None else time.monotonic() + timeout
-    key = None
     try:
         while True:
             wait = display.refresh
@@ -414,14 +414,15 @@ def wait_for_run(
                 display.tick()
                 continue
             if msg is None:
-                raise DaemonLost(key)
+                raise DaemonLost(conn.key)
             if isinstance(msg, protocol.Output):
                 if out is not None:
                     out(msg.fd, a2b_base64(msg.data))
             elif isinstance(msg, (protocol.Accepted, protocol.Pending)):
-                key = msg.key
+                conn.key = msg.key
                 display.pending(msg)
             elif isinstance(msg, protocol.Started):
+                conn.key = conn.key or msg.key
                 display.started(msg)
             elif isinstance(msg, (protocol.Finished, protocol.Cancelled, protocol.Error)):
                 return msg

@@ -101,17 +101,17 @@ def converse(
                 raise
             raise Failure(f"gave up waiting for {key} after {wait_timeout:g}s",
                           ExitStatus.WAIT_TIMEOUT) from None
-        except client.DaemonLost as lost:
-            filed = lost.key or key
+        except client.DaemonLost:
+            what, again = _reattach(conn.key, request)
             raise Failure(
-                f"lost the daemon while waiting for {filed}; "
-                f"run 'debounce wait {quote(filed)}' to reattach",
+                f"lost the daemon while waiting for {what}; run '{again}' to reattach",
                 ExitStatus.DAEMON_LOST,
             ) from None
         except KeyboardInterrupt:
             # Stop waiting; the invocation stays with the daemon for the other waiters.
-            say(f"debounce: stopped waiting; {key} stays with the daemon "
-                 f"('debounce wait --key {quote(key)}' reattaches)")
+            what, again = _reattach(conn.key, request)
+            say(f"debounce: stopped waiting; {what} stays with the daemon "
+                f"('{again}' reattaches)")
             return ExitStatus.INTERRUPTED
         if isinstance(result, protocol.Finished):
             if result.outcome == LOST:
@@ -146,6 +146,21 @@ def converse(
                       ExitStatus.DAEMON_UNREACHABLE) from None
     finally:
         conn.close()
+
+
+def _reattach(filed: str | None, request: Any) -> tuple[str, str]:
+    """What we waited for, and the command that waits for it again: always saying whether it
+    is a key or a run (a key of digits, given bare, could be taken for a run id)."""
+    from debounce_cli import protocol
+
+    if isinstance(request, protocol.WaitRequest) and request.by == "run":
+        return f"run {request.target}", f"debounce wait --run {request.target}"
+    if filed is None and isinstance(request, protocol.RunRequest):
+        filed = request.key
+    if filed is not None:
+        return filed, f"debounce wait --key {quote(filed)}"
+    # A bare wait whose daemon never said what it found: the same words find it again.
+    return request.target, f"debounce wait {quote(request.target)}"
 
 
 def write_error(exc: OSError) -> str:

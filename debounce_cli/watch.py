@@ -381,7 +381,9 @@ class Watcher:
         """Follow the key until nothing of ours is left: print output, drop delivered paths."""
         while True:
             try:
-                conn = client.connect(self.sock, protocol.WaitRequest(target=self.key))
+                # Always said as a key: a key of digits would else be read as a run id.
+                conn = client.connect(self.sock,
+                                      protocol.WaitRequest(target=self.key, by="key"))
             except client.ClientError as exc:
                 print(f"debounce: {exc}", file=sys.stderr, flush=True)
                 return
@@ -474,7 +476,7 @@ class Watcher:
             if fleet and row.host not in (None, host):
                 continue  # another host's invocation or run of the fleet key: not ours
             if row.pending is not None and row.pending.id in ours:
-                answer = self._ask(protocol.CancelRequest(key=row.key))
+                answer = self._ask(protocol.CancelRequest(key=row.key, by="key"))
                 if isinstance(answer, protocol.Done):
                     print(f"debounce: cancelled what was pending for {row.key}",
                           file=sys.stderr, flush=True)

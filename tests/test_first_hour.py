@@ -24,14 +24,25 @@ def test_an_executable_script_without_a_shebang_runs_with_sh(world):
     assert (proc.returncode, proc.stdout, proc.stderr) == (0, "from-sh\n", "")
 
 
-def test_a_caller_with_closed_stdout_or_stderr_still_gets_the_runs_status(world):
+def test_a_caller_with_closed_stdout_or_stderr_still_learns_the_runs_status(world):
+    """Output that cannot be written is a write error (exit 1, as coreutils do), and the line
+    says what the run's own status was; a closed stream that gets nothing is no error."""
     for redirect in (">&-", "2>&-", ">&- 2>&-"):
         cmd = shlex.join(world.argv("run", "--delay", "0", "--", "sh", "-c",
                                     "echo out; echo err >&2; exit 3"))
         proc = subprocess.run(["sh", "-c", f"{cmd} {redirect}"], capture_output=True,
                               text=True, env=world.env, cwd=world.work, timeout=30)
-        assert proc.returncode == 3, (redirect, proc.stderr)
+        assert proc.returncode == 1, (redirect, proc.stderr)
         assert "Traceback" not in proc.stderr
+        if redirect == ">&-":
+            assert proc.stderr.startswith("err\ndebounce: write error: Bad file descriptor; "
+                                          "run "), proc.stderr
+            assert proc.stderr.endswith(" exited 3\n"), proc.stderr
+    for redirect, output in ((">&-", "echo err >&2"), ("2>&-", "echo out")):
+        cmd = shlex.join(world.argv("run", "--delay", "0", "--", "sh", "-c", f"{output}; exit 3"))
+        proc = subprocess.run(["sh", "-c", f"{cmd} {redirect}"], capture_output=True,
+                              text=True, env=world.env, cwd=world.work, timeout=30)
+        assert proc.returncode == 3, (redirect, proc.stderr)
 
 
 def test_a_bad_delay_names_the_variable_only_when_it_was_used(world):

@@ -103,3 +103,73 @@ def test_a_reader_that_goes_away_is_no_error(world):
                        cwd=world.work, env=world.env, capture_output=True, text=True,
                        timeout=60)
     assert (r.returncode, r.stdout, r.stderr) == (0, "1\n", "")
+
+
+# ------------------------------------------------------------------------------ 3. digit keys
+def _watch(world, *args: str):
+    """``debounce watch ARGS`` in the background (stdout to a file), once it is watching."""
+    out = world.root / f"watch-{len(world.procs)}.out"
+    err = world.root / f"watch-{len(world.procs)}.err"
+    with out.open("w") as o, err.open("w") as e:
+        proc = world.popen("watch", *args, stdout=o, stderr=e)
+    wait_until(lambda: "watching" in err.read_text() or proc.poll() is not None, timeout=15)
+    assert proc.poll() is None, err.read_text()
+    return proc, out, err
+
+
+def _keys(world) -> dict:
+    r = world.run("status", "--json")
+    assert r.returncode == 0, r.stderr
+    return {k["key"]: k for k in json.loads(r.stdout)["keys"]}
+
+
+def test_watch_with_a_key_of_digits_prints_its_runs(world):
+    """`watch --key 3` once a run 3 exists: the watcher follows key 3, not run 3 (which the
+    daemon would refuse as ambiguous), so the runs' output is printed."""
+    import signal
+
+    for _ in range(3):
+        assert world.run("run", "--delay", "0", "--", "true").returncode == 0
+    src = world.work / "src"
+    src.mkdir()
+    proc, out, err = _watch(world, "--key", "3", "--delay", "100ms", "src", "--",
+                            "sh", "-c", 'echo "built by run $DEBOUNCE_RUN_ID"')
+    (src / "a").write_text("a")
+    wait_until(lambda: "built by run 4" in out.read_text(), timeout=15)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=15) == 130, err.read_text()
+
+
+def test_ctrl_c_on_watch_cancels_a_key_of_digits(world):
+    """Ctrl-C cancels what the watcher left pending for key 3, though a run 3 exists."""
+    import signal
+
+    for _ in range(3):
+        assert world.run("run", "--delay", "0", "--", "true").returncode == 0
+    src = world.work / "src"
+    src.mkdir()
+    proc, _out, err = _watch(world, "--key", "3", "--delay", "1h", "src", "--", "true")
+    (src / "b").write_text("b")
+    wait_until(lambda: (_keys(world).get("3") or {}).get("pending"))
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=15) == 130, err.read_text()
+    assert "cancelled what was pending for 3" in err.read_text()
+    assert not (_keys(world).get("3") or {}).get("pending")
+
+
+@pytest.mark.slow
+def test_the_reattach_hint_says_key_for_a_key_of_digits(world):
+    """A client that lost its daemon names `debounce wait --key 2`, not `debounce wait 2`
+    (which would mean run 2, or be refused as ambiguous)."""
+    import signal
+
+    for _ in range(2):
+        assert world.run("run", "--delay", "0", "--", "true").returncode == 0
+    client = world.popen("run", "--key", "2", "--delay", "0", "--", "sleep", "30")
+    wait_until(lambda: (_keys(world).get("2") or {}).get("running"))
+    pid = world.daemon_pid()
+    assert pid
+    os.kill(pid, signal.SIGKILL)
+    assert client.wait(timeout=15) == 113
+    err = client.stderr.read()
+    assert "run 'debounce wait --key 2' to reattach" in err, err
