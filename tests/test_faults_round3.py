@@ -12,6 +12,7 @@ import contextlib
 import os
 import shlex
 import signal
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -19,8 +20,8 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_durability import history, kill9, pid_gone
-from test_faults import Session
+from test_durability import fill, history, kill9, pid_gone
+from test_faults import Session, _limited_daemon
 
 from debounce_cli import protocol
 from debounce_cli.clock import FakeClock
@@ -375,3 +376,64 @@ def test_a_slow_reader_gets_all_the_output_when_the_log_disk_fills(world):
 def test_a_slow_reader_of_a_huge_output_is_told_what_a_full_log_disk_lost(world):
     """Issue 23, item 3 at the reported scale: 96.9 MB of output, a 20 MB state dir."""
     _slow_reader_on_a_filling_disk(world, "20m", 12_000_000)
+
+
+# ----------------------------------------------------------------------------- 6. smaller ones
+
+
+@pytest.mark.xfail(strict=True, reason="the client maps a refused hello to 112: needs "
+                   "conversation.client_status to give 116 for the code 'refused'")
+def test_a_client_refused_for_too_many_connections_exits_116(world):
+    """Issue 23, item 6: the daemon refuses with the code "refused", and the client reads it,
+    but exits 112 ("unreachable") instead of 116 ("refused")."""
+    _limited_daemon(world, 64)  # room for a few dozen connections
+    socks = []
+    try:
+        while True:  # until the daemon says no
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.connect(world.socket)
+            socks.append(sock)
+            sock.settimeout(0.2)
+            try:
+                if b"too many connections" in sock.recv(4096):
+                    break
+            except TimeoutError:
+                pass
+            assert len(socks) < 500
+        results = [world.run("status") for _ in range(5)]
+    finally:
+        for sock in socks:
+            sock.close()
+    for proc in results:
+        assert proc.returncode == 116, (proc.returncode, proc.stderr)
+        [line] = proc.stderr.splitlines()
+        assert "too many connections" in line, line
+    assert world.run("status").returncode == 0  # room again
+
+
+def test_a_batch_file_left_by_kill_9_is_removed_by_the_next_daemon(world):
+    """Issue 23, item 6: the $DEBOUNCE_BATCH file of a run going at kill -9 stayed for good."""
+    named = world.work / "batch-path"
+    status(world)
+    proc = world.run("run", "--no-wait", "--collect", "--delay", "0", "--key", "b", "--",
+                     "sh", "-c", 'echo "$DEBOUNCE_BATCH" > "$0"; exec sleep 60', str(named), "x")
+    assert proc.returncode == 0, proc.stderr
+    wait_until(lambda: lines(named), timeout=10)
+    batch = Path(lines(named)[0])
+    assert batch.exists()
+    kill9(world.socket)
+    status(world)  # the next daemon
+    assert not batch.exists()
+
+
+def test_a_daemon_whose_socket_disk_is_full_refuses_in_one_line(world):
+    """Its lock file could not take its pid: a traceback instead of one line."""
+    with small_state_dir(world, "256k") as env:
+        mnt = Path(env["DEBOUNCE_STATE_DIR"])
+        (mnt / "s").mkdir(mode=0o700)
+        env = dict(env, DEBOUNCE_SOCKET=str(mnt / "s" / "daemon.sock"))
+        fill(mnt / "filler")
+        proc = world.run("daemon", env=env)
+        assert proc.returncode == 1, proc.stderr
+        [line] = proc.stderr.splitlines()
+        assert "daemon.sock.lock" in line and "free some space" in line, line

@@ -44,8 +44,13 @@ def acquire(config: Config) -> int:
         if time.monotonic() >= deadline:
             raise AlreadyRunning(f"another debounce daemon already serves {sock}")
         time.sleep(0.05)
-    os.ftruncate(fd, 0)
-    os.write(fd, f"{os.getpid()}\n".encode())
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+    except OSError as exc:
+        os.close(fd)
+        raise DaemonError(f"cannot write {paths.lock_path(sock)}: {exc.strerror}; free some "
+                          "space on its disk (or choose another --socket) and retry") from None
     if config.listen_fd is None and os.path.lexists(sock):
         if not stat.S_ISSOCK(os.lstat(sock).st_mode):
             os.close(fd)
@@ -110,7 +115,25 @@ def restore(config: Config, clock: Clock) -> State:
     _put_back(scheduler, restored, clock)
     ledger = os.path.join(state_dir, f"started-{digest}")
     _settle(journal, scheduler, restored.unfinished, ledger, digest, clock)
+    _remove_batch_files(log_dir)
     return State(scheduler, journal, log_dir, ledger)
+
+
+def _remove_batch_files(log_dir: str) -> None:
+    """The ``$DEBOUNCE_BATCH`` files a killed daemon left (its runs' processes are gone by
+    now, see _settle): this socket's log directory is ours alone, and no run has started."""
+    if not log_dir:
+        return
+    try:
+        names = os.listdir(log_dir)
+    except OSError:
+        return
+    for name in names:
+        if name.startswith("batch-"):
+            try:
+                os.unlink(os.path.join(log_dir, name))
+            except OSError:
+                pass
 
 
 def _settle(journal: Journal, scheduler: Scheduler, unfinished: list[UnfinishedRun],
