@@ -225,7 +225,7 @@ class Journal:
                 (str(SCHEMA_VERSION),),
             )
         except sqlite3.Error as exc:
-            raise JournalError(_describe(exc, self.path)) from None
+            raise JournalError(_describe(exc, self._unwritable() or self.path)) from None
         finally:
             os.umask(old_umask)
         for suffix in ("", "-wal", "-shm"):
@@ -233,6 +233,15 @@ class Journal:
                 os.chmod(self.path + suffix, 0o600)
             except OSError:
                 pass
+
+    def _unwritable(self) -> str | None:
+        """Which of the journal's files cannot be written, if one exists and cannot (SQLite
+        names the database whichever of them it was)."""
+        for suffix in ("", "-wal", "-shm"):
+            path = self.path + suffix
+            if os.path.lexists(path) and not os.access(path, os.W_OK):
+                return path
+        return None
 
     def close(self) -> None:
         if self.db is not None:

@@ -437,3 +437,26 @@ def test_a_daemon_whose_socket_disk_is_full_refuses_in_one_line(world):
         assert proc.returncode == 1, proc.stderr
         [line] = proc.stderr.splitlines()
         assert "daemon.sock.lock" in line and "free some space" in line, line
+
+
+def test_an_unwritable_journal_shm_is_refused_in_one_line_naming_it(world):
+    """Issue 23, item 6: a journal.db-shm that cannot be written must be refused in one line
+    (the report saw SIGBUS); the line names that file, not journal.db."""
+    status(world)
+    proc = world.run("run", "--no-wait", "--delay", "60", "--key", "p", "--", "true")
+    assert proc.returncode == 0, proc.stderr
+    kill9(world.socket)  # leaves journal.db-shm behind
+    shm = world.state / "journal.db-shm"
+    assert shm.exists()
+    mount = subprocess.run(["mount", "--bind", "-o", "ro", str(shm), str(shm)],
+                           capture_output=True, text=True)
+    if mount.returncode != 0:
+        pytest.skip(f"cannot make journal.db-shm read-only: {mount.stderr.strip()}")
+    try:
+        daemon = world.run("daemon", timeout=30)
+        assert daemon.returncode == 1, daemon.stderr
+        assert daemon.stderr.splitlines() == [
+            f"debounce: {shm} is read-only; make it writable and retry"]
+    finally:
+        subprocess.run(["umount", str(shm)], capture_output=True)
+    assert [row["key"] for row in status(world)["keys"]] == ["p"]  # nothing was lost
