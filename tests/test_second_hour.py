@@ -173,3 +173,40 @@ def test_the_reattach_hint_says_key_for_a_key_of_digits(world):
     assert client.wait(timeout=15) == 113
     err = client.stderr.read()
     assert "run 'debounce wait --key 2' to reattach" in err, err
+
+
+# ------------------------------------------------------------------------------ 4. bare run ids
+def test_a_bare_number_that_is_no_key_is_a_run_id(world):
+    """`wait 999` looks for run 999 (no key has that name), and says so."""
+    assert world.run("run", "--delay", "0", "--key", "k", "--", "true").returncode == 0
+    for command in ("wait", "logs", "kill"):
+        r = world.run(command, "999")
+        assert r.returncode == 117, (command, r.stderr)
+        assert "run 999" in r.stderr and "Traceback" not in r.stderr, (command, r.stderr)
+    r = world.run("wait", "999")
+    assert r.stderr == "debounce: no run 999 (nor key '999') pending, running or finished\n"
+    r = world.run("wait", "1", "--json")
+    assert r.returncode == 0 and json.loads(r.stdout)["run_id"] == 1
+
+
+@pytest.mark.slow
+def test_logs_and_wait_of_a_bare_fleet_run_id_on_another_host(tmp_path):
+    """`logs 6` on a host that ran nothing: fleet run 6, not a fleet key '6'."""
+    from fleet_support import Fleet, Redis
+
+    redis = Redis(tmp_path)
+    fleet = Fleet(redis, count=2)
+    try:
+        a, b = fleet.hosts
+        r = a.run("run", "--fleet", "--key", "deploy", "--delay", "0", "--json", "--",
+                  "echo", "from the fleet")
+        assert r.returncode == 0, r.stderr
+        run_id = str(json.loads(r.stdout)["run_id"])
+        logs = b.run("logs", run_id)
+        assert (logs.returncode, logs.stdout) == (0, "from the fleet\n"), logs.stderr
+        waited = b.run("wait", run_id, "--json")
+        assert waited.returncode == 0, waited.stderr
+        assert json.loads(waited.stdout)["key"] == "deploy"
+    finally:
+        fleet.cleanup()
+        redis.stop()

@@ -118,15 +118,28 @@ def _in_fleet(ctx: Context, client: Client, command: str,
 
 @dataclass(frozen=True)
 class Named:
-    """What a KEY|RUN_ID argument names: a key, or a run by its id."""
+    """What a KEY|RUN_ID argument names: a key, or a run by its id.
+
+    ``bare`` is the text of a bare number that names no key here, read as a run id: if no
+    such run is found, the fleet may still know a key by that name.
+    """
 
     key: str | None = None
     run_id: int | None = None
+    bare: str | None = None
+
+    def missing(self) -> str:
+        """What was looked for, for a "not found" line."""
+        if self.key is not None:
+            return f"key {self.key!r}"
+        if self.bare is not None:
+            return f"run {self.run_id} (nor key {self.bare!r})"
+        return f"run {self.run_id}"
 
 
 def resolve(core: Core, target: str, by: str | None) -> Named | protocol.Error:
-    """Read ``target`` as ``by`` says ("key" or "run"); left open, as whichever it is: a bare
-    argument that is both a key and a run id is refused, naming both ways to say it."""
+    """Read ``target`` as ``by`` says ("key" or "run"); left open, a bare number is a run id
+    unless it is a key here: one that is both is refused, naming both ways to say it."""
     if by not in (None, "key", "run"):
         return protocol.Error(message=f"'by' must be \"key\" or \"run\", not {by!r}")
     run_id = run_id_of(target)
@@ -136,13 +149,14 @@ def resolve(core: Core, target: str, by: str | None) -> Named | protocol.Error:
         return Named(run_id=run_id)
     if by == "key" or run_id is None:
         return Named(key=target)
-    is_run = core.knows_run(run_id)
-    if is_run and core.knows_key(target):
+    if not core.knows_key(target):
+        return Named(run_id=run_id, bare=target)
+    if core.knows_run(run_id):
         quoted = shlex.quote(target)
         return protocol.Error(
             message=f"{target!r} is both a key and a run id; write --key {quoted} or "
             f"--run {quoted}")
-    return Named(run_id=run_id) if is_run else Named(key=target)
+    return Named(key=target)
 
 
 def handle_wait(ctx: Context, client: Client, req: protocol.WaitRequest) -> Reply:
@@ -161,9 +175,8 @@ def handle_wait(ctx: Context, client: Client, req: protocol.WaitRequest) -> Repl
         if record is not None:
             return record.finished()
         if ctx.fleet is not None:
-            return _fleet_wait(ctx, client, named.key, named.run_id)
-        what = f"key {named.key!r}" if named.key is not None else f"run {named.run_id}"
-        return protocol.Error(message=f"no {what} pending, running or finished",
+            return _fleet_wait(ctx, client, named)
+        return protocol.Error(message=f"no {named.missing()} pending, running or finished",
                               code=NOT_FOUND)
     client.wait_for_runs(acked=True)
     if isinstance(target, Invocation):
@@ -172,20 +185,21 @@ def handle_wait(ctx: Context, client: Client, req: protocol.WaitRequest) -> Repl
     return None
 
 
-def _fleet_wait(ctx: Context, client: Client, key: str | None, run_id: int | None) -> Reply:
-    """``wait`` on a key or run this daemon does not know: the fleet's, if it is one."""
+def _fleet_wait(ctx: Context, client: Client, named: Named) -> Reply:
+    """``wait`` on a key or run this daemon does not know: the fleet's, if it is one (a bare
+    number: the fleet's key of that name, else its run of that id)."""
     from debounce_cli.daemon.fleet.store import StoreDown
 
     fleet = ctx.fleet
     assert fleet is not None
     client.wait_for_runs(acked=True)
+    key = named.key if named.bare is None else named.bare
+    run_id = named.run_id
 
     async def follow() -> None:
         try:
-            if key is not None:
-                reply = await fleet.wait(key, client)
-            else:
-                assert run_id is not None
+            reply = await fleet.wait(key, client) if key is not None else None
+            if run_id is not None and (key is None or _not_found(reply)):
                 reply = await fleet.wait_run(run_id, client)
         except StoreDown as exc:
             reply = protocol.Error(message=str(exc), code=REFUSED)
@@ -197,6 +211,10 @@ def _fleet_wait(ctx: Context, client: Client, key: str | None, run_id: int | Non
 
     fleet.spawn(follow())
     return None
+
+
+def _not_found(reply: protocol.Message | None) -> bool:
+    return isinstance(reply, protocol.Error) and reply.code == NOT_FOUND
 
 
 def handle_status(ctx: Context, client: Client, req: protocol.StatusRequest) -> Reply:
@@ -236,11 +254,24 @@ def handle_logs(ctx: Context, client: Client, req: protocol.LogsRequest) -> Repl
                                   log_path=records.job_of(run.invocation).log_path, running=True)
     record = core.stored_run(named.key, named.run_id)
     if record is None and ctx.fleet is not None:
-        fleet, key, run_id = ctx.fleet, named.key, named.run_id
-        return _later(ctx, client, lambda: fleet.logs(key, run_id))
+        fleet, key, run_id, bare = ctx.fleet, named.key, named.run_id, named.bare
+
+        async def fleet_logs() -> protocol.Message:
+            if bare is not None:  # the fleet's key of that name, else its run of that id
+                reply = await fleet.logs(bare)
+                if not _not_found(reply):
+                    return reply
+            return await fleet.logs(key, run_id)
+
+        return _later(ctx, client, fleet_logs)
     if record is None:
-        what = f"key {named.key!r}" if named.key is not None else f"id {named.run_id}"
-        return protocol.Error(message=f"no run of {what} is known", code=NOT_FOUND)
+        if named.bare is not None:
+            what = f"no run {named.run_id} is known (nor a run of key {named.bare!r})"
+        elif named.key is not None:
+            what = f"no run of key {named.key!r} is known"
+        else:
+            what = f"no run of id {named.run_id} is known"
+        return protocol.Error(message=what, code=NOT_FOUND)
     if not record.log_path:
         return protocol.Error(message=f"the log of run {record.run_id} is no longer kept",
                               code=NOT_FOUND)
@@ -260,6 +291,8 @@ def _key_of(core: Core, key: str, by: str | None) -> str | protocol.Error:
     if run is not None:
         return run.key
     record = core.stored_run(run_id=named.run_id)
+    if record is None and named.bare is not None:
+        return named.bare  # no such run either: a key of that name (the fleet's, perhaps)
     if record is None:
         return protocol.Error(message=f"no run {named.run_id} is known", code=NOT_FOUND)
     return record.key
@@ -311,16 +344,19 @@ def handle_kill(ctx: Context, client: Client, req: protocol.KillRequest) -> Repl
     if named.key is not None:
         ks = core.scheduler.keys.get(named.key)
         run = ks.running if ks is not None else None
-        what = f"key {named.key!r}"
     else:
         assert named.run_id is not None
         run = core.scheduler.runs.get(named.run_id)
-        what = f"run {named.run_id}"
+    what = named.missing()
     if run is None and ctx.fleet is not None:
-        fleet, key, run_id = ctx.fleet, named.key, named.run_id
+        fleet, key, run_id, bare = ctx.fleet, named.key, named.run_id, named.bare
 
         async def fleet_kill() -> protocol.Message:
-            running = await fleet.kill(key, req.signal, run_id)
+            running = None
+            if bare is not None:  # the fleet's key of that name, else its run of that id
+                running = await fleet.kill(bare, req.signal)
+            if running is None:
+                running = await fleet.kill(key, req.signal, run_id)
             if running is None:
                 return protocol.Error(message=f"nothing is running for {what}",
                                       code=NOT_FOUND)
