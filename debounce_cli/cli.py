@@ -520,7 +520,8 @@ def cancel(target: str | None, key_option: str | None, run_id: int | None,
 @cli.command(short_help="Stop what runs for KEY (or run N).")
 @_target_options("[KEY|RUN_ID]")
 @click.option("--signal", "signal_name", type=click.Choice(list(KILL_SIGNALS)), metavar="SIG",
-              help="Send this signal once instead of TERM, then KILL after the stop timeout.")
+              help="Send this signal once instead of stopping the run (no KILL follows: "
+              "the run goes on if it survives SIG).")
 @_socket_option
 def kill(target: str | None, key_option: str | None, run_id: int | None,
          signal_name: str | None, socket_path: str | None) -> int:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -210,3 +211,15 @@ def test_logs_and_wait_of_a_bare_fleet_run_id_on_another_host(tmp_path):
     finally:
         fleet.cleanup()
         redis.stop()
+
+
+# ------------------------------------------------------------------------------ 5. help texts
+def test_kill_help_says_no_kill_follows_a_signal(world):
+    """`kill --signal SIG` sends SIG once, and its help says so (no KILL after it)."""
+    r = world.run("kill", "--help")
+    text = " ".join(r.stdout.split())
+    assert r.returncode == 0 and "then KILL" not in text, text
+    assert "no KILL follows" in text
+    man = Path(__file__).resolve().parent.parent / "man" / "debounce-kill.1"
+    page = " ".join(man.read_text().replace("\\-", "-").split())
+    assert "then KILL after the stop timeout" not in page and "no KILL follows" in page
