@@ -2,7 +2,9 @@
 
 Each run gets its own process group (``start_new_session``), so stopping a run reaches the
 children it started too (``make`` and its compilers): SIGTERM to the group, then SIGKILL if it
-is still there after the stop timeout (the scheduler times that). Output is read from pipes and
+is still there after the stop timeout (the scheduler times that while the first process runs;
+once it has exited, :meth:`RunProcess.stop` holds the run open until the rest of the group is
+gone, and kills it at the same deadline). Output is read from pipes and
 handed to a callback chunk by chunk, as it comes.
 
 Failures to start are reported the way a shell reports them, so a waiter cannot tell debounce
@@ -210,7 +212,6 @@ class RunProcess:
         self.finished = True
         assert status is not None
         return 128 - status if status < 0 else status
-
 
     async def _until_group_gone(self, kill_at: float) -> None:
         """A stopped run whose first process has exited: wait for the rest of its group to go,
