@@ -4,8 +4,8 @@ A line is a shell-quoted command line or a JSON object whose fields are those of
 table (``options.RUN_OPTIONS``) plus ``argv``, ``key``, ``cwd`` and ``env``. The runs' output
 goes to the daemon's own stdout and stderr; failures are counted for the exit status.
 
-A line holds at most ``MAX_LINE`` bytes (1 MiB, as much as a command line the kernel takes
-in one argument, give or take). A longer one is refused by its number and counts as a
+A line holds at most ``MAX_LINE`` bytes (1 MiB, half of what Linux usually takes for a whole
+command line and its environment). A longer one is refused by its number and counts as a
 failure; the reader drops its bytes as they come instead of keeping them, and nothing here
 copies or parses a line more than a fixed number of times, so no line can hold the event loop
 or fill the memory.
