@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from conftest import wait_until
-from fleet_support import LEASE, LEASE_S, Fleet, Redis, finish, runs_in, settle
+from fleet_support import LEASE, LEASE_S, Fleet, Host, Redis, finish, runs_in, settle
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -545,3 +545,28 @@ def test_an_auto_started_daemon_takes_the_store_from_the_client_and_unix_urls_wo
         server.terminate()
         server.wait(timeout=10)
         shutil.rmtree(root, ignore_errors=True)
+
+
+def test_a_host_that_just_joined_has_its_first_run_kept_not_recorded_lost(redis):
+    """Issue 18, item 1: hosts a and b have judged the fleet for over a lease; host c joins
+    and runs a command longer than the peers' scan period. The peers' view of the heartbeats
+    predates c, so they took c for silent and recorded its run lost while it ran (the
+    client exited 113). A run is lost only when its host has been silent for a lease since
+    the run started, as the store's clock says in the transaction that records it."""
+    fleet = Fleet(redis, count=2)
+    try:
+        settle(LEASE_S * 1.5)  # a and b judge other hosts from now on
+        root = Path(tempfile.mkdtemp(prefix="dbfc-", dir="/tmp"))
+        late = Host(root, "c", redis.url)
+        fleet.hosts.append(late)
+        late.start()
+        proc = late.popen("run", "--fleet", "--key", "kc", "--delay", "200ms", "--",
+                          "sh", "-c", f"sleep {LEASE_S * 1.25}; echo done")
+        code, out, err = finish(proc)
+        assert (code, out) == (0, "done\n"), err
+        rows = late.fleet_history("kc")
+        assert [(r["host"], r["outcome"], r["exit_code"]) for r in rows] == [("c", "exited", 0)]
+        for host in fleet.hosts:
+            assert "lost" not in host.log(), host.log()
+    finally:
+        fleet.cleanup()

@@ -95,7 +95,7 @@ def test_a_stale_fencing_token_changes_nothing() -> None:
     result, _ = fs.claim(st, host="a", now=100.0, run_id=1, may_take_over=False)
     assert isinstance(result, fs.Start)
     old = result.running
-    lost, events = fs.lose(st, now=111.0)  # host a went silent while running it
+    lost, events = fs.lose(st, run=old, now=111.0, silent=10.0)  # host a went silent
     assert lost is not None and lost.outcome == states.LOST and events[0]["t"] == "finished"
     before = st.dumps()
     # Host a comes back and reports its end: fenced off, the record stays "lost".
@@ -291,3 +291,23 @@ def test_events_reach_each_waiter_once_from_its_slot_to_its_run() -> None:
     assert early.got == ["pending", "started", "hi\n", "finished"]
     assert late.got == ["started", "hi\n", "finished"]
     assert kw.empty() and not kw.since
+
+
+def test_a_run_younger_than_a_lease_is_never_recorded_lost() -> None:
+    """Issue 18, item 1: a peer whose view of the heartbeats predates a joining host takes
+    it for silent; the step that records the loss checks, on the store's clock, that the run
+    started a lease ago or more. A pending invocation received less than a lease ago is not
+    taken over either: its host was alive then."""
+    st = fs.KeyState("k")
+    submit(st, 100.0, host="c", delay=0.0)
+    result, _ = fs.claim(st, host="c", now=100.0, run_id=1, may_take_over=False)
+    assert isinstance(result, fs.Start)
+    assert fs.lose(st, run=result.running, now=109.9, silent=10.0) == (None, [])
+    assert st.running is not None
+    lost, _ = fs.lose(st, run=result.running, now=110.0, silent=10.0)
+    assert lost is not None and lost.outcome == states.LOST
+    submit(st, 120.0, host="c", inv=2, delay=0.0)
+    taken, _ = fs.claim(st, host="b", now=125.0, run_id=2, may_take_over=True, silent=10.0)
+    assert isinstance(taken, fs.Nothing)
+    taken, _ = fs.claim(st, host="b", now=130.0, run_id=2, may_take_over=True, silent=10.0)
+    assert isinstance(taken, fs.Start) and taken.running.host == "b"

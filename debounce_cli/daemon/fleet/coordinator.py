@@ -535,7 +535,8 @@ class Fleet:
                 def step(st: fs.KeyState, now: float) -> tuple[fs.Claim, list[fs.Event]]:
                     seen.append(now)
                     return fs.claim(st, host=self.host, now=now, run_id=run_id,
-                                    may_take_over=take_over, slot_free=slot)
+                                    may_take_over=take_over, slot_free=slot,
+                                    silent=self.lease)
 
                 result, latest, st = await self.store.update(key, step)
             except StoreDown as exc:
@@ -867,14 +868,19 @@ class Fleet:
             ours_gone = (r is not None and r.host == self.host and r.run not in self.local
                          and r.run not in self.reporting)
             if r is not None and (gone(r.host) or ours_gone):
-                # Its host went silent (or it is ours from before a restart): lost.
-                silent = beat.now - beats.get(r.host, float("-inf"))
-                why = (f"{r.host} has been silent for {silent:.1f}s" if r.host != self.host
-                       else "this host's daemon restarted")
-                print(f"debounce: fleet run {r.run} of {key!r}: lost ({why})",
-                      file=sys.stderr, flush=True)
-                await self.store.update(key, _finishing(r, None, states.LOST),
-                                        history=self.config.keep_history)
+                # Its host went silent (or it is ours from before a restart): lost, if the
+                # store agrees that it started over a lease ago (a host that joined after
+                # the heartbeats were read is not silent).
+                lost, _, _ = await self.store.update(
+                    key, _losing(r, 0.0 if ours_gone else self.lease),
+                    history=self.config.keep_history)
+                if lost is not None:
+                    heard = beats.get(r.host)
+                    why = ("this host's daemon restarted" if r.host == self.host
+                           else f"{r.host} has not been heard from" if heard is None
+                           else f"{r.host} has been silent for {beat.now - heard:.1f}s")
+                    print(f"debounce: fleet run {r.run} of {key!r}: lost ({why})",
+                          file=sys.stderr, flush=True)
                 if p is not None:
                     self._claim_soon(key, gone(p.host))
                 continue
@@ -914,6 +920,14 @@ def _keep_newest(directory: str, count: int) -> None:
             os.unlink(entry.path)
         except OSError:
             pass
+
+
+def _losing(run: fs.Running, silent: float
+            ) -> Callable[[fs.KeyState, float], tuple[fs.Last | None, list[fs.Event]]]:
+    """The step that records ``run`` lost, if its host has been silent long enough."""
+    def step(st: fs.KeyState, now: float) -> tuple[fs.Last | None, list[fs.Event]]:
+        return fs.lose(st, run=run, now=now, silent=silent)
+    return step
 
 
 def _finishing(run: fs.Running, code: int | None, outcome: str

@@ -283,7 +283,7 @@ Claim = Nothing | Later | Busy | Queued | Start
 
 
 def claim(st: KeyState, *, host: str, now: float, run_id: int, may_take_over: bool,
-          slot_free: bool = True) -> tuple[Claim, list[Event]]:
+          slot_free: bool = True, silent: float = 0.0) -> tuple[Claim, list[Event]]:
     """``host`` would start the key's pending invocation, if it is due and is its to start:
     its own, or (``may_take_over``) one whose host has gone silent. A retry of a claim that
     went through (``run_id`` is already the key's run, here) starts it all the same."""
@@ -291,8 +291,8 @@ def claim(st: KeyState, *, host: str, now: float, run_id: int, may_take_over: bo
     if r is not None and r.run == run_id and r.host == host:
         return Start(r), []
     p = st.pending
-    if p is None or (p.host != host and not may_take_over):
-        return Nothing(), []
+    if p is None or (p.host != host and (not may_take_over or now - p.received < silent)):
+        return Nothing(), []  # not ours; or its host was alive less than ``silent`` ago
     if p.due > now:
         return Later(p.due), []
     running = st.running
@@ -362,11 +362,15 @@ def finish(st: KeyState, *, run: Running, exit_code: int | None, outcome: str,
     return last, [event]
 
 
-def lose(st: KeyState, *, now: float) -> tuple[Last | None, list[Event]]:
-    """The key's run was executing on a host that went silent: it is recorded lost (it may
-    have run, so it is never started again)."""
+def lose(st: KeyState, *, run: Running, now: float, silent: float = 0.0
+         ) -> tuple[Last | None, list[Event]]:
+    """``run`` was executing on a host that went silent: it is recorded lost (it may have
+    run, so it is never started again). Only if it is still the key's run, under the same
+    fencing token, and started at least ``silent`` ago by the store's clock: its start proves
+    its host was alive then, so a host that just joined (and a view of the heartbeats older
+    than the run) never gets a live run taken for lost."""
     r = st.running
-    if r is None:
+    if r is None or r.run != run.run or r.fence != run.fence or now - r.started_at < silent:
         return None, []
     return finish(st, run=r, exit_code=None, outcome=states.LOST, now=now)
 
