@@ -653,6 +653,10 @@ def main(args: list[str] | None = None) -> NoReturn:
         if not _stdout_broken(exc):
             raise
         status = ExitStatus.SUCCESS  # click's own output (--help, --version): reported below
+    except click.exceptions.NoArgsIsHelpError as exc:
+        # Bare `debounce` (or a group with no command): the help, as it is, and a usage error.
+        print(exc.format_message(), file=sys.stderr)
+        sys.exit(ExitStatus.USAGE)
     except click.UsageError as exc:
         where = exc.ctx.command_path if exc.ctx is not None else "debounce"
         print(f"{where}: {exc.format_message()} (see '{where} --help')", file=sys.stderr)

@@ -333,7 +333,7 @@ def _spawn_daemon(sock_path: str) -> None:
         raise ClientError(f"cannot start the daemon: {exc}") from None
     read_fd, write_fd = os.pipe()
     try:
-        subprocess.Popen(
+        daemon = subprocess.Popen(
             [sys.executable, "-m", "debounce_cli", "daemon", "--socket", sock_path,
              "--ready-fd", str(write_fd)],
             stdin=subprocess.DEVNULL,
@@ -363,7 +363,18 @@ def _spawn_daemon(sock_path: str) -> None:
     finally:
         os.close(read_fd)
     if not answer.startswith(b"ready"):
-        raise ClientError(f"the daemon failed to start: {_last_line(log_path)}")
+        try:
+            status = daemon.wait(timeout=1.0)
+        except subprocess.TimeoutExpired:
+            status = None
+        last = _last_line(log_path)
+        if status == 2:
+            # A usage error of the daemon's: a setting it took from our environment, such as
+            # a DEBOUNCE_STORE that is no store URL. Mended the same way as our own options.
+            prefix, hint = "debounce daemon: ", " (see 'debounce daemon --help')"
+            last = last.removeprefix(prefix).removesuffix(hint)
+            raise ClientError(last, "usage")
+        raise ClientError(f"the daemon failed to start: {last}")
 
 
 def _last_line(path: str) -> str:

@@ -208,8 +208,10 @@ def stderr_only(fd: int, data: bytes) -> None:
 
 
 def client_status(exc: Any) -> int:
-    """An unsafe socket location is the user's to mend (usage); anything else is unreachable."""
-    return ExitStatus.USAGE if exc.code == "unsafe" else ExitStatus.DAEMON_UNREACHABLE
+    """An unsafe socket location, or a setting the daemon to be started refused, is the
+    user's to mend (usage); anything else is unreachable."""
+    mend = exc.code in ("unsafe", "usage")
+    return ExitStatus.USAGE if mend else ExitStatus.DAEMON_UNREACHABLE
 
 
 def refused(reply: Any, key: str) -> NoReturn:

@@ -68,13 +68,14 @@ SOCKET_REMEDY = (
 
 def check_private_dir(
     path: str, what: str, create: bool, remedy: str = "choose another location",
-    follow: bool = False,
+    follow: bool = False, parents: bool = True,
 ) -> None:
     """Make sure ``path`` is a directory owned by this user with no access for anyone else.
 
     The directory itself is looked at with ``lstat``: a symbolic link is refused, never
     followed (whoever may replace it would choose where our socket or state goes). With
-    ``create``, a missing directory (and its missing parents) is made with mode 0700.
+    ``create``, a missing directory (and its missing parents, unless ``parents`` is false)
+    is made with mode 0700.
     ``remedy`` ends each refusal: what to do instead. With ``follow`` (the state directory,
     which dotfiles set-ups often link elsewhere) a link is followed, and what it leads to
     must pass the same checks.
@@ -85,6 +86,10 @@ def check_private_dir(
     except FileNotFoundError:
         if not create:
             return
+        parent = os.path.dirname(path)
+        if not parents and not os.path.isdir(parent):
+            raise PathError(f"cannot create {what} {path}: {parent} does not exist (only the "
+                            f"last directory is made); create it first, or {remedy}") from None
         try:
             os.makedirs(path, mode=0o700, exist_ok=True)
             st = look(path)  # what is there now, whoever made it
@@ -139,8 +144,13 @@ def _own_directory(path: str, st: os.stat_result) -> bool:
 
 
 def socket_dir_check(sock: str, create: bool) -> None:
-    """The socket's directory: private to this user, and not reached through a symbolic link."""
-    check_private_dir(os.path.dirname(sock), "socket directory", create, SOCKET_REMEDY)
+    """The socket's directory: private to this user, and not reached through a symbolic link.
+
+    Only the last directory is ever made: a mistyped ``--socket /nonexistent/dir/s.sock`` is
+    refused instead of growing a tree (and a second daemon in it).
+    """
+    check_private_dir(os.path.dirname(sock), "socket directory", create, SOCKET_REMEDY,
+                      parents=False)
 
 
 def socket_file_check(sock: str) -> None:

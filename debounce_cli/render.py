@@ -35,7 +35,7 @@ class TerminalDisplay(Display):
 
     def __init__(self, stream: TextIO | None = None):
         self.stream = stream or sys.stderr
-        self.color = "NO_COLOR" not in os.environ
+        self.color = not os.environ.get("NO_COLOR")  # set and not empty (no-color.org)
         # A terminal that cannot move the cursor (TERM=dumb: Emacs shells, some CI logs) would
         # show every redraw as garbage: it gets no live line at all.
         self.live = os.environ.get("TERM") != "dumb"
@@ -234,14 +234,24 @@ def _console() -> Console:
     return Console()  # rich itself honours NO_COLOR and the terminal's width
 
 
+def _table(**kwargs: Any) -> Any:
+    """A rich table, drawn in ASCII on a terminal that may not show box-drawing characters
+    (TERM=dumb or unknown, as rich itself tells such a terminal)."""
+    from rich import box
+    from rich.table import Table
+
+    if os.environ.get("TERM", "").lower() in ("dumb", "unknown"):
+        kwargs["box"] = box.ASCII
+    return Table(**kwargs)
+
+
 def status_table(reply: protocol.StatusReply) -> None:
     """``debounce status`` on a terminal: one row per key."""
     import shlex
 
-    from rich.table import Table
-
-    table = Table(title=f"debounce daemon {reply.pid}" + (f", {reply.jobs} jobs" if reply.jobs
-                                                         else ""), title_justify="left")
+    table = _table(title=f"debounce daemon {reply.pid}" + (f", {reply.jobs} jobs"
+                                                          if reply.jobs else ""),
+                   title_justify="left")
     fleet = any(row.host is not None for row in reply.keys)
     names = ["key", "state", "command", "due in / running for", "coalesced", "last"]
     if fleet:
@@ -272,9 +282,7 @@ def history_table(runs: list[protocol.RunRecord]) -> None:
     """``debounce history`` on a terminal."""
     import shlex
 
-    from rich.table import Table
-
-    table = Table()
+    table = _table()
     fleet = any(run.host is not None for run in runs)
     names = ["run", "exit", "outcome", "started", "took", "coalesced", "key", "command"]
     if fleet:

@@ -52,7 +52,7 @@ ENVIRONMENT = [
     ("DEBOUNCE_STATE_DIR", "Where the journal, run logs and the auto-started daemon's own log "
      "live. Default: $XDG_STATE_HOME/debounce, else ~/.local/state/debounce."),
     ("DEBOUNCE_DELAY", "The default --delay."),
-    ("NO_COLOR", "When set, the terminal output uses no colour."),
+    ("NO_COLOR", "When set and not empty, the terminal output uses no colour."),
     ("DEBOUNCE_KEY, DEBOUNCE_RUN_ID, DEBOUNCE_COALESCED", "Set in every run's environment: "
      "the key, the run id, and how many invocations the run stands for."),
     ("DEBOUNCE_DAEMON", "Set in every run's environment: which daemon (socket) the run "

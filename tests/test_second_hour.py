@@ -223,3 +223,81 @@ def test_kill_help_says_no_kill_follows_a_signal(world):
     man = Path(__file__).resolve().parent.parent / "man" / "debounce-kill.1"
     page = " ".join(man.read_text().replace("\\-", "-").split())
     assert "then KILL after the stop timeout" not in page and "no KILL follows" in page
+
+
+# ------------------------------------------------------------------------------ 6. smaller lies
+def test_a_bad_store_url_for_an_auto_started_daemon_is_a_usage_error(world):
+    """DEBOUNCE_STORE=http://... : exit 2 and one line naming it, as `daemon --store` gives."""
+    env = dict(world.env, DEBOUNCE_STORE="http://example.com:6379")
+    for args in (("run", "--", "true"), ("status",)):
+        r = world.run(*args, env=env)
+        assert r.returncode == 2, (args, r.stderr)
+        assert len(r.stderr.splitlines()) == 1 and "DEBOUNCE_STORE" in r.stderr, r.stderr
+    assert world.daemon_pid() is None
+
+
+def test_a_mistyped_socket_directory_is_refused_not_created(world):
+    """Only the socket's own directory is ever made: a missing parent is a usage error."""
+    typo = world.root / "nonexistent" / "dir" / "s.sock"
+    env = dict(world.env, DEBOUNCE_SOCKET=str(typo))
+    r = world.run("run", "--", "true", env=env)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.startswith(f"debounce: cannot create socket directory {typo.parent}: "
+                               f"{typo.parent.parent} does not exist")
+    assert len(r.stderr.splitlines()) == 1
+    assert not (world.root / "nonexistent").exists()
+    r = world.run("run", "--", "echo", "fine")  # the world's socket directory is new too
+    assert (r.returncode, r.stdout) == (0, "fine\n"), r.stderr
+
+
+def _on_terminal(world, *args: str, env: dict[str, str]) -> tuple[int, str]:
+    """The CLI with stdout and stderr on a pseudo-terminal: its status and what it drew."""
+    import pty
+    import select
+
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(world.argv(*args), stdin=subprocess.DEVNULL, stdout=slave,
+                            stderr=slave, env=env, cwd=world.work)
+    os.close(slave)
+    chunks = []
+    while select.select([master], [], [], 10)[0]:
+        try:
+            data = os.read(master, 65536)
+        except OSError:
+            break
+        if not data:
+            break
+        chunks.append(data)
+    os.close(master)
+    return proc.wait(timeout=10), b"".join(chunks).decode(errors="replace")
+
+
+def test_an_empty_no_color_keeps_the_colour(world):
+    """NO_COLOR set but empty does not turn colour off (no-color.org); set to 1, it does."""
+    env = dict(world.env, NO_COLOR="", TERM="xterm")
+    status, drawn = _on_terminal(world, "run", "--delay", "300ms", "--", "true", env=env)
+    assert status == 0 and "waiting for" in drawn and "\x1b[2m" in drawn
+    status, drawn = _on_terminal(world, "run", "--delay", "300ms", "--", "true",
+                                 env=dict(env, NO_COLOR="1"))
+    assert status == 0 and "waiting for" in drawn and "\x1b[2m" not in drawn
+
+
+def test_tables_on_a_dumb_terminal_are_ascii(world):
+    """TERM=dumb: status and history tables are drawn with ASCII, not box-drawing glyphs."""
+    assert world.run("run", "--delay", "0", "--key", "done", "--", "true").returncode == 0
+    world.run("run", "--no-wait", "--key", "later", "--delay", "1h", "--", "true")
+    env = dict(world.env, TERM="dumb")
+    for command in ("status", "history"):
+        status, drawn = _on_terminal(world, command, env=env)
+        assert status == 0, drawn
+        assert drawn.isascii(), (command, drawn)
+        assert "|" in drawn and ("later" in drawn or "done" in drawn), drawn
+
+
+def test_bare_debounce_prints_its_usage_on_lines_of_their_own(world):
+    r = world.run()
+    assert r.returncode == 2
+    first, *_, last = r.stderr.splitlines()
+    assert first == "Usage: debounce [OPTIONS] COMMAND [ARGS]..."
+    assert last.split() == ["watch", "Run", "COMMAND", "after", "each", "burst", "of", "file",
+                            "changes", "under", "PATH."]
