@@ -368,8 +368,10 @@ def watch(
     directory, so saves that replace the file keep counting, and its changes count whatever
     --filter, --ignore and .gitignore say. .gitignore files are read in the watched
     directories and above them up to the repository's top. Submissions are keyed by COMMAND,
-    so --delay, --max-wait and --on-busy work as in run. Ctrl-C cancels what this watcher left
-    pending (a run already executing finishes) and exits 130.
+    so --delay, --max-wait and --on-busy work as in run. Ctrl-C stops watching and cancels
+    what this watcher left pending; a run of its that is executing is left to finish (it says
+    so), and then it exits 130, or with the run's status if that failed. A second Ctrl-C
+    stops that run and exits 130 at once.
     """
     from debounce_cli.keys import KeyTemplateError, compute_key
 

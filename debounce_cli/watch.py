@@ -32,7 +32,8 @@ import signal
 import sys
 import tempfile
 import threading
-from collections.abc import Iterable, Sequence
+import time
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from types import FrameType
 from typing import Any
@@ -291,6 +292,8 @@ class Watcher:
         self.lists: dict[int, str] = {}  # submission id -> its changed-paths file
         self.started: dict[str, int] = {}  # key -> the invocation its latest run started with
         self.runs: dict[int, str] = {}  # run id -> key, for runs of ours that started
+        self.ended: dict[int, int] = {}  # run id -> exit status, for runs of ours that ended
+        self.changed = threading.Condition(self.lock)  # notified when a run of ours ends
         self.tmpdir: str | None = None
         self.written = 0
         self.submitter: client.Connection | None = None
@@ -440,7 +443,9 @@ class Watcher:
             elif isinstance(msg, protocol.Finished):
                 self._delivered(msg.invocation)  # (a run that ended before we followed)
                 with self.lock:
-                    self.runs.pop(msg.run_id, None)
+                    if self.runs.pop(msg.run_id, None) is not None:
+                        self.ended[msg.run_id] = _status_of(msg)
+                        self.changed.notify_all()
                 self._forget(msg.key, upto=msg.invocation)
                 if msg.exit_code != 0:
                     print(f"debounce: run {msg.run_id} exited {msg.exit_code}",
@@ -453,14 +458,8 @@ class Watcher:
                     self._forget(msg.key, keep=self.started.get(msg.key))
                 return
 
-    def stop(self) -> None:
-        """Ctrl-C: cancel what we left pending, and stop what of ours runs (TERM, then KILL
-        after its stop timeout, as ``debounce kill`` does)."""
-        with self.lock:
-            ours = set(self.ours)
-            runs = dict(self.runs)
-        if not ours and not runs:
-            return
+    def _rows(self) -> list[protocol.KeyStatus] | None:
+        """The daemon's rows for keys that hold something of ours (``None``: no answer)."""
         fleet = bool(self.options.get("fleet"))
         host = None
         if fleet:
@@ -471,23 +470,89 @@ class Watcher:
             host = os.environ.get(HOST_ENV) or socket.gethostname()
         reply = self._ask(protocol.StatusRequest(fleet=fleet))
         if not isinstance(reply, protocol.StatusReply):
-            return
-        for row in reply.keys:
-            if fleet and row.host not in (None, host):
-                continue  # another host's invocation or run of the fleet key: not ours
+            return None
+        # Another host's invocation or run of a fleet key is not ours.
+        return [row for row in reply.keys if not fleet or row.host in (None, host)]
+
+    def cancel_pending(self) -> list[tuple[int, str]]:
+        """Ctrl-C: cancel what we left pending; return the runs of ours still executing, as
+        ``(run id, key)``."""
+        with self.lock:
+            ours = set(self.ours)
+            runs = dict(self.runs)
+        if not ours and not runs:
+            return []
+        rows = self._rows()
+        if rows is None:
+            return []
+        running = []
+        for row in rows:
             if row.pending is not None and row.pending.id in ours:
                 answer = self._ask(protocol.CancelRequest(key=row.key, by="key"))
                 if isinstance(answer, protocol.Done):
+                    with self.lock:
+                        for sid, key in self.ours.items():
+                            if key == row.key and sid not in runs:
+                                self.upto.pop(sid, None)  # never to run: not to follow
                     print(f"debounce: cancelled what was pending for {row.key}",
                           file=sys.stderr, flush=True)
             if row.running is not None and row.running.run_id in runs:
-                # A fleet run is named by its key (its id is the fleet's, not this daemon's).
-                answer = self._ask(protocol.KillRequest(target=row.key, by="key") if fleet
-                                   else protocol.KillRequest(target=str(row.running.run_id),
-                                                             by="run"))
-                if isinstance(answer, protocol.Done):
-                    print(f"debounce: stopping run {row.running.run_id} of {row.key}",
-                          file=sys.stderr, flush=True)
+                running.append((row.running.run_id, row.key))
+        return running
+
+    def kill(self, running: list[tuple[int, str]]) -> None:
+        """Stop these runs of ours (TERM, then KILL after their stop timeout, as ``debounce
+        kill`` does)."""
+        fleet = bool(self.options.get("fleet"))
+        for run_id, key in running:
+            # A fleet run is named by its key (its id is the fleet's, not this daemon's).
+            answer = self._ask(protocol.KillRequest(target=key, by="key") if fleet
+                               else protocol.KillRequest(target=str(run_id), by="run"))
+            if isinstance(answer, protocol.Done):
+                print(f"debounce: stopping run {run_id} of {key}", file=sys.stderr,
+                      flush=True)
+
+    def wait_runs(self, running: list[tuple[int, str]], interrupted: Callable[[], bool]
+                  ) -> int | None:
+        """Wait until these runs of ours have ended, their output printed: the first non-zero
+        status among them, else 0. ``None`` when ``interrupted()`` comes true first.
+
+        The follower sees each run end; the daemon is asked too, now and then, in case the
+        follower is not on that run (its status then comes from the run's record).
+        """
+        left = {run_id for run_id, _ in running}
+        statuses: dict[int, int] = {}
+        asked = time.monotonic()
+        while left:
+            with self.lock:
+                for run_id in list(left):
+                    if run_id in self.ended:
+                        statuses[run_id] = self.ended[run_id]
+                        left.discard(run_id)
+                if left and not interrupted():
+                    self.changed.wait(timeout=0.1)
+            if interrupted():
+                return None
+            if left and time.monotonic() - asked >= 1.0:
+                asked = time.monotonic()
+                rows = self._rows()
+                executing = {row.running.run_id for row in rows or () if row.running}
+                for run_id in left - executing if rows is not None else ():
+                    statuses[run_id] = self._ended_with(run_id)
+                    left.discard(run_id)
+        return next((s for s in statuses.values() if s != 0), 0)
+
+    def _ended_with(self, run_id: int) -> int:
+        """The exit status of a run of ours that ended while the follower was elsewhere."""
+        with self.lock:
+            if run_id in self.ended:
+                return self.ended[run_id]
+        try:  # its record: a run that has ended is answered at once
+            reply = client.request(self.sock, protocol.WaitRequest(target=str(run_id), by="run"),
+                                   autostart=False)
+        except (client.ClientError, client.DaemonLost):
+            return 0
+        return _status_of(reply) if isinstance(reply, protocol.Finished) else 0
 
     def close(self) -> None:
         if self.submitter is not None:
@@ -496,6 +561,14 @@ class Watcher:
         if self.tmpdir is not None:
             shutil.rmtree(self.tmpdir, ignore_errors=True)
             self.tmpdir = None
+
+
+def _status_of(msg: protocol.Finished) -> int:
+    """What a waiting client would exit with for this run (113 for a run that was lost)."""
+    from debounce_cli.exits import ExitStatus
+    from debounce_cli.states import LOST
+
+    return ExitStatus.DAEMON_LOST if msg.outcome == LOST else msg.exit_code
 
 
 def _remove(path: str) -> None:
@@ -540,7 +613,10 @@ def run_watch(
 ) -> int:
     """Watch ``paths`` until Ctrl-C, submitting ``argv`` for every batch of changes.
 
-    Returns 130 after Ctrl-C (143 after SIGTERM), having cancelled what it left pending.
+    Ctrl-C stops watching and cancels what this watcher left pending; a run of ours that is
+    executing is left to end (and its output printed), and the status is then 130, or the
+    run's own if it failed. A second Ctrl-C stops that run and returns 130 at once. SIGTERM
+    cancels and stops at once (143).
     """
     import logging
 
@@ -564,9 +640,9 @@ def run_watch(
     caught: list[int] = []
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
-        if caught:
-            raise KeyboardInterrupt  # asked twice: leave now
         caught.append(signum)
+        if len(caught) > 2:
+            raise KeyboardInterrupt  # asked three times: leave now, whatever is under way
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     stop = threading.Event()
@@ -601,8 +677,18 @@ def run_watch(
             if changed:
                 watcher.submit(changed)
         if caught:
-            watcher.stop()
+            stop.set()  # no more submissions
             status = 128 + caught[0]
+            running = watcher.cancel_pending()
+            if running and caught == [signal.SIGINT]:
+                for run_id, run_key in running:
+                    print(f"debounce: run {run_id} of {run_key} is still running: waiting for "
+                          "it to end (Ctrl-C again stops it)", file=sys.stderr, flush=True)
+                ended = watcher.wait_runs(running, lambda: len(caught) > 1)
+                if ended is not None:
+                    running = []
+                    status = ended or status
+            watcher.kill(running)
     except KeyboardInterrupt:
         status = 128 + signal.SIGINT
     finally:

@@ -43,7 +43,9 @@ EXIT_MEANINGS = {
     "closed stdout); a waiting client also says what the run's own status was. A reader "
     "that goes away (| head -1) is no error.",
     ExitStatus.INTERRUPTED: "Interrupted (Ctrl-C): a waiting client stops waiting and the "
-    "invocation stays with the daemon; debounce watch cancels and stops what it submitted.",
+    "invocation stays with the daemon; debounce watch cancels what it left pending and lets "
+    "a run of its that executes finish (then exits 130, or with that run's status if it "
+    "failed; a second Ctrl-C stops the run).",
 }
 
 ENVIRONMENT = [

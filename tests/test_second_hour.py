@@ -301,3 +301,68 @@ def test_bare_debounce_prints_its_usage_on_lines_of_their_own(world):
     assert first == "Usage: debounce [OPTIONS] COMMAND [ARGS]..."
     assert last.split() == ["watch", "Run", "COMMAND", "after", "each", "burst", "of", "file",
                             "changes", "under", "PATH."]
+
+
+# ------------------------------------------------------------------------------ 7. watch, Ctrl-C
+BLOCKED_RUN = ('echo started > "$0/started"; while [ ! -e "$0/go" ]; do sleep 0.05; done; '
+               'echo finished; exit 3')
+
+
+@pytest.mark.slow
+def test_first_ctrl_c_on_watch_lets_the_executing_run_finish(world):
+    """Ctrl-C: watching stops, what is pending is cancelled, the executing run is left to
+    end (said in one line), its output printed, and its failing status is the watcher's."""
+    import signal
+
+    src = world.work / "src"
+    src.mkdir()
+    flags = world.root / "flags"
+    flags.mkdir()
+    proc, out, err = _watch(world, "--delay", "100ms", "src", "--", "sh", "-c", BLOCKED_RUN,
+                            str(flags))
+    (src / "a").write_text("a")
+    wait_until((flags / "started").exists, timeout=15)
+    (src / "b").write_text("b")  # pending behind the executing run
+    wait_until(lambda: (next(iter(_keys(world).values()), {}) or {}).get("pending"))
+    proc.send_signal(signal.SIGINT)
+    wait_until(lambda: "waiting for it to end" in err.read_text(), timeout=15)
+    said = err.read_text()
+    assert "cancelled what was pending" in said
+    assert [line for line in said.splitlines() if "still running" in line] == [
+        "debounce: run 1 of " + next(iter(_keys(world))) + " is still running: waiting for it "
+        "to end (Ctrl-C again stops it)"]
+    assert proc.poll() is None
+    assert [k["running"]["run_id"] for k in _keys(world).values()] == [1]
+    (flags / "go").write_text("")
+    assert proc.wait(timeout=15) == 3, err.read_text()
+    assert out.read_text() == "finished\n"
+    r = world.run("history", "--json")
+    runs = [json.loads(line) for line in r.stdout.splitlines()]
+    assert [(run["outcome"], run["exit_code"]) for run in runs] == [("exited", 3)]
+    assert "Traceback" not in err.read_text()
+
+
+@pytest.mark.slow
+def test_a_second_ctrl_c_on_watch_stops_the_run(world):
+    import signal
+
+    src = world.work / "src"
+    src.mkdir()
+    flags = world.root / "flags"
+    flags.mkdir()
+    proc, _out, err = _watch(world, "--delay", "100ms", "src", "--", "sh", "-c", BLOCKED_RUN,
+                             str(flags))
+    (src / "a").write_text("a")
+    wait_until((flags / "started").exists, timeout=15)
+    proc.send_signal(signal.SIGINT)
+    wait_until(lambda: "waiting for it to end" in err.read_text(), timeout=15)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=15) == 130, err.read_text()
+    assert "stopping run 1 of" in err.read_text()
+
+    def history() -> list:
+        r = world.run("history", "--json")
+        return [(json.loads(line)["outcome"], json.loads(line)["exit_code"])
+                for line in r.stdout.splitlines()]
+
+    assert wait_until(history, timeout=15) == [("killed", 143)]

@@ -234,7 +234,8 @@ def test_ctrl_c_cancels_what_the_watcher_left_pending_and_exits_130(world):
     assert "cancelled" in said and "Traceback" not in said
 
 
-def test_ctrl_c_stops_a_run_of_the_watcher_that_is_executing(world):
+def test_a_second_ctrl_c_stops_a_run_of_the_watcher_that_is_executing(world):
+    """The first Ctrl-C lets the run end (and says so); the second stops it."""
     src = world.work / "src"
     src.mkdir()
     started = world.root / "started"
@@ -242,6 +243,8 @@ def test_ctrl_c_stops_a_run_of_the_watcher_that_is_executing(world):
                         f"echo go > {started}; exec sleep 30")
     (src / "a.c").write_text("a")
     wait_until(started.exists, timeout=15)
+    watch.send_signal(signal.SIGINT)
+    wait_until(lambda: "Ctrl-C again stops it" in log.read_text(), timeout=15)
     assert _interrupt(watch) == 130
     wait_until(lambda: not status(world)["keys"], timeout=15)
     assert [(r["outcome"], r["exit_code"]) for r in _history(world)] == [("killed", 143)]
