@@ -649,6 +649,8 @@ def _ask(socket_path: str | None, message: Any) -> Any:
 # ------------------------------------------------------------------------------ entry point
 def main(args: list[str] | None = None) -> NoReturn:
     """Run the CLI; every failure ends as one line on stderr and a documented exit status."""
+    if sys.stdout is None and (args or sys.argv[1:])[:1] != ["daemon"]:
+        sys.stdout = _closed_stdout()  # '>&-': what is written is a write error, click's too
     try:
         status = cli.main(args=args, prog_name="debounce", standalone_mode=False)
     except OSError as exc:
@@ -676,16 +678,36 @@ def main(args: list[str] | None = None) -> NoReturn:
     sys.exit(finish_output(status or 0))
 
 
+def _closed_stdout() -> Any:
+    """A stand-in for a stdout that was closed before we began: every write fails with EBADF,
+    as it would on the closed descriptor (which is never written to: a socket we open may
+    have taken its number)."""
+    import errno
+    import io
+
+    class Closed(io.RawIOBase):
+        def writable(self) -> bool:
+            return True
+
+        def write(self, data: Any) -> int:
+            raise OSError(errno.EBADF, os.strerror(errno.EBADF))
+
+        def fileno(self) -> int:
+            raise OSError(errno.EBADF, os.strerror(errno.EBADF))
+
+    return io.TextIOWrapper(Closed(), encoding="utf-8", write_through=True)
+
+
 def _stdout_broken(exc: OSError) -> bool:
     """Whether ``exc``, raised out of click, came from click writing to our stdout (--help,
     --version): then it is noted as a write error, reported as ours are."""
     from debounce_cli import client
 
     tb = exc.__traceback__
-    while tb is not None and tb.tb_next is not None:
+    while tb is not None:
+        code = tb.tb_frame.f_code
+        if code.co_name == "echo" and "click" in code.co_filename:
+            client.note_lost(1, exc)
+            return True
         tb = tb.tb_next
-    code = tb.tb_frame.f_code if tb is not None else None
-    if code is None or code.co_name != "echo" or "click" not in code.co_filename:
-        return False
-    client.note_lost(1, exc)
-    return True
+    return False

@@ -87,7 +87,8 @@ def test_a_closed_stdout_is_a_write_error_unless_nothing_is_written(world):
     write; a command that writes nothing to stdout still succeeds."""
     r = world.run("run", "--delay", "0", "--key", "c", "--", "echo", "out")
     assert r.returncode == 0
-    for args in (("completion", "bash"), ("logs", "--run", "1"), ("history",)):
+    for args in (("completion", "bash"), ("logs", "--run", "1"), ("history",), ("--help",),
+                 ("--version",), ("history", "--json")):
         r = _cli(world, *args, stdout="closed")
         assert (r.returncode, r.stderr) == (1, f"debounce: write error: {EBADF}\n"), args
     r = _cli(world, "run", "--delay", "0", "--", "echo", "again", stdout="closed")
