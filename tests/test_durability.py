@@ -178,7 +178,7 @@ def test_a_waiting_client_reattaches_with_debounce_wait_after_kill_9(world):
     kill9(world.socket)
     _, err = client.communicate(timeout=10)
     assert client.returncode == 113, err
-    assert "debounce wait k" in err, err
+    assert "debounce wait --key k" in err, err
 
     status(world)  # restart
     waiter = world.popen("wait", "k")
