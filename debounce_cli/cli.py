@@ -23,6 +23,7 @@ from debounce_cli.conversation import (
     finish_output,
     refused,
     run_request,
+    say,
     write_error,
 )
 from debounce_cli.durations import DurationError, parse_duration
@@ -428,7 +429,7 @@ def stop(socket_path: str | None) -> int:
             client.request(sock, protocol.StopRequest(), autostart=False)
         except client.ClientError as exc:
             if exc.code == "unreachable":
-                print(f"debounce: no daemon is running on {sock}", file=sys.stderr)
+                say(f"debounce: no daemon is running on {sock}")
                 return ExitStatus.SUCCESS
             raise Failure(str(exc), client_status(exc)) from None
         except client.DaemonLost:
@@ -659,19 +660,19 @@ def main(args: list[str] | None = None) -> NoReturn:
         status = ExitStatus.SUCCESS  # click's own output (--help, --version): reported below
     except click.exceptions.NoArgsIsHelpError as exc:
         # Bare `debounce` (or a group with no command): the help, as it is, and a usage error.
-        print(exc.format_message(), file=sys.stderr)
+        say(exc.format_message())
         sys.exit(ExitStatus.USAGE)
     except click.UsageError as exc:
         where = exc.ctx.command_path if exc.ctx is not None else "debounce"
-        print(f"{where}: {exc.format_message()} (see '{where} --help')", file=sys.stderr)
+        say(f"{where}: {exc.format_message()} (see '{where} --help')")
         sys.exit(ExitStatus.USAGE)
     except click.exceptions.Abort:
         sys.exit(ExitStatus.INTERRUPTED)
     except click.ClickException as exc:
-        print(f"debounce: {exc.format_message()}", file=sys.stderr)
+        say(f"debounce: {exc.format_message()}")
         sys.exit(exc.exit_code)
     except Failure as exc:
-        print(f"debounce: {exc}", file=sys.stderr)
+        say(f"debounce: {exc}")
         sys.exit(exc.status)
     except KeyboardInterrupt:
         sys.exit(ExitStatus.INTERRUPTED)

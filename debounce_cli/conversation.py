@@ -193,7 +193,10 @@ def finish_output(status: int) -> int:
 
 
 def say(line: str) -> None:
-    """One line of debounce's own on stderr (nothing if stderr is closed)."""
+    """One line of debounce's own on stderr (nothing if stderr is closed: print() would
+    take stdout instead)."""
+    if sys.stderr is None:
+        return
     try:
         print(line, file=sys.stderr, flush=True)
     except (OSError, ValueError):

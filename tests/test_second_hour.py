@@ -367,3 +367,13 @@ def test_a_second_ctrl_c_on_watch_stops_the_run(world):
                 for line in r.stdout.splitlines()]
 
     assert wait_until(history, timeout=15) == [("killed", 143)]
+
+
+def test_with_stderr_closed_our_messages_never_land_on_stdout(world):
+    """print() to a closed stderr would write to stdout: a script reading it must not see
+    debounce's complaints."""
+    for args in (("wait", "--key", "nothing"), ("run", "--bad-option", "--", "true")):
+        r = subprocess.run(["sh", "-c", 'exec "$@" 2>&-', "sh", *world.argv(*args)],
+                           cwd=world.work, env=world.env, capture_output=True, text=True,
+                           timeout=30)
+        assert r.returncode in (2, 117) and r.stdout == "", (args, r.stdout)
