@@ -490,10 +490,10 @@ class Watcher:
             if row.pending is not None and row.pending.id in ours:
                 answer = self._ask(protocol.CancelRequest(key=row.key, by="key"))
                 if isinstance(answer, protocol.Done):
-                    with self.lock:
+                    with self.lock:  # what was not handed to a run will never run now
                         for sid, key in self.ours.items():
-                            if key == row.key and sid not in runs:
-                                self.upto.pop(sid, None)  # never to run: not to follow
+                            if key == row.key:
+                                self.upto.pop(sid, None)
                     print(f"debounce: cancelled what was pending for {row.key}",
                           file=sys.stderr, flush=True)
             if row.running is not None and row.running.run_id in runs:
