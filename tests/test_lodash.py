@@ -40,6 +40,7 @@ CLI refuses it as a usage error (``Options.problems()``).
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -196,7 +197,7 @@ def agrees_with_lodash(got: Invocations, model: Invocations, wait: float,
         assert got == model, detail
         return
     assert got[:broken] == model[:broken], detail
-    assert all(b[0] - a[0] >= wait for a, b in zip(got, got[1:], strict=False)), detail
+    assert all(b[0] - a[0] >= wait for a, b in itertools.pairwise(got)), detail
     if trailing:
         assert got[-1][1] == len(calls) - 1, detail
 

@@ -97,9 +97,8 @@ class Server:
             from debounce_cli.daemon.fleet.coordinator import Fleet
 
             fleet_logs = os.path.join(self.start.log_dir, "fleet") if self.start.log_dir else ""
-            self.fleet = Fleet(config, self.clock, loop, self.start.scheduler, fleet_logs)
-            self.fleet.changed = self._check_idle
-            self.fleet.apply = core.apply
+            self.fleet = Fleet(config, self.clock, loop, self.start.scheduler, fleet_logs,
+                               apply=core.apply, changed=self._check_idle)
             core.slot_freed = self.fleet.slot_freed
             core.detached.append(self.fleet.detach)
             self.fleet.start()

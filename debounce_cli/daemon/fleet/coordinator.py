@@ -105,10 +105,20 @@ class _Publisher:
 
 class Fleet:
     """This daemon in the fleet. ``slots`` is the local scheduler: its counter numbers our
-    invocations, and fleet runs starting here take its job slots (``daemon --jobs``)."""
+    invocations, and fleet runs starting here take its job slots (``daemon --jobs``).
+
+    Every time and timer comes from ``clock`` and ``loop`` (the daemon's), so the tests run a
+    fleet on fake time. ``store`` is the Redis store unless another with the same steps is
+    given (``memory.MemoryStore``), ``runs`` makes what executes runs (``daemon.runs.Runs``
+    unless given), ``apply`` carries out the local scheduler's effects (a job slot given back
+    lets a local run start) and ``changed`` is the server's idle check."""
 
     def __init__(self, config: Config, clock: Clock, loop: asyncio.AbstractEventLoop,
-                 slots: Scheduler, log_dir: str) -> None:
+                 slots: Scheduler, log_dir: str, *,
+                 apply: Callable[[list[Any]], None] = lambda effects: None,
+                 changed: Callable[[], None] = lambda: None,
+                 store: Any = None,
+                 runs: Callable[[Fleet], Any] | None = None) -> None:
         self.log_dir = log_dir  # `debounce logs` of fleet runs are written here
         assert config.store is not None
         self.config = config
@@ -117,13 +127,14 @@ class Fleet:
         self.slots = slots
         self.new_id = slots.new_id
         #: Called with the effects of a slot given back (the local queue's next run starts).
-        self.apply: Callable[[list[Any]], None] = lambda effects: None
+        self.apply = apply
         #: Our due pending invocations waiting for a job slot here, in arrival order.
         self.slot_queue: deque[str] = deque()
         self.host = config.host_id
         self.lease = config.lease
-        self.store = Store(config.store)
-        self.runs = Runs(config, loop, None, "", None, events=self, clock=clock)
+        self.store: Store = store if store is not None else Store(config.store)
+        self.runs: Runs = (runs(self) if runs is not None
+                           else Runs(config, loop, None, "", None, events=self, clock=clock))
         self.offset: float | None = None  # the store's clock minus our monotonic clock
         self.beat_at = float("-inf")  # our monotonic time of the last heartbeat
         self.connected_since: float | None = None  # in touch with the store since then
@@ -153,7 +164,7 @@ class Fleet:
         self.tasks: set[asyncio.Task[Any]] = set()
         self.closing = False
         self.down_since: float | None = None
-        self.changed: Callable[[], None] = lambda: None  # the server's idle check
+        self.changed = changed  # the server's idle check
 
     # ------------------------------------------------------------------ life
     def start(self) -> None:

@@ -1,0 +1,274 @@
+"""A fleet on fake time: several hosts' ``Fleet`` objects on one event loop whose clock jumps
+to the next timer whenever nothing is ready, a store in memory, and runs that take the time
+their command says without a process.
+
+The loop is trio's ``MockClock`` with autojump, made for asyncio: its selector never sleeps;
+when the loop would wait ``t`` seconds for its next timer, the clock moves ``t`` at once. Every
+time the fleet reads comes from the loop (``Fleet`` takes the daemon's clock and loop), so a
+lease of 10 s passes in microseconds and every time in a test is exact.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import selectors
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from debounce_cli import protocol
+from debounce_cli.daemon.config import Config
+from debounce_cli.daemon.fleet.coordinator import Fleet
+from debounce_cli.daemon.fleet.memory import Memory, MemoryStore
+from debounce_cli.daemon.jobs import Job
+from debounce_cli.rules import Options
+from debounce_cli.scheduler import Run, Scheduler
+
+EPOCH = 1_800_000_000.0  # the store's clock, in seconds since 1970, at loop time 0
+
+
+class _JumpingSelector(selectors.DefaultSelector):
+    """Never blocks: waiting ``timeout`` seconds moves the loop's clock by that much."""
+
+    loop: VirtualLoop
+
+    def select(self, timeout: float | None = None) -> list[Any]:
+        ready = super().select(0)
+        if ready:
+            return ready
+        if timeout is None:
+            raise RuntimeError("the fleet on fake time has nothing left to wait for")
+        self.loop.now += timeout
+        return []
+
+
+class VirtualLoop(asyncio.SelectorEventLoop):
+    def __init__(self) -> None:
+        selector = _JumpingSelector()
+        self.now = 0.0
+        super().__init__(selector)
+        selector.loop = self
+
+    def time(self) -> float:
+        return self.now
+
+
+class LoopClock:
+    """The daemon's clock as the loop keeps it (``wall`` off by ``skew``: a wrong clock)."""
+
+    def __init__(self, loop: VirtualLoop, skew: float = 0.0) -> None:
+        self.loop, self.skew = loop, skew
+
+    def monotonic(self) -> float:
+        return self.loop.now
+
+    def wall(self) -> float:
+        return EPOCH + self.loop.now + self.skew
+
+
+class FakeRuns:
+    """Runs without processes: ``sleep N`` (the command's last word) lasts N seconds and
+    exits 0 (``exit N`` as the first word: exits N at once). TERM or KILL ends it at once,
+    128+N; a run whose host is frozen or dead never ends by itself."""
+
+    def __init__(self, fleet: Fleet, host: SimHost) -> None:
+        self.fleet, self.host = fleet, host
+        self.timers: dict[int, asyncio.TimerHandle] = {}
+        self.started: list[tuple[float, int, str]] = []  # (loop time, run id, key)
+        self.ended: list[tuple[float, int, int]] = []  # (loop time, run id, exit status)
+        self.done = asyncio.Event()
+        self.done.set()
+
+    def start(self, run: Run) -> None:
+        job = run.invocation.payload
+        assert isinstance(job, Job)
+        self.started.append((self.host.loop.now, run.id, run.key))
+        self.host.sim.log.append(("start", self.host.loop.now, self.host.name, run.key, run.id))
+        seconds, code = 0.0, 0
+        if job.argv[0] == "exit":
+            code = int(job.argv[1])
+        else:
+            seconds = float(job.argv[-1])
+        self.done.clear()
+        self.timers[run.id] = self.host.loop.call_later(seconds, self._end, run.id, code)
+
+    def _end(self, run_id: int, code: int) -> None:
+        if self.host.frozen or self.host.dead:
+            return
+        self.timers.pop(run_id, None)
+        self.ended.append((self.host.loop.now, run_id, code))
+        self.host.sim.log.append(("end", self.host.loop.now, self.host.name, "", run_id))
+        if not self.timers:
+            self.done.set()
+        self.fleet.run_exited(run_id, code)
+
+    def signal(self, run_id: int, sig: str) -> None:
+        timer = self.timers.get(run_id)
+        if timer is not None and sig in ("TERM", "KILL"):
+            timer.cancel()
+            self._end(run_id, 143 if sig == "TERM" else 137)
+
+    async def wait_all(self) -> None:
+        await self.done.wait()
+
+
+class Caller:
+    """A waiting client: records its answer and what it was told."""
+
+    def __init__(self) -> None:
+        self.answer: protocol.Message | None = None
+        self.result: protocol.Message | None = None
+        self.started: list[int] = []
+        self.output: list[bytes] = []
+
+    # Submitter
+    def answered(self, msg: protocol.Message) -> None:
+        self.answer = msg
+
+    # Waiter
+    def raw(self, line: bytes) -> None:
+        pass
+
+    def follows(self, run_id: int) -> bool:
+        return run_id in self.started
+
+    def start(self, run_id: int, line: bytes, log: str | None) -> None:
+        self.started.append(run_id)
+
+    def output(self, fd: int, data: bytes, line: bytes, end: int | None) -> None:
+        self.output.append(data)
+
+    def replay(self, so_far: Any) -> None:
+        pass
+
+    def finish(self, msg: protocol.Message) -> None:
+        self.result = msg
+
+    @property
+    def outcome(self) -> tuple[Any, ...] | None:
+        """("finished", exit code, outcome) or ("cancelled",), once told."""
+        msg = self.result
+        if isinstance(msg, protocol.Finished):
+            return ("finished", msg.exit_code, msg.outcome)
+        if isinstance(msg, protocol.Cancelled):
+            return ("cancelled",)
+        return None
+
+
+class SimHost:
+    def __init__(self, sim: Sim, name: str, jobs: int | None = None, skew: float = 0.0) -> None:
+        self.sim, self.name, self.loop = sim, name, sim.loop
+        self.frozen = False
+        self.dead = False
+        self.store = MemoryStore(sim.memory, name=f"memory://{name}")
+        config = Config(socket=f"/nonexistent/{name}.sock", store="memory://", host_id=name,
+                        lease=sim.lease, jobs=jobs)
+        self.clock = LoopClock(sim.loop, skew)
+        self.slots = Scheduler(self.clock.monotonic, wall=self.clock.wall, jobs=jobs)
+        self.runs: FakeRuns | None = None
+
+        def make_runs(fleet: Fleet) -> FakeRuns:
+            self.runs = FakeRuns(fleet, self)
+            return self.runs
+
+        self.fleet = Fleet(config, self.clock, sim.loop, self.slots, "", store=self.store,
+                           runs=make_runs)
+        self.fleet.start()
+
+    def submit(self, key: str, seconds: float, *, delay: float = 1.0, **options: Any
+               ) -> Caller:
+        """``debounce run --fleet --key KEY --delay D -- sleep SECONDS`` here, waiting."""
+        caller = Caller()
+        opts = Options(delay=delay, fleet=True, **options)
+        job = Job(["sleep", repr(seconds)], "/", {})
+        self.fleet.submit(key, opts, job, caller, caller)
+        return caller
+
+    def freeze(self) -> None:
+        """SIGSTOP: nothing of this host reaches the store, and its runs' ends wait."""
+        self.frozen = True
+        self.store.pause()
+
+    def thaw(self) -> None:
+        self.frozen = False
+        self.store.resume()
+
+    def kill9(self) -> None:
+        """kill -9: the host's tasks stop where they are; its runs die with it unheard."""
+        self.dead = True
+        self.store.pause()  # nothing more from it reaches the store
+        self.fleet.closing = True
+        for task in list(self.fleet.tasks):
+            task.cancel()
+        self.fleet.tasks.clear()  # (the loop finishes them off; a dead host awaits nothing)
+        for timer in self.fleet.timers.values():
+            timer.cancel()
+
+
+class Sim:
+    """Hosts on one fake-time loop and one store in memory."""
+
+    def __init__(self, lease: float = 10.0) -> None:
+        self.loop = VirtualLoop()
+        asyncio.set_event_loop(self.loop)
+        self.lease = lease
+        self.memory = Memory(clock=lambda: EPOCH + self.loop.now)
+        self.hosts: dict[str, SimHost] = {}
+        self.log: list[tuple[str, float, str, str, int]] = []
+
+    def host(self, name: str, **kw: Any) -> SimHost:
+        self.hosts[name] = SimHost(self, name, **kw)
+        return self.hosts[name]
+
+    def run_for(self, seconds: float) -> None:
+        """Let ``seconds`` of fake time pass."""
+        self.loop.run_until_complete(asyncio.sleep(seconds))
+
+    def run_until(self, predicate: Callable[[], object], limit: float = 600.0) -> float:
+        """Let fake time pass until ``predicate()``; returns the loop time then."""
+        async def wait() -> None:
+            while not predicate():
+                if self.loop.now > limit:
+                    raise AssertionError(f"not met within {limit} s of fake time")
+                await asyncio.sleep(0.001)
+        self.loop.run_until_complete(wait())
+        return self.loop.now
+
+    def do(self, coro: Coroutine[Any, Any, Any]) -> Any:
+        return self.loop.run_until_complete(coro)
+
+    def do_wait(self, host: SimHost, key: str) -> Caller:
+        """``debounce wait KEY`` on ``host``: a caller filed on what the key has."""
+        caller = Caller()
+        answer = self.do(host.fleet.wait(key, caller))
+        if answer is not None:
+            caller.finish(answer)
+        return caller
+
+    def close(self) -> None:
+        tasks = []
+        for host in self.hosts.values():
+            host.fleet.closing = True
+            tasks.extend(host.fleet.tasks)
+            for task in host.fleet.tasks:
+                task.cancel()
+        for host in self.hosts.values():
+            host.store.resume()
+        self.loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
+        self.loop.close()
+        asyncio.set_event_loop(None)
+
+    def starts(self, key: str) -> list[tuple[float, str]]:
+        return [(t, host) for kind, t, host, k, _ in self.log if kind == "start" and k == key]
+
+    def overlaps(self) -> list[tuple[str, float]]:
+        """Moments where two runs of one key executed at once (fleet-wide)."""
+        alive: dict[int, tuple[str, str]] = {}
+        out = []
+        for kind, t, host, key, run in self.log:
+            if kind == "start":
+                if any(k == key for k, _ in alive.values()):
+                    out.append((key, t))
+                alive[run] = (key, host)
+            else:
+                alive.pop(run, None)
+        return out

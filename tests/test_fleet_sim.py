@@ -1,0 +1,136 @@
+"""The fleet's logic on fake time (``fleet_sim``): takeover, lost runs, frozen hosts, fencing,
+store outages and clock skew, in milliseconds; the real-Redis tests (``test_fleet.py``) keep
+covering the Redis store itself."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from fleet_sim import Sim
+
+from debounce_cli import protocol
+
+
+@pytest.fixture
+def sim() -> Iterator[Sim]:
+    s = Sim(lease=10.0)
+    try:
+        yield s
+    finally:
+        s.close()
+
+
+def test_one_run_on_the_latest_host_and_every_caller_gets_it(sim: Sim) -> None:
+    a, b = sim.host("a"), sim.host("b")
+    first = a.submit("k", 1.0, delay=2.0)
+    sim.run_until(lambda: first.answer is not None)
+    second = b.submit("k", 1.0, delay=2.0)
+    sim.run_until(lambda: first.result is not None and second.result is not None)
+    assert first.outcome == second.outcome == ("finished", 0, "exited")
+    assert [host for _, host in sim.starts("k")] == ["b"]
+    assert isinstance(second.answer, protocol.Accepted) and second.answer.coalesced == 2
+
+
+def test_a_dead_hosts_pending_invocation_runs_once_on_another_host_after_a_lease(
+        sim: Sim) -> None:
+    """kill -9 of the host whose invocation is pending: once it has been silent for a lease,
+    exactly one other live host takes the run over, and a caller there gets its status."""
+    a, b = sim.host("a"), sim.host("b")
+    sim.host("c")
+    sim.run_for(11.0)  # everyone has judged the fleet for a lease
+    first = a.submit("k", 1.0, delay=1.0)
+    sim.run_until(lambda: first.answer is not None)
+    submitted = sim.loop.now
+    a.kill9()
+    watcher = sim.do_wait(b, "k")
+    sim.run_until(lambda: watcher.result is not None)
+    starts = sim.starts("k")
+    assert len(starts) == 1 and starts[0][1] in ("b", "c")
+    assert starts[0][0] >= submitted + 10.0  # not before a was silent for a lease
+    assert watcher.outcome == ("finished", 0, "exited")
+    sim.run_for(60.0)
+    assert len(sim.starts("k")) == 1 and sim.overlaps() == []
+
+
+def test_a_run_whose_host_died_is_recorded_lost_and_never_started_again(sim: Sim) -> None:
+    a, b = sim.host("a"), sim.host("b")
+    sim.run_for(11.0)
+    caller = a.submit("k", 30.0, delay=0.0)
+    sim.run_until(lambda: sim.starts("k"))
+    started = sim.loop.now
+    watcher = sim.do_wait(b, "k")
+    sim.run_for(5.0)
+    a.kill9()
+    sim.run_until(lambda: watcher.result is not None)
+    assert watcher.outcome is not None and watcher.outcome[2] == "lost"
+    assert sim.loop.now >= started + 5.0 + 10.0 - 2.5  # its last heartbeat plus a lease
+    sim.run_for(60.0)
+    assert len(sim.starts("k")) == 1
+    assert caller.result is None  # its own client went with it
+
+
+def test_a_host_that_just_joined_keeps_its_first_run(sim: Sim) -> None:
+    """Issue 18, item 1, on fake time: a and b judge the fleet; c joins and runs a command
+    longer than a quarter lease; it is never taken for silent."""
+    sim.host("a")
+    sim.host("b")
+    sim.run_for(12.0)
+    c = sim.host("c")
+    caller = c.submit("kc", 8.0, delay=1.0)
+    sim.run_until(lambda: caller.result is not None)
+    assert caller.outcome == ("finished", 0, "exited")
+
+
+def test_a_frozen_hosts_late_end_changes_nothing_once_its_run_was_given_up(sim: Sim) -> None:
+    """Fencing: a freezes while its run executes; the fleet records the run lost after a
+    lease; a thaws and reports the end under its old token: the record stays lost, and the
+    key's next invocation runs normally."""
+    a, b = sim.host("a"), sim.host("b")
+    sim.run_for(11.0)
+    a.submit("k", 20.0, delay=0.0)
+    sim.run_until(lambda: sim.starts("k"))
+    watcher = sim.do_wait(b, "k")
+    a.freeze()
+    sim.run_until(lambda: watcher.result is not None)
+    assert watcher.outcome is not None and watcher.outcome[2] == "lost"
+    a.thaw()
+    sim.run_for(30.0)
+    st = sim.do(b.store.snapshot("k"))[0]
+    assert st.last is not None and st.last.outcome == "lost"
+    after = b.submit("k", 1.0, delay=0.5)
+    sim.run_until(lambda: after.result is not None)
+    assert after.outcome == ("finished", 0, "exited")
+
+
+def test_a_store_outage_is_survived_by_runs_in_flight(sim: Sim) -> None:
+    """The store refuses connections for 5 s while a run executes: the run goes on, its end
+    is reported once the store is back, and its caller gets the real status."""
+    a, b = sim.host("a"), sim.host("b")
+    sim.run_for(11.0)
+    caller = a.submit("k", 3.0, delay=0.0)
+    sim.run_until(lambda: sim.starts("k"))
+    for host in (a, b):
+        host.store.down = True
+    sim.run_for(5.0)
+    for host in (a, b):
+        host.store.down = False
+    sim.run_until(lambda: caller.result is not None)
+    assert caller.outcome == ("finished", 0, "exited")
+    assert len(sim.starts("k")) == 1
+
+
+def test_hosts_with_skewed_clocks_run_at_the_stores_due_time(sim: Sim) -> None:
+    """Host a's wall clock is an hour fast, b's an hour slow: due times are on the store's
+    clock, so the run starts a delay after the latest invocation whatever the hosts think."""
+    a = sim.host("a", skew=3600.0)
+    b = sim.host("b", skew=-3600.0)
+    sim.run_for(11.0)
+    first = a.submit("k", 0.5, delay=3.0)
+    sim.run_until(lambda: first.answer is not None)
+    second = b.submit("k", 0.5, delay=3.0)
+    sim.run_until(lambda: second.answer is not None)
+    latest = sim.loop.now
+    sim.run_until(lambda: second.result is not None)
+    (start, host), = sim.starts("k")
+    assert host == "b" and latest + 2.99 <= start <= latest + 3.01
