@@ -229,7 +229,8 @@ def run(
 @_socket_option
 @click.option("--stdin", "read_stdin", is_flag=True,
               help="Also read invocations from standard input, one per line (a shell-quoted "
-              "command line or a JSON object); exit when input ends and all have run.")
+              "command line or a JSON object); exit when input ends and all have run. Lines "
+              "longer than 1 MiB are refused (stderr names the line) and count as a failure.")
 @_daemon_options
 @_invocation_options
 @click.option("--ready-fd", type=int, hidden=True)

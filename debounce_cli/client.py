@@ -115,6 +115,9 @@ def connect(sock_path: str, request: Message, autostart: bool = True) -> Connect
     # Nothing is sent before _connect has seen that the daemon runs as us.
     try:
         conn.send(protocol.Hello(client="debounce"), request)
+    except OSError:
+        pass  # a daemon that refuses us closes at once: its one line is still to be read
+    try:
         hello = conn.recv(timeout=START_TIMEOUT)
     except (OSError, TimeoutError):
         raise ClientError(f"the daemon on {sock_path} does not answer") from None

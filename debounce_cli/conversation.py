@@ -212,9 +212,13 @@ def stderr_only(fd: int, data: bytes) -> None:
 
 def client_status(exc: Any) -> int:
     """An unsafe socket location, or a setting the daemon to be started refused, is the
-    user's to mend (usage); anything else is unreachable."""
-    mend = exc.code in ("unsafe", "usage")
-    return ExitStatus.USAGE if mend else ExitStatus.DAEMON_UNREACHABLE
+    user's to mend (usage); a daemon that answered and refused (too many connections) is a
+    refusal; anything else is unreachable."""
+    if exc.code in ("unsafe", "usage"):
+        return ExitStatus.USAGE
+    if exc.code == "refused":
+        return ExitStatus.REFUSED
+    return ExitStatus.DAEMON_UNREACHABLE
 
 
 def refused(reply: Any, key: str) -> NoReturn:

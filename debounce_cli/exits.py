@@ -16,7 +16,8 @@ class ExitStatus:
     """
 
     SUCCESS = 0
-    #: ``debounce daemon`` could not start; with ``--stdin``, a line or a run failed.
+    #: ``debounce daemon`` could not start; with ``--stdin``, a line or a run failed; any
+    #: command: its output could not be written (a write error).
     FAILURE = 1
     #: The command line was wrong (unknown option, bad duration, bad key template...).
     USAGE = 2

@@ -110,7 +110,8 @@ RUN_OPTIONS: tuple[RunOption, ...] = (
     RunOption(
         "on_busy", "--on-busy", CHOICE, "queue",
         "While the key's command runs: queue one more run after it, restart it, join it "
-        "(ignore), or send it --signal and join it (signal).",
+        "(ignore), or send it --signal and join it (signal: every caller that signals then "
+        "waits for that run's whole life, so a reload hook should add --no-wait).",
         choices=ON_BUSY,
     ),
     RunOption(

@@ -153,7 +153,7 @@ class RunProcess:
             )
             self.pid = self.transport.get_pid()
         except FileNotFoundError:
-            self.start_error = (127, f"debounce: {name}: command not found\n")
+            self.start_error = (127, _not_found(name))
         except PermissionError:
             self.start_error = (126, f"debounce: {name}: permission denied\n")
         except OSError as exc:
@@ -318,7 +318,15 @@ def _check_program(name: str, path: str, cwd: str) -> tuple[int, str] | tuple[st
             return (126, f"debounce: {name}: is a directory\n")
     if denied is not None:
         return (126, f"debounce: {name}: permission denied\n")
-    return (127, f"debounce: {name}: command not found\n")
+    return (127, _not_found(name))
+
+
+def _not_found(name: str) -> str:
+    """As a shell says it: a path names a file that is not there; a bare name is looked up
+    in PATH."""
+    if "/" in name:
+        return f"debounce: {name}: No such file or directory\n"
+    return f"debounce: {name}: command not found\n"
 
 
 def _interpreter_of(name: str, program: str) -> tuple[int, str] | tuple[str, ...] | None:

@@ -126,6 +126,14 @@ def test_command_not_found_exits_127(world):
     assert "no-such-command-xyz" in proc.stderr
 
 
+def test_a_missing_script_by_path_says_no_such_file_as_a_shell_does(world):
+    """Issue 19, item 10: ./script.sh that is not there is "No such file or directory", as
+    bash says it; a bare name not in PATH stays "command not found"."""
+    proc = world.run("run", "--delay", "0", "--", "./no-such-script.sh")
+    assert proc.returncode == 127
+    assert proc.stderr == "debounce: ./no-such-script.sh: No such file or directory\n"
+
+
 def test_non_executable_file_exits_126(world):
     script = world.work / "not-exec.sh"
     script.write_text("#!/bin/sh\necho should-not-run\n")
