@@ -92,7 +92,11 @@ def _invocation_options(func: Any) -> Any:
             kwargs.update(type=click.Choice(list(option.choices)), default=option.default,
                           show_default=True)
         else:
-            kwargs["is_flag"] = True
+            # Both ways (--leading/--no-leading), so a command line undoes a config file.
+            kwargs.update(is_flag=True, default=False)
+            decorators.append(click.option(f"{option.flag}/{option.opposite}", option.param,
+                                           **kwargs))
+            continue
         if option.envvar:
             kwargs.update(envvar=option.envvar, show_envvar=True, cls=_EnvOption)
         decorators.append(click.option(option.flag, option.param, **kwargs))
@@ -123,6 +127,8 @@ def _daemon_options(func: Any) -> Any:
             kwargs.update(default=option.default, show_default=True)
         elif option.kind == table.STORE:
             kwargs.update(metavar=option.metavar, envvar=table.STORE_ENV, show_envvar=True)
+        elif option.kind == table.ADDRESS:
+            kwargs.update(metavar=option.metavar)
         else:
             kwargs.update(type=click.IntRange(min=option.minimum), metavar=option.metavar)
             if option.default is not None:
@@ -142,15 +148,67 @@ def _host_id() -> str:
     return os.environ.get(HOST_ENV) or socket.gethostname()
 
 
-def _options(**values: Any) -> dict[str, Any]:
-    """The RunRequest options object, checked by the same rules the daemon applies."""
-    from debounce_cli.options import from_flags, usage_problems
+def _settings() -> Any:
+    """The config files in force here (``settings.py``); a bad one is a usage error."""
+    from debounce_cli import settings
 
-    options = from_flags(values)
-    problems = usage_problems(options)
+    try:
+        return settings.load()
+    except settings.ConfigError as exc:
+        raise Failure(str(exc), ExitStatus.USAGE) from None
+
+
+def _given(values: dict[str, Any]) -> dict[str, Any]:
+    """The run options the command line or the environment gave, by field (shorthands
+    expanded); the rest comes from the config files or the defaults. Without a click context
+    (a test calling ``_options`` with values) every value counts as given."""
+    from click.core import ParameterSource
+
+    from debounce_cli import options as table
+
+    ctx = click.get_current_context(silent=True)
+    given: dict[str, Any] = {}
+    for option in table.RUN_OPTIONS:
+        if ctx is not None and ctx.get_parameter_source(option.param) not in (
+                ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT):
+            continue
+        value = values[option.param]
+        given[option.name] = (not value) if option.negated else value
+    return table.expand(given)
+
+
+def _options(key: str | None = None, **values: Any) -> dict[str, Any]:
+    """The RunRequest options object: the command line and environment, else the config
+    files (their ``[key."PATTERN"]`` sections for ``key``), else the defaults; checked by the
+    same rules the daemon applies."""
+    settings = _settings()
+    given = _given(values)
+    options: dict[str, Any] = settings.run_options(given, key)
+    problems = settings.problems(options, given, key)
     if problems:
         raise click.UsageError(problems[0])
     return options
+
+
+def _daemon_settings(values: dict[str, Any]) -> dict[str, Any]:
+    """The daemon's settings: the command line and environment, else the config files, else
+    the defaults (``options.DAEMON_OPTIONS``)."""
+    from click.core import ParameterSource
+
+    from debounce_cli import options as table
+
+    settings = _settings()
+    ctx = click.get_current_context()
+    out = {}
+    for option in table.DAEMON_OPTIONS:
+        value = values[option.name]
+        if ctx.get_parameter_source(option.name) not in (ParameterSource.COMMANDLINE,
+                                                         ParameterSource.ENVIRONMENT):
+            entry = settings.lookup(option.name)
+            if entry is not None:
+                value = entry.value
+        out[option.name] = value
+    return out
 
 
 def _complete_keys(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[Any]:
@@ -218,7 +276,8 @@ def run(
     116 (refused) or 1 (the output could not be written).
     """
     try:
-        request = run_request(list(command), key_template, _options(**scheduling), no_wait)
+        request = run_request(list(command), key_template, _options(**scheduling), no_wait,
+                              given=_given(scheduling))
     except UsageProblem as exc:
         raise click.UsageError(str(exc)) from None
     return converse(_socket(socket_path), request, request.key, quiet, as_json, no_wait)
@@ -238,14 +297,6 @@ def run(
 def daemon(
     socket_path: str | None,
     read_stdin: bool,
-    jobs: int | None,
-    idle_exit: float,
-    journal: bool,
-    keep_logs: int,
-    keep_logs_total: int,
-    keep_history: int,
-    store: str | None,
-    lease: float,
     key_template: str | None,
     ready_fd: int | None,
     clock_skew: float,
@@ -258,8 +309,12 @@ def daemon(
     """
     from debounce_cli import daemon as daemon_mod
     from debounce_cli import keys
+    from debounce_cli import options as table
     from debounce_cli.paths import PathError, state_dir
 
+    given = _daemon_settings({o.name: scheduling.pop(o.name) for o in table.DAEMON_OPTIONS})
+    jobs, idle_exit, store, lease = (given[name] for name in ("jobs", "idle_exit", "store",
+                                                               "lease"))
     defaults = _options(**scheduling)
     if key_template is not None:
         try:
@@ -275,11 +330,12 @@ def daemon(
         stdin=read_stdin,
         defaults=defaults,
         ready_fd=ready_fd,
-        journal=journal,
-        keep_logs=keep_logs,
-        keep_logs_total=keep_logs_total,
-        keep_history=keep_history,
+        journal=given["journal"],
+        keep_logs=given["keep_logs"],
+        keep_logs_total=given["keep_logs_total"],
+        keep_history=given["keep_history"],
         listen_fd=_listen_fd(),
+        metrics_listen=given["metrics_listen"],
         store=store or None,
         lease=lease,
         host_id=_host_id(),
@@ -294,6 +350,11 @@ def daemon(
             raise click.UsageError(str(exc)) from None
         if lease <= 0:
             raise click.UsageError("--lease must be greater than 0")
+    if config.metrics_listen is not None:
+        try:
+            table.parse_address(config.metrics_listen)
+        except ValueError as exc:
+            raise click.UsageError(f"--metrics-listen: {exc}") from None
     try:
         return daemon_mod.run_daemon(config)
     except PathError as exc:
@@ -389,12 +450,12 @@ def watch(
         raise click.UsageError("missing PATH: name at least one file or directory to watch")
     if missing:
         raise click.UsageError(f"path {missing[0]!r} does not exist")
-    options = _options(**scheduling)
     cwd = os.getcwd()
     try:
         key = compute_key(key_template, command, cwd, dict(os.environ))
     except KeyTemplateError as exc:
         raise click.UsageError(str(exc)) from None
+    options = _options(key, **scheduling)
     sock = _socket(socket_path)
     from debounce_cli.watch import run_watch
 
@@ -609,6 +670,60 @@ def logs(target: str | None, key_option: str | None, run_id: int | None,
     except OSError as exc:
         raise Failure(f"cannot read the log of run {reply.run_id}: {exc.strerror}",
                       ExitStatus.NOT_FOUND) from None
+    return ExitStatus.SUCCESS
+
+
+@cli.command(short_help="Show every setting's effective value and where it comes from.")
+@click.argument("key", required=False, shell_complete=_complete_keys)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def config(key: str | None, as_json: bool) -> int:
+    """Show every run option and daemon setting: its effective value and its origin.
+
+    One line each, '<origin> <TAB> <name> = <value>', the origin being file:PATH:LINE of a
+    config file, env:NAME, or default (as git config --show-origin). Config files are TOML:
+    the user's $XDG_CONFIG_HOME/debounce/config.toml (else ~/.config/debounce/config.toml)
+    and the project's, the nearest .debounce.toml from here up to the repository's top. Their
+    keys are the names below (delay = "2s", on_busy = "restart", jobs = 4); a table
+    [key."PATTERN"] sets run options for the keys that match the glob PATTERN. The command
+    line beats the environment, which beats the project file, then the user file, then the
+    default. With KEY, the tables that match KEY apply too.
+    """
+    import json
+
+    from debounce_cli import options as table
+    from debounce_cli import settings as config_files
+
+    settings = _settings()
+    given: dict[str, config_files.Entry] = {}
+    for option in table.RUN_OPTIONS:
+        text = os.environ.get(option.envvar) if option.envvar else None
+        if text:
+            try:
+                value = parse_duration(text)
+            except DurationError as exc:
+                raise Failure(f"{option.envvar}: {exc}", ExitStatus.USAGE) from None
+            given[option.name] = config_files.Entry(value, f"env:{option.envvar}")
+    store = os.environ.get(table.STORE_ENV)
+    if store:
+        given["store"] = config_files.Entry(store, f"env:{table.STORE_ENV}")
+    rows = [*settings.explain_run(given, key), *settings.explain_daemon(given)]
+    kinds = {option.name: option.kind for option in table.FIELDS}
+    kinds.update((option.name, option.kind) for option in table.DAEMON_OPTIONS)
+    if as_json:
+        emit(json.dumps({
+            "files": [{"scope": s.scope, "path": s.path} for s in settings.sources],
+            "key": key,
+            "settings": [{"name": name, "value": entry.value, "origin": entry.origin}
+                         for name, entry in rows],
+        }))
+        return ExitStatus.SUCCESS
+    lines = []
+    for name, entry in rows:
+        origin = entry.origin
+        if origin not in ("default",) and not origin.startswith("env:"):
+            origin = "file:" + origin
+        lines.append(f"{origin}\t{name} = {config_files.toml_value(kinds[name], entry.value)}")
+    emit("\n".join(lines))
     return ExitStatus.SUCCESS
 
 

@@ -30,8 +30,13 @@ class UsageProblem(ValueError):
 
 
 def run_request(argv: list[str], key_template: str | None, options: dict[str, Any],
-                no_wait: bool) -> Any:
-    """The RunRequest of ``debounce run``: this process's directory and environment."""
+                no_wait: bool, given: dict[str, Any] | None = None) -> Any:
+    """The RunRequest of ``debounce run``: this process's directory and environment.
+
+    ``options`` were resolved before the key was known; with ``given`` (what the command
+    line and environment said), the config files' ``[key."PATTERN"]`` sections that match the
+    key are applied now, under ``given``.
+    """
     from debounce_cli import protocol
     from debounce_cli.keys import KeyTemplateError, compute_key
 
@@ -47,6 +52,15 @@ def run_request(argv: list[str], key_template: str | None, options: dict[str, An
         key = compute_key(key_template, argv, cwd, env)
     except KeyTemplateError as exc:
         raise UsageProblem(str(exc)) from None
+    if given is not None:
+        from debounce_cli import settings as config_files
+
+        settings = config_files.load()  # read already, to make ``options``
+        if settings.has_sections:
+            options = settings.run_options(given, key)
+            problems = settings.problems(options, given, key)
+            if problems:
+                raise UsageProblem(problems[0])
     return protocol.RunRequest(argv=argv, cwd=cwd, env=env, key=key, options=options,
                                wait=not no_wait)
 

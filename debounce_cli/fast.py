@@ -23,11 +23,13 @@ if TYPE_CHECKING:
 class RunArgs:
     """What a ``debounce run`` command line says."""
 
-    __slots__ = ("as_json", "command", "key_template", "no_wait", "options", "quiet",
+    _COMPARED = ("as_json", "command", "key_template", "no_wait", "options", "quiet",
                  "socket_path")
+    __slots__ = (*_COMPARED, "given")
 
     def __init__(self, command: list[str], key_template: str | None, options: dict[str, Any],
-                 no_wait: bool, quiet: bool, as_json: bool, socket_path: str | None) -> None:
+                 no_wait: bool, quiet: bool, as_json: bool, socket_path: str | None,
+                 given: dict[str, Any] | None = None) -> None:
         self.command = command
         self.key_template = key_template
         self.options = options  # a RunRequest's options object
@@ -35,9 +37,12 @@ class RunArgs:
         self.quiet = quiet
         self.as_json = as_json
         self.socket_path = socket_path
+        #: What the command line and the environment said, by field; the config files'
+        #: per-key sections apply under it once the key is known.
+        self.given = given
 
     def _fields(self) -> tuple[Any, ...]:
-        return tuple(getattr(self, name) for name in self.__slots__)
+        return tuple(getattr(self, name) for name in self._COMPARED)
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, RunArgs) and self._fields() == other._fields()
@@ -45,7 +50,7 @@ class RunArgs:
     __hash__ = None  # type: ignore[assignment]
 
     def __repr__(self) -> str:
-        return "RunArgs(" + ", ".join(f"{n}={getattr(self, n)!r}" for n in self.__slots__) + ")"
+        return "RunArgs(" + ", ".join(f"{n}={getattr(self, n)!r}" for n in self._COMPARED) + ")"
 
 
 #: The run command's own flags that take no value, by flag, with their RunArgs field.
@@ -53,6 +58,9 @@ _SWITCHES = {"--no-wait": "no_wait", "-q": "quiet", "--quiet": "quiet", "--json"
 #: Its own options that take a value.
 _VALUED = {"--key": "key_template", "--socket": "socket_path"}
 _BY_FLAG = {option.flag: option for option in table.RUN_OPTIONS}
+#: The flags that say the other thing (--no-leading, --defer): a flag's value False.
+_OPPOSITE = {option.opposite: option for option in table.RUN_OPTIONS if option.opposite}
+_BY_FLAG.update(_OPPOSITE)
 
 
 def parse_run(args: list[str]) -> RunArgs | None:
@@ -77,7 +85,7 @@ def parse_run(args: list[str]) -> RunArgs | None:
             if eq:
                 return None  # a flag given a value: click says what is wrong
             if option is not None:
-                values[option.name] = True
+                values[option.name] = name not in _OPPOSITE
             else:
                 own[_SWITCHES[name]] = True
             i += 1
@@ -101,11 +109,20 @@ def parse_run(args: list[str]) -> RunArgs | None:
         i += 1
     if not command:
         return None
-    settings = _settings(values)
-    if settings is None or table.usage_problems(settings):
+    given = _given(values)
+    if given is None:
+        return None
+    from debounce_cli import settings as config_files
+
+    try:
+        files = config_files.load()
+    except config_files.ConfigError:
+        return None  # click says it, exit 2
+    settings = files.run_options(given)
+    if table.usage_problems(settings):
         return None
     return RunArgs(command, own["key_template"], settings, own["no_wait"], own["quiet"],
-                   own["as_json"], own["socket_path"])
+                   own["as_json"], own["socket_path"], given)
 
 
 def _convert(option: table.RunOption, value: str) -> Any:
@@ -122,8 +139,9 @@ def _convert(option: table.RunOption, value: str) -> Any:
     return value
 
 
-def _settings(values: dict[str, Any]) -> dict[str, Any] | None:
-    """The request's options object: given values, else environment, else defaults."""
+def _given(values: dict[str, Any]) -> dict[str, Any] | None:
+    """What the command line and the environment say, by field (shorthands expanded); the
+    config files and the defaults fill in the rest (``settings.Settings.run_options``)."""
     out: dict[str, Any] = {}
     for option in table.RUN_OPTIONS:
         if option.name in values:
@@ -133,7 +151,7 @@ def _settings(values: dict[str, Any]) -> dict[str, Any] | None:
             if value is None:
                 return None
         else:
-            value = False if option.kind == table.FLAG else option.default
+            continue
         out[option.name] = (not value) if option.negated else value
     return table.expand(out)
 
@@ -143,7 +161,8 @@ def run_fast(parsed: RunArgs) -> int:
     from debounce_cli.conversation import converse, run_request
     from debounce_cli.paths import socket_path
 
-    request = run_request(parsed.command, parsed.key_template, parsed.options, parsed.no_wait)
+    request = run_request(parsed.command, parsed.key_template, parsed.options, parsed.no_wait,
+                          parsed.given)
     return converse(socket_path(parsed.socket_path), request, request.key, parsed.quiet,
                     parsed.as_json, parsed.no_wait)
 

@@ -21,6 +21,7 @@ FLAG = "flag"  # a boolean switch
 CHOICE = "choice"  # one of ``choices``
 COUNT = "count"  # a whole number (daemon settings)
 STORE = "store"  # a store URL (daemon settings)
+ADDRESS = "address"  # HOST:PORT to listen on (daemon settings)
 
 ON_BUSY = ("queue", "restart", "ignore", "signal")
 #: Signals --signal may name (without SIG), for --on-busy signal.
@@ -65,6 +66,16 @@ class RunOption:
     def param(self) -> str:
         """The click parameter name of the flag (``--no-trailing`` -> ``no_trailing``)."""
         return self.flag.lstrip("-").replace("-", "_")
+
+    @property
+    def opposite(self) -> str | None:
+        """The flag that says the other thing (``--leading`` / ``--no-leading``), so a
+        command line can undo what a config file set; ``None`` for options with a value."""
+        if self.kind != FLAG:
+            return None
+        if self.flag.startswith("--no-"):
+            return "--" + self.flag[5:]
+        return "--no-" + self.flag[2:]
 
     @property
     def wire(self) -> str:
@@ -232,6 +243,10 @@ DAEMON_OPTIONS: tuple[DaemonOption, ...] = (
     DaemonOption("lease", "--lease", DURATION, 10.0,
                  "Fleet: a host silent this long is gone; another daemon takes over what it "
                  "was to run."),
+    DaemonOption("metrics_listen", "--metrics-listen", ADDRESS, None,
+                 "Serve the metrics (Prometheus text format) over HTTP at /metrics on "
+                 "[HOST:]PORT; HOST defaults to 127.0.0.1 (loopback): a wildcard such as "
+                 "0.0.0.0 only when written.", metavar="ADDR"),
 )
 
 DAEMON_DEFAULTS: dict[str, Any] = {option.name: option.default for option in DAEMON_OPTIONS}
@@ -240,6 +255,23 @@ DAEMON_DEFAULTS: dict[str, Any] = {option.name: option.default for option in DAE
 STORE_ENV = "DEBOUNCE_STORE"
 #: The environment variable that names a daemon's host in the fleet (default: the hostname).
 HOST_ENV = "DEBOUNCE_HOST_ID"
+
+def parse_address(text: str) -> tuple[str, int]:
+    """``[HOST:]PORT`` (``[::1]:9100`` for IPv6) as (host, port); no host is loopback.
+
+    Raises:
+        ValueError: the message says what to write.
+    """
+    host, sep, port = text.rpartition(":")
+    if not sep:
+        host, port = "", text
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not port.isdigit() or int(port) > 65535:
+        raise ValueError(f"{text!r} is no [HOST:]PORT; write a port such as 9100, or "
+                         "127.0.0.1:9100")
+    return host or "127.0.0.1", int(port)
+
 
 #: How many runs ``debounce history`` shows unless told otherwise.
 HISTORY_LIMIT = 20

@@ -77,6 +77,14 @@ FILES = [
     ("$DEBOUNCE_STATE_DIR/started-*", "The ids of runs whose process started (mode 0600), "
      "written by each run before its command is executed, so that after a crash a run that "
      "never started runs again instead of being recorded lost."),
+    ("$XDG_CONFIG_HOME/debounce/config.toml", "The user's config file (TOML; else "
+     "~/.config/debounce/config.toml): defaults for every run option and daemon setting, by "
+     "the names debounce config shows (delay = \"2s\", on_busy = \"restart\", jobs = 4), and "
+     "[key.\"PATTERN\"] tables of run options for the keys matching the glob PATTERN. The "
+     "command line beats the environment, which beats the project file, then this file."),
+    (".debounce.toml", "The project's config file, the nearest from the working directory up "
+     "to the repository's top: as the user's file, and ahead of it. A bad file (syntax, "
+     "unknown key, wrong type) is a usage error naming file, line and key (exit 2)."),
     ("SOCKET, SOCKET.lock", "The daemon's socket (mode 0600, in a directory of mode 0700 owned "
      "by the user) and the lock that makes it the only daemon on that socket."),
 ]
@@ -121,6 +129,10 @@ EXAMPLES = {
     "history": [("The last five deploys:", "debounce history deploy \\-\\-limit 5")],
     "logs": [("The output of the latest deploy:", "debounce logs deploy")],
     "stop": [("Stop the daemon:", "debounce stop")],
+    "config": [("Where the delay of the docs key comes from:",
+                "debounce config docs | grep delay"),
+               ("A project's .debounce.toml: the docs key waits 500 ms and restarts when busy:",
+                "[key.\"docs\"]\ndelay = \"500ms\"\non_busy = \"restart\"")],
     "completion": [("Enable completion in bash:",
                     "eval \"$(debounce completion bash)\"")],
 }

@@ -37,3 +37,5 @@ class Config:
     lease: float = DAEMON_DEFAULTS["lease"]
     host_id: str = ""  # this daemon's host in the fleet ($DEBOUNCE_HOST_ID, or the hostname)
     clock_skew: float = 0.0  # tests: seconds added to this daemon's clocks
+    #: [HOST:]PORT where /metrics is served over HTTP (--metrics-listen); None: not served.
+    metrics_listen: str | None = DAEMON_DEFAULTS["metrics_listen"]
