@@ -673,6 +673,22 @@ def logs(target: str | None, key_option: str | None, run_id: int | None,
     return ExitStatus.SUCCESS
 
 
+@cli.command(short_help="Print the daemon's metrics in the Prometheus text format.")
+@_socket_option
+def metrics(socket_path: str | None) -> int:
+    """Print the daemon's metrics in the Prometheus text format: invocations submitted and
+    coalesced, runs started and ended by outcome, pending and running, per-key counts (the
+    first 100 keys), run duration and start lateness histograms, journal commit time, and
+    for a fleet daemon the store's round trips and takeovers. `debounce daemon
+    --metrics-listen [HOST:]PORT` serves the same at /metrics over HTTP."""
+    from debounce_cli import protocol
+
+    reply = _ask(socket_path, protocol.MetricsRequest())
+    assert isinstance(reply, protocol.MetricsReply)
+    emit(reply.text, end="")
+    return ExitStatus.SUCCESS
+
+
 @cli.command(short_help="Show every setting's effective value and where it comes from.")
 @click.argument("key", required=False, shell_complete=_complete_keys)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")

@@ -188,6 +188,12 @@ class KillRequest(Message):
     signal: str | None = None
 
 
+class MetricsRequest(Message):
+    """The daemon's metrics in the Prometheus text format (``debounce metrics``)."""
+
+    type: ClassVar[str] = "metrics"
+
+
 class StopRequest(Message):
     """Shut the daemon down as SIGTERM would (``debounce stop``)."""
 
@@ -332,6 +338,14 @@ class LogsReply(Message):
     running: bool = False
 
 
+class MetricsReply(Message):
+    """The metrics, as ``/metrics`` serves them (``daemon/metrics.py``)."""
+
+    type: ClassVar[str] = "metrics"
+    schema: ClassVar[dict[str, str]] = {"text": _STR}
+    text: str = ""
+
+
 class Done(Message):
     """A control request was carried out (``ok``) or had nothing to act on."""
 
@@ -468,12 +482,12 @@ class KeyStatus(Record):
 REQUESTS: dict[str, type[Message]] = {
     cls.type: cls
     for cls in (Hello, RunRequest, WaitRequest, StatusRequest, FlushRequest, CancelRequest,
-                HistoryRequest, LogsRequest, KillRequest, StopRequest)
+                HistoryRequest, LogsRequest, KillRequest, StopRequest, MetricsRequest)
 }
 REPLIES: dict[str, type[Message]] = {
     cls.type: cls
     for cls in (HelloReply, Accepted, Pending, Started, Output, Finished, Cancelled,
-                StatusReply, HistoryReply, LogsReply, Done, Error)
+                StatusReply, HistoryReply, LogsReply, MetricsReply, Done, Error)
 }
 
 

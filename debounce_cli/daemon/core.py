@@ -17,6 +17,7 @@ tested without sockets, processes or sleeping.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -26,6 +27,7 @@ from debounce_cli.clock import Clock
 from debounce_cli.daemon import records
 from debounce_cli.daemon.config import Config
 from debounce_cli.daemon.jobs import Job, Shared
+from debounce_cli.daemon.metrics import Metrics
 from debounce_cli.daemon.waiters import Submitter, Waiter, unique
 from debounce_cli.journal import Journal, JournalError
 from debounce_cli.protocol import RunRecord
@@ -137,6 +139,7 @@ class Core:
             runs = Runs(config, loop, journal, log_dir, ledger, events=self, clock=clock)
         self.runs = runs
         self.recent = RecentRuns()
+        self.metrics = Metrics()  # `debounce metrics`: bumped below as things happen
         self.shared = Shared()
         self.outbox: list[Effect] = []
         self.acks: list[Ack] = []
@@ -165,6 +168,7 @@ class Core:
                submitter: Submitter | None) -> Invocation:
         """Hand an invocation to the scheduler; its answer goes out after the commit."""
         inv, effects = self.scheduler.submit(key, options, job, waiter)
+        self.metrics.invocation(key, inv.replaced is not None or inv.joined is not None)
         self.acks.append(Ack(inv, submitter, waiter))
         self.apply(effects)
         return inv
@@ -275,11 +279,13 @@ class Core:
         self.flush_handle = None
         failure = None
         if self.journal is not None:
+            began = time.perf_counter()  # real time taken, whatever the injected clock says
             try:
                 self.journal.commit(self.scheduler,
                                     self.clock.wall() - self.clock.monotonic())
             except JournalError as exc:
                 failure = str(exc)
+            self.metrics.committed(time.perf_counter() - began, failure is None)
         # Answering a client may read its next request, whose effects wait for the next commit.
         acks, self.acks = self.acks, []
         effects, self.outbox = self.outbox, []
@@ -341,12 +347,17 @@ class Core:
 
     def _carry_out(self, effect: Effect) -> None:
         if isinstance(effect, StartRun):
+            self.metrics.run_started(effect.run.key, self.clock.wall() - effect.run.due_wall)
             self.runs.start(effect.run)
         elif isinstance(effect, SignalRun):
             self.runs.signal(effect.run.id, effect.signal)
         elif isinstance(effect, RunFinished):
             run = effect.run
             self.recent.remember(run)
+            self.metrics.run_finished(
+                run.key, run.outcome or "unknown",
+                None if run.finished_at is None else run.finished_at - run.started_at,
+                failed=run.exit_code != 0)
             msg = records.finished_msg(run)
             waiters = unique(effect.waiters)
             if effect.joined:  # they joined it after it ended: its output first, from its log

@@ -381,6 +381,13 @@ def handle_stop(ctx: Context, client: Client, req: protocol.StopRequest) -> Repl
     return None
 
 
+def handle_metrics(ctx: Context, client: Client, req: protocol.MetricsRequest) -> Reply:
+    """The metrics in the Prometheus text format, as ``--metrics-listen`` serves them."""
+    from debounce_cli.daemon.metrics import text_of
+
+    return protocol.MetricsReply(text=text_of(ctx.core, ctx.fleet))
+
+
 #: The handler of each request type (the hello is the connection's own business).
 HANDLERS: dict[type[protocol.Message], Callable[[Context, Any, Any], Reply]] = {
     protocol.RunRequest: handle_run,
@@ -392,4 +399,5 @@ HANDLERS: dict[type[protocol.Message], Callable[[Context, Any, Any], Reply]] = {
     protocol.CancelRequest: handle_cancel,
     protocol.KillRequest: handle_kill,
     protocol.StopRequest: handle_stop,
+    protocol.MetricsRequest: handle_metrics,
 }

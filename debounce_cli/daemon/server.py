@@ -93,12 +93,20 @@ class Server:
         loop.set_exception_handler(_quiet_when_out_of_descriptors())
         core.settled = self._check_idle
         self.fleet = None
+        # First: an address that cannot be had stops the daemon before it listens or joins
+        # the fleet (exit 1, naming the address).
+        self.metrics_server: asyncio.Server | None = None
+        if config.metrics_listen is not None:
+            await self._serve_metrics(config.metrics_listen)
         if config.store is not None:
             from debounce_cli.daemon.fleet.coordinator import Fleet
+            from debounce_cli.daemon.fleet.store import Store
+            from debounce_cli.daemon.metrics import TimedStore
 
             fleet_logs = os.path.join(self.start.log_dir, "fleet") if self.start.log_dir else ""
+            store = TimedStore(Store(config.store), core.metrics, config.host_id)
             self.fleet = Fleet(config, self.clock, loop, self.start.scheduler, fleet_logs,
-                               apply=core.apply, changed=self._check_idle)
+                               apply=core.apply, changed=self._check_idle, store=store)
             core.slot_freed = self.fleet.slot_freed
             core.detached.append(self.fleet.detach)
             self.fleet.start()
@@ -137,6 +145,26 @@ class Server:
         if self.stdin is not None and not self.by_signal:
             return 1 if self.stdin.waiter.failures else 0
         return 0
+
+    async def _serve_metrics(self, address: str) -> None:
+        """``--metrics-listen``: /metrics over HTTP, and the address on stderr (a port of 0
+        is chosen by the kernel: this line says which)."""
+        from debounce_cli.daemon.config import DaemonError
+        from debounce_cli.daemon.metrics import serve_http, text_of
+        from debounce_cli.options import parse_address
+
+        host, port = parse_address(address)
+        try:
+            self.metrics_server = await serve_http(host, port,
+                                                   lambda: text_of(self.core, self.fleet))
+        except OSError as exc:
+            raise DaemonError(f"cannot serve the metrics on {address}: "
+                              f"{exc.strerror or exc}") from None
+        for sock in self.metrics_server.sockets:
+            name = sock.getsockname()
+            shown = f"[{name[0]}]" if ":" in name[0] else name[0]
+            print(f"debounce: metrics at http://{shown}:{name[1]}/metrics", file=sys.stderr,
+                  flush=True)
 
     # ------------------------------------------------------------------ idle exit
     def _check_idle(self) -> None:
@@ -182,6 +210,8 @@ class Server:
                 self.stdin.stopping = True
             if self.server is not None:
                 self.server.close()
+            if self.metrics_server is not None:
+                self.metrics_server.close()
             if self.serving_socket and self.config.listen_fd is None:
                 try:
                     os.unlink(self.config.socket)
