@@ -16,7 +16,11 @@ Figures:
   burst      1,000 runs falling due at once: time to start them all, and client latency
   idle       CPU time an idle daemon uses in 10 s
   stdin      `debounce daemon --stdin`: lines taken in per second, journal on and off, memory
-             per pending invocation, and lateness as the commands themselves see it
+             per pending invocation, and lateness as the commands themselves see it, one line
+             at a time and 300 at once, the latter against its floor (the same commands
+             started at once by subprocess, no debounce) as p50 and p99 ratios
+  socket     1,000 socket keys falling due at the same moment: the commands' lateness
+             against the same floor, as ratios
   fleet      three daemons on one redis-server: --fleet submissions per second, due-to-start
              and start-to-remote-waiter latency (bench/fleet.py)
 """
@@ -433,67 +437,112 @@ def bench_stdin_intake(rows: list[tuple[str, str, str]], lines: int, rounds: int
                      "invocation", "daemon RSS growth / lines"))
 
 
+def stamp_command(out: Path) -> list[str]:
+    """The command every lateness figure starts: it writes its own clock (ns) to ``out``."""
+    return ["sh", "-c", f"date +%s%N >> {shlex.quote(str(out))}"]
+
+
+def read_stamps(out: Path, count: int, timeout: float = 120) -> list[int]:
+    """The first ``count`` stamps written to ``out``, waiting for them."""
+    found: list[int] = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            found = [int(x) for x in out.read_text().split()]
+        except (OSError, ValueError):  # not there yet, or a line half written
+            found = []
+        if len(found) >= count:
+            return found
+        time.sleep(0.01)
+    raise RuntimeError(f"only {len(found)} of {count} runs wrote their stamp")
+
+
+def floor_lateness(count: int) -> list[float]:
+    """The floor: ``count`` of the same commands started at once by Python's ``subprocess``
+    (vfork and one exec each), no debounce at all; each one's clock minus the start, in ms."""
+    root = Path(tempfile.mkdtemp(prefix="dbb-", dir="/tmp"))
+    try:
+        out = root / "stamps"
+        command = stamp_command(out)
+        started = time.time()
+        procs = [subprocess.Popen(command) for _ in range(count)]
+        for proc in procs:
+            proc.wait()
+        return [(int(x) / 1e9 - started) * 1000 for x in out.read_text().split()]
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def ratio_rows(rows: list[tuple[str, str, str]], what: str, late: list[float],
+               floor: list[float]) -> None:
+    """Three rows: the lateness of ``what``, its floor, and their ratio at p50 and p99."""
+    p50, p99 = percentile(late, 50), percentile(late, 99)
+    f50, f99 = percentile(floor, 50), percentile(floor, 99)
+    rows.append((f"{what}: lateness", f"p50 {p50:.1f} ms, p99 {p99:.1f} ms",
+                 "`date` in the command minus the due time"))
+    rows.append((f"{what}: floor, {len(floor)} started by subprocess at once",
+                 f"p50 {f50:.1f} ms, p99 {f99:.1f} ms",
+                 "the same commands, no debounce at all"))
+    rows.append((f"{what}: ratio to the floor", f"p50 {p50 / f50:.2f}x, p99 {p99 / f99:.2f}x",
+                 "target <= 1.25x each"))
+
+
 def bench_stdin_lateness(rows: list[tuple[str, str, str]], lines: int, singles: int = 20
                          ) -> None:
     """Lines written at once, each running `date` into a file: the command's own clock minus
-    the time the lines were written, so reading, parsing, scheduling and spawning all count."""
+    the time the lines were written, so reading, parsing, scheduling and spawning all count.
+    The floor (the same commands started by subprocess at once) is measured right after."""
     daemon = Daemon("--stdin", feed=True)
     try:
         out = daemon.root / "stamps"
-        command = f"date +%s%N >> {shlex.quote(str(out))}"
+        command = stamp_command(out)
 
         def line(key: str) -> bytes:
-            return json.dumps({"argv": ["sh", "-c", command], "key": key,
-                               "delay": "0"}).encode() + b"\n"
-
-        def stamps(count: int) -> list[int]:
-            deadline = time.monotonic() + 60
-            while time.monotonic() < deadline:
-                try:
-                    found = [int(x) for x in out.read_text().split()]
-                except (OSError, ValueError):  # not there yet, or a line half written
-                    found = []
-                if len(found) >= count:
-                    return found
-                time.sleep(0.01)
-            raise RuntimeError(f"only {len(found)} of {count} stdin runs wrote their stamp")
+            return json.dumps({"argv": command, "key": key, "delay": "0"}).encode() + b"\n"
 
         daemon.feed(line("warm-up"))  # the first run, and imports on its path, not measured
-        stamps(1)
+        read_stamps(out, 1)
         # One line at a time: what a line costs when the machine is not busy starting others.
         alone = []
         for i in range(singles):
             written = time.time()
             daemon.feed(line(f"one{i}"))
-            alone.append((stamps(2 + i)[-1] / 1e9 - written) * 1000)
+            alone.append((read_stamps(out, 2 + i)[-1] / 1e9 - written) * 1000)
         rows.append((f"stdin: lateness, one line at a time ({singles})",
                      f"p50 {percentile(alone, 50):.1f} ms, p99 {percentile(alone, 99):.1f} ms",
-                     "`date` in the command minus time written"))
+                     "`date` in the command minus time written; target p50 <= 5, p99 <= 20"))
         data = b"".join(line(f"l{i}") for i in range(lines))
         written = time.time()
         daemon.feed(data)
         late = [(ns / 1e9 - written) * 1000
-                for ns in stamps(1 + singles + lines)[1 + singles:]]
-        rows.append((f"stdin: lateness, {lines} lines written at once",
-                     f"p50 {percentile(late, 50):.1f} ms, p99 {percentile(late, 99):.1f} ms",
-                     "`date` in the command minus time written"))
+                for ns in read_stamps(out, 1 + singles + lines)[1 + singles:]]
     finally:
         daemon.close()
-    # The floor for the burst: the same commands started by Python itself, all at once.
-    root = Path(tempfile.mkdtemp(prefix="dbb-", dir="/tmp"))
+    ratio_rows(rows, f"stdin: {lines} lines written at once", late, floor_lateness(lines))
+
+
+def bench_socket_lateness(rows: list[tuple[str, str, str]], keys: int) -> None:
+    """``keys`` socket submissions of distinct keys, all due at the same wall-clock moment
+    (each one's delay is that moment minus the time it is sent), each running `date` into a
+    file: the command's own clock minus the due time. Floor measured right after."""
+    daemon = Daemon()
     try:
-        out = root / "stamps"
-        command = f"date +%s%N >> {shlex.quote(str(out))}"
-        started = time.time()
-        procs = [subprocess.Popen(["sh", "-c", command]) for _ in range(lines)]
-        for proc in procs:
-            proc.wait()
-        floor = [(int(x) / 1e9 - started) * 1000 for x in out.read_text().split()]
-        rows.append((f"stdin: floor, {lines} `sh -c date` started by subprocess at once",
-                     f"p50 {percentile(floor, 50):.1f} ms, p99 {percentile(floor, 99):.1f} ms",
-                     "no debounce at all: what starting that many processes costs here"))
+        out = daemon.root / "stamps"
+        command = stamp_command(out)
+        env = dict(os.environ)
+        session = daemon.session()
+        session.submit("warm-up", command, 0, env)
+        read_stamps(out, 1)
+        due = time.time() + 0.3 + keys * 0.0005
+        for i in range(keys):
+            session.submit(f"due-{i}", command, max(0.0, due - time.time()), env)
+        session.close()
+        if time.time() > due:
+            raise RuntimeError("submitting took longer than the delay; raise it")
+        late = [(ns / 1e9 - due) * 1000 for ns in read_stamps(out, 1 + keys)[1:]]
     finally:
-        shutil.rmtree(root, ignore_errors=True)
+        daemon.close()
+    ratio_rows(rows, f"socket: {keys:,} keys due at once", late, floor_lateness(keys))
 
 
 def machine() -> str:
@@ -520,9 +569,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="a short run (used by the tests)")
     parser.add_argument("--json", action="store_true", help="print the rows as JSON")
+    parser.add_argument("--only", choices=["spawn"],
+                        help="spawn: only the lateness figures against their floors")
     args = parser.parse_args(argv)
     rows: list[tuple[str, str, str]] = []
-    if args.quick:
+    if args.only == "spawn":
+        bench_stdin_lateness(rows, 300, 20 if args.quick else 50)
+        bench_socket_lateness(rows, 1000)
+    elif args.quick:
         bench_client(rows, 5)
         bench_submissions(rows, 0.5)
         bench_lateness(rows, 500, 20)
@@ -531,6 +585,7 @@ def main(argv: list[str] | None = None) -> int:
         bench_idle(rows, 1)
         bench_stdin_intake(rows, 5_000, 1)
         bench_stdin_lateness(rows, 300)
+        bench_socket_lateness(rows, 1000)
         bench_fleet(rows, 0.5, 5, Daemon, percentile)
     else:
         bench_client(rows, 30)
@@ -541,6 +596,7 @@ def main(argv: list[str] | None = None) -> int:
         bench_idle(rows, 10)
         bench_stdin_intake(rows, 10_000, 3)
         bench_stdin_lateness(rows, 300, 50)
+        bench_socket_lateness(rows, 1000)
         bench_fleet(rows, 3, 50, Daemon, percentile)
     if args.json:
         print(json.dumps({"machine": machine(), "rows": rows}, indent=1))

@@ -17,11 +17,27 @@ started with ``&``. Until then, stopping the run (timeout, restart) reaches it t
 process group.
 
 Runs die with their daemon. On SIGTERM the daemon stops them itself; if the daemon is killed
-outright, the kernel sends SIGKILL to each run's first process (``PR_SET_PDEATHSIG``, set by
-``setpriv`` where util-linux has it, else by a ``preexec_fn``), and the
-next daemon on the socket kills what is left of those runs' process groups
-(:func:`kill_leftovers`) before it records them as lost. A run is never left going on its own
-while a new daemon could start the same key again.
+outright, the kernel sends SIGKILL to each run's first process (``PR_SET_PDEATHSIG``, set in
+the forked child before the exec, see :func:`_fork_exec`), and the next daemon on the socket
+kills what is left of those runs' process groups (:func:`kill_leftovers`) before it records
+them as lost. A run is never left going on its own while a new daemon could start the same
+key again.
+
+The spawn path is one fork and one exec of the command itself. Between the two, the child (a
+copy of the daemon, running a few lines of Python) asks for the parent-death signal, checks
+that its parent is still the daemon (the signal is only armed for a parent alive when it is
+asked: a daemon that died just before would leave the command running with no daemon), starts
+its own session, appends its run id to the started ledger, and only then executes the
+command. A ledger line that cannot be written (a full disk) means no exec: the run ends with
+one line saying so and status 126, and since it is not in the ledger, a daemon restarted after
+a crash knows it never started. The child reports what stopped it on a close-on-exec pipe; end
+of file on that pipe with nothing on it means the exec succeeded.
+
+Why not ``setpriv`` (two more execs a run, plus ``sh`` for the ledger, and setpriv does not
+re-check the parent after arming the signal), nor ``subprocess``'s ``preexec_fn`` (it forces
+the same fork, plus a garbage-collector pause and Python's own bookkeeping around it: about
+1.5 ms a run against 0.9 ms here), nor ``os.posix_spawn`` (vfork-fast, but it cannot run
+anything between fork and exec, so neither the signal nor the ledger line could come first).
 """
 
 from __future__ import annotations
@@ -31,9 +47,8 @@ import errno
 import functools
 import os
 import signal
-import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import NamedTuple
 
 #: How long to keep reading output after the command exited: a background child that inherited
@@ -48,58 +63,32 @@ KILL_PATIENCE = 5.0
 OnOutput = Callable[[int, bytes], None]
 
 
-class _Protocol(asyncio.SubprocessProtocol):
-    """Output as it comes, and the process's exit apart from its pipes closing.
-
-    asyncio's ``Process.wait()`` (3.11) returns only once the pipes are closed too, so a
-    background child that inherited them would hold the run open after the command exited.
-    """
-
-    def __init__(self, on_output: OnOutput):
-        loop = asyncio.get_running_loop()
-        self.on_output = on_output
-        self.exited: asyncio.Future[None] = loop.create_future()
-        self.drained: asyncio.Future[None] = loop.create_future()
-
-    def pipe_data_received(self, fd: int, data: bytes) -> None:
-        self.on_output(fd, data)
-
-    def process_exited(self) -> None:
-        if not self.exited.done():
-            self.exited.set_result(None)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if not self.drained.done():
-            self.drained.set_result(None)
-
-
 #: In every run's environment: the daemon (socket) it belongs to, so that the next daemon on
 #: the socket finds what is left of its runs without a committed pid (with DEBOUNCE_RUN_ID).
 DAEMON_MARK = "DEBOUNCE_DAEMON"
 
-#: Run before the command, in the command's own process: note its run id in the started
-#: ledger, then become the command. A run id missing from the ledger never ran.
-_LEDGER_SCRIPT = 'printf "%s\\n" "$DEBOUNCE_RUN_ID" >>"$0"; exec "$@"'
+#: The status of a run whose process could not be started (as a shell's 126).
+CANNOT_START = 126
 
 
 class RunProcess:
     """One run's process: ``start`` it, ``signal`` it, ``wait`` for its exit status.
 
-    With a ``ledger`` path, the process appends its ``DEBOUNCE_RUN_ID`` to that file before
-    the command itself is executed (``sh -c``, about half a millisecond): the evidence the
-    next daemon needs, after a crash, to tell a run that started from one that never did.
+    With a ``ledger`` (an open ``O_APPEND`` descriptor of the started ledger, and its path
+    for messages), the process appends its ``DEBOUNCE_RUN_ID`` to it between fork and exec,
+    and is not executed if that fails: the evidence the next daemon needs, after a crash, to
+    tell a run that started from one that never did.
     """
 
     def __init__(self, argv: list[str], cwd: str, env: dict[str, str], on_output: OnOutput,
-                 ledger: str | None = None):
+                 ledger: tuple[int, str] | None = None):
         self.argv = argv
         self.cwd = cwd
         self.env = env
         self.on_output = on_output
         self.ledger = ledger
         self.pid: int | None = None
-        self.transport: asyncio.SubprocessTransport | None = None
-        self.protocol: _Protocol | None = None
+        self.child: _Child | None = None
         self.finished = False
         self.start_error: tuple[int, str] | None = None
         #: Once stopped (:meth:`stop`): when what is left of the process group gets SIGKILL.
@@ -131,36 +120,44 @@ class RunProcess:
             return
         if problem is not None:
             shell = tuple(str(word) for word in problem)
-        prefix = pdeathsig_prefix()
-        # The parent-death signal first (it survives the exec of sh and of the command), then
-        # the ledger line, then the command.
-        ledger = ("/bin/sh", "-c", _LEDGER_SCRIPT, self.ledger) if self.ledger else ()
-        loop = asyncio.get_running_loop()
-        try:
-            self.transport, self.protocol = await loop.subprocess_exec(
-                lambda: _Protocol(self.on_output),
-                *prefix,
-                *ledger,
-                *shell,
-                *self.argv,
-                cwd=self.cwd,
-                env=self.env,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                start_new_session=True,
-                preexec_fn=None if prefix else _die_with_daemon(),
-            )
-            self.pid = self.transport.get_pid()
-        except FileNotFoundError:
-            self.start_error = (127, _not_found(name))
-        except PermissionError:
-            self.start_error = (126, f"debounce: {name}: permission denied\n")
-        except OSError as exc:
-            code = 127 if exc.errno == errno.ENOENT else 126
-            self.start_error = (code, f"debounce: {name}: {exc.strerror}\n")
-        except ValueError as exc:  # an embedded NUL byte in argv, cwd or environment
-            self.start_error = (126, f"debounce: {name}: {exc}\n")
+        argv = [*shell, *self.argv]
+        program = shell[0] if shell else _program_path(name, self.env.get("PATH", os.defpath),
+                                                       self.cwd)
+        line = None
+        if self.ledger is not None:
+            line = f"{self.env.get('DEBOUNCE_RUN_ID', '0')}\n".encode()
+        child = _Child(self.on_output)
+        self.pid = pid = child.fork(program, argv, self.cwd, self.env,
+                                    self.ledger[0] if self.ledger else None, line)
+        failure = await child.report()
+        if failure is None:
+            self.child = child
+            child.watch()
+            return
+        self.pid = None
+        stage, code = failure
+        self.start_error = self._failure(stage, code)
+        child.reap(pid)
+
+    def _failure(self, stage: str, code: int) -> tuple[int, str]:
+        """The status and message of a child that stopped short of the exec at ``stage``."""
+        name = self.argv[0]
+        why = os.strerror(code)
+        if stage == "ledger":
+            where = self.ledger[1] if self.ledger else "the started ledger"
+            return (CANNOT_START, f"debounce: not started: cannot record the run as started in "
+                                  f"{where}: {why}\n")
+        if stage == "chdir":
+            return (CANNOT_START, f"debounce: cannot enter {self.cwd}: {why}\n")
+        if stage == "exec":
+            if code == errno.ENOENT:
+                return (127, _not_found(name))
+            if code == errno.EACCES:
+                return (CANNOT_START, f"debounce: {name}: permission denied\n")
+            return (CANNOT_START, f"debounce: {name}: {why}\n")
+        if stage == "parent":
+            return (CANNOT_START, "debounce: not started: the daemon is gone\n")
+        return (CANNOT_START, f"debounce: {name}: cannot start ({stage}): {why}\n")
 
     def signal(self, name: str) -> None:
         """Send a signal (``TERM``, ``KILL``, ``HUP``...) to the run's whole process group.
@@ -196,21 +193,19 @@ class RunProcess:
             self.finished = True
             self.on_output(2, _bytes_of(message))
             return code
-        transport, protocol = self.transport, self.protocol
-        assert transport is not None and protocol is not None
-        await protocol.exited
+        child = self.child
+        assert child is not None
+        status = await child.exited
         # What the command wrote before it exited is still in the pipes: read it, but do not
         # wait for a background child that keeps them open.
         try:
-            await asyncio.wait_for(asyncio.shield(protocol.drained), DRAIN_GRACE)
+            await asyncio.wait_for(asyncio.shield(child.drained), DRAIN_GRACE)
         except TimeoutError:
             pass
         if self.kill_at is not None:
             await self._until_group_gone(self.kill_at)
-        status = transport.get_returncode()
-        transport.close()
+        child.close()
         self.finished = True
-        assert status is not None
         return 128 - status if status < 0 else status
 
     async def _until_group_gone(self, kill_at: float) -> None:
@@ -352,51 +347,259 @@ def _interpreter_of(name: str, program: str) -> tuple[int, str] | tuple[str, ...
     return None
 
 
-# ---------------------------------------------------------------- dying with the daemon
+# ---------------------------------------------------------------- the spawn path
 _PR_SET_PDEATHSIG = 1
+_SIGKILL = int(signal.SIGKILL)
+#: Signals the daemon may handle or ignore: back to their defaults in a run's process.
+_HANDLED = tuple(getattr(signal, name) for name in (
+    "SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2", "SIGCHLD", "SIGPIPE",
+    "SIGXFSZ", "SIGWINCH", "SIGALRM") if hasattr(signal, name))
 
 
 @functools.cache
-def pdeathsig_prefix() -> tuple[str, ...]:
-    """``setpriv --pdeathsig KILL --`` when util-linux's setpriv can do it, else nothing.
-
-    A parent-death signal needs code in the child between fork and exec. Python's
-    ``preexec_fn`` can do that, but it rules out vfork and runs the interpreter in the child:
-    about 3 ms a run instead of 1. setpriv sets the signal and execs the command in the same
-    process, so the command keeps it.
-    """
-    import shutil
-
-    setpriv = shutil.which("setpriv")
-    if setpriv is None:
-        return ()
-    prefix = (setpriv, "--pdeathsig", "KILL", "--")
-    try:
-        done = subprocess.run([*prefix, "true"], capture_output=True, timeout=10, check=False)
-    except (OSError, subprocess.SubprocessError):
-        return ()
-    return prefix if done.returncode == 0 else ()
-
-
-@functools.cache
-def _die_with_daemon() -> Callable[[], None] | None:
-    """A ``preexec_fn`` asking the kernel to SIGKILL the child if the daemon dies first."""
+def _prctl() -> Callable[[int, int], int] | None:
+    """libc's ``prctl``, loaded once in the daemon (never in a child), or None."""
     try:
         import ctypes
 
-        libc = ctypes.CDLL(None, use_errno=True)
-        prctl = libc.prctl
+        return ctypes.CDLL(None, use_errno=True).prctl
     except (OSError, AttributeError):
         return None
-    parent = os.getpid()
-    sigkill = int(signal.SIGKILL)
 
-    def preexec() -> None:
-        prctl(_PR_SET_PDEATHSIG, sigkill)
-        if os.getppid() != parent:  # the daemon died before the request took effect
-            os._exit(137)
 
-    return preexec
+def pdeathsig_prefix() -> tuple[str, ...]:
+    """Nothing any more (runs set their parent-death signal themselves, see
+    :func:`_fork_exec`); kept so a daemon can load ``prctl`` before its first run."""
+    _prctl()
+    _devnull()
+    return ()
+
+
+@functools.cache
+def _devnull() -> int:
+    """One descriptor of /dev/null for every run's stdin (close-on-exec; dup2 makes a copy)."""
+    return os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+
+
+def _program_path(name: str, path: str, cwd: str) -> str:
+    """The file exec should run for ``name``, found as :func:`_check_program` found it."""
+    if "/" in name:
+        return os.path.join(cwd, name)
+    for d in path.split(os.pathsep):
+        candidate = os.path.join(d or cwd, name)
+        if os.path.isfile(candidate) and os.access(candidate, os.X_OK):
+            return candidate
+    return name  # exec says ENOENT
+
+
+def _fork_exec(program: str, argv: list[str], cwd: str, env: dict[str, str],
+               ledger_fd: int | None, line: bytes | None, report_w: int, out_w: int,
+               err_w: int, daemon: int, mask: Iterable[int]) -> None:
+    """In the forked child: everything between fork and exec, then the exec. Never returns.
+
+    Each step that fails writes ``stage:errno`` on ``report_w`` and exits 127 before the
+    command could run. The child starts with every signal blocked (the daemon blocks them
+    around the fork): until its handlers are reset, a signal for the run (a quick ``debounce
+    kill``) would run the daemon's handlers here and reach the daemon's wakeup descriptor.
+    They are unblocked (``mask``, the daemon's own) just before the exec, with default
+    dispositions, so a signal sent meanwhile acts on the command as it would have. The order
+    is the point:
+
+    1. the parent-death signal, then a look at the parent: ``PR_SET_PDEATHSIG`` only arms for
+       the parent alive when it is asked, so a daemon that died a moment before (the child
+       already belongs to init) would go unnoticed, and the command would run with no daemon;
+    2. its own session and process group (``setsid``), so stopping the run reaches its
+       children; stdin from /dev/null, stdout and stderr to the run's pipes; the signals
+       Python ignores (SIGPIPE, SIGXFSZ) back to their defaults, as subprocess does;
+    3. the working directory;
+    4. the run id appended to the started ledger (one ``write`` on an ``O_APPEND``
+       descriptor, no fsync: the line must outlive the daemon, not the machine): the run is
+       on record as started before its command can exist, and a line that cannot be written
+       means the command never runs;
+    5. every other descriptor closed (``close_range``), and the exec.
+    """
+    stage = "signals"
+    try:
+        signal.set_wakeup_fd(-1)
+        for sig in _HANDLED:
+            if signal.getsignal(sig) not in (signal.SIG_DFL, None):
+                signal.signal(sig, signal.SIG_DFL)
+        stage = "pdeathsig"
+        prctl = _prctl()
+        if prctl is not None and prctl(_PR_SET_PDEATHSIG, _SIGKILL) != 0:
+            raise OSError(errno.EINVAL, "prctl")
+        if os.getppid() != daemon:
+            stage = "parent"
+            raise OSError(errno.ESRCH, "parent")
+        stage = "setsid"
+        os.setsid()
+        os.dup2(_devnull(), 0)
+        os.dup2(out_w, 1)
+        os.dup2(err_w, 2)
+        stage = "chdir"
+        os.chdir(cwd)
+        if ledger_fd is not None and line is not None:
+            stage = "ledger"
+            if os.write(ledger_fd, line) != len(line):
+                raise OSError(errno.ENOSPC, "short write")
+        stage = "exec"
+        os.closerange(3, report_w)
+        os.closerange(report_w + 1, 1 << 20)
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        os.execve(program, argv, env)
+    except BaseException as exc:  # noqa: BLE001 - the child only reports and exits
+        code = exc.errno if isinstance(exc, OSError) and exc.errno else errno.EINVAL
+        try:
+            os.write(report_w, f"{stage}:{code}".encode())
+        finally:
+            os._exit(127)
+    os._exit(127)
+
+
+class _Child:
+    """One forked run process seen from the daemon: its pipes, its report, its exit.
+
+    Output arrives through two pipes read by the event loop; the exit through a pidfd (one
+    descriptor in the loop, no thread), else by polling ``waitpid``. The exit status is kept
+    as ``subprocess`` gives it: negative for a signal.
+    """
+
+    def __init__(self, on_output: OnOutput) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.on_output = on_output
+        self.pid = 0
+        self.fds: dict[int, int] = {}  # read end -> 1 (stdout) or 2 (stderr)
+        self.report_r = -1
+        self.pidfd = -1
+        self.exited: asyncio.Future[int] = self.loop.create_future()
+        self.drained: asyncio.Future[None] = self.loop.create_future()
+
+    def fork(self, program: str, argv: list[str], cwd: str, env: dict[str, str],
+             ledger_fd: int | None, line: bytes | None) -> int:
+        """Fork the child (see :func:`_fork_exec`); return its pid."""
+        out_r, out_w = os.pipe()
+        err_r, err_w = os.pipe()
+        report_r, report_w = os.pipe()
+        daemon = os.getpid()
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
+        try:
+            pid = os.fork()
+            if pid == 0:  # pragma: no cover - the child never returns
+                _fork_exec(program, argv, cwd, env, ledger_fd, line, report_w, out_w, err_w,
+                           daemon, mask)
+        except BaseException:
+            for fd in (out_r, err_r, report_r):
+                os.close(fd)
+            raise
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+            for fd in (out_w, err_w, report_w):
+                os.close(fd)
+        self.pid = pid
+        self.fds = {out_r: 1, err_r: 2}
+        self.report_r = report_r
+        return pid
+
+    async def report(self) -> tuple[str, int] | None:
+        """Wait for the child to exec (None) or to say which step failed, and with what."""
+        future: asyncio.Future[bytes] = self.loop.create_future()
+        got: list[bytes] = []
+        fd = self.report_r
+        os.set_blocking(fd, False)
+
+        def readable() -> None:
+            try:
+                data = os.read(fd, 256)
+            except BlockingIOError:
+                return
+            except OSError:
+                data = b""
+            if data:
+                got.append(data)
+                return
+            self.loop.remove_reader(fd)
+            if not future.done():
+                future.set_result(b"".join(got))
+
+        self.loop.add_reader(fd, readable)
+        try:
+            text = await future
+        finally:
+            self.loop.remove_reader(fd)
+            os.close(fd)
+            self.report_r = -1
+        if not text:
+            return None
+        stage, _, code = text.decode(errors="replace").partition(":")
+        try:
+            return stage, int(code)
+        except ValueError:
+            return stage, errno.EINVAL
+
+    def reap(self, pid: int) -> None:
+        """A child that reported a failure: it has exited (or is about to); collect it."""
+        for fd in self.fds:
+            os.close(fd)
+        self.fds = {}
+        try:
+            os.waitpid(pid, 0)
+        except ChildProcessError:
+            pass
+
+    def watch(self) -> None:
+        """Read the output pipes and watch for the exit, in the event loop."""
+        for fd in self.fds:
+            os.set_blocking(fd, False)
+            self.loop.add_reader(fd, self._readable, fd)
+        try:
+            self.pidfd = os.pidfd_open(self.pid)
+        except (AttributeError, OSError):
+            self.loop.create_task(self._poll_exit())
+        else:
+            self.loop.add_reader(self.pidfd, self._collect)
+
+    def _readable(self, fd: int) -> None:
+        try:
+            data = os.read(fd, 65536)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if data:
+            self.on_output(self.fds[fd], data)
+            return
+        self._close_pipe(fd)
+
+    def _close_pipe(self, fd: int) -> None:
+        self.loop.remove_reader(fd)
+        os.close(fd)
+        del self.fds[fd]
+        if not self.fds and not self.drained.done():
+            self.drained.set_result(None)
+
+    def _collect(self) -> bool:
+        try:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+        except ChildProcessError:  # reaped elsewhere: the status is unknown
+            pid, status = self.pid, 255 << 8
+        if pid == 0:
+            return False
+        if self.pidfd >= 0:
+            self.loop.remove_reader(self.pidfd)
+            os.close(self.pidfd)
+            self.pidfd = -1
+        if not self.exited.done():
+            self.exited.set_result(os.waitstatus_to_exitcode(status))
+        return True
+
+    async def _poll_exit(self) -> None:
+        while not self._collect():
+            await asyncio.sleep(0.01)
+
+    def close(self) -> None:
+        """Stop reading (a background child may still hold the pipes open)."""
+        for fd in list(self.fds):
+            self._close_pipe(fd)
 
 
 def _stat_fields(pid: int) -> list[str] | None:

@@ -22,7 +22,14 @@ from debounce_cli.daemon.jobs import Job
 from debounce_cli.daemon.waiters import unique
 from debounce_cli.journal import Journal, JournalError
 from debounce_cli.logfile import LogWriter, read_log
-from debounce_cli.runner import DAEMON_MARK, RunProcess, batches, note_end
+from debounce_cli.runner import (
+    CANNOT_START,
+    DAEMON_MARK,
+    RunProcess,
+    batches,
+    note_end,
+    pdeathsig_prefix,
+)
 from debounce_cli.scheduler import Run
 
 #: Output kept in memory for clients joining a run that has no log (--no-journal).
@@ -51,12 +58,9 @@ class Runs:
         self.daemon_id = paths.socket_digest(config.socket)
         self.ledger = ledger
         self.ledger_fd: int | None = None
-        if ledger:
-            try:
-                self.ledger_fd = os.open(ledger, os.O_WRONLY | os.O_APPEND | os.O_CREAT
-                                         | os.O_CLOEXEC, 0o600)
-            except OSError as exc:
-                print(f"debounce: cannot write {ledger}: {exc.strerror}", file=sys.stderr)
+        self.ledger_error = ""
+        self._open_ledger()
+        pdeathsig_prefix()  # load prctl now: a forked child must not import anything
         self.loop = loop
         self.journal = journal
         self.log_dir = log_dir
@@ -70,6 +74,18 @@ class Runs:
         self.batch_files: dict[int, str] = {}
         self.tasks: set[asyncio.Task[None]] = set()
         self.finished_since_prune = 0
+
+    def _open_ledger(self) -> None:
+        """Open the started ledger for appending (again, after a failure), or note why not."""
+        if not self.ledger or self.ledger_fd is not None:
+            return
+        try:
+            self.ledger_fd = os.open(self.ledger, os.O_WRONLY | os.O_APPEND | os.O_CREAT
+                                     | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            if exc.strerror != self.ledger_error:
+                print(f"debounce: cannot write {self.ledger}: {exc.strerror}", file=sys.stderr)
+            self.ledger_error = exc.strerror or str(exc)
 
     def start(self, run: Run) -> None:
         """Prepare the run's process and log; it is spawned soon, a few per turn.
@@ -118,10 +134,19 @@ class Runs:
                 if waiter.follows(run.id):
                     waiter.output(fd, data, line, end)
 
-        proc = RunProcess(job.argv, job.cwd, env, on_output, ledger=self.ledger)
+        ledger = None
+        if self.ledger:
+            self._open_ledger()
+            if self.ledger_fd is not None:
+                ledger = (self.ledger_fd, self.ledger)
+        proc = RunProcess(job.argv, job.cwd, env, on_output, ledger=ledger)
+        if self.ledger and ledger is None:
+            # No record of its start could be made: it must not start (see runner).
+            proc.start_error = (CANNOT_START, "debounce: not started: cannot record the run as "
+                                f"started in {self.ledger}: {self.ledger_error}\n")
         self.procs[run.id] = proc
         if more:  # the rest of a --collect batch past the argument limit: one after another
-            self.later[run.id] = [RunProcess(argv, job.cwd, env, on_output, ledger=self.ledger)
+            self.later[run.id] = [RunProcess(argv, job.cwd, env, on_output, ledger=ledger)
                                   for argv in more]
         started = protocol.encode(records.started_msg(run))
         log_path = job.log_path if log is not None else None
