@@ -328,23 +328,47 @@ def test_a_stdin_line_with_fleet_true_joins_the_fleet_key(fleet):
     assert len(runs_in(out)) == 1
 
 
-def test_a_run_in_flight_reports_once_the_store_is_back(fleet, redis):
-    marker = fleet.hosts[0].work / "started"
-    command = ["sh", "-c", f"touch {marker}; sleep 1.5; echo done; exit 5"]
-    runner = fleet.hosts[0].popen("run", "--fleet", "--key", "inflight", "--delay", "0", "--",
-                                  *command)
-    wait_until(marker.exists, timeout=15)
-    waiter = fleet.hosts[1].popen("wait", "inflight")
-    time.sleep(0.3)  # the waiter files itself (nothing below waits on it)
+def test_a_run_in_flight_reports_once_the_store_is_back(redis):
+    """A store outage shorter than half a lease (here 6 s): the run goes on, and its end
+    reaches every waiter once the store is back."""
+    fleet = Fleet(redis, extra={h: ("--lease", "6s") for h in "abc"})
+    try:
+        marker = fleet.hosts[0].work / "started"
+        command = ["sh", "-c", f"touch {marker}; sleep 1.5; echo done; exit 5"]
+        runner = fleet.hosts[0].popen("run", "--fleet", "--key", "inflight", "--delay", "0",
+                                      "--", *command)
+        wait_until(marker.exists, timeout=15)
+        waiter = fleet.hosts[1].popen("wait", "inflight")
+        time.sleep(0.3)  # the waiter files itself (nothing below waits on it)
+        redis.stop()
+        time.sleep(2.0)  # the run ends while the store is down
+        assert runner.poll() is None and waiter.poll() is None
+        redis.start()
+        for proc in (runner, waiter):
+            code, stdout, err = finish(proc)
+            assert (code, stdout) == (5, "done\n"), err + "".join(h.log() for h in fleet.hosts)
+        history = fleet.hosts[2].fleet_history()
+        assert [(r["exit_code"], r["outcome"]) for r in history] == [(5, "exited")]
+    finally:
+        fleet.cleanup()
+
+
+def test_a_store_outage_past_half_a_lease_stops_the_run_its_host_cannot_vouch_for(fleet, redis):
+    """Issue 18, item 4 (safety over liveness): the store is gone for longer than half a lease
+    while a run executes; its host stops it before anyone else could take the key over, and
+    once the store is back its caller learns it was lost (113); the command never finished."""
+    done = fleet.hosts[0].work / "done"
+    runner = fleet.hosts[0].popen("run", "--fleet", "--key", "cut", "--delay", "0", "--",
+                                  "sh", "-c", f"sleep 6; touch {done}")
+    wait_until(lambda: "cut" in fleet.hosts[0].run("status", "--fleet").stdout, timeout=15)
     redis.stop()
-    time.sleep(2.0)  # the run ends while the store is down
-    assert runner.poll() is None and waiter.poll() is None
+    wait_until(lambda: "could not renew its lease" in fleet.hosts[0].log(), timeout=15)
     redis.start()
-    for proc in (runner, waiter):
-        code, stdout, err = finish(proc)
-        assert (code, stdout) == (5, "done\n"), err + "".join(h.log() for h in fleet.hosts)
-    history = fleet.hosts[2].fleet_history()
-    assert [(r["exit_code"], r["outcome"]) for r in history] == [(5, "exited")]
+    code, _, err = finish(runner)
+    assert code == 113, err
+    assert not done.exists()
+    history = fleet.hosts[1].fleet_history("cut")
+    assert [r["outcome"] for r in history] == ["lost"]
 
 
 def test_watch_fleet_submits_to_the_fleet_and_ctrl_c_cancels_what_it_left(fleet):

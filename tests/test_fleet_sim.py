@@ -134,3 +134,96 @@ def test_hosts_with_skewed_clocks_run_at_the_stores_due_time(sim: Sim) -> None:
     sim.run_until(lambda: second.result is not None)
     (start, host), = sim.starts("k")
     assert host == "b" and latest + 2.99 <= start <= latest + 3.01
+
+
+# ------------------------------------------------------------------ issue 18: faults
+def pause_store(sim: Sim) -> None:
+    for host in sim.hosts.values():
+        host.store.pause()
+
+
+def resume_store(sim: Sim) -> None:
+    for host in sim.hosts.values():
+        if not host.frozen and not host.dead:
+            host.store.resume()
+
+
+def stopped_runs(sim: Sim) -> set[tuple[str, int]]:
+    """(host, run id) of the runs their own host stopped (ended by a signal)."""
+    return {(name, run) for name, host in sim.hosts.items() if host.runs is not None
+            for _, run, code in host.runs.ended if code >= 128}
+
+
+def lost_records(sim: Sim) -> set[tuple[str, int]]:
+    return {(row["host"], row["run_id"]) for row in sim.memory.history
+            if row["outcome"] == "lost"}
+
+
+def test_a_store_pause_longer_than_the_lease_never_runs_a_key_twice_at_once() -> None:
+    """Issue 18, item 2: five hosts each run a 10 s command; the store stops for 3.5 s (lease
+    2 s). Before, live hosts' runs were recorded lost while they ran and a second run of a key
+    started beside the first. Now a host that cannot renew its lease stops its own runs
+    before anyone may take over, so a run recorded lost was really stopped, and no key ever
+    has two runs at once."""
+    sim = Sim(lease=2.0)
+    try:
+        hosts = [sim.host(name) for name in "abcde"]
+        sim.run_for(3.0)
+        callers = [h.submit(f"k{h.name}", 10.0, delay=0.0) for h in hosts]
+        sim.run_until(lambda: all(sim.starts(f"k{h.name}") for h in hosts))
+        sim.run_for(1.0)
+        pause_store(sim)
+        sim.run_for(3.5)
+        resume_store(sim)
+        again = [h.submit(f"k{h.name}", 1.0, delay=0.0) for h in hosts]
+        sim.run_until(lambda: all(c.result is not None for c in callers + again), limit=200)
+        assert sim.overlaps() == []
+        assert lost_records(sim) <= stopped_runs(sim)
+        assert all(c.outcome == ("finished", 0, "exited") for c in again)
+    finally:
+        sim.close()
+
+
+def test_a_store_pause_across_the_due_time_still_runs_the_command() -> None:
+    """Issue 18, item 3: one host; due at 1 s; the store stops at 0.8 s for 2 s (lease 2 s).
+    Before, the claim's answer came late, the fence took the host for frozen and the run was
+    recorded lost without ever running. Now the claim is given back and the run starts once
+    the store answers again."""
+    sim = Sim(lease=2.0)
+    try:
+        a = sim.host("a")
+        sim.run_for(3.0)
+        caller = a.submit("k", 0.5, delay=1.0)
+        sim.run_until(lambda: caller.answer is not None)
+        sim.run_for(0.8)
+        pause_store(sim)
+        sim.run_for(2.0)
+        resume_store(sim)
+        sim.run_until(lambda: caller.result is not None, limit=100)
+        assert caller.outcome == ("finished", 0, "exited")
+        assert len(sim.starts("k")) == 1
+    finally:
+        sim.close()
+
+
+def test_a_host_cut_off_from_the_store_stops_its_run_before_another_takes_over() -> None:
+    """Issue 18, item 4: host a runs a 6 s command and is cut off from the store; host b
+    submits the key. Before, b's run started while a's still ran. Now a stops its run once it
+    cannot renew its lease, before b may start; a's caller learns the run was lost."""
+    sim = Sim(lease=2.0)
+    try:
+        a, b = sim.host("a"), sim.host("b")
+        sim.run_for(3.0)
+        caller = a.submit("k", 6.0, delay=0.0)
+        sim.run_until(lambda: sim.starts("k"))
+        a.store.pause()  # a partition: a's calls get no answer
+        late = b.submit("k", 1.0, delay=0.0)
+        sim.run_until(lambda: late.result is not None, limit=100)
+        a.store.resume()
+        sim.run_until(lambda: caller.result is not None, limit=100)
+        assert sim.overlaps() == []
+        assert [host for _, host in sim.starts("k")] == ["a", "b"]
+        assert caller.outcome is not None and caller.outcome[2] == "lost"
+        assert late.outcome == ("finished", 0, "exited")
+    finally:
+        sim.close()

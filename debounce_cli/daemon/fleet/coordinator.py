@@ -52,6 +52,8 @@ OUTBOX_LIMIT = 64 * 1024 * 1024
 RETRY = 0.5
 #: Logs of fleet runs written here for `debounce logs`, at most.
 FLEET_LOGS = 100
+#: Why a run here was stopped when this host could not renew its lease: it is reported lost.
+STOP_LEASE = "lease"
 
 
 @dataclass(eq=False)
@@ -72,7 +74,8 @@ class LocalRun:
     key: str
     running: fs.Running
     run: Run
-    why: str | None = None  # states.STOP_*: why it was asked to stop
+    why: str | None = None  # states.STOP_*: why it was asked to stop (or STOP_LEASE)
+    killed: bool = False  # SIGKILL sent (its lease ran out)
     chunks: int = 0  # output chunks published (each event carries its number)
     kill: asyncio.TimerHandle | None = None
     deadline: asyncio.TimerHandle | None = None
@@ -137,6 +140,10 @@ class Fleet:
                            else Runs(config, loop, None, "", None, events=self, clock=clock))
         self.offset: float | None = None  # the store's clock minus our monotonic clock
         self.beat_at = float("-inf")  # our monotonic time of the last heartbeat
+        #: Our monotonic time when the last heartbeat the store took was sent: the store
+        #: saw us alive no earlier than this, so nobody takes over what runs here before a
+        #: lease after it (see _guard).
+        self.renewed = float("-inf")
         self.connected_since: float | None = None  # in touch with the store since then
         self.beats: Beat | None = None  # the last heartbeat's view of the fleet
         self.waiting: dict[str, KeyWaiters] = {}
@@ -172,6 +179,7 @@ class Fleet:
         self.spawn(self._forever("scan", self._scan))
         self.spawn(self._forever("publisher", self._publish))
         self.spawn(self._forever("reader", self._read))
+        self.spawn(self._forever("guard", self._guard))
 
     async def _forever(self, name: str, loop: Callable[[], Any]) -> None:
         """Run one of the fleet's loops for the daemon's life: an exception it did not
@@ -523,6 +531,11 @@ class Fleet:
 
     def _claim_soon(self, key: str, take_over: bool) -> None:
         self.timers.pop(key, None)
+        if not self.lease_fresh():
+            # A host whose lease is stale starts nothing: again once a heartbeat got through.
+            self.timers[key] = self.loop.call_later(
+                self.lease / 8, lambda: self._claim_soon(key, take_over))
+            return
         if key in self.claiming:
             self.reclaim.add(key)  # something changed meanwhile: look again after this one
             return
@@ -616,11 +629,15 @@ class Fleet:
         run.waiters.append(_Publisher(self, key, running.run))
         local = self.local[running.run] = LocalRun(key, running, run)
         self._follow(key, since)  # for a stop or a signal from any host
-        if self.clock.monotonic() - asked_at > self.lease / 2:
-            # Frozen between the claim and now: another host may already have given this
-            # run up as lost. It does not start here; the store hears it was lost.
-            self.run_exited(running.run, -1, outcome=states.LOST)
-            return True
+        if self.clock.monotonic() - asked_at > self.lease / 2 or not self.lease_fresh():
+            # The claim took long (a slow or paused store, or this host was frozen), or our
+            # lease is stale: another host may be about to give this run up. It does not
+            # start here; the claim is given back and the invocation is pending again.
+            del self.local[running.run]
+            self.reporting.add(running.run)  # (not taken for a leftover of a restart)
+            self.outbox.append(("unclaim", (key, running)))
+            self.outbox_ready.set()
+            return False
         if options.timeout is not None:
             local.deadline = self.loop.call_later(
                 options.timeout, lambda: self._stop(local, states.STOP_TIMEOUT))
@@ -638,7 +655,8 @@ class Fleet:
             if handle is not None:
                 handle.cancel()
         if outcome is None:
-            outcome = states.OUTCOME_OF_STOP.get(local.why, states.EXITED)
+            outcome = (states.LOST if local.why == STOP_LEASE
+                       else states.OUTCOME_OF_STOP.get(local.why, states.EXITED))
         self.reporting.add(run_id)
         self.outbox.append(("finish", (local.key, local.running, code, outcome)))
         self._give_back()
@@ -685,6 +703,15 @@ class Fleet:
                         for _ in batch:
                             _, (_, event) = self.outbox.popleft()
                             self.outbox_bytes -= len(event["data"]) * 3 // 4
+                        continue
+                    if kind == "unclaim":
+                        key, running = item
+                        back, latest, st = await self.store.update(
+                            key, _unclaiming(running))
+                        self.outbox.popleft()
+                        self.reporting.discard(running.run)
+                        if back and st.pending is not None and st.pending.host == self.host:
+                            self._own(key, st.pending.slot, st.pending.due, event_id(latest))
                         continue
                     await self.store.update(item[0], _finishing(*item[1:]),
                                             history=self.config.keep_history)
@@ -816,6 +843,7 @@ class Fleet:
         notice a store that lost data. A loop of its own, so a long scan never delays it."""
         while not self.closing:
             seen_runs = self.seen_runs  # before asking: a claim meanwhile may raise it
+            sent = self.clock.monotonic()
             try:
                 beat = await self.store.heartbeat(self.host)
             except StoreDown as exc:
@@ -826,6 +854,12 @@ class Fleet:
             self.down_since = None
             self._measured(beat.now)
             self.beat_at = self.clock.monotonic()
+            if sent - self.renewed > self.lease / 2:
+                # Our own heartbeats did not get through for a while (the store paused, or
+                # we did): the others' silence over that time says nothing. Judge again
+                # only after a whole lease in touch.
+                self.connected_since = self.beat_at
+            self.renewed = sent
             if self.connected_since is None:
                 self.connected_since = self.beat_at
             self.beats = beat
@@ -844,6 +878,37 @@ class Fleet:
             if forgotten:
                 await self.store.forget_hosts(forgotten)
             await asyncio.sleep(self.lease / 4)
+
+    def lease_fresh(self) -> bool:
+        """Whether this host may start a run: the store took a heartbeat of ours less than
+        half a lease ago."""
+        return self.clock.monotonic() - self.renewed < self.lease / 2
+
+    async def _guard(self) -> None:
+        """Safety first: a host that cannot renew its lease (cut off from the store, or the
+        store paused) stops its own runs before any other host may take their keys over.
+        Others need a lease of silence after our last heartbeat (the store's clock) and our
+        run to be a lease old; we stop at half a lease after sending that heartbeat (ours),
+        and kill what is left at three quarters: a quarter lease of margin without any
+        synchronised clock. The runs so stopped are reported lost, which they are."""
+        while not self.closing:
+            await asyncio.sleep(self.lease / 16)
+            if not self.local:
+                continue
+            silent = self.clock.monotonic() - self.renewed
+            if silent < self.lease / 2:
+                continue
+            for local in list(self.local.values()):
+                if local.why != STOP_LEASE:
+                    print(f"debounce: fleet run {local.run.id} of {local.key!r}: stopped, this "
+                          f"host could not renew its lease for {silent:.1f}s (the fleet may "
+                          "run the key elsewhere)", file=sys.stderr, flush=True)
+                    local.why = STOP_LEASE
+                    local.run.stop_reason = STOP_LEASE
+                    self.runs.signal(local.run.id, "TERM")
+                elif silent >= self.lease * 3 / 4 and not local.killed:
+                    local.killed = True
+                    self.runs.signal(local.run.id, "KILL")
 
     async def _scan(self) -> None:
         """Every quarter lease: the keys due, for runs whose host went silent (lost) and
@@ -931,6 +996,14 @@ def _keep_newest(directory: str, count: int) -> None:
             os.unlink(entry.path)
         except OSError:
             pass
+
+
+def _unclaiming(run: fs.Running
+                ) -> Callable[[fs.KeyState, float], tuple[bool, list[fs.Event]]]:
+    """The step that gives back a claim whose run did not start here."""
+    def step(st: fs.KeyState, now: float) -> tuple[bool, list[fs.Event]]:
+        return fs.unclaim(st, run=run, now=now)
+    return step
 
 
 def _losing(run: fs.Running, silent: float

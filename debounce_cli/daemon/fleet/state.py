@@ -362,6 +362,27 @@ def finish(st: KeyState, *, run: Running, exit_code: int | None, outcome: str,
     return last, [event]
 
 
+def unclaim(st: KeyState, *, run: Running, now: float) -> tuple[bool, list[Event]]:
+    """``run`` was claimed but its host did not start it (the claim's answer came too late
+    to start safely): the invocation is pending again, due now, on that host, and the run's
+    waiters everywhere go back to its slot. Nothing if the run is no longer the key's (it
+    was given up meanwhile, and that record stands)."""
+    r = st.running
+    if r is None or r.run != run.run or r.fence != run.fence:
+        return False, []
+    st.running = None
+    if st.burst_run == r.run:
+        st.burst_run = None
+    p = st.pending
+    if p is None:
+        p = st.pending = Pending(slot=r.slot, inv=r.inv, host=r.host, job=r.job,
+                                 options=r.options, due=now, coalesced=r.coalesced,
+                                 received=now, batch=r.batch)
+    else:  # a later invocation waits already: it stands for this one too
+        p.coalesced += r.coalesced
+    return True, [{"t": "returned", "run": r.run, "slot": p.slot}, _pending_event(p)]
+
+
 def lose(st: KeyState, *, run: Running, now: float, silent: float = 0.0
          ) -> tuple[Last | None, list[Event]]:
     """``run`` was executing on a host that went silent: it is recorded lost (it may have

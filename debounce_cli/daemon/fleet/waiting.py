@@ -140,6 +140,12 @@ def deliver(key: str, kw: KeyWaiters, event: dict[str, Any], eid: tuple[int, int
             for waiter in waiters:
                 kw.since.pop((waiter, "run", run), None)
                 waiter.finish(msg)
+    elif kind == "returned":  # a claim given back: they wait in the slot again
+        run, slot = event["run"], event["slot"]
+        waiters = take(kw.runs, "run", run, True)
+        kw.slots.setdefault(slot, []).extend(waiters)
+        for waiter in waiters:
+            kw.move(waiter, ("run", run), ("slot", slot))
     elif kind == "cancelled":
         cancelled = protocol.Cancelled(key=key)
         for waiter in take(kw.slots, "slot", event["slot"], True):
