@@ -14,9 +14,13 @@ matching ``[key."..."]`` table beats the file's top level, and of several matchi
 last one written wins.
 
 This module is imported by every ``debounce run``: with no config file it costs a few
-``stat`` calls (``bench/config_cost.py`` measures it); ``tomllib`` and ``fnmatch`` are
-imported only when a file exists. A bad file is one :class:`ConfigError` naming the file, line
-and key and how to mend it, and nothing of it is used.
+``stat`` calls (``bench/config_cost.py`` measures it). Importing ``tomllib`` costs about 6 ms,
+half of what a ``debounce run`` costs in all, so a file once read and checked is kept,
+as JSON, in ``$DEBOUNCE_STATE_DIR/config-cache.json`` (mode 0600, in the private state
+directory), stamped with the file's size, mtime, ctime and inode; a file whose stamp changed
+is read again. Globs of ``[key."..."]`` tables match without ``re`` unless they use ``[...]``.
+A bad file is one :class:`ConfigError` naming the file, line and key and how to mend it, and
+nothing of it is used (nor cached).
 """
 
 from __future__ import annotations
@@ -68,12 +72,37 @@ class Source:
 
     def lookup(self, name: str, key: str | None) -> Entry | None:
         if key is not None and self.sections:
-            from fnmatch import fnmatchcase
-
             for pattern, values in reversed(self.sections):
-                if name in values and fnmatchcase(key, pattern):
+                if name in values and glob_match(key, pattern):
                     return values[name]
         return self.values.get(name)
+
+
+def glob_match(text: str, pattern: str) -> bool:
+    """``fnmatch.fnmatchcase``, without importing ``re`` for the usual ``*`` and ``?``."""
+    if "[" in pattern:
+        from fnmatch import fnmatchcase
+
+        return fnmatchcase(text, pattern)
+    # Iterative wildcard matching with backtracking to the last '*'.
+    t = p = 0
+    star, mark = -1, 0
+    while t < len(text):
+        if p < len(pattern) and pattern[p] in ("?", text[t]) and pattern[p] != "*":
+            t += 1
+            p += 1
+        elif p < len(pattern) and pattern[p] == "*":
+            star, mark = p, t
+            p += 1
+        elif star >= 0:
+            p = star + 1
+            mark += 1
+            t = mark
+        else:
+            return False
+    while p < len(pattern) and pattern[p] == "*":
+        p += 1
+    return p == len(pattern)
 
 
 class Settings:
@@ -195,9 +224,113 @@ def load(cwd: str | None = None) -> Settings:
     """
     if cwd in _cache:
         return _cache[cwd]
-    sources = [read_file(path, scope) for scope, path in paths(cwd)]
+    found = paths(cwd)
+    sources = []
+    if found:
+        cache = _Cache()
+        for scope, path in found:
+            source = cache.get(path, scope)
+            if source is None:
+                source = read_file(path, scope)
+                cache.put(path, source)
+            sources.append(source)
+        cache.save()
     settings = _cache[cwd] = Settings(sources)
     return settings
+
+
+def _private(what: str | int) -> bool:
+    """Whether a directory (by path) or an open file is ours and writable by us alone."""
+    try:
+        st = os.stat(what)
+    except OSError:
+        return False
+    return st.st_uid == os.getuid() and not st.st_mode & 0o022
+
+
+class _Cache:
+    """Config files already read and checked, by path, with the stamp of what was read."""
+
+    #: Files remembered at most (the least recently read go first).
+    LIMIT = 64
+
+    def __init__(self) -> None:
+        state = os.environ.get("DEBOUNCE_STATE_DIR")
+        if not state:
+            from debounce_cli.paths import state_dir
+
+            state = state_dir()
+        self.path = os.path.join(state, "config-cache.json")
+        self.entries: dict[str, Any] = {}
+        self.changed = False
+        self.usable = _private(state)  # no one else may plant settings (a store URL) here
+        if not self.usable:
+            return
+        try:
+            with open(self.path, encoding="utf-8") as f:
+                if not _private(f.fileno()):
+                    return
+                from debounce_cli.protocol import loads
+
+                entries = loads(f.read())
+            if isinstance(entries, dict):
+                self.entries = entries
+        except (OSError, ValueError):
+            pass  # none yet, or unreadable: read the files themselves
+
+    @staticmethod
+    def stamp(path: str) -> list[int] | None:
+        try:
+            st = os.stat(path)
+        except OSError:
+            return None
+        return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+
+    def get(self, path: str, scope: str) -> Source | None:
+        entry = self.entries.get(path)
+        if not isinstance(entry, dict) or entry.get("stamp") != self.stamp(path):
+            return None
+        try:
+            source = Source(path, scope)
+            source.values = {n: Entry(v, o) for n, (v, o) in entry["values"].items()}
+            source.sections = [(pattern, {n: Entry(v, o) for n, (v, o) in values.items()})
+                               for pattern, values in entry["sections"]]
+        except (KeyError, TypeError, ValueError, AttributeError):
+            return None
+        return source
+
+    def put(self, path: str, source: Source) -> None:
+        stamp = self.stamp(path)
+        if stamp is None:
+            return
+
+        def plain(values: dict[str, Entry]) -> dict[str, Any]:
+            return {n: [e.value, e.origin] for n, e in values.items()}
+
+        self.entries.pop(path, None)
+        self.entries[path] = {"stamp": stamp, "values": plain(source.values),
+                              "sections": [[p, plain(v)] for p, v in source.sections]}
+        while len(self.entries) > self.LIMIT:
+            del self.entries[next(iter(self.entries))]
+        self.changed = True
+
+    def save(self) -> None:
+        """Best effort: a state directory that is missing or unwritable only costs speed."""
+        if not self.changed or not self.usable:
+            return
+        import json
+
+        temp = f"{self.path}.{os.getpid()}"
+        try:
+            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump(self.entries, f)
+            os.replace(temp, self.path)
+        except OSError:
+            try:
+                os.unlink(temp)
+            except OSError:
+                pass
 
 
 # ------------------------------------------------------------------------------ reading

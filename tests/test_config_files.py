@@ -5,15 +5,20 @@ and exit 2, and no daemon starts on half a configuration."""
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
 import subprocess
+import sys
 import textwrap
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from debounce_cli import options as table
+from debounce_cli.settings import glob_match
 
 from conftest import World, status, wait_until
 
@@ -147,6 +152,53 @@ def test_daemon_settings_come_from_the_user_file(cworld):
     assert status(cworld)["jobs"] == 2
     cworld.run("stop")
     proc.wait(timeout=30)
+
+
+def test_an_edited_file_is_read_again(cworld):
+    """What was read is kept (tomllib costs a run 6 ms); an edit of the same size is seen."""
+    project = project_file(cworld, 'delay = "30s"\n')
+    assert submit(cworld, "--key", "j")["due_in"] == pytest.approx(30, abs=2)  # a state dir
+    assert config(cworld)["delay"][0] == 30.0
+    assert (cworld.state / "config-cache.json").stat().st_mode & 0o777 == 0o600
+    project.write_text('delay = "35s"\n')
+    assert config(cworld)["delay"][0] == 35.0
+    assert submit(cworld, "--key", "k")["due_in"] == pytest.approx(35, abs=2)
+    project.write_text('delay = "3 s"\n')
+    assert cworld.run("config").returncode == 2
+
+
+PROBE = """
+import sys
+from debounce_cli import fast
+sys.argv = ["debounce", *sys.argv[1:]]
+try:
+    fast.main()
+except SystemExit:
+    pass
+print("LOADED=" + ",".join(m for m in ("tomllib", "json", "click") if m in sys.modules),
+      file=sys.__stderr__)
+"""
+
+
+def test_a_plain_run_with_a_config_file_stays_on_the_fast_path(cworld):
+    """Once read and kept in the state directory, a config file costs a run no tomllib, json
+    or click (nor re, which an editable install's import hook loads anyway)."""
+    project_file(cworld, 'delay = "30s"\n[key."docs*"]\non_busy = "restart"\n')
+    user_file(cworld, "stop_timeout = 2\n")
+    args = ["run", "--no-wait", "--key", "docs1", "--", "true"]
+    loaded = []
+    for _ in range(3):  # the first makes the state directory (it starts the daemon)
+        proc = subprocess.run([sys.executable, "-c", PROBE, *args], capture_output=True,
+                              text=True, env=cworld.env, cwd=cworld.work, timeout=30)
+        assert proc.returncode == 0, proc.stderr
+        loaded.append(proc.stderr.strip().splitlines()[-1])
+    assert "tomllib" in loaded[0]  # the first read
+    assert loaded[2] == "LOADED="
+
+
+@given(st.text("ab*?", max_size=8), st.text("ab", max_size=8))
+def test_key_globs_match_as_fnmatch_does(pattern, key):
+    assert glob_match(key, pattern) == fnmatch.fnmatchcase(key, pattern)
 
 
 BAD = [
