@@ -8,6 +8,9 @@ from pathlib import Path
 
 import pytest
 
+#: Minutes of real processes at scale: the full run (README's test command) only.
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parent.parent
 
 

@@ -50,6 +50,9 @@ from debounce_cli.states import LOST
 
 from conftest import lines, status, wait_until
 
+#: Minutes of real processes at scale: the full run (README's test command) only.
+pytestmark = pytest.mark.slow
+
 ROUNDS = 6
 BURST = 400  # invocations submitted per round (a kill may cut the burst short)
 CONNECTIONS = 4  # submissions are spread over these, so the daemon's group commits fill up

@@ -20,7 +20,9 @@ import pytest
 from conftest import wait_until
 from fleet_support import LEASE, LEASE_S, Fleet, Host, Redis, finish, runs_in, settle
 
-pytestmark = pytest.mark.timeout(120)
+#: A real redis-server and real daemons: the full run only (the fleet's logic is on fake time
+#: in test_fleet_sim.py, which the quick tier runs).
+pytestmark = [pytest.mark.timeout(120), pytest.mark.slow]
 
 
 @pytest.fixture

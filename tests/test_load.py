@@ -21,6 +21,9 @@ import pytest
 
 from conftest import lines, status, wait_until
 
+#: Minutes of real processes at scale: the full run (README's test command) only.
+pytestmark = pytest.mark.slow
+
 HELLO = b'{"type":"hello","version":1,"client":"load-test"}\n'
 #: Appends the run's key to the file given as $0.
 APPEND_KEY = 'echo "$DEBOUNCE_KEY" >> "$0"'
