@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import os
 
+from debounce_cli import __version__
 from debounce_cli import options as table
 
 TYPE_CHECKING = False
@@ -288,7 +289,8 @@ class _Cache:
 
     def get(self, path: str, scope: str) -> Source | None:
         entry = self.entries.get(path)
-        if not isinstance(entry, dict) or entry.get("stamp") != self.stamp(path):
+        if (not isinstance(entry, dict) or entry.get("stamp") != self.stamp(path)
+                or entry.get("version") != __version__):  # another version checks otherwise
             return None
         try:
             source = Source(path, scope)
@@ -308,7 +310,8 @@ class _Cache:
             return {n: [e.value, e.origin] for n, e in values.items()}
 
         self.entries.pop(path, None)
-        self.entries[path] = {"stamp": stamp, "values": plain(source.values),
+        self.entries[path] = {"stamp": stamp, "version": __version__,
+                              "values": plain(source.values),
                               "sections": [[p, plain(v)] for p, v in source.sections]}
         while len(self.entries) > self.LIMIT:
             del self.entries[next(iter(self.entries))]
