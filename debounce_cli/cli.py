@@ -274,6 +274,9 @@ def run(
     streams to this command's stdout and stderr. debounce's own failures exit 2 (usage), 112
     (no daemon), 113 (daemon lost; `debounce wait --key KEY` reattaches), 114 (cancelled),
     116 (refused) or 1 (the output could not be written).
+
+    The defaults shown are the built-in ones: .debounce.toml files and the user's
+    config.toml may change them, per key too (`debounce config` shows what is in force).
     """
     try:
         request = run_request(list(command), key_template, _options(**scheduling), no_wait,
@@ -306,6 +309,8 @@ def daemon(
 
     The scheduling options are the defaults for lines read with --stdin. Pending invocations,
     run history and output logs are kept in $DEBOUNCE_STATE_DIR (mode 0700, files 0600).
+    Every setting may also come from the config files (`debounce config`), as seen from the
+    daemon's working directory: an auto-started daemon, in /, reads the user's file only.
     """
     from debounce_cli import daemon as daemon_mod
     from debounce_cli import keys
