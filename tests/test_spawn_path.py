@@ -1,0 +1,279 @@
+"""The spawn path (issue 21; issue 23, items 3 and 11): one exec of the command, and every
+promise kept around it.
+
+- A run is on record as started (its line in the started ledger) before its command can run,
+  and a run whose line cannot be written never runs its command: it ends with one line saying
+  so and status 126, and is not run again after a crash (item 3: a full disk and kill -9 ran
+  acknowledged work twice).
+- A run dies with its daemon, also when the daemon dies while the run's process is being
+  started (item 11: a first process that began after its daemon had died ran the whole command
+  with no daemon, because setpriv armed the parent-death signal without looking at the parent).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from test_chaos import connect, proc_stat
+from test_durability import lock_pid
+
+from debounce_cli import protocol
+
+from conftest import World, lines, wait_until
+
+#: Notes its key in $2, sleeps $3 seconds, then notes its key in $4 (the run completed).
+SCRIPT = 'echo "$1" >> "$2"; sleep "$3"; echo "$1" >> "$4"'
+
+
+def start_daemon(world: World, env: dict[str, str], log: Path) -> subprocess.Popen:
+    """``debounce daemon --idle-exit 0`` for ``env``'s socket; wait until it answers."""
+    with open(log, "ab") as out:
+        proc = world.popen("daemon", "--idle-exit", "0", env=env, stdout=out,
+                           stderr=subprocess.STDOUT)
+    probe = World.__new__(World)
+    probe.socket = env["DEBOUNCE_SOCKET"]
+
+    def serving() -> bool:
+        if proc.poll() is not None:
+            return True
+        try:
+            sock, reader, pid = connect(probe)
+        except OSError:
+            return False
+        reader.close()
+        sock.close()
+        return pid == proc.pid
+
+    wait_until(serving, timeout=30)
+    assert proc.poll() is None, log.read_text()
+    return proc
+
+
+def submit_all(socket_path: str, requests: list[protocol.RunRequest]) -> set[str]:
+    """Send every request pipelined on one connection; return the keys acknowledged."""
+    probe = World.__new__(World)
+    probe.socket = socket_path
+    sock, reader, _pid = connect(probe)
+    try:
+        sock.sendall(b"".join(protocol.encode(r) for r in requests))
+        acked = set()
+        for _ in requests:
+            reply = protocol.decode(reader.readline(), protocol.REPLIES)
+            if isinstance(reply, protocol.Accepted):
+                acked.add(reply.key)
+        return acked
+    finally:
+        reader.close()
+        sock.close()
+
+
+def pending(socket_path: str) -> int:
+    """How many keys the daemon on ``socket_path`` holds pending (not yet started)."""
+    probe = World.__new__(World)
+    probe.socket = socket_path
+    sock, reader, _pid = connect(probe)
+    try:
+        sock.sendall(protocol.encode(protocol.StatusRequest()))
+        reply = protocol.decode(reader.readline(), protocol.REPLIES)
+    finally:
+        reader.close()
+        sock.close()
+    assert isinstance(reply, protocol.StatusReply), reply
+    return sum(1 for k in reply.keys if k.pending is not None)
+
+
+def marked(socket_path: str) -> list[int]:
+    """Live processes (not zombies) whose environment names ``socket_path``: runs and theirs."""
+    mark = f"DEBOUNCE_SOCKET={socket_path}".encode()
+    found = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit() or int(name) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{name}/environ", "rb") as f:
+                env = f.read().split(b"\0")
+        except OSError:
+            continue
+        st = proc_stat(int(name))
+        if mark in env and st is not None and st[0] not in ("Z", "X"):
+            found.append(int(name))
+    return found
+
+
+def kill_marked(socket_path: str) -> None:
+    for pid in marked(socket_path):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+
+
+def history(world: World, env: dict[str, str]) -> list[dict]:
+    r = world.run("history", "--json", "--limit", "100000", env=env, timeout=60)
+    assert r.returncode == 0, r.stderr
+    return [json.loads(line) for line in r.stdout.splitlines() if line.strip()]
+
+
+# ----------------------------------------------------------------------------- item 11
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_no_run_outlives_a_daemon_killed_while_its_runs_start(world):
+    """Issue 23, item 11: 1,000 keys fall due at once and the daemon is killed with SIGKILL
+    while their processes start. Each run notes its key, sleeps 3 s and notes its key again:
+    a second note can only come from a run that went on without its daemon (every run
+    started before the kill is well short of 3 s then). Several rounds, a fresh daemon and
+    state each, since the race is a matter of a fraction of a millisecond."""
+    keys, rounds = 1000, 6
+    for number in range(rounds):
+        base = world.root / f"r{number}"
+        (base / "s").mkdir(parents=True, mode=0o700)
+        os.chmod(base / "s", 0o700)
+        env = dict(world.env, DEBOUNCE_SOCKET=str(base / "s" / "d.sock"),
+                   DEBOUNCE_STATE_DIR=str(base / "state"))
+        began, done = base / "began", base / "done"
+        daemon = start_daemon(world, env, base / "daemon.out")
+        try:
+            requests = [protocol.RunRequest(
+                argv=["sh", "-c", SCRIPT, "sh", f"k{i}", str(began), "3", str(done)],
+                cwd=str(world.work), env=env, key=f"k{i}", options={"delay": 0.3},
+                wait=False) for i in range(keys)]
+            assert len(submit_all(env["DEBOUNCE_SOCKET"], requests)) == keys
+            # Kill while the runs start: some have begun, most are still to come.
+            least = 20 + 30 * number
+            wait_until(lambda b=began, n=least: len(lines(b)) >= n, timeout=60,
+                       interval=0.001)
+            os.kill(daemon.pid, signal.SIGKILL)
+            daemon.wait(timeout=30)
+            killed_at = time.monotonic()
+            assert len(lines(began)) < keys, "every run had begun before the kill"
+            # Processes a dead daemon left: a run's `sleep`, orphaned when the kernel killed
+            # its `sh`, may stay its 3 s; a run that outlived its daemon ends its script.
+            sock = env["DEBOUNCE_SOCKET"]
+            wait_until(lambda s=sock: not marked(s), timeout=30)
+            survivors = lines(done)
+            assert time.monotonic() - killed_at < 60
+            assert survivors == [], (
+                f"round {number}: {len(survivors)} run(s) ran their whole command after "
+                f"their daemon died: {survivors[:5]}")
+        finally:
+            if daemon.poll() is None:
+                daemon.kill()
+                daemon.wait()
+            kill_marked(env["DEBOUNCE_SOCKET"])
+
+
+# ----------------------------------------------------------------------------- item 3
+
+
+@pytest.fixture
+def small_tmpfs():
+    """An 8 MiB tmpfs, unmounted afterwards; skip where mounting is not allowed."""
+    if sys.platform != "linux" or os.geteuid() != 0 or not shutil.which("mount"):
+        pytest.skip("needs root on Linux to mount a small tmpfs")
+    where = Path(tempfile.mkdtemp(prefix="dbt-fs-", dir="/tmp"))
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m,mode=0700", "tmpfs", str(where)],
+                       capture_output=True, text=True, check=False)
+    if r.returncode != 0:
+        where.rmdir()
+        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], capture_output=True, check=False)
+        shutil.rmtree(where, ignore_errors=True)
+
+
+def fill(directory: Path) -> Path:
+    """Take every free byte of ``directory``'s file system; return the file that holds them."""
+    filler = directory / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        for size in (1 << 16, 512, 1):
+            chunk = b"\0" * size
+            try:
+                while os.write(fd, chunk) == size:
+                    pass
+            except OSError:
+                pass  # full at this size: on with a smaller one, to the last byte
+    finally:
+        os.close(fd)
+    return filler
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_full_disk_and_kill_9_never_run_acknowledged_work_twice(world, small_tmpfs):
+    """Issue 23, item 3: the state directory on a small tmpfs, filled once 300 invocations
+    are acknowledged (and the journal checkpointed); kill -9 when 40 % of them have been
+    started (left pending); free the space; a new daemon
+    works off the rest. No command may run twice (before: the ledger line failed with "I/O
+    error", the command ran anyway, and the next daemon, seeing no line, ran it again); and
+    every acknowledged key either ran once or ended with status 126 and a line that says it
+    was not started."""
+    keys = 300
+    env = dict(world.env, DEBOUNCE_STATE_DIR=str(small_tmpfs / "state"))
+    began = world.root / "began"
+    daemon = start_daemon(world, env, world.root / "daemon.out")
+    filler = None
+    try:
+        requests = [protocol.RunRequest(
+            argv=["sh", "-c", 'echo "$1" >> "$2"', "sh", f"k{i}", str(began)],
+            cwd=str(world.work), env=env, key=f"k{i}", options={"delay": 1.5}, wait=False)
+            for i in range(keys)]
+        acked = submit_all(world.socket, requests)
+        assert len(acked) == keys
+        # A checkpoint, as a long-lived daemon's journal has from time to time: its log file
+        # keeps its size and is written again from the start, so commits need no new space
+        # on the full disk, while the started ledger (emptied at start-up) does.
+        db = sqlite3.connect(small_tmpfs / "state" / "journal.db", timeout=10)
+        try:
+            assert db.execute("PRAGMA wal_checkpoint(RESTART)").fetchone()[0] == 0
+        finally:
+            db.close()
+        filler = fill(small_tmpfs)
+        wait_until(lambda: keys - pending(world.socket) >= keys * 2 // 5, timeout=60,
+                   interval=0.001)
+        os.kill(daemon.pid, signal.SIGKILL)
+        daemon.wait(timeout=30)
+        wait_until(lambda: lock_pid(world.socket) is None, timeout=10)
+        filler.unlink()
+        filler = None
+        daemon = start_daemon(world, env, world.root / "daemon.out")
+
+        def settled() -> bool:
+            r = world.run("status", "--json", env=env, timeout=60)
+            return r.returncode == 0 and not json.loads(r.stdout)["keys"]
+
+        wait_until(settled, timeout=120, interval=0.2)
+        twice = {key: n for key, n in Counter(lines(began)).items() if n > 1}
+        assert not twice, f"{len(twice)} acknowledged run(s) started twice: {sorted(twice)[:5]}"
+        ran = set(lines(began))
+        runs = history(world, env)
+        not_started = {r["key"] for r in runs if r["exit_code"] == 126}
+        assert not (not_started & ran), "a run said not started ran its command"
+        assert acked <= ran | not_started | {r["key"] for r in runs if r["outcome"] == "lost"}
+        for run in [r for r in runs if r["exit_code"] == 126][:3]:
+            out = world.run("logs", "--run", str(run["run_id"]), env=env)
+            if out.returncode == 0 and out.stderr:
+                assert "not started: cannot record the run as started" in out.stderr, out.stderr
+                assert out.stderr.count("\n") == 1, out.stderr
+    finally:
+        if filler is not None:
+            filler.unlink()
+        if daemon.poll() is None:
+            daemon.kill()
+            daemon.wait()
+        kill_marked(world.socket)
