@@ -68,6 +68,8 @@ class World:
             self.env.pop(name, None)
         self.env["DEBOUNCE_SOCKET"] = self.socket
         self.env["DEBOUNCE_STATE_DIR"] = str(self.state)
+        # A developer's own ~/.config/debounce/config.toml must not change the tests.
+        self.env["XDG_CONFIG_HOME"] = str(root / "config")
         self.procs: list[subprocess.Popen] = []
 
     def argv(self, *args: str) -> list[str]:
