@@ -45,6 +45,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import functools
+import importlib
 import os
 import signal
 import time
@@ -350,6 +351,11 @@ def _interpreter_of(name: str, program: str) -> tuple[int, str] | tuple[str, ...
 # ---------------------------------------------------------------- the spawn path
 _PR_SET_PDEATHSIG = 1
 _SIGKILL = int(signal.SIGKILL)
+#: ``signal.pthread_sigmask`` turns each of the 60-odd signals of a mask into an enum member
+#: (a quarter of a millisecond a call); the C function underneath works on plain ints.
+_sigmask: Callable[[int, Iterable[int]], set[int]] = (
+    importlib.import_module("_signal").pthread_sigmask)
+_ALL_SIGNALS = frozenset(int(s) for s in signal.valid_signals())
 #: Signals the daemon may handle or ignore: back to their defaults in a run's process.
 _HANDLED = tuple(getattr(signal, name) for name in (
     "SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2", "SIGCHLD", "SIGPIPE",
@@ -445,7 +451,7 @@ def _fork_exec(program: str, argv: list[str], cwd: str, env: dict[str, str],
         stage = "exec"
         os.closerange(3, report_w)
         os.closerange(report_w + 1, 1 << 20)
-        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        _sigmask(signal.SIG_SETMASK, mask)
         os.execve(program, argv, env)
     except BaseException as exc:  # noqa: BLE001 - the child only reports and exits
         code = exc.errno if isinstance(exc, OSError) and exc.errno else errno.EINVAL
@@ -481,7 +487,7 @@ class _Child:
         err_r, err_w = os.pipe()
         report_r, report_w = os.pipe()
         daemon = os.getpid()
-        mask = signal.pthread_sigmask(signal.SIG_BLOCK, signal.valid_signals())
+        mask = _sigmask(signal.SIG_BLOCK, _ALL_SIGNALS)
         try:
             pid = os.fork()
             if pid == 0:  # pragma: no cover - the child never returns
@@ -492,7 +498,7 @@ class _Child:
                 os.close(fd)
             raise
         finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+            _sigmask(signal.SIG_SETMASK, mask)
             for fd in (out_w, err_w, report_w):
                 os.close(fd)
         self.pid = pid
@@ -501,7 +507,12 @@ class _Child:
         return pid
 
     async def report(self) -> tuple[str, int] | None:
-        """Wait for the child to exec (None) or to say which step failed, and with what."""
+        """Wait for the child to exec (None) or to say which step failed, and with what.
+
+        The loop goes on meanwhile (answering clients, starting the next run) rather than
+        block as ``subprocess`` does: on two cores that overlap is worth more than the pages
+        the daemon copies by writing to them while the child still shares them.
+        """
         future: asyncio.Future[bytes] = self.loop.create_future()
         got: list[bytes] = []
         fd = self.report_r

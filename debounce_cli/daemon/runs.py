@@ -38,6 +38,8 @@ REPLAY_BUFFER = 8 * 1024 * 1024
 SPAWNS_PER_TURN = 8
 #: Retention also drops unused environments every this many finished runs.
 PRUNE_ENVS_EVERY = 256
+#: While runs execute, the journal's retention runs at most this often (see Runs.retain).
+RETAIN_EVERY = 0.5
 
 
 class RunEvents(Protocol):
@@ -74,6 +76,7 @@ class Runs:
         self.batch_files: dict[int, str] = {}
         self.tasks: set[asyncio.Task[None]] = set()
         self.finished_since_prune = 0
+        self.retain_handle: asyncio.TimerHandle | None = None
 
     def _open_ledger(self) -> None:
         """Open the started ledger for appending (again, after a failure), or note why not."""
@@ -302,11 +305,35 @@ class Runs:
 
     # ------------------------------------------------------------------ retention
     def retain(self) -> None:
-        """Keep history and logs within their limits (--keep-history, --keep-logs...)."""
+        """Keep history and logs within their limits (--keep-history, --keep-logs...).
+
+        Called after a commit that recorded a run's end. The started ledger is emptied here
+        when no run executes (every end it could speak for is committed now). The journal's
+        retention (a transaction with a scan of the runs that keep logs) runs at once when no
+        run executes, else at most every ``RETAIN_EVERY`` seconds: a thousand runs ending in
+        a burst pay for a few scans, not a thousand.
+        """
+        if self.journal is None:
+            return
+        self.finished_since_prune += 1
+        if self.ledger and not self.procs:
+            # Every run has ended and its end is committed: no line of the ledger is needed.
+            try:
+                os.truncate(self.ledger, 0)
+            except OSError:
+                pass
+        if not self.procs:
+            self._retain_now()
+        elif self.retain_handle is None:
+            self.retain_handle = self.loop.call_later(RETAIN_EVERY, self._retain_now)
+
+    def _retain_now(self) -> None:
+        if self.retain_handle is not None:
+            self.retain_handle.cancel()
+            self.retain_handle = None
         journal = self.journal
         if journal is None:
             return
-        self.finished_since_prune += 1
         prune_envs = self.finished_since_prune >= PRUNE_ENVS_EVERY
         if prune_envs:
             self.finished_since_prune = 0
@@ -321,10 +348,3 @@ class Runs:
                 os.unlink(path)
             except OSError:
                 pass
-        if self.ledger and not self.procs:
-            # Every run has ended and its end is committed: no line of the ledger is needed.
-            try:
-                os.truncate(self.ledger, 0)
-            except OSError:
-                pass
-
