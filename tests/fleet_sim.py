@@ -18,6 +18,7 @@ from typing import Any
 from debounce_cli import protocol
 from debounce_cli.daemon.config import Config
 from debounce_cli.daemon.fleet.coordinator import Fleet
+from debounce_cli.daemon.fleet.execution import Execution
 from debounce_cli.daemon.fleet.memory import Memory, MemoryStore
 from debounce_cli.daemon.jobs import Job
 from debounce_cli.rules import Options
@@ -70,8 +71,8 @@ class FakeRuns:
     exits 0 (``exit N`` as the first word: exits N at once). TERM or KILL ends it at once,
     128+N; a run whose host is frozen or dead never ends by itself."""
 
-    def __init__(self, fleet: Fleet, host: SimHost) -> None:
-        self.fleet, self.host = fleet, host
+    def __init__(self, execution: Execution, host: SimHost) -> None:
+        self.execution, self.host = execution, host
         self.timers: dict[int, asyncio.TimerHandle] = {}
         self.started: list[tuple[float, int, str]] = []  # (loop time, run id, key)
         self.ended: list[tuple[float, int, int]] = []  # (loop time, run id, exit status)
@@ -99,7 +100,7 @@ class FakeRuns:
         self.host.sim.log.append(("end", self.host.loop.now, self.host.name, "", run_id))
         if not self.timers:
             self.done.set()
-        self.fleet.run_exited(run_id, code)
+        self.execution.run_exited(run_id, code)
 
     def signal(self, run_id: int, sig: str) -> None:
         timer = self.timers.get(run_id)
@@ -166,8 +167,8 @@ class SimHost:
         self.slots = Scheduler(self.clock.monotonic, wall=self.clock.wall, jobs=jobs)
         self.runs: FakeRuns | None = None
 
-        def make_runs(fleet: Fleet) -> FakeRuns:
-            self.runs = FakeRuns(fleet, self)
+        def make_runs(execution: Execution) -> FakeRuns:
+            self.runs = FakeRuns(execution, self)
             return self.runs
 
         self.fleet = Fleet(config, self.clock, sim.loop, self.slots, "", store=self.store,
@@ -196,12 +197,11 @@ class SimHost:
         """kill -9: the host's tasks stop where they are; its runs die with it unheard."""
         self.dead = True
         self.store.pause()  # nothing more from it reaches the store
-        self.fleet.closing = True
+        self.fleet.link.closing = True
         for task in list(self.fleet.tasks):
             task.cancel()
         self.fleet.tasks.clear()  # (the loop finishes them off; a dead host awaits nothing)
-        for timer in self.fleet.timers.values():
-            timer.cancel()
+        self.fleet.claims.cancel_timers()
 
 
 class Sim:
@@ -247,7 +247,7 @@ class Sim:
     def close(self) -> None:
         tasks = []
         for host in self.hosts.values():
-            host.fleet.closing = True
+            host.fleet.link.closing = True
             tasks.extend(host.fleet.tasks)
             for task in host.fleet.tasks:
                 task.cancel()
