@@ -130,6 +130,16 @@ class World:
                 pass
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The quick tier (``-m "not slow"``) is the pure core on fake time plus a few
+    end-to-end smoke tests: every other test that starts real daemons (the ``world``
+    fixture) counts as slow, and runs in the full command."""
+    for item in items:
+        fixtures = getattr(item, "fixturenames", ())
+        if "world" in fixtures and item.get_closest_marker("smoke") is None:
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture
 def world():
     root = Path(tempfile.mkdtemp(prefix="dbt-", dir="/tmp"))

@@ -77,6 +77,7 @@ def daemon_processes(socket_path: str) -> list[int]:
 # ----------------------------------------------------------------------------- coalescing
 
 
+@pytest.mark.smoke
 def test_callers_coalesce_into_one_run_of_the_last_argv(world):
     log = world.work / "runs.log"
     script = f'echo "$1" >> {log}; exit 7'
@@ -100,6 +101,7 @@ def test_callers_coalesce_into_one_run_of_the_last_argv(world):
         assert o["started_at"] and o["finished_at"]
 
 
+@pytest.mark.smoke
 def test_output_reaches_every_coalesced_waiter(world):
     script = 'echo "OUT-$1"; echo "ERR-$1" >&2'
     calls = [
@@ -119,6 +121,7 @@ def test_output_reaches_every_coalesced_waiter(world):
 # ----------------------------------------------------------------------------- exit statuses
 
 
+@pytest.mark.smoke
 def test_command_not_found_exits_127(world):
     proc = world.run("run", "--delay", "100ms", "--", "no-such-command-xyz", "arg")
     assert proc.returncode == 127
@@ -151,6 +154,7 @@ def test_command_killed_by_signal_exits_128_plus_n(world):
 # ----------------------------------------------------------------------------- --no-wait
 
 
+@pytest.mark.smoke
 def test_no_wait_returns_at_once_and_the_command_runs_later(world):
     marker = world.work / "ran"
     start_daemon(world)
@@ -278,6 +282,7 @@ def test_socket_directory_of_another_user_is_refused(world):
 # ----------------------------------------------------------------------------- the daemon
 
 
+@pytest.mark.smoke
 def test_racing_clients_start_exactly_one_daemon(world):
     log = world.work / "race.log"
     procs = [
@@ -346,6 +351,7 @@ def test_ctrl_c_on_one_waiter_does_not_cancel_the_run_of_another(world):
 # ----------------------------------------------------------------------------- control commands
 
 
+@pytest.mark.smoke
 def test_cancel_makes_waiters_exit_cancelled_and_nothing_runs(world):
     marker = world.work / "ran"
     args = ["--delay", "30s", "--key", "ck", "--", "touch", str(marker)]
@@ -361,6 +367,7 @@ def test_cancel_makes_waiters_exit_cancelled_and_nothing_runs(world):
     assert not marker.exists()
 
 
+@pytest.mark.smoke
 def test_flush_runs_a_pending_invocation_now(world):
     marker = world.work / "ran"
     start_daemon(world)
