@@ -108,6 +108,9 @@ class FakeRuns:
     def retain(self) -> None:
         self.retained += 1
 
+    def stop_spawning(self) -> None:
+        self.spawning = False  # nothing more is spawned
+
     async def wait_all(self) -> None:
         pass
 
@@ -519,3 +522,15 @@ def test_a_bare_argument_that_is_both_a_key_and_a_run_id_is_refused() -> None:
     assert isinstance(by_key, Error) and by_key.code == states.NOT_FOUND  # nothing pending
     bad = handlers.handle_logs(d.ctx, FakeClient(), protocol.LogsRequest(target="x", by="run"))
     assert isinstance(bad, Error) and "number" in bad.message
+
+
+def test_a_run_decided_in_the_turn_the_stop_arrives_in_never_starts(d: Daemon) -> None:
+    """Issue 23, item 6: stop right as a key falls due; the run decided in that very turn
+    is taken back and the invocation is still pending (for the journal to keep)."""
+    d.run(["make"], delay=0.0, wait=False)
+    assert d.core.outbox, "the run is decided, its start waits for the end of the turn"
+    d.core.stop_runs()
+    d.loop.run_soon()
+    assert d.runs.started == []
+    [row] = d.status()
+    assert row.pending is not None and row.running is None

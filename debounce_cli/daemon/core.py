@@ -81,6 +81,8 @@ class RunsPort(Protocol):
 
     def retain(self) -> None: ...
 
+    def stop_spawning(self) -> None: ...
+
     async def wait_all(self) -> None: ...
 
 
@@ -195,7 +197,22 @@ class Core:
             forget(waiter)
 
     def stop_runs(self) -> None:
-        """Shutdown: stop every run; what is pending stays pending (and in the journal)."""
+        """Shutdown: stop every run; what is pending stays pending (and in the journal).
+
+        Nothing starts after the stop was asked for: runs decided in this very turn are
+        taken back (pending again, as if never decided), and runs recorded but not yet
+        spawned stay recorded and unspawned, which the next daemon puts back as pending
+        (``startup``: a run without its line in the started ledger never started)."""
+        kept = []
+        for effect in self.outbox:
+            if isinstance(effect, StartRun) and effect.run.state == RUNNING:
+                self.scheduler.unstart(effect.run)
+                if self.journal is not None:
+                    self.journal.forget_unwritten(effect.run)
+            else:
+                kept.append(effect)
+        self.outbox = kept
+        self.runs.stop_spawning()
         self.apply(self.scheduler.stop_all())
 
     def busy(self) -> bool:

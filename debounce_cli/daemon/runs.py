@@ -72,6 +72,7 @@ class Runs:
         self.logs: dict[int, LogWriter] = {}
         self.buffers: dict[int, list[tuple[int, bytes]]] = {}  # output of runs without a log
         self.to_spawn: deque[tuple[Run, RunProcess]] = deque()
+        self.draining = False  # shutting down: nothing more is spawned
         self.later: dict[int, list[RunProcess]] = {}  # more processes of a --collect run
         self.batch_files: dict[int, str] = {}
         self.tasks: set[asyncio.Task[None]] = set()
@@ -89,6 +90,10 @@ class Runs:
             if exc.strerror != self.ledger_error:
                 print(f"debounce: cannot write {self.ledger}: {exc.strerror}", file=sys.stderr)
             self.ledger_error = exc.strerror or str(exc)
+
+    def stop_spawning(self) -> None:
+        """Shutdown: what is not spawned yet never is (it stays recorded as not started)."""
+        self.draining = True
 
     def start(self, run: Run) -> None:
         """Prepare the run's process and log; it is spawned soon, a few per turn.
@@ -236,7 +241,7 @@ class Runs:
         leave every connection unanswered until the last fork.
         """
         for _ in range(SPAWNS_PER_TURN):
-            if not self.to_spawn:
+            if not self.to_spawn or self.draining:
                 return
             run, proc = self.to_spawn.popleft()
             task = asyncio.ensure_future(self._execute(run, proc))
