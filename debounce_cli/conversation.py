@@ -49,7 +49,7 @@ def run_request(argv: list[str], key_template: str | None, options: dict[str, An
                       ExitStatus.USAGE) from None
     env = dict(os.environ)
     try:
-        key = compute_key(key_template, argv, cwd, env)
+        key = compute_key(key_template, argv, cwd, env, collect=bool(options.get("collect")))
     except KeyTemplateError as exc:
         raise UsageProblem(str(exc)) from None
     if given is not None:

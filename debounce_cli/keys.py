@@ -135,9 +135,16 @@ def render_key(
 
 
 def compute_key(
-    template: str | None, argv: Sequence[str], cwd: str, env: Mapping[str, str]
+    template: str | None, argv: Sequence[str], cwd: str, env: Mapping[str, str],
+    collect: bool = False,
 ) -> str:
-    """The key of an invocation: the template rendered, or the whole invocation without one."""
+    """The key of an invocation: the template rendered, or the whole invocation without one.
+
+    With ``--collect`` and no template the last argument is left out (cwd plus the argv
+    before it), so ``lint.sh x.py`` and ``lint.sh y.py`` coalesce into one batch: the
+    obvious first try batches."""
     if template is None:
+        if collect and len(argv) >= 2:
+            return default_key(argv[:-1], cwd)
         return default_key(argv, cwd)
     return render_key(template, argv, cwd, env)

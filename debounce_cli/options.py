@@ -133,7 +133,9 @@ RUN_OPTIONS: tuple[RunOption, ...] = (
     RunOption(
         "collect", "--collect", FLAG, False,
         "Run once for every coalesced invocation: the last argument becomes the distinct "
-        "last arguments of all of them, in order of arrival ($DEBOUNCE_BATCH lists them all).",
+        "last arguments of all of them, in order of arrival ($DEBOUNCE_BATCH lists them all). "
+        "Without --key, the key leaves the last argument out, so calls that differ only in "
+        "it coalesce.",
     ),
     RunOption(
         "fleet", "--fleet", FLAG, False,

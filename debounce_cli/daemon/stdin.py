@@ -295,7 +295,7 @@ def parse_stdin_line(raw: bytes, defaults: dict[str, Any], base: Base | None = N
     except ProtocolError as exc:
         raise ValueError(str(exc).removeprefix("run: ")) from None
     try:
-        key = keys.compute_key(template, argv, cwd, env)
+        key = keys.compute_key(template, argv, cwd, env, collect=options.collect)
     except keys.KeyTemplateError as exc:
         raise ValueError(str(exc)) from None
     return key, options, Job(argv, cwd, env)
