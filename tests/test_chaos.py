@@ -133,6 +133,15 @@ def comm(pid: int) -> str:
         return ""
 
 
+def is_spawner(pid: int) -> bool:
+    """Whether ``pid`` is a daemon's spawner (``python -I -S -c ...``, see runner._SPAWNER)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return b"\0-I\0-S\0-c\0" in f.read()
+    except OSError:
+        return False
+
+
 def children(pid: int) -> list[int]:
     found = []
     for name in os.listdir("/proc"):
@@ -176,11 +185,16 @@ def world_processes(world, exclude: set[int]) -> list[dict]:
 def kill_daemon(world, rnd: Round, daemon: subprocess.Popen) -> None:
     """SIGKILL the daemon; in ``freeze`` mode stop it first and let its runs reach their line."""
     if rnd.mode == "freeze":
-        os.kill(daemon.pid, signal.SIGSTOP)
-        wait_until(lambda: (proc_stat(daemon.pid) or ("T",))[0] == "T", timeout=10)
+        # The daemon and its spawner (the process that forks its runs) stop together.
+        spawners = [pid for pid in children(daemon.pid) if is_spawner(pid)]
+        for pid in (daemon.pid, *spawners):
+            os.kill(pid, signal.SIGSTOP)
+        for pid in (daemon.pid, *spawners):
+            wait_until(lambda p=pid: (proc_stat(p) or ("T",))[0] == "T", timeout=10)
         # A child that is not yet `sleep` (the run's last exec) nor ended is still on its way
-        # to its line: between fork and exec, in setpriv, or in sh before its echo.
-        forked = children(daemon.pid)
+        # to its line: between fork and exec, or in sh before its echo.
+        forked = [pid for parent in (daemon.pid, *spawners) for pid in children(parent)
+                  if pid not in spawners]
         rnd.settled_children = len(forked)
 
         def settled() -> bool:

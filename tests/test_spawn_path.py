@@ -30,7 +30,7 @@ from test_durability import lock_pid
 
 from debounce_cli import protocol
 
-from conftest import World, lines, wait_until
+from conftest import World, lines, status, wait_until
 
 #: Notes its key in $2, sleeps $3 seconds, then notes its key in $4 (the run completed).
 SCRIPT = 'echo "$1" >> "$2"; sleep "$3"; echo "$1" >> "$4"'
@@ -277,3 +277,46 @@ def test_a_full_disk_and_kill_9_never_run_acknowledged_work_twice(world, small_t
             daemon.kill()
             daemon.wait()
         kill_marked(world.socket)
+
+
+# ----------------------------------------------------------------------------- the spawner
+
+
+def spawner_of(daemon_pid: int) -> int | None:
+    """The daemon's spawner: its child ``python -I -S -c ...`` (see runner._SPAWNER)."""
+    from test_chaos import children, is_spawner
+
+    found = [pid for pid in children(daemon_pid) if is_spawner(pid)]
+    return found[0] if found else None
+
+
+def test_a_spawner_killed_on_its_own_takes_its_runs_and_the_daemon_goes_on(world):
+    """The runs' processes are forked by the daemon's spawner. Killed by itself (kill -9),
+    it takes its runs with it (their parent-death signal): the run ends killed (137) and its
+    waiter learns it; the daemon starts another spawner for the next run."""
+    r = world.run("status")
+    assert r.returncode == 0, r.stderr
+    daemon = world.daemon_pid()
+    assert daemon
+    spawner = wait_until(lambda: spawner_of(daemon))
+    waiter = world.popen("run", "--key", "long", "--delay", "0", "--", "sleep", "30")
+    wait_until(lambda: any(k["running"] for k in status(world)["keys"]), timeout=15)
+    os.kill(spawner, signal.SIGKILL)
+    _out, err = waiter.communicate(timeout=30)
+    assert waiter.returncode == 137, err
+    r = world.run("run", "--delay", "0", "--", "sh", "-c", "echo again")
+    assert (r.returncode, r.stdout) == (0, "again\n"), r.stderr
+    assert world.daemon_pid() == daemon
+    assert spawner_of(daemon) not in (None, spawner)
+
+
+def test_the_spawner_dies_with_its_daemon(world):
+    """kill -9 of the daemon: its spawner goes too, at once (nothing forks runs for a daemon
+    that is gone)."""
+    r = world.run("status")
+    assert r.returncode == 0, r.stderr
+    daemon = world.daemon_pid()
+    assert daemon
+    spawner = wait_until(lambda: spawner_of(daemon))
+    os.kill(daemon, signal.SIGKILL)
+    wait_until(lambda: (proc_stat(spawner) or ("X",))[0] in ("Z", "X"), timeout=10)
