@@ -112,6 +112,9 @@ class Run:
     finished_at: float | None = None
     finished_wall: float | None = None
     outcome: str | None = None  # states.EXITED, TIMED_OUT, RESTARTED or STOPPED
+    #: Asked immediately before its process is created (a fleet run's fence: its claim must
+    #: still hold); False means it never starts.
+    may_start: Callable[[], bool] | None = None
 
     @property
     def stopping(self) -> str | None:

@@ -76,10 +76,27 @@ class FakeRuns:
         self.timers: dict[int, asyncio.TimerHandle] = {}
         self.started: list[tuple[float, int, str]] = []  # (loop time, run id, key)
         self.ended: list[tuple[float, int, int]] = []  # (loop time, run id, exit status)
+        self.refused: list[int] = []  # runs whose fence failed at the spawn
         self.done = asyncio.Event()
         self.done.set()
 
     def start(self, run: Run) -> None:
+        """Its process is created ``host.spawn_delay`` later (a frozen host waits to thaw),
+        after asking the run's fence (``run.may_start``), as ``daemon.runs`` does."""
+        self.done.clear()
+        self.timers[run.id] = self.host.loop.call_later(self.host.spawn_delay, self._spawn, run)
+
+    def _spawn(self, run: Run) -> None:
+        if self.host.dead:
+            return
+        if self.host.frozen:
+            self.timers[run.id] = self.host.loop.call_later(0.01, self._spawn, run)
+            return
+        if run.may_start is not None and not run.may_start():
+            self.timers.pop(run.id, None)
+            self.refused.append(run.id)
+            self.execution.run_exited(run.id, 126)
+            return
         job = run.invocation.payload
         assert isinstance(job, Job)
         self.started.append((self.host.loop.now, run.id, run.key))
@@ -89,7 +106,6 @@ class FakeRuns:
             code = int(job.argv[1])
         else:
             seconds = float(job.argv[-1])
-        self.done.clear()
         self.timers[run.id] = self.host.loop.call_later(seconds, self._end, run.id, code)
 
     def _end(self, run_id: int, code: int) -> None:
@@ -104,7 +120,8 @@ class FakeRuns:
 
     def signal(self, run_id: int, sig: str) -> None:
         timer = self.timers.get(run_id)
-        if timer is not None and sig in ("TERM", "KILL"):
+        if timer is not None and sig in ("TERM", "KILL") and any(
+                r == run_id for _, r, _ in self.started):
             timer.cancel()
             self._end(run_id, 143 if sig == "TERM" else 137)
 
@@ -160,6 +177,7 @@ class SimHost:
         self.sim, self.name, self.loop = sim, name, sim.loop
         self.frozen = False
         self.dead = False
+        self.spawn_delay = 0.0  # between the start of a run and its process being created
         self.store = MemoryStore(sim.memory, name=f"memory://{name}")
         config = Config(socket=f"/nonexistent/{name}.sock", store="memory://", host_id=name,
                         lease=sim.lease, jobs=jobs)

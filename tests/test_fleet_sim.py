@@ -227,3 +227,30 @@ def test_a_host_cut_off_from_the_store_stops_its_run_before_another_takes_over()
         assert late.outcome == ("finished", 0, "exited")
     finally:
         sim.close()
+
+
+def test_a_host_frozen_between_its_claim_and_the_spawn_never_starts_the_run() -> None:
+    """Issue 18, item 5: the fence is asked immediately before the process is created. Host a
+    claims the run, freezes before spawning it for 3 s (lease 2 s); b records it lost; a
+    thaws and does not start it (it used to: the check ran before the async spawn)."""
+    sim = Sim(lease=2.0)
+    try:
+        a, b = sim.host("a"), sim.host("b")
+        sim.run_for(3.0)
+        a.spawn_delay = 0.05
+        caller = a.submit("k", 1.0, delay=0.5)
+        watcher = None
+        sim.run_until(lambda: sim.memory.states.get("k") is not None
+                      and '"running":{' in sim.memory.states["k"])
+        a.freeze()
+        watcher = sim.do_wait(b, "k")
+        sim.run_for(3.0)
+        a.thaw()
+        sim.run_until(lambda: watcher is not None and watcher.result is not None, limit=100)
+        sim.run_for(5.0)
+        assert sim.starts("k") == []
+        assert a.runs is not None and a.runs.refused
+        assert watcher.outcome is not None and watcher.outcome[2] == "lost"
+        assert caller.result is not None
+    finally:
+        sim.close()

@@ -277,6 +277,8 @@ class Runs:
     async def _processes(self, run: Run, proc: RunProcess) -> int:
         """Start the run's process, and the rest of a --collect batch one after another;
         return the first non-zero status among them."""
+        if run.may_start is not None and not run.may_start():
+            return 126  # its fence failed at the spawn: it never starts (see fleet.execution)
         await proc.start()
         if proc.pid is not None:
             records.job_of(run.invocation).pid = proc.pid

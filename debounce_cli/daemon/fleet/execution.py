@@ -36,6 +36,7 @@ class LocalRun:
     run: Run
     why: str | None = None  # states.STOP_*: why it was asked to stop (or STOP_LEASE)
     killed: bool = False  # SIGKILL sent (its lease ran out)
+    refused: bool = False  # its fence failed at the spawn: it never started
     chunks: int = 0  # output chunks published (each event carries its number)
     kill: asyncio.TimerHandle | None = None
     deadline: asyncio.TimerHandle | None = None
@@ -114,6 +115,14 @@ class Execution:
             self.outbox_ready.set()
             return False
         local = self.local[running.run] = LocalRun(key, running, run)
+
+        def may_start() -> bool:
+            """The fence at the spawn: asked immediately before the process is created."""
+            ok = link.clock.monotonic() - asked_at <= link.lease / 2 and link.lease_fresh()
+            local.refused = not ok
+            return ok
+
+        run.may_start = may_start
         self.follow(key, since)  # for a stop or a signal from any host
         if options.timeout is not None:
             local.deadline = link.loop.call_later(
@@ -132,10 +141,15 @@ class Execution:
         for handle in (local.kill, local.deadline):
             if handle is not None:
                 handle.cancel()
+        self.reporting.add(run_id)
+        if local.refused:  # it never started: the claim is given back
+            self.outbox.append(("unclaim", (local.key, local.running)))
+            self.give_back()
+            self.outbox_ready.set()
+            return
         if outcome is None:
             outcome = (states.LOST if local.why == STOP_LEASE
                        else states.OUTCOME_OF_STOP.get(local.why, states.EXITED))
-        self.reporting.add(run_id)
         self.outbox.append(("finish", (local.key, local.running, code, outcome)))
         self.give_back()
         self.outbox_ready.set()
