@@ -653,14 +653,22 @@ def history(key: str | None, limit: int, as_json: bool, fleet: bool,
 
 @cli.command(short_help="Print the output of a run, or of the latest run of KEY.")
 @_target_options("[RUN_ID|KEY]")
+@click.option("-f", "--follow", is_flag=True,
+              help="Print the output as it is written, from the start, and exit with the "
+              "run's status when it ends: of run N, or of KEY's run executing now, else its "
+              "next one (a run that has ended: its log, then its status). Ctrl-C stops "
+              "following only.")
 @_socket_option
-def logs(target: str | None, key_option: str | None, run_id: int | None,
+def logs(target: str | None, key_option: str | None, run_id: int | None, follow: bool,
          socket_path: str | None) -> int:
     """Print the output of a run, or of the latest run of KEY (stdout and stderr apart)."""
     from debounce_cli import client, protocol
     from debounce_cli.logfile import read_log
 
     what, by = _target(target, key_option, run_id)
+    if follow:
+        return converse(_socket(socket_path), protocol.WaitRequest(target=what, by=by), what,
+                        quiet=False, as_json=False, replay_finished=True)
     reply = _ask(socket_path, protocol.LogsRequest(target=what, by=by))
     assert isinstance(reply, protocol.LogsReply)
     if not reply.log_path:

@@ -73,8 +73,12 @@ def converse(
     as_json: bool,
     no_wait: bool = False,
     wait_timeout: float | None = None,
+    replay_finished: bool = False,
 ) -> int:
-    """Send a run or wait request and follow it to the end; return the exit status."""
+    """Send a run or wait request and follow it to the end; return the exit status.
+
+    With ``replay_finished`` (``logs --follow``), a run that had already ended when the
+    request came (so nothing of it streamed) has its log printed before its status."""
     from debounce_cli import client, protocol
 
     try:
@@ -108,8 +112,9 @@ def converse(
 
             def out(fd: int, data: bytes) -> None:
                 terminal.output(fd, data, write=client.write_output)
+        noting = _noting(display)
         try:
-            result = client.wait_for_run(conn, display, out, wait_timeout)
+            result = client.wait_for_run(conn, noting, out, wait_timeout)
         except TimeoutError:
             if wait_timeout is None:
                 raise
@@ -127,6 +132,8 @@ def converse(
             say(f"debounce: stopped waiting; {what} stays with the daemon "
                 f"('{again}' reattaches)")
             return ExitStatus.INTERRUPTED
+        if isinstance(result, protocol.Finished) and replay_finished and not noting.seen:
+            print_log(sock, result.run_id)
         if isinstance(result, protocol.Finished):
             if result.outcome == LOST:
                 raise Failure(
@@ -160,6 +167,63 @@ def converse(
                       ExitStatus.DAEMON_UNREACHABLE) from None
     finally:
         conn.close()
+
+
+def _noting(inner: Any) -> Any:
+    """A display that passes everything on to ``inner`` and notes (``seen``) whether the
+    run was seen to start, so its output streamed."""
+    from debounce_cli import client
+
+    class Noting(client.Display):
+        seen = False
+
+        def pending(self, msg: Any) -> None:
+            inner.pending(msg)
+
+        def started(self, msg: Any) -> None:
+            self.seen = True
+            inner.started(msg)
+
+        def tick(self) -> None:
+            inner.tick()
+
+        def close(self) -> None:
+            inner.close()
+
+    noting = Noting()
+    noting.refresh = inner.refresh
+    return noting
+
+
+def print_log(sock: str, run_id: int) -> None:
+    """Copy the log of run ``run_id`` to our stdout and stderr (``debounce logs``)."""
+    from debounce_cli import client, protocol
+    from debounce_cli.logfile import read_log
+
+    try:
+        conn = client.connect(sock, protocol.LogsRequest(target=str(run_id), by="run"))
+        try:
+            reply = conn.recv(timeout=30)
+        finally:
+            conn.close()
+    except client.ClientError as exc:
+        raise Failure(str(exc), client_status(exc)) from None
+    except (OSError, TimeoutError):
+        raise Failure("the daemon did not answer within 30s",
+                      ExitStatus.DAEMON_UNREACHABLE) from None
+    if not isinstance(reply, protocol.LogsReply):
+        refused(reply, f"run {run_id}")
+    if not reply.log_path:
+        raise Failure(f"run {reply.run_id} keeps no log", ExitStatus.NOT_FOUND)
+    try:
+        for fd, data in read_log(reply.log_path):  # reading may fail, writing never raises
+            client.write_output(fd, data)
+            lost = client.write_error()
+            if lost is not None:
+                raise Failure(write_error(lost), ExitStatus.FAILURE)
+    except OSError as exc:
+        raise Failure(f"cannot read the log of run {reply.run_id}: {exc.strerror}",
+                      ExitStatus.NOT_FOUND) from None
 
 
 def _reattach(filed: str | None, request: Any) -> tuple[str, str]:

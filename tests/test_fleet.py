@@ -596,3 +596,21 @@ def test_a_host_that_just_joined_has_its_first_run_kept_not_recorded_lost(redis)
             assert "lost" not in host.log(), host.log()
     finally:
         fleet.cleanup()
+
+
+def test_logs_follow_a_fleet_run_executing_on_another_host(fleet):
+    """Issue 19, item 12: `debounce logs -f` of a fleet run from another host prints its
+    output live, from its start, and exits with its status."""
+    gate = fleet.hosts[0].work / "gate"
+    script = f'echo one; while [ ! -e {gate} ]; do sleep 0.05; done; echo two; exit 6'
+    runner = fleet.hosts[0].popen("run", "--fleet", "--key", "fk", "--delay", "0", "--",
+                                  "sh", "-c", script)
+    wait_until(lambda: any(row["key"] == "fk" and row.get("running")
+                           for row in fleet.hosts[1].fleet_status()), timeout=15)
+    follower = fleet.hosts[1].popen("logs", "-f", "fk")
+    assert follower.stdout is not None
+    assert follower.stdout.readline() == "one\n"
+    gate.touch()
+    out, err = follower.communicate(timeout=30)
+    assert (follower.returncode, out) == (6, "two\n"), err
+    assert finish(runner)[0] == 6
