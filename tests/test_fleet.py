@@ -527,6 +527,8 @@ def test_a_redis_cluster_serves_the_fleet():
             assert code == 0, err
             assert stdout.startswith("out c ")
         assert sorted(line.split()[-1] for line in runs_in(out)) == sorted(keys)
+        for host in fleet.hosts:  # a daemon on a cluster starts without a traceback
+            assert "Traceback" not in host.log(), host.log()
         history = fleet.hosts[1].fleet_history("--limit", "100")
         assert sorted(row["key"] for row in history) == sorted(keys)
         assert {row["host"] for row in history} == {"c"}

@@ -37,7 +37,7 @@ import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError, ResponseError, WatchError
+from redis.exceptions import RedisClusterException, RedisError, ResponseError, WatchError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from debounce_cli.daemon.fleet.state import Event, KeyState
@@ -65,6 +65,11 @@ FORGET_HOST = 24 * 3600
 IDLE_TTL = 7 * 24 * 3600
 
 T = TypeVar("T")
+
+#: What a call to the store may fail with: redis-py's errors, a Redis Cluster's (which are
+#: not RedisErrors: a cluster still settling its slots raises SlotNotCoveredError), the
+#: network's.
+_FAILED = (RedisError, RedisClusterException, OSError)
 
 
 class Beat(NamedTuple):
@@ -129,15 +134,24 @@ class Store:
         if self.cluster is not None:
             return
         info = await self.redis.info("cluster")
-        self.cluster = bool(info.get("cluster_enabled"))
-        if self.cluster:
+        if info.get("cluster_enabled"):
             from redis.asyncio.cluster import RedisCluster
 
+            cluster = RedisCluster.from_url(self.url, socket_timeout=5.0,
+                                            socket_connect_timeout=3.0)
+            try:
+                # Learn the slots now: which node holds a key is asked before the first
+                # command (_time), and a client that has not asked yet answers
+                # SlotNotCoveredError. A cluster still settling: asked again next time.
+                await cluster.initialize()
+            except BaseException:
+                await cluster.aclose()
+                raise
             plain = (self.redis, self.reader)
-            self.redis = self.reader = RedisCluster.from_url(
-                self.url, socket_timeout=5.0, socket_connect_timeout=3.0)
+            self.redis = self.reader = cluster
             for client in plain:
                 await client.aclose()
+        self.cluster = bool(info.get("cluster_enabled"))
 
     async def _time(self, key: str) -> Any:
         """TIME from the node that holds ``key`` (in a cluster every node has its own)."""
@@ -152,7 +166,7 @@ class Store:
         for client in {id(c): c for c in (self.reader, self.redis)}.values():
             try:
                 await client.aclose()
-            except (RedisError, OSError):
+            except _FAILED:
                 pass
 
     # ------------------------------------------------------------------ time and hosts
@@ -161,7 +175,7 @@ class Store:
         try:
             await self._ready()
             sec, usec = await self._time(HOSTS)
-        except (RedisError, OSError) as exc:
+        except _FAILED as exc:
             raise self.down(exc) from None
         return float(sec + usec / 1e6)
 
@@ -177,7 +191,7 @@ class Store:
                 pipe.get(EPOCH)
                 pipe.get(RUNS)
                 _, beats, epoch, runs = await pipe.execute()
-        except (RedisError, OSError) as exc:
+        except _FAILED as exc:
             raise self.down(exc) from None
         hosts = {k.decode(errors="replace"): float(v) for k, v in beats.items()}
         return Beat(now, hosts, epoch, int(runs or 0))
@@ -195,14 +209,14 @@ class Store:
                 await self.redis.incrby(RUNS, at_least_runs - current)
             epoch = await self.redis.get(EPOCH)
             return epoch if isinstance(epoch, bytes) else str(epoch or "").encode()
-        except (RedisError, OSError) as exc:
+        except _FAILED as exc:
             raise self.down(exc) from None
 
     async def forget_hosts(self, hosts: list[str]) -> None:
         try:
             await self._ready()
             await self.redis.hdel(HOSTS, *hosts)
-        except (RedisError, OSError):
+        except _FAILED:
             pass
 
     async def leave(self, host: str) -> None:
@@ -210,14 +224,14 @@ class Store:
         try:
             await self._ready()
             await self.redis.hdel(HOSTS, host)
-        except (RedisError, OSError):
+        except _FAILED:
             pass
 
     async def next_run_id(self) -> int:
         try:
             await self._ready()
             return int(await self.redis.incr(RUNS))
-        except (RedisError, OSError) as exc:
+        except _FAILED as exc:
             raise self.down(exc) from None
 
     # ------------------------------------------------------------------ keys
@@ -272,7 +286,7 @@ class Store:
                         # Another host changed the key, or the answer to EXEC was lost (then
                         # the step, run again, finds its own work done: steps are idempotent).
                         continue
-        except (RedisError, OSError) as exc:
+        except _FAILED as exc:
             raise self.down(exc) from None
         raise StoreDown(f"the fleet store {self.name}: key {key!r} changed under {MAX_TRIES} "
                         "attempts in a row; try again")
@@ -283,14 +297,14 @@ class Store:
             await self._ready()
             await self.redis.set(f"{FLEET}run:{run}", key.encode("utf-8", "surrogateescape"),
                                  ex=IDLE_TTL)
-        except (RedisError, OSError):
+        except _FAILED:
             pass  # only --run N on this run is the poorer for it
 
     async def key_of_run(self, run: int) -> str | None:
         try:
             await self._ready()
             key = await self.redis.get(f"{FLEET}run:{run}")
-        except (RedisError, OSError) as exc:
+        except _FAILED as exc:
             raise self.down(exc) from None
         if key is None:
             return None
@@ -314,7 +328,7 @@ class Store:
         try:
             await self._ready()
             raw = await self.redis.get(state_key(tag))
-        except (RedisError, OSError) as exc:
+        except _FAILED as exc:
             raise self.down(exc) from None
         if raw is None:
             return None
@@ -329,7 +343,7 @@ class Store:
                 pipe.get(state_key(tag))
                 pipe.xrevrange(events_key(tag), count=1)
                 raw, latest = await pipe.execute()
-        except (RedisError, OSError) as exc:
+        except _FAILED as exc:
             raise self.down(exc) from None
         return KeyState.loads(key, raw), _first_id(latest)
 
@@ -339,7 +353,7 @@ class Store:
             await self._ready()
             found = await self.redis.zrangebyscore(INDEX, "-inf",
                                                    "+inf" if upto is None else repr(upto))
-        except (RedisError, OSError) as exc:
+        except _FAILED as exc:
             raise self.down(exc) from None
         return [t.decode() if isinstance(t, bytes) else str(t) for t in found]
 
@@ -351,7 +365,7 @@ class Store:
             names = [state_key(t) for t in tags]
             raws = await (self.redis.mget_nonatomic(names) if self.cluster
                           else self.redis.mget(names))
-        except (RedisError, OSError) as exc:
+        except _FAILED as exc:
             raise self.down(exc) from None
         return [KeyState.loads(json.loads(raw)["key"], raw) for raw in raws if raw]
 
@@ -359,7 +373,7 @@ class Store:
         try:
             await self._ready()
             raws = await self.redis.lrange(HISTORY, 0, -1 if key is not None else limit - 1)
-        except (RedisError, OSError) as exc:
+        except _FAILED as exc:
             raise self.down(exc) from None
         rows = [json.loads(raw) for raw in raws]
         if key is not None:
@@ -377,7 +391,7 @@ class Store:
                               {"e": json.dumps(event, separators=(",", ":"))},
                               maxlen=EVENTS_MAXLEN, approximate=True)
                 await pipe.execute()
-        except (RedisError, OSError) as exc:
+        except _FAILED as exc:
             raise self.down(exc) from None
 
     async def read(self, followed: dict[str, bytes], block_ms: int
@@ -395,7 +409,7 @@ class Store:
                 reply = await self.reader.xread(
                     {events_key(tag_of(key)): last for key, last in followed.items()},
                     count=1000, block=block_ms)
-        except (RedisError, OSError) as exc:
+        except _FAILED as exc:
             self.reader_id = None
             raise self.down(exc) from None
         out: list[tuple[str, bytes, Event]] = []
@@ -433,7 +447,7 @@ class Store:
             await self._ready()
             entries: Any = await self.redis.xrange(events_key(tag_of(key)), "-",
                                                    upto if upto is not None else "+")
-        except (RedisError, OSError) as exc:
+        except _FAILED as exc:
             raise self.down(exc) from None
         return [(entry_id, json.loads(fields[b"e"])) for entry_id, fields in entries]
 
@@ -447,7 +461,7 @@ class Store:
         try:
             await self._ready()
             await self.redis.client_unblock(self.reader_id)
-        except (RedisError, OSError):
+        except _FAILED:
             pass
 
     async def trimmed_after(self, key: str, last: bytes) -> bool:
@@ -458,7 +472,7 @@ class Store:
             info: Any = await self.redis.xinfo_stream(events_key(tag_of(key)))
         except ResponseError:
             return False  # no such stream (yet): nothing was trimmed
-        except (RedisError, OSError) as exc:
+        except _FAILED as exc:
             raise self.down(exc) from None
         deleted = info.get("max-deleted-entry-id")
         if not deleted:
