@@ -27,7 +27,9 @@ def test_stop_right_after_many_keys_fall_due_starts_nothing_after_it(world):
     stop = world.run("stop", timeout=60)
     assert stop.returncode == 0, stop.stderr
     before = {line.split()[1] for line in lines(starts) if float(line.split()[0]) <= asked}
-    after = [line for line in lines(starts) if float(line.split()[0]) > asked + 0.05]
+    # (The request reaches the daemon a client start-up after ``asked``: half a second of
+    # slack for a loaded machine; before the fix, hundreds started after it.)
+    after = [line for line in lines(starts) if float(line.split()[0]) > asked + 0.5]
     assert after == [], f"{len(after)} commands started after the stop request"
     # Everything that had not started is still pending for the next daemon: each key runs
     # once in all (the ones stopped while running are not run again: they had started).
