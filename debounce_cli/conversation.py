@@ -92,10 +92,10 @@ def converse(
                 if as_json:
                     import json
 
-                    emit(json.dumps({
+                    emit(json.dumps(protocol.json_safe({
                         "id": reply.id, "key": reply.key, "state": reply.state,
                         "due_in": reply.due_in, "coalesced": reply.coalesced,
-                    }))
+                    })))
                 return ExitStatus.SUCCESS
             refused(reply, key)
         display: client.Display = client.Display()
@@ -275,6 +275,8 @@ def say(line: str) -> None:
     take stdout instead)."""
     if sys.stderr is None:
         return
+    if "\\udc" in line or not line.isascii():
+        line = _no_python_escapes(line)
     try:
         print(line, file=sys.stderr, flush=True)
     except (OSError, ValueError):
@@ -315,8 +317,35 @@ def refused(reply: Any, key: str) -> NoReturn:
 
 
 def quote(text: str) -> str:
-    import shlex
+    """``text`` as a shell word, for a command a message suggests; one holding bytes that
+    are not UTF-8 (or control characters) is written as bash's ``$'...'``."""
+    from debounce_cli.protocol import shell_word
 
-    return shlex.quote(text)
+    return shell_word(text)
+
+
+#: A Python ``repr`` of a string holding a byte that is not UTF-8 (``'k\udce9y'``).
+_REPR_WITH_BYTES = (r"""'(?:[^'\\]|\\.)*\\udc[89a-fA-F][0-9a-fA-F](?:[^'\\]|\\.)*'"""
+                    r'''|"(?:[^"\\]|\\.)*\\udc[89a-fA-F][0-9a-fA-F](?:[^"\\]|\\.)*"''')
+
+
+def _no_python_escapes(line: str) -> str:
+    """A message as people should read it: a name that some layer wrote with ``repr``
+    (``'k\\udce9y'``) is shown as bash quotes it (``$'k\\xe9y'``), and any other byte that
+    is not UTF-8 as ``\\xNN``, never as a Python escape."""
+    import ast
+    import re
+
+    from debounce_cli.protocol import shown
+
+    def unrepr(match: re.Match[str]) -> str:
+        try:
+            return shown(ast.literal_eval(match.group(0)))
+        except (ValueError, SyntaxError):
+            return match.group(0)
+
+    line = re.sub(_REPR_WITH_BYTES, unrepr, line)
+    return "".join(f"\\x{ord(c) - 0xDC00:02x}" if 0xDC80 <= ord(c) <= 0xDCFF else c
+                   for c in line)
 
 

@@ -769,3 +769,144 @@ def check_options(options: dict[str, Any]) -> dict[str, Any]:
         if tag in (_NUM, _OPT_NUM) and value is not None and not (0 <= value < 1e9):
             raise ProtocolError(f"run: option {name!r} must be between 0 and 1e9 seconds")
     return options
+
+
+# ------------------------------------------------------------------ strings that are bytes
+# Arguments, paths and keys are bytes; Python holds a byte that is not UTF-8 as a lone
+# surrogate (U+DC80 to U+DCFF, "surrogateescape"). No JSON reader takes those, so what we
+# print as JSON carries them another way, and messages show them as a shell would.
+#: The suffix of the field that holds the exact bytes of a field that is not UTF-8.
+B64 = "_b64"
+#: The fields of a ``daemon --stdin`` JSON line that may come as bytes (``argv_b64``...).
+BYTES_FIELDS = ("argv", "key", "cwd")
+
+
+def _not_utf8(text: str) -> bool:
+    if text.isascii():
+        return False
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def _b64(text: str) -> str:
+    from binascii import b2a_base64
+
+    return b2a_base64(text.encode("utf-8", "surrogateescape"), newline=False).decode("ascii")
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` made fit for JSON output: valid UTF-8 and lossless.
+
+    A string holding bytes that are not UTF-8 shows each such byte as U+FFFD (so it reads as
+    text), and the object that holds it gets a sibling field ``NAME_b64`` with the exact
+    bytes in base64 (for a list of strings, such as ``argv``: every item, in order). A string
+    that is valid UTF-8 is left alone and has no sibling.
+    """
+    if type(value) is dict:
+        out: dict[str, Any] = {}
+        for name, item in value.items():
+            out[name] = json_safe(item)
+            if type(item) is str and _not_utf8(item):
+                out[name + B64] = _b64(item)
+            elif type(item) is list and any(type(x) is str and _not_utf8(x) for x in item):
+                out[name + B64] = [_b64(x) if type(x) is str else x for x in item]
+        return out
+    if type(value) is list:
+        return [json_safe(item) for item in value]
+    if type(value) is str and _not_utf8(value):
+        return value.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    return value
+
+
+def from_b64(obj: dict[str, Any], names: tuple[str, ...] = BYTES_FIELDS) -> dict[str, Any]:
+    """``obj`` with each ``NAME_b64`` field (the exact bytes, as :func:`json_safe` writes
+    them) put back as ``NAME``, the bytes held as Python holds them; it wins over a ``NAME``
+    given too (which then is only for people). Raises ValueError naming a bad field."""
+    from binascii import Error as Base64Error
+    from binascii import a2b_base64
+
+    def decoded(name: str, text: Any) -> str:
+        if type(text) is not str:
+            raise ValueError(f'"{name}{B64}" must hold base64 strings')
+        try:
+            return a2b_base64(text, strict_mode=True).decode("utf-8", "surrogateescape")
+        except (Base64Error, ValueError):
+            raise ValueError(f'"{name}{B64}" is not base64: {shown(text[:40])}') from None
+
+    if not any(name + B64 in obj for name in names):
+        return obj
+    obj = dict(obj)
+    for name in names:
+        if name + B64 not in obj:
+            continue
+        value = obj.pop(name + B64)
+        if type(value) is list:
+            obj[name] = [decoded(name, item) for item in value]
+        else:
+            obj[name] = decoded(name, value)
+    return obj
+
+
+def shown(text: str) -> str:
+    """``text`` quoted for a message, as ``repr`` does for plain text (``'make docs'``); one
+    holding bytes that are not UTF-8 or control characters is written as bash's ``$'...'``
+    (``$'k\\xe9y'``), which a shell turns back into the same bytes."""
+    if text.isprintable() and not _not_utf8(text):
+        return repr(text)
+    out = []
+    for char in text:
+        code = ord(char)
+        if 0xDC80 <= code <= 0xDCFF:
+            out.append(f"\\x{code - 0xDC00:02x}")
+        elif char in "\\'":
+            out.append("\\" + char)
+        elif not char.isprintable() or 0xD800 <= code <= 0xDFFF:
+            out.append(f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+                       if code < 0x10000 else f"\\U{code:08x}")
+        else:
+            out.append(char)
+    return "$'" + "".join(out) + "'"
+
+
+def shell_word(text: str) -> str:
+    """``text`` as one shell word (``shlex.quote``), or as ``$'...'`` when it holds bytes
+    that are not UTF-8 or control characters, for the commands that messages suggest."""
+    quoted = shown(text)
+    if quoted.startswith("$"):
+        return quoted
+    import shlex
+
+    return shlex.quote(text)
+
+
+#: The most of a command line a one-line message shows (it is elided past this).
+MESSAGE_COMMAND = 200
+
+
+def command_line(argv: list[str], limit: int | None = MESSAGE_COMMAND) -> str:
+    """``argv`` as a shell command line for a message (:func:`shell_word` each), elided past
+    ``limit`` characters: the start, then how much is left out (``echo xxx… [5,242,000
+    more characters, 3 more arguments]``), so a line of megabytes stays one short line."""
+    if limit is None or sum(len(arg) + 1 for arg in argv) <= limit // 2:
+        return " ".join(shell_word(arg) for arg in argv)
+    words: list[str] = []
+    size = 0
+    for index, arg in enumerate(argv):
+        word = shell_word(arg[: limit + 1])
+        if size + len(word) <= limit:
+            words.append(word)
+            size += len(word) + 1
+            continue
+        cut = word[: max(0, limit - size)]
+        if cut:
+            words.append(cut)
+        hidden = sum(len(a) for a in argv[index + 1:]) + max(0, len(arg) - len(cut))
+        left = len(argv) - index - 1
+        more = f"{hidden:,} more characters"
+        if left:
+            more += f", {left:,} more argument{'s' if left != 1 else ''}"
+        return " ".join(words) + f"… [{more}]"
+    return " ".join(words)

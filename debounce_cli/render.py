@@ -128,7 +128,7 @@ def iso(ts: float) -> str:
 
 def finished_json(msg: protocol.Finished) -> str:
     """The ``--json`` object of ``debounce run`` and ``debounce wait``."""
-    return json.dumps(
+    return json.dumps(protocol.json_safe(
         {
             "run_id": msg.run_id,
             "key": msg.key,
@@ -140,7 +140,7 @@ def finished_json(msg: protocol.Finished) -> str:
             "duration": round(msg.finished_at - msg.started_at, 3),
             "outcome": msg.outcome,
         }
-    )
+    ))
 
 
 def status_text(reply: protocol.StatusReply) -> str:
@@ -163,8 +163,27 @@ def status_text(reply: protocol.StatusReply) -> str:
 
 
 def status_json(reply: protocol.StatusReply) -> str:
-    keys = [_without_host(row.to_dict()) for row in reply.keys]
-    return json.dumps({"pid": reply.pid, "jobs": reply.jobs, "keys": keys}, default=_plain)
+    """One JSON object; times in ISO 8601 as ``history --json`` gives them, bytes that are
+    not UTF-8 as :func:`protocol.json_safe` says."""
+    keys = [_iso_times(_without_host(row.to_dict())) for row in reply.keys]
+    return json.dumps(protocol.json_safe({"pid": reply.pid, "jobs": reply.jobs, "keys": keys}),
+                      default=_plain)
+
+
+#: Fields of ``status --json`` that hold a moment (epoch seconds on the wire).
+_MOMENTS = ("started_at", "finished_at", "due_at")
+
+
+def _iso_times(value: Any) -> Any:
+    """``value`` with every moment written in ISO 8601 (UTC), as in ``history --json``."""
+    if isinstance(value, protocol.Record):
+        value = value.to_dict()
+    if type(value) is dict:
+        return {name: (iso(item) if name in _MOMENTS and isinstance(item, (int, float))
+                       else _iso_times(item)) for name, item in value.items()}
+    if type(value) is list:
+        return [_iso_times(item) for item in value]
+    return value
 
 
 def _without_host(row: dict[str, Any]) -> dict[str, Any]:
@@ -214,7 +233,7 @@ def history_json(runs: list[protocol.RunRecord]) -> str:
         row["duration"] = round(_took(run), 3)
         if run.host is not None:
             row["host"] = run.host
-        out.append(json.dumps(row))
+        out.append(json.dumps(protocol.json_safe(row)))
     return "\n".join(out)
 
 

@@ -9,7 +9,6 @@ the client only through :class:`Client`, so their tests need neither sockets nor
 from __future__ import annotations
 
 import os
-import shlex
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -131,9 +130,9 @@ class Named:
     def missing(self) -> str:
         """What was looked for, for a "not found" line."""
         if self.key is not None:
-            return f"key {self.key!r}"
+            return f"key {protocol.shown(self.key)}"
         if self.bare is not None:
-            return f"run {self.run_id} (nor key {self.bare!r})"
+            return f"run {self.run_id} (nor key {protocol.shown(self.bare)})"
         return f"run {self.run_id}"
 
 
@@ -145,16 +144,17 @@ def resolve(core: Core, target: str, by: str | None) -> Named | protocol.Error:
     run_id = run_id_of(target)
     if by == "run":
         if run_id is None:
-            return protocol.Error(message=f"a run id is a number, not {target!r}")
+            return protocol.Error(message=f"a run id is a number, not {protocol.shown(target)}")
         return Named(run_id=run_id)
     if by == "key" or run_id is None:
         return Named(key=target)
     if not core.knows_key(target):
         return Named(run_id=run_id, bare=target)
     if core.knows_run(run_id):
-        quoted = shlex.quote(target)
+        quoted = protocol.shell_word(target)
         return protocol.Error(
-            message=f"{target!r} is both a key and a run id; write --key {quoted} or "
+            message=f"{protocol.shown(target)} is both a key and a run id; write --key {quoted} "
+            f"or "
             f"--run {quoted}")
     return Named(key=target)
 
@@ -266,9 +266,10 @@ def handle_logs(ctx: Context, client: Client, req: protocol.LogsRequest) -> Repl
         return _later(ctx, client, fleet_logs)
     if record is None:
         if named.bare is not None:
-            what = f"no run {named.run_id} is known (nor a run of key {named.bare!r})"
+            what = (f"no run {named.run_id} is known (nor a run of key "
+                    f"{protocol.shown(named.bare)})")
         elif named.key is not None:
-            what = f"no run of key {named.key!r} is known"
+            what = f"no run of key {protocol.shown(named.key)} is known"
         else:
             what = f"no run of id {named.run_id} is known"
         return protocol.Error(message=what, code=NOT_FOUND)
@@ -318,7 +319,8 @@ def _on_pending(ctx: Context, client: Client, act: Callable[[str], bool],
         return key
     if act(key):
         return protocol.Done(ok=True, message=f"{done} {key}")
-    nothing = protocol.Error(message=f"nothing is pending for key {key!r}", code=NOT_FOUND)
+    nothing = protocol.Error(message=f"nothing is pending for key {protocol.shown(key)}",
+                             code=NOT_FOUND)
     if in_fleet is None:
         return nothing
     found_key: str = key

@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import os
 import re
-import shlex
 import sys
 import threading
 from collections.abc import Callable, Iterable
@@ -38,7 +37,8 @@ for _option in RUN_OPTIONS:
     _OPTION_FIELDS[_option.name] = (_option.name, False)
     if _option.negated:
         _OPTION_FIELDS[_option.param] = (_option.name, True)
-_FIELDS = {"argv", "key", "cwd", "env"} | set(_OPTION_FIELDS)
+_FIELDS = ({"argv", "key", "cwd", "env"} | {f + protocol.B64 for f in protocol.BYTES_FIELDS}
+           | set(_OPTION_FIELDS))
 
 
 class StdinWaiter:
@@ -93,13 +93,14 @@ class StdinWaiter:
             number = self._line_of(msg)
             if msg.exit_code != 0:
                 self.failures += 1
-                where = f"line {number}" if number is not None else f"key {msg.key!r}"
-                _say(f"debounce: stdin {where}: {shlex.join(msg.argv)} exited with status "
-                     f"{msg.exit_code} (run {msg.run_id}, {msg.outcome})")
+                where = (f"line {number}" if number is not None
+                         else f"key {protocol.shown(msg.key)}")
+                _say(f"debounce: stdin {where}: {protocol.command_line(msg.argv)} exited with "
+                     f"status {msg.exit_code} (run {msg.run_id}, {msg.outcome})")
         elif isinstance(msg, protocol.Cancelled):
             self.failures += 1
             latest = self.fleet_lines.pop(msg.key, None)
-            where = f"line {latest[1]}" if latest else f"key {msg.key!r}"
+            where = f"line {latest[1]}" if latest else f"key {protocol.shown(msg.key)}"
             _say(f"debounce: stdin {where}: cancelled before it ran")
 
 
@@ -358,6 +359,7 @@ def _json_line(obj: dict[str, Any], settings: dict[str, Any], template: str | No
     if unknown:
         known = ", ".join(sorted(_FIELDS))
         raise ValueError(f"unknown field {unknown[0]!r}; known fields: {known}")
+    obj = protocol.from_b64(obj)  # "argv_b64": the exact bytes, as --json writes them
     argv = obj.get("argv")
     if not isinstance(argv, list) or not argv or not all(isinstance(a, str) for a in argv):
         raise ValueError('"argv" must be a non-empty list of strings')
