@@ -100,6 +100,9 @@ class FakeRuns:
         job = run.invocation.payload
         assert isinstance(job, Job)
         self.started.append((self.host.loop.now, run.id, run.key))
+        local = self.execution.local.get(run.id)
+        if local is not None:
+            self.host.sim.slots_started.append((run.key, local.running.slot))
         self.host.sim.log.append(("start", self.host.loop.now, self.host.name, run.key, run.id))
         seconds, code = 0.0, 0
         if job.argv[0] == "exit":
@@ -109,14 +112,30 @@ class FakeRuns:
         self.timers[run.id] = self.host.loop.call_later(seconds, self._end, run.id, code)
 
     def _end(self, run_id: int, code: int) -> None:
-        if self.host.frozen or self.host.dead:
+        """The command exits; a frozen daemon hears of it when it thaws (its process is not
+        frozen with it: SIGSTOP stops the daemon only); a dead one never does."""
+        if self.host.dead:
             return
-        self.timers.pop(run_id, None)
-        self.ended.append((self.host.loop.now, run_id, code))
-        self.host.sim.log.append(("end", self.host.loop.now, self.host.name, "", run_id))
+        if run_id in self.timers:
+            self.timers.pop(run_id)
+            self.ended.append((self.host.loop.now, run_id, code))
+            self.host.sim.log.append(("end", self.host.loop.now, self.host.name, "", run_id))
+        if self.host.frozen:
+            self.host.loop.call_later(0.01, self._end, run_id, code)
+            return
         if not self.timers:
             self.done.set()
         self.execution.run_exited(run_id, code)
+
+    def die(self) -> None:
+        """The daemon was killed: its runs die with it (the parent-death signal)."""
+        for run_id, timer in list(self.timers.items()):
+            timer.cancel()
+            if any(r == run_id for _, r, _ in self.started):
+                self.ended.append((self.host.loop.now, run_id, 137))
+                self.host.sim.log.append(("end", self.host.loop.now, self.host.name, "",
+                                          run_id))
+        self.timers.clear()
 
     def signal(self, run_id: int, sig: str) -> None:
         timer = self.timers.get(run_id)
@@ -214,6 +233,8 @@ class SimHost:
     def kill9(self) -> None:
         """kill -9: the host's tasks stop where they are; its runs die with it unheard."""
         self.dead = True
+        if self.runs is not None:
+            self.runs.die()
         self.store.pause()  # nothing more from it reaches the store
         self.fleet.link.closing = True
         for task in list(self.fleet.tasks):
@@ -232,6 +253,7 @@ class Sim:
         self.memory = Memory(clock=lambda: EPOCH + self.loop.now)
         self.hosts: dict[str, SimHost] = {}
         self.log: list[tuple[str, float, str, str, int]] = []
+        self.slots_started: list[tuple[str, int]] = []  # (key, slot) of every run started
 
     def host(self, name: str, **kw: Any) -> SimHost:
         self.hosts[name] = SimHost(self, name, **kw)
