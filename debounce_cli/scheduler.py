@@ -71,6 +71,9 @@ class Invocation:
     adopted: Sequence[tuple[Any, Run]] = ()  # (an empty tuple is shared: memory per pending)
     #: With --collect, the payloads of every invocation this one stands for, oldest first.
     batch: Sequence[Any] = ()
+    #: The ids of the invocations this one stands for, oldest first, once it stands for more
+    #: than itself (empty: just its own id); at most COVERED_MAX are kept.
+    covered: list[int] | tuple[()] = ()
 
     @property
     def lead(self) -> bool:
@@ -112,6 +115,9 @@ class Run:
     finished_at: float | None = None
     finished_wall: float | None = None
     outcome: str | None = None  # states.EXITED, TIMED_OUT, RESTARTED or STOPPED
+    #: The ids of the invocations it stands for, oldest first (at most COVERED_MAX; past
+    #: that ``coalesced`` still counts them all): `history --json`'s ``covered``.
+    covered: list[int] = field(default_factory=list)
     #: Asked immediately before its process is created (a fleet run's fence: its claim must
     #: still hold); False means it never starts.
     may_start: Callable[[], bool] | None = None
@@ -177,6 +183,25 @@ class Cancelled:
 
 
 Effect = StartRun | SignalRun | RunFinished | Joined | Updated | Cancelled
+
+
+#: Invocation ids kept per run (``covered``); past it only the count (``coalesced``) grows.
+COVERED_MAX = 1000
+
+
+def _cover(ids: list[int], more: Sequence[int]) -> None:
+    """``ids`` stands for ``more`` too (up to COVERED_MAX ids are kept)."""
+    room = COVERED_MAX - len(ids)
+    if room > 0:
+        ids.extend(more[:room])
+
+
+def _ids_of(inv: Invocation) -> list[int]:
+    """The invocation's ``covered`` as a list of its own (which it keeps from now on)."""
+    if not inv.covered:
+        inv.covered = [inv.id]
+    assert isinstance(inv.covered, list)
+    return inv.covered
 
 
 class Scheduler:
@@ -265,6 +290,7 @@ class Scheduler:
             return inv, effects
         if kind == rules.JOIN_LEADER:
             assert prev is not None
+            _cover(_ids_of(prev), [inv.id])
             prev.waiters.extend(inv.waiters)
             inv.waiters = []
             inv.replaced_by = prev
@@ -288,6 +314,9 @@ class Scheduler:
                 assert isinstance(batch, list)
                 batch.append(inv.payload)
                 inv.batch, prev.batch = batch, ()
+            covered = _ids_of(prev)  # moves to the replacement, growing in place too
+            _cover(covered, [inv.id])
+            inv.covered, prev.covered = covered, ()
             prev.replaced_by = inv
             inv.replaced = prev
             self._transition(prev, SUPERSEDED)
@@ -362,6 +391,10 @@ class Scheduler:
             replacement.waiters[:0] = waiters
             replacement.adopted = [*replacement.adopted,
                                    *((waiter, run) for waiter in waiters)]
+            # The run that replaces it stands for what it stood for, too.
+            covered = list(run.covered)
+            _cover(covered, replacement.covered or [replacement.id])
+            replacement.covered = covered
             waiters = []
         run.invocation.state = FINISHED
         self._transition(run, FINISHED)
@@ -465,6 +498,12 @@ class Scheduler:
             assert isinstance(batch, list)
             batch.pop()  # its own payload: the batch grew in place
             prev.batch, inv.batch = (batch if len(batch) > 1 else ()), ()
+        if inv.covered:
+            covered = inv.covered
+            assert isinstance(covered, list)
+            if covered and covered[-1] == inv.id:
+                covered.pop()
+            prev.covered, inv.covered = (covered if len(covered) > 1 else ()), ()
         self._set_pending(ks, prev)
         ks.leader = ks.leader and prev.leading_edge
         if was_queued:
@@ -548,6 +587,8 @@ class Scheduler:
 
     def _join_run(self, inv: Invocation, run: Run, effects: list[Effect]) -> None:
         """``inv`` joins ``run`` (the rules counted it there already)."""
+        _cover(run.covered, inv.covered or [inv.id])
+        inv.covered = ()
         inv.joined = run
         self._transition(run, run.state)
         inv.run = run
@@ -649,7 +690,9 @@ class Scheduler:
             started_wall=self.wall(),
             due_wall=self.wall() - (now - inv.due),
             waiters=inv.waiters,
+            covered=_ids_of(inv),
         )
+        inv.covered = ()
         inv.waiters = []
         inv.adopted = ()  # they follow this run now
         inv.run = run

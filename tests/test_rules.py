@@ -294,3 +294,44 @@ def test_a_collect_burst_costs_time_linear_in_its_size() -> None:
 
     small, large = burst(20_000), burst(80_000)
     assert large / small < 10, (small, large)
+
+
+# ------------------------------------------------------------------ which run covered me
+def test_a_run_lists_every_invocation_it_stands_for() -> None:
+    """Issue 20: a run knows the invocations it covered, oldest first: those it replaced,
+    those that joined it while it ran (--on-busy ignore) and those a --no-trailing leader
+    shared its result with; a restart's replacement covers the stopped run's too."""
+    sim = Sim()
+    a = sim.submit("k", at=0.0, payload="a")
+    b = sim.submit("k", at=0.25, payload="b")
+    sim.advance(1.25)
+    run = sim.last_run()
+    assert run.covered == [a.id, b.id] and run.coalesced == 2
+    joined = sim.submit("k", at=1.5, payload="c", options=Options(on_busy="ignore"))
+    assert run.covered == [a.id, b.id, joined.id] and run.coalesced == 3
+
+    lead = Options(delay=1.0, leading=True, trailing=False)
+    sim2 = InstantSim()
+    first = sim2.submit("n", at=0.0, options=lead)
+    second = sim2.submit("n", at=0.5, options=lead)
+    assert sim2.last_run().covered == [first.id, second.id]
+
+    restart = Options(delay=0.5, on_busy="restart")
+    sim3 = Sim()
+    old = sim3.submit("r", at=0.0, options=Options(delay=0.0))
+    stopped = sim3.last_run()
+    new = sim3.submit("r", at=1.0, options=restart)
+    sim3.exit(stopped, at=1.75, code=143)
+    sim3.advance(5.0)
+    assert sim3.last_run().covered == [old.id, new.id]
+
+
+def test_the_covered_list_is_bounded_but_the_count_is_not() -> None:
+    from debounce_cli.scheduler import COVERED_MAX
+
+    sim = Sim()
+    for i in range(COVERED_MAX + 50):
+        sim.sched.submit("k", Options(), payload=i)
+    sim.advance(5.0)
+    run = sim.last_run()
+    assert len(run.covered) == COVERED_MAX and run.coalesced == COVERED_MAX + 50
