@@ -582,6 +582,9 @@ class Journal:
 @functools.lru_cache(maxsize=4096)
 def _options_json(opts: Options) -> str:
     """Options are shared and immutable: each distinct set is serialised once."""
+    fields = {f.name: getattr(opts, f.name) for f in dataclasses.fields(opts)}
+    if all(v is None or isinstance(v, (str, int, float, bool)) for v in fields.values()):
+        return json.dumps(fields)  # the usual case: no copying, no recursion
     return json.dumps(dataclasses.asdict(opts))
 
 

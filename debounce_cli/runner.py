@@ -60,6 +60,7 @@ import struct
 import subprocess
 import sys
 import time
+from collections import deque
 from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple
 
@@ -125,7 +126,7 @@ class RunProcess:
         if not os.path.isdir(self.cwd):
             self.start_error = (126, f"debounce: cannot enter {self.cwd}: no such directory\n")
             return
-        problem = _check_program(name, self.env.get("PATH", os.defpath), self.cwd)
+        problem, found = _check_program(name, self.env.get("PATH", os.defpath), self.cwd)
         shell: tuple[str, ...] = ()
         if problem is not None and isinstance(problem[0], int):
             self.start_error = (problem[0], str(problem[1]))
@@ -133,8 +134,7 @@ class RunProcess:
         if problem is not None:
             shell = tuple(str(word) for word in problem)
         argv = [*shell, *self.argv]
-        program = shell[0] if shell else _program_path(name, self.env.get("PATH", os.defpath),
-                                                       self.cwd)
+        program = shell[0] if shell else found or name
         line = None
         if self.ledger is not None:
             line = f"{self.env.get('DEBOUNCE_RUN_ID', '0')}\n".encode()
@@ -303,14 +303,15 @@ def batches(argvs: list[list[str]], env: dict[str, str]) -> list[list[str]]:
     return out
 
 
-def _check_program(name: str, path: str, cwd: str) -> tuple[int, str] | tuple[str, ...] | None:
+def _check_program(name: str, path: str, cwd: str
+                   ) -> tuple[tuple[int, str] | tuple[str, ...] | None, str | None]:
     """What a shell would say before running ``name``: not found (127), not executable or a
     bad interpreter (126), as ``(status, message)``; else how to run it: ``None`` as it is,
     or a prefix (``("/bin/sh",)`` for an executable text file without ``#!``, which shells
-    run as a script).
+    run as a script). With it, the file found (what exec is given), or None.
 
-    Checked here rather than left to exec so the message is debounce's own whichever way the
-    process is started (directly, or through setpriv and sh).
+    Checked here rather than left to exec so the message is debounce's own, and the PATH
+    search is done once, in the daemon, rather than again in the child.
     """
     if "/" in name:
         candidates = [os.path.join(cwd, name)]
@@ -320,13 +321,13 @@ def _check_program(name: str, path: str, cwd: str) -> tuple[int, str] | tuple[st
     for candidate in candidates:
         if os.path.isfile(candidate):
             if os.access(candidate, os.X_OK):
-                return _interpreter_of(name, candidate)
+                return _interpreter_of(name, candidate), candidate
             denied = denied or candidate
         elif "/" in name and os.path.isdir(candidate):
-            return (126, f"debounce: {name}: is a directory\n")
+            return (126, f"debounce: {name}: is a directory\n"), None
     if denied is not None:
-        return (126, f"debounce: {name}: permission denied\n")
-    return (127, _not_found(name))
+        return (126, f"debounce: {name}: permission denied\n"), None
+    return (127, _not_found(name)), None
 
 
 def _not_found(name: str) -> str:
@@ -389,6 +390,10 @@ os.set_blocking(wake_r, False)
 os.set_blocking(wake_w, False)
 signal.set_wakeup_fd(wake_w)
 signal.signal(signal.SIGCHLD, lambda *_: None)
+# Defaults a command expects, set once here rather than in each child: Python ignores these.
+# (With SIGPIPE back, a write to a daemon that is gone ends the spawner, as it should.)
+signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+signal.signal(signal.SIGXFSZ, signal.SIG_DFL)
 ALL = [int(s) for s in signal.valid_signals()]
 HEAD = struct.Struct("<I")
 
@@ -408,12 +413,9 @@ def exact(n, first=b""):
     return b"".join(data)
 
 def child(program, argv, cwd, env, line, out, err, ledger, rep, mask):
-    stage = "signals"
+    # Signals stay blocked until the exec, which resets the one handler (SIGCHLD's).
+    stage = "pdeathsig"
     try:
-        signal.set_wakeup_fd(-1)
-        for sig in (signal.SIGCHLD, signal.SIGPIPE, signal.SIGXFSZ):
-            signal.signal(sig, signal.SIG_DFL)
-        stage = "pdeathsig"
         if prctl(1, 9) != 0:
             raise OSError(errno.EINVAL, "prctl")
         if os.getppid() != me:
@@ -459,6 +461,7 @@ def start(request, fds):
         for fd in fds:
             os.close(fd)
     reports[rep_r] = (ident, pid, [])
+    poller.register(rep_r, select.EPOLLIN)
     unreported.add(pid)
 
 def report(rep_r):
@@ -468,6 +471,7 @@ def report(rep_r):
         said.append(chunk)
         return
     del reports[rep_r]
+    poller.unregister(rep_r)
     os.close(rep_r)
     unreported.discard(pid)
     failure = b"".join(said).decode(errors="replace")
@@ -498,8 +502,11 @@ reports = {}
 unreported = set()
 early = {}
 room = socket.CMSG_SPACE(8 * array.array("i").itemsize)
+poller = select.epoll()
+poller.register(sock.fileno(), select.EPOLLIN)
+poller.register(wake_r, select.EPOLLIN)
 while True:
-    ready = select.select([sock, wake_r, *reports], [], [])[0]
+    ready = {fd for fd, _events in poller.poll()}
     for fd in ready:
         if fd in reports:
             report(fd)
@@ -510,7 +517,7 @@ while True:
         except BlockingIOError:
             pass
         reap()
-    if sock in ready:
+    if sock.fileno() in ready:
         head, ancillary, _flags, _addr = sock.recvmsg(HEAD.size, room)
         if not head:
             os._exit(0)
@@ -541,6 +548,8 @@ class _Spawner:
         self.next_id = 0
         self.starting: dict[int, tuple[asyncio.Future[tuple[int, str]], _Child]] = {}
         self.running: dict[int, _Child] = {}
+        self.out: deque[tuple[bytes, list[int]]] = deque()  # to send: bytes, descriptors
+        self.writing = False
         self.broken = False
 
     def launch(self) -> bool:
@@ -574,28 +583,57 @@ class _Spawner:
         assert self.sock is not None
         if self.loop is not loop:
             self.loop = loop
+            self.sock.setblocking(False)
             loop.add_reader(self.sock.fileno(), self._readable)
         return True
 
     def spawn(self, child: _Child, request: tuple[Any, ...], fds: list[int]
               ) -> asyncio.Future[tuple[int, str]]:
-        """Send one start request now (its descriptors go with it, and may be closed here
-        afterwards); the future gives (pid, "") or (0, "stage:errno")."""
+        """Queue one start request with its descriptors, which the spawner now owns (they
+        are closed here once sent); the future gives (pid, "") or (0, "stage:errno").
+
+        Requests are written without blocking, as the socket takes them: a daemon blocked on
+        a full socket while the spawner is blocked on its answers would be a deadlock.
+        """
         assert self.sock is not None and self.loop is not None
         self.next_id += 1
         ident = self.next_id
         future: asyncio.Future[tuple[int, str]] = self.loop.create_future()
-        data = marshal.dumps((ident, *request))
-        try:
-            self.sock.sendmsg([self.HEAD.pack(len(data))],
-                              [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
-            self.sock.sendall(data)
-        except OSError as exc:
-            self._lost()
-            future.set_result((0, f"spawner:{exc.errno or errno.EPIPE}"))
-            return future
         self.starting[ident] = (future, child)
+        data = marshal.dumps((ident, *request))
+        self.out.append((self.HEAD.pack(len(data)) + data, fds))
+        self._write()
         return future
+
+    def _write(self) -> None:
+        sock, loop = self.sock, self.loop
+        if sock is None or loop is None:
+            return
+        while self.out:
+            data, fds = self.out[0]
+            try:
+                if fds:
+                    sent = sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                                  array.array("i", fds))])
+                    for fd in fds:
+                        os.close(fd)
+                else:
+                    sent = sock.send(data)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:
+                self._lost()
+                return
+            if sent < len(data):
+                self.out[0] = (data[sent:], [])
+            else:
+                self.out.popleft()
+        if self.out and not self.writing:
+            loop.add_writer(sock.fileno(), self._write)
+            self.writing = True
+        elif not self.out and self.writing:
+            loop.remove_writer(sock.fileno())
+            self.writing = False
 
     def _readable(self) -> None:
         assert self.sock is not None
@@ -638,6 +676,10 @@ class _Spawner:
 
     def _lost(self) -> None:
         """The spawner is gone: its runs were killed with it (their parent-death signal)."""
+        for _data, fds in self.out:
+            for fd in fds:
+                os.close(fd)
+        self.out.clear()
         for future, _child in self.starting.values():
             if not future.done():
                 future.set_result((0, f"spawner:{errno.EPIPE}"))
@@ -651,6 +693,9 @@ class _Spawner:
         if self.sock is not None:
             if self.loop is not None:
                 self.loop.remove_reader(self.sock.fileno())
+                if self.writing:
+                    self.loop.remove_writer(self.sock.fileno())
+            self.writing = False
             self.sock.close()
             self.sock = None
         self.loop = None
@@ -704,17 +749,6 @@ def pdeathsig_prefix() -> tuple[str, ...]:
 def _devnull() -> int:
     """One descriptor of /dev/null for every run's stdin (close-on-exec; dup2 makes a copy)."""
     return os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
-
-
-def _program_path(name: str, path: str, cwd: str) -> str:
-    """The file exec should run for ``name``, found as :func:`_check_program` found it."""
-    if "/" in name:
-        return os.path.join(cwd, name)
-    for d in path.split(os.pathsep):
-        candidate = os.path.join(d or cwd, name)
-        if os.path.isfile(candidate) and os.access(candidate, os.X_OK):
-            return candidate
-    return name  # exec says ENOENT
 
 
 def _fork_exec(program: str, argv: list[str], cwd: str, env: dict[str, str],
@@ -813,12 +847,9 @@ class _Child:
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()
         self.fds = {out_r: 1, err_r: 2}
-        fds = [out_w, err_w] if ledger_fd is None else [out_w, err_w, ledger_fd]
-        try:
-            waiting = _spawner.spawn(self, (program, argv, cwd, env, line), fds)
-        finally:
-            os.close(out_w)  # the spawner has its copies (or none: then no writer is left)
-            os.close(err_w)
+        fds = [out_w, err_w] if ledger_fd is None else [out_w, err_w, os.dup(ledger_fd)]
+        # The spawner owns these descriptors now (closed here once sent).
+        waiting = _spawner.spawn(self, (program, argv, cwd, env, line), fds)
         self.spawned = True
         pid, said = await waiting
         if said:
