@@ -95,5 +95,57 @@ def test_messages_show_such_bytes_as_a_shell_would_not_as_python_escapes(world):
     assert b"\\udc" not in r.stderr and b"$'k\\xe9y'" in r.stderr, r.stderr
 
 
-def _unused() -> None:
-    wait_until(lambda: True)
+# ------------------------------------------------------------------------------ 2. stdin stopped
+def _stdin_daemon(world, *options: str, lines: list[str]) -> subprocess.Popen:
+    """``daemon --stdin --socket S``, once its first line runs and the rest are pending."""
+    proc = world.popen("daemon", "--stdin", "--socket", world.socket, "--delay", "0",
+                       *options, stdin=subprocess.PIPE)
+    assert proc.stdin is not None
+    proc.stdin.write("".join(line + "\n" for line in lines))
+    proc.stdin.flush()
+    wait_until(lambda: world.daemon_pid() == proc.pid, timeout=30)
+
+    def settled() -> bool:
+        r = world.run("status", "--json", "--socket", world.socket)
+        if r.returncode != 0:
+            return False
+        keys = json.loads(r.stdout)["keys"]
+        return (sum(k["running"] is not None for k in keys) == 1
+                and sum(k["pending"] is not None for k in keys) == len(lines) - 1)
+
+    wait_until(settled, timeout=30)
+    return proc
+
+
+def test_ctrl_c_on_a_stdin_daemon_says_what_it_stopped_and_kept_and_how_to_drop_it(world):
+    import shlex
+    import signal
+
+    later = json.dumps({"argv": ["echo", "later"], "delay": "1h", "key": "later"})
+    proc = _stdin_daemon(world, lines=["sleep 30", later])
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    stopped = [line for line in err.splitlines() if "stopped 1 run" in line]
+    kept = [line for line in err.splitlines() if "kept 1 pending invocation" in line]
+    assert len(stopped) == 1 and "line 1: sleep 30" in stopped[0], err
+    assert len(kept) == 1 and "line 2: echo later" in kept[0], err
+    # The line says how to drop what it kept, and that command does it.
+    drop = kept[0].split("drop before due: ", 1)[1]
+    assert drop.startswith("debounce cancel --socket")
+    r = world.run(*shlex.split(drop)[1:])
+    assert r.returncode == 0, r.stderr
+    assert json.loads(world.run("status", "--json").stdout)["keys"] == []
+
+
+def test_sigterm_on_a_stdin_daemon_without_journal_says_what_it_dropped(world):
+    import signal
+
+    later = json.dumps({"argv": ["echo", "later"], "delay": "1h"})
+    proc = _stdin_daemon(world, "--no-journal", lines=["sleep 30", later])
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err
+    dropped = [line for line in err.splitlines() if "dropped 1 pending invocation" in line]
+    assert len(dropped) == 1 and "line 2: echo later" in dropped[0], err
+    assert any("stopped 1 run" in line for line in err.splitlines()), err

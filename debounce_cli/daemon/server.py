@@ -78,6 +78,9 @@ class Server:
         self.start = start
         self.serving_socket = serving_socket  # False: a stdin daemon whose socket is taken
         self.by_signal = False
+        self.stdin: StdinSource | None = None
+        #: A stdin daemon stopped early: what it stopped and left (said on stderr at exit).
+        self.left: _Leftovers | None = None
         self.idle_timer: asyncio.TimerHandle | None = None
 
     async def serve(self) -> int:
@@ -126,14 +129,13 @@ class Server:
                 os.umask(old_umask)
             os.chmod(config.socket, 0o600)
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self.shutdown)
+            loop.add_signal_handler(sig, self.shutdown, sig)
         if config.ready_fd is not None:
             try:
                 os.write(config.ready_fd, b"ready\n")
                 os.close(config.ready_fd)
             except OSError:
                 pass
-        self.stdin: StdinSource | None = None
         if config.stdin:
             self.stdin = StdinSource(core, config.defaults)
             self.stdin.on_eof = self._check_idle
@@ -144,6 +146,8 @@ class Server:
         await self._finish_shutdown()
         if self.stdin is not None and not self.by_signal:
             return 1 if self.stdin.waiter.failures else 0
+        if self.stdin is not None and self.left is not None:
+            return self._say_what_is_left(self.left)
         return 0
 
     async def _serve_metrics(self, address: str) -> None:
@@ -188,11 +192,13 @@ class Server:
             self.idle_timer = None
 
     # ------------------------------------------------------------------ shutdown
-    def shutdown(self) -> None:
+    def shutdown(self, sig: int | None = None) -> None:
         """SIGTERM, SIGINT or ``debounce stop``: stop accepting, stop runs, keep what is pending."""
         if self.state.stopping:
             return
         self.by_signal = True
+        if self.stdin is not None:
+            self.left = _Leftovers.of(self.core, sig)
         self.core.stop_runs()
         if self.fleet is not None:
             self.fleet.stop_runs()
@@ -229,3 +235,80 @@ class Server:
             await self.fleet.close()
         self.core.flush_now()
         self.core.close()
+
+    # ------------------------------------------------------------------ stdin stopped early
+    def _say_what_is_left(self, left: _Leftovers) -> int:
+        """A stdin daemon stopped before its input was done: one line for the runs it stopped,
+        one for the pending invocations it kept in the journal (and how to run or drop them)
+        or dropped. The exit status is 128+N for signal N (130 for Ctrl-C, 143 for SIGTERM), 1
+        for ``debounce stop``, when it stopped or dropped work; else 0, as any daemon stopped."""
+        from debounce_cli import protocol
+
+        def lines_of(items: list[tuple[str, int | None, list[str]]]) -> str:
+            shown = []
+            for key, line, argv in items[:3]:
+                where = f"line {line}" if line is not None else f"key {protocol.shown(key)}"
+                shown.append(f"{where}: {protocol.command_line(argv, 60)}")
+            more = len(items) - len(shown)
+            return "; ".join(shown) + (f"; and {more:,} more" if more else "")
+
+        def say(text: str) -> None:
+            print(f"debounce: {text}", file=sys.stderr, flush=True)
+
+        count = len(left.stopped)
+        if count:
+            say(f"stopped {count} run{'s' if count != 1 else ''} before it ended "
+                f"({lines_of(left.stopped)})")
+        count = len(left.pending)
+        kept = self.config.journal and self.start.journal is not None
+        if count:
+            what = f"{count:,} pending invocation{'s' if count != 1 else ''}"
+            if kept:
+                from debounce_cli.durations import format_duration
+
+                sock = protocol.shell_word(self.config.socket)
+                key = (protocol.shell_word(left.pending[0][0]) if count == 1 else "KEY")
+                them = "it" if count == 1 else "them"
+                when = (f"the first falls due in {format_duration(left.first_due)}"
+                        if left.first_due > 0 else "due now")
+                say(f"kept {what} in the journal ({lines_of(left.pending)}); {when}: the next "
+                    f"daemon on this socket runs {them} when due (any debounce command on it "
+                    f"starts one, status too); run now: debounce flush --socket {sock} --key "
+                    f"{key}; drop before due: debounce cancel --socket {sock} --key {key}")
+            else:
+                say(f"dropped {what}, never run ({lines_of(left.pending)}): --no-journal "
+                    "keeps nothing")
+        if left.stopped or (left.pending and not kept):
+            return 128 + left.signal if left.signal else 1
+        return 0
+
+
+class _Leftovers:
+    """What a stdin daemon leaves when it is stopped early: its runs executing and its pending
+    invocations, each as (key, stdin line or None, argv)."""
+
+    def __init__(self, signal: int | None) -> None:
+        self.signal = signal
+        self.stopped: list[tuple[str, int | None, list[str]]] = []
+        self.pending: list[tuple[str, int | None, list[str]]] = []
+        self.first_due = 0.0  # seconds from now until the first pending one falls due
+
+    @classmethod
+    def of(cls, core: Core, sig: int | None) -> _Leftovers:
+        from debounce_cli.daemon.records import job_of
+
+        left = cls(sig)
+        now = core.clock.monotonic()
+        dues = []
+        for ks in core.scheduler.keys.values():
+            if ks.running is not None:
+                job = job_of(ks.running.invocation)
+                left.stopped.append((ks.key, job.line, job.argv))
+            if ks.pending is not None:
+                job = job_of(ks.pending)
+                left.pending.append((ks.key, job.line, job.argv))
+                dues.append(ks.pending.due - now)
+        left.first_due = max(0.0, min(dues, default=0.0))
+        left.stopped.sort(key=lambda item: item[1] or 0)
+        left.pending.sort(key=lambda item: item[1] or 0)
+        return left
