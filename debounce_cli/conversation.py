@@ -108,6 +108,7 @@ def converse(
             from debounce_cli.render import TerminalDisplay
 
             terminal = TerminalDisplay()
+            terminal.fleet = bool((getattr(request, "options", None) or {}).get("fleet"))
             display = terminal
 
             def out(fd: int, data: bytes) -> None:

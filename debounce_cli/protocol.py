@@ -87,6 +87,11 @@ class Message:
         return {"type": self.type, **self.__dict__}
 
 
+#: The state of a Pending message to the waiters of a fleet key while its store does not
+#: answer: what they wait for cannot move until it does.
+STORE_UNREACHABLE = "store-unreachable"
+
+
 # --------------------------------------------------------------- client to daemon
 class Hello(Message):
     """First line of every connection, from the client."""
@@ -229,7 +234,9 @@ class Accepted(Message):
 
 
 class Pending(Message):
-    """What a waiter waits for changed: superseded, rescheduled, queued for a slot."""
+    """What a waiter waits for changed: superseded, rescheduled, queued for a slot; or, with
+    ``state`` :data:`STORE_UNREACHABLE`, a fleet key's store stopped answering (``due_in``
+    then counts how long it has been out; a later Pending or Started says it is back)."""
 
     type: ClassVar[str] = "pending"
     schema: ClassVar[dict[str, str]] = {

@@ -22,6 +22,10 @@ if TYPE_CHECKING:
     from rich.console import Console
 
 
+#: Seconds past due after which a fleet waiter's line says its store may be unreachable.
+FLEET_LATE = 2.0
+
+
 class TerminalDisplay(Display):
     """One live status line at the bottom of the terminal, on stderr.
 
@@ -47,12 +51,15 @@ class TerminalDisplay(Display):
         self.shown = False
         self.waiting = True
         self.at_line_start = True
+        #: A fleet key: past its due time it may wait for its store rather than its key.
+        self.fleet = False
 
     def pending(self, msg: protocol.Accepted | protocol.Pending) -> None:
         self.key = msg.key
         self.coalesced = msg.coalesced
         self.state = msg.state
-        self.due_at = None if msg.due_in is None else time.monotonic() + msg.due_in
+        self.due_at = (None if msg.due_in is None or msg.state == protocol.STORE_UNREACHABLE
+                       else time.monotonic() + msg.due_in)
         self.waiting = msg.state not in ("running", "finished")
         self.tick()
 
@@ -81,11 +88,18 @@ class TerminalDisplay(Display):
             return
         if not self.waiting:
             return
-        if self.state == "queued":
+        if self.state == protocol.STORE_UNREACHABLE:
+            when = "fleet store unreachable, waiting for it"
+        elif self.state == "queued":
             when = "queued for a job slot"
         elif self.due_at is not None:
             left = self.due_at - time.monotonic()
-            when = f"due in {format_duration(max(0.0, left))}" if left > 0 else "due, key busy"
+            if left > 0:
+                when = f"due in {format_duration(left)}"
+            elif self.fleet and left < -FLEET_LATE:
+                when = "due; key busy or store unreachable"
+            else:
+                when = "due, key busy"
         else:
             when = self.state
         self._draw(f"debounce: waiting for {self.key} · {when} · {count}")
@@ -146,20 +160,34 @@ def finished_json(msg: protocol.Finished) -> str:
 def status_text(reply: protocol.StatusReply) -> str:
     """``debounce status`` on a pipe: one line per pending or running invocation, five
     tab-separated columns that never change (README says them): state, key, seconds (until
-    due when pending or queued, since the start when running), coalesced count, command."""
-    import shlex
-
+    due when pending or queued, since the start when running), coalesced count, command.
+    When a row is a fleet key (``--fleet``, or a fleet key of this host's), every line has a
+    sixth column before the command: the host (``-`` for a local key)."""
     lines = []
     now = time.time()
+    fleet = any(row.host is not None for row in reply.keys)
     for row in reply.keys:
         pending, running = row.pending, row.running
+        host = f"{row.host or '-'}\t" if fleet else ""
         if running:
             lines.append(f"running\t{row.key}\t{max(0.0, now - running.started_at):.3f}\t"
-                         f"{running.coalesced}\t{shlex.join(running.argv)}")
+                         f"{running.coalesced}\t{host}{_command(running.argv)}")
         if pending:
             lines.append(f"{pending.state}\t{row.key}\t{pending.due_in:.3f}\t"
-                         f"{pending.coalesced}\t{shlex.join(pending.argv)}")
+                         f"{pending.coalesced}\t{host}{_command(pending.argv)}")
     return "\n".join(lines)
+
+
+def _command(argv: list[str]) -> str:
+    """A command line, shell-quoted, for a pipe: the whole of it."""
+    import shlex
+
+    return shlex.join(argv)
+
+
+#: The most of a command a table cell shows; the rest is counted (``… [99,934 more
+#: arguments]``): a run of 100,000 arguments is one row, not 16,000 lines.
+TABLE_COMMAND = 400
 
 
 def status_json(reply: protocol.StatusReply) -> str:
@@ -204,15 +232,17 @@ def _took(run: protocol.RunRecord) -> float:
 
 
 def history_text(runs: list[protocol.RunRecord]) -> str:
-    """``debounce history`` on a pipe: one stable tab-separated line per run."""
-    import shlex
-
+    """``debounce history`` on a pipe: one stable tab-separated line per run (with
+    ``--fleet``, a host column before the key, as in the table)."""
     lines = []
+    fleet = any(run.host is not None for run in runs)
     for run in runs:
         code = "-" if run.exit_code is None else str(run.exit_code)
+        host = f"{run.host or '-'}\t" if fleet else ""
         lines.append(
             f"{run.run_id}\t{code}\t{run.outcome}\t{iso(run.started_at)}\t"
-            f"{format_duration(_took(run))}\t{run.coalesced}\t{run.key}\t{shlex.join(run.argv)}"
+            f"{format_duration(_took(run))}\t{run.coalesced}\t{host}{run.key}\t"
+            f"{_command(run.argv)}"
         )
     return "\n".join(lines)
 
@@ -264,14 +294,22 @@ def _table(**kwargs: Any) -> Any:
     return Table(**kwargs)
 
 
-def status_table(reply: protocol.StatusReply) -> None:
-    """``debounce status`` on a terminal: one row per key."""
-    import shlex
+def _cell(argv: list[str]) -> str:
+    """A command for a table cell: shell-quoted, elided past :data:`TABLE_COMMAND`
+    characters with a count of what is left out."""
+    from rich.markup import escape
 
+    return escape(protocol.command_line(argv, TABLE_COMMAND))
+
+
+def status_table(reply: protocol.StatusReply) -> None:
+    """``debounce status`` on a terminal: one row per key (a fleet key of this host's among
+    local ones is marked "(fleet)", with its host)."""
     table = _table(title=f"debounce daemon {reply.pid}" + (f", {reply.jobs} jobs"
                                                           if reply.jobs else ""),
                    title_justify="left")
     fleet = any(row.host is not None for row in reply.keys)
+    all_fleet = all(row.host is not None for row in reply.keys)  # status --fleet
     names = ["key", "state", "command", "due in / running for", "coalesced", "last"]
     if fleet:
         names.insert(2, "host")
@@ -283,13 +321,15 @@ def status_table(reply: protocol.StatusReply) -> None:
         last_text = "" if not last else f"run {last.run_id}: exit {last.exit_code}"
         running, pending = row.running, row.pending
         host = [row.host or ""] if fleet else []
+        mark = " (fleet)" if row.host is not None and not all_fleet else ""
         if running:
-            table.add_row(row.key, "[bold green]running[/]", *host, shlex.join(running.argv),
+            table.add_row(row.key, f"[bold green]running[/]{mark}", *host,
+                          _cell(running.argv),
                           format_duration(max(0.0, now - running.started_at)),
                           str(running.coalesced), last_text)
         if pending:
-            table.add_row("" if running else row.key, f"[yellow]{pending.state}[/]", *host,
-                          shlex.join(pending.argv), format_duration(pending.due_in),
+            table.add_row("" if running else row.key, f"[yellow]{pending.state}[/]{mark}",
+                          *host, _cell(pending.argv), format_duration(pending.due_in),
                           str(pending.coalesced), "" if running else last_text)
     if not reply.keys:
         _console().print(f"debounce daemon {reply.pid}: nothing pending or running")
@@ -299,8 +339,6 @@ def status_table(reply: protocol.StatusReply) -> None:
 
 def history_table(runs: list[protocol.RunRecord]) -> None:
     """``debounce history`` on a terminal."""
-    import shlex
-
     table = _table()
     fleet = any(run.host is not None for run in runs)
     names = ["run", "exit", "outcome", "started", "took", "coalesced", "key", "command"]
@@ -315,6 +353,6 @@ def history_table(runs: list[protocol.RunRecord]) -> None:
         table.add_row(
             str(run.run_id), f"[{style}]{'-' if code is None else code}[/]", run.outcome or "",
             when(run.started_at), format_duration(_took(run)), str(run.coalesced), *host,
-            run.key, shlex.join(run.argv),
+            run.key, _cell(run.argv),
         )
     _console().print(table)

@@ -149,3 +149,65 @@ def test_sigterm_on_a_stdin_daemon_without_journal_says_what_it_dropped(world):
     dropped = [line for line in err.splitlines() if "dropped 1 pending invocation" in line]
     assert len(dropped) == 1 and "line 2: echo later" in dropped[0], err
     assert any("stopped 1 run" in line for line in err.splitlines()), err
+
+
+# ------------------------------------------------------------------------------ 3. fleet in sight
+def _fleet():
+    """A real Redis and three hosts (a, b, c); the caller cleans up."""
+    import tempfile
+    from pathlib import Path
+
+    from fleet_support import Fleet, Redis
+
+    redis = Redis(Path(tempfile.mkdtemp(prefix="dbr-", dir="/tmp")), aof=True)
+    return redis, Fleet(redis)
+
+
+def test_piped_fleet_status_and_history_keep_the_host_and_plain_status_shows_fleet_keys():
+    import shutil
+
+    redis, fleet = _fleet()
+    try:
+        a, _b, c = fleet.hosts
+        r = c.run("run", "--fleet", "--no-wait", "--key", "k", "--delay", "30s", "--", "true")
+        assert r.returncode == 0, r.stderr
+        # status --fleet on a pipe: state, key, seconds, coalesced, host, command.
+        line = a.run("status", "--fleet").stdout.strip()
+        assert line.split("\t")[:2] == ["pending", "k"] and line.split("\t")[4:] == ["c", "true"]
+        # Plain status on the host that holds the pending invocation shows it, with its host;
+        # other hosts' plain status stays local.
+        line = c.run("status").stdout.strip()
+        assert line.split("\t")[:2] == ["pending", "k"] and line.split("\t")[4] == "c", line
+        rows = json.loads(c.run("status", "--json").stdout)["keys"]
+        assert [(row["key"], row["host"]) for row in rows] == [("k", "c")]
+        assert a.run("status").stdout == ""
+        assert c.run("flush", "k").returncode == 0
+        wait_until(lambda: a.run("history", "--fleet").stdout.strip(), timeout=30)
+        fields = a.run("history", "--fleet").stdout.strip().split("\t")
+        # run, exit, outcome, start, took, coalesced, host, key, command
+        assert fields[6:] == ["c", "k", "true"], fields
+    finally:
+        fleet.cleanup()
+        redis.stop()
+        shutil.rmtree(redis.root, ignore_errors=True)
+
+
+def test_a_fleet_waiter_past_due_says_the_store_may_be_unreachable(monkeypatch):
+    """The waiting line of a fleet key (a unit: the display, fed the daemon's messages):
+    past due it no longer claims the key is busy, and a daemon that says its store is out
+    is shown as such."""
+    import io
+
+    monkeypatch.setenv("COLUMNS", "200")
+    from debounce_cli import protocol
+    from debounce_cli.render import FLEET_LATE, TerminalDisplay
+
+    shown = io.StringIO()
+    display = TerminalDisplay(shown)
+    display.fleet = True
+    display.pending(protocol.Pending(key="k", state="pending", due_in=-(FLEET_LATE + 1),
+                                     coalesced=1))
+    assert "store unreachable" in shown.getvalue()
+    display.pending(protocol.Pending(key="k", state=protocol.STORE_UNREACHABLE, due_in=3.0,
+                                     coalesced=1))
+    assert "fleet store unreachable" in shown.getvalue().rsplit("\r", 1)[-1]

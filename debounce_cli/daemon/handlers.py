@@ -224,7 +224,31 @@ def handle_status(ctx: Context, client: Client, req: protocol.StatusRequest) -> 
                                         jobs=ctx.jobs)
 
         return _in_fleet(ctx, client, "status", rows)
-    return protocol.StatusReply(keys=ctx.core.status(), pid=os.getpid(), jobs=ctx.jobs)
+    local = ctx.core.status()
+    fleet = ctx.fleet
+    here = set() if fleet is None else _fleet_keys_here(fleet)
+    if fleet is None or not here:
+        return protocol.StatusReply(keys=local, pid=os.getpid(), jobs=ctx.jobs)
+
+    async def with_fleet(fleet: Fleet) -> protocol.Message:
+        """This daemon's keys and the fleet keys it has a pending invocation or a run of,
+        from the store (their rows carry ``host``); a store that does not answer leaves the
+        local keys alone."""
+        from debounce_cli.daemon.fleet.store import StoreDown
+
+        try:
+            rows = [row for row in await fleet.status() if row.key in here]
+        except StoreDown:
+            rows = []
+        keys = sorted(local + rows, key=lambda row: (row.key, row.host is not None))
+        return protocol.StatusReply(keys=keys, pid=os.getpid(), jobs=ctx.jobs)
+
+    return _later(ctx, client, lambda: with_fleet(fleet))
+
+
+def _fleet_keys_here(fleet: Fleet) -> set[str]:
+    """The fleet keys this host has a pending invocation of, or a run executing."""
+    return set(fleet.claims.mine) | {local.key for local in fleet.execution.local.values()}
 
 
 def handle_history(ctx: Context, client: Client, req: protocol.HistoryRequest) -> Reply:
