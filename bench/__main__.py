@@ -21,6 +21,8 @@ Figures:
              started at once by subprocess, no debounce) as p50 and p99 ratios
   socket     1,000 socket keys falling due at the same moment: the commands' lateness
              against the same floor, as ratios
+  slope      memory per pending invocation with the journal on, socket and stdin, as the
+             slope of the daemon's RSS between two sizes (20,000 and 100,000 pending)
   fleet      three daemons on one redis-server: --fleet submissions per second, due-to-start
              and start-to-remote-waiter latency (bench/fleet.py)
 """
@@ -437,6 +439,44 @@ def bench_stdin_intake(rows: list[tuple[str, str, str]], lines: int, rounds: int
                      "invocation", "daemon RSS growth / lines"))
 
 
+def bench_memory_slope(rows: list[tuple[str, str, str]], sizes: tuple[int, int]) -> None:
+    """Memory per pending invocation with the journal on, as a slope: the daemon's RSS at
+    ``sizes[0]`` and ``sizes[1]`` pending (distinct keys, one environment), so what is fixed
+    (the interpreter, SQLite's page cache) drops out. Socket submissions, then stdin lines."""
+    small, large = sizes
+    env = dict(os.environ)
+    for source in ("socket", "stdin"):
+        daemon = Daemon("--stdin", feed=True) if source == "stdin" else Daemon()
+        try:
+            rss: list[int] = []
+            held = 0
+            session = daemon.session()
+            for size in sizes:
+                if source == "socket":
+                    while held < size:
+                        session.submit(f"m{held}", ["make", "-C", "docs", "html"], 3600, env)
+                        held += 1
+                else:
+                    daemon.feed(b"".join(b'{"argv": ["make", "-C", "docs", "html"], '
+                                         b'"key": "m%d", "delay": "1h"}\n' % i
+                                         for i in range(held, size)))
+                    held = size
+                    deadline = time.monotonic() + 300
+                    while not stdin_taken(daemon, f"m{size - 1}"):
+                        if time.monotonic() > deadline:
+                            raise RuntimeError("the stdin daemon did not take every line")
+                        time.sleep(0.05)
+                time.sleep(0.3)  # the last group commit
+                rss.append(daemon.rss_kib())
+            session.close()
+        finally:
+            daemon.close()
+        slope = (rss[1] - rss[0]) * 1024 / (large - small)
+        rows.append((f"memory slope, journal, {source}: {small:,} -> {large:,} pending",
+                     f"{slope:,.0f} bytes per invocation",
+                     f"RSS {rss[0] / 1024:.1f} -> {rss[1] / 1024:.1f} MiB; target <= 1,024"))
+
+
 def stamp_command(out: Path) -> list[str]:
     """The command every lateness figure starts: it writes its own clock (ns) to ``out``."""
     return ["sh", "-c", f"date +%s%N >> {shlex.quote(str(out))}"]
@@ -569,13 +609,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="a short run (used by the tests)")
     parser.add_argument("--json", action="store_true", help="print the rows as JSON")
-    parser.add_argument("--only", choices=["spawn"],
-                        help="spawn: only the lateness figures against their floors")
+    parser.add_argument("--only", choices=["spawn", "memory"],
+                        help="spawn: only the lateness figures against their floors; "
+                             "memory: only the memory slopes")
     args = parser.parse_args(argv)
     rows: list[tuple[str, str, str]] = []
     if args.only == "spawn":
         bench_stdin_lateness(rows, 300, 20 if args.quick else 50)
         bench_socket_lateness(rows, 1000)
+    elif args.only == "memory":
+        bench_memory_slope(rows, (2_000, 10_000) if args.quick else (20_000, 100_000))
     elif args.quick:
         bench_client(rows, 5)
         bench_submissions(rows, 0.5)
@@ -586,6 +629,7 @@ def main(argv: list[str] | None = None) -> int:
         bench_stdin_intake(rows, 5_000, 1)
         bench_stdin_lateness(rows, 300)
         bench_socket_lateness(rows, 1000)
+        bench_memory_slope(rows, (2_000, 10_000))
         bench_fleet(rows, 0.5, 5, Daemon, percentile)
     else:
         bench_client(rows, 30)
@@ -597,6 +641,7 @@ def main(argv: list[str] | None = None) -> int:
         bench_stdin_intake(rows, 10_000, 3)
         bench_stdin_lateness(rows, 300, 50)
         bench_socket_lateness(rows, 1000)
+        bench_memory_slope(rows, (20_000, 100_000))
         bench_fleet(rows, 3, 50, Daemon, percentile)
     if args.json:
         print(json.dumps({"machine": machine(), "rows": rows}, indent=1))

@@ -107,6 +107,8 @@ class StdinWaiter:
 class _Line:
     """The submitter of one line: a refusal after the commit is reported with its number."""
 
+    __slots__ = ("number", "waiter")
+
     def __init__(self, number: int, waiter: StdinWaiter) -> None:
         self.number = number
         self.waiter = waiter
@@ -219,10 +221,10 @@ class StdinSource:
         env = self.base_env if job.env is self.base.env else job.env
         job = self.core.shared.job(job.argv, job.cwd, env)
         if options.fleet:
-            from debounce_cli.daemon.handlers import NO_STORE
+            from debounce_cli.daemon.handlers import NO_STORE_STDIN
 
             if self.fleet is None:
-                self._fail(number, NO_STORE)
+                self._fail(number, NO_STORE_STDIN)
                 return
             key, inv_id = self.fleet.submit(key, options, job, self.waiter,
                                             _Line(number, self.waiter))
