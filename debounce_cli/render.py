@@ -187,7 +187,7 @@ def _command(argv: list[str]) -> str:
 
 #: The most of a command a table cell shows; the rest is counted (``… [99,934 more
 #: arguments]``): a run of 100,000 arguments is one row, not 16,000 lines.
-TABLE_COMMAND = 400
+TABLE_COMMAND = 200
 
 
 def status_json(reply: protocol.StatusReply) -> str:

@@ -211,3 +211,67 @@ def test_a_fleet_waiter_past_due_says_the_store_may_be_unreachable(monkeypatch):
     display.pending(protocol.Pending(key="k", state=protocol.STORE_UNREACHABLE, due_in=3.0,
                                      coalesced=1))
     assert "fleet store unreachable" in shown.getvalue().rsplit("\r", 1)[-1]
+
+
+# ------------------------------------------------------------------------------ 4. smaller ones
+def test_a_fleet_stdin_line_without_a_store_names_the_store_option_not_stop(world):
+    line = json.dumps({"argv": ["true"], "fleet": True})
+    proc = world.popen("daemon", "--stdin", "--no-journal", stdin=subprocess.PIPE)
+    _, err = proc.communicate(line + "\n", timeout=60)
+    assert proc.returncode == 1
+    assert "stdin line 1:" in err and "--store" in err, err
+    assert "debounce stop" not in err, err
+
+
+def test_status_and_history_json_give_times_in_the_same_iso_format(world):
+    from datetime import datetime
+
+    assert world.run("run", "--delay", "0", "--key", "t", "--", "true").returncode == 0
+    world.run("run", "--no-wait", "--delay", "1h", "--key", "t", "--", "true")
+    last = json.loads(world.run("status", "--json").stdout)["keys"][0]["last"]
+    run = json.loads(world.run("history", "--json").stdout.splitlines()[0])
+    assert isinstance(last["finished_at"], str) and last["finished_at"] == run["finished_at"]
+    assert datetime.fromisoformat(last["finished_at"]).tzinfo is not None
+
+
+def test_a_huge_stdin_line_that_fails_to_start_gives_a_short_error_line(world):
+    """A word of almost 1 MiB is more than the kernel takes as one argument: the run fails
+    (126) and the line that says so does not repeat the megabyte."""
+    proc = world.popen("daemon", "--stdin", "--no-journal", stdin=subprocess.PIPE)
+    _, err = proc.communicate("true '" + "x" * ((1 << 20) - 100) + "'\n", timeout=60)
+    assert proc.returncode == 1
+    assert "stdin line 1: true xxx" in err and "exited with status 126" in err, err[:300]
+    assert max(len(line) for line in err.splitlines()) < 400, [len(x) for x in err.splitlines()]
+
+
+def test_history_of_a_run_with_100000_arguments_is_short_on_a_terminal(world):
+    import os
+    import pty
+    import select
+
+    args = [str(i) for i in range(100_000)]
+    # Through a file of arguments: one command line of 100,000 words is fine for the kernel.
+    r = world.run("run", "--delay", "0", "--key", "big", "--", "true", *args)
+    assert r.returncode == 0, r.stderr[:300]
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(world.argv("history"), stdin=subprocess.DEVNULL, stdout=slave,
+                            stderr=slave, env=dict(world.env, COLUMNS="120", TERM="xterm"),
+                            cwd=world.work)
+    os.close(slave)
+    chunks = []
+    while select.select([master], [], [], 30)[0]:
+        try:
+            data = os.read(master, 65536)
+        except OSError:
+            break
+        if not data:
+            break
+        chunks.append(data)
+    os.close(master)
+    assert proc.wait(timeout=30) == 0
+    drawn = b"".join(chunks).decode(errors="replace")
+    assert len(drawn.splitlines()) < 20, len(drawn.splitlines())
+    import re
+
+    assert re.search(r"99,9\d\d\s+more\s+arguments", " ".join(
+        part.strip(" │|") for part in drawn.split("│"))), drawn

@@ -74,6 +74,10 @@ def handle_run(ctx: Context, client: Client, req: protocol.RunRequest) -> Reply:
 
 NO_STORE = ("--fleet needs a store: set DEBOUNCE_STORE=redis://host:port/db (this daemon was "
             "started without one: 'debounce stop' first)")
+#: The same for a ``daemon --stdin`` line: that daemon is the user's own foreground process,
+#: so the way out is an option of it, not ``debounce stop``.
+NO_STORE_STDIN = ('"fleet": true needs a store: start this daemon with --store '
+                  "redis://host:port/db (or with DEBOUNCE_STORE set)")
 
 
 def _fleet_run(ctx: Context, client: Client, req: protocol.RunRequest,
