@@ -275,3 +275,45 @@ def test_history_of_a_run_with_100000_arguments_is_short_on_a_terminal(world):
 
     assert re.search(r"99,9\d\d\s+more\s+arguments", " ".join(
         part.strip(" │|") for part in drawn.split("│"))), drawn
+
+
+# ------------------------------------------------------------------------------ 5. cron
+def test_a_cron_job_set_up_as_readme_says_reaches_the_login_shells_daemon(world):
+    """cron gives a job a bare environment (env -i plus HOME, LOGNAME, PATH, SHELL and the
+    crontab's own assignments). With the line README's cron recipe puts at the top of the
+    crontab, the job and a login shell (XDG_RUNTIME_DIR set, no DEBOUNCE_SOCKET) meet at
+    one daemon."""
+    import os
+    import re
+    import sys
+    from pathlib import Path
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    recipe = re.search(r"```crontab\n(.*?)```", readme, re.S)
+    assert recipe, "README has no crontab recipe"
+    assignments = [line for line in recipe.group(1).splitlines()
+                   if re.fullmatch(r"[A-Z_]+=\S+", line)]
+    assert [a.split("=")[0] for a in assignments] == ["XDG_RUNTIME_DIR"], assignments
+    # The test's own per-user runtime directory stands in for /run/user/$UID.
+    runtime = world.root / "run-user"
+    runtime.mkdir(mode=0o700)
+    home = world.root / "home"
+    home.mkdir()
+    cron_env = {"HOME": str(home), "LOGNAME": "me", "PATH": "/usr/bin:/bin",
+                "SHELL": "/bin/sh", "XDG_RUNTIME_DIR": str(runtime)}
+    job = subprocess.run(["env", "-i", *(f"{k}={v}" for k, v in cron_env.items()),
+                          sys.executable, "-m", "debounce_cli", "run", "--no-wait", "--key",
+                          "sync", "--delay", "1h", "--", "true"],
+                         cwd=world.work, capture_output=True, text=True, timeout=60)
+    assert job.returncode == 0, job.stderr
+    shell_env = {k: v for k, v in world.env.items() if k != "DEBOUNCE_SOCKET"}
+    shell_env.update(XDG_RUNTIME_DIR=str(runtime), HOME=str(home))
+    shell_env.pop("DEBOUNCE_STATE_DIR")
+    try:
+        r = subprocess.run(world.argv("status", "--json"), cwd=world.work, env=shell_env,
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        assert [row["key"] for row in json.loads(r.stdout)["keys"]] == ["sync"]
+    finally:
+        subprocess.run(world.argv("stop"), env=shell_env, capture_output=True, timeout=60)
+        assert not os.path.exists(runtime / "debounce" / "daemon.sock")
