@@ -85,8 +85,11 @@ def test_status_shows_the_fleet_key_with_its_host_on_every_host(fleet):
     for host in fleet.hosts:
         rows = host.fleet_status()
         assert [(r["key"], r["host"], r["pending"]["coalesced"]) for r in rows] == [("k", "c", 1)]
-    # The local status of a host knows nothing of it, and local rows carry no host.
-    assert fleet.hosts[2].run("status", "--json").stdout.count('"host"') == 0
+    # Plain status shows it on the host that holds the invocation (with its host), and on
+    # no other (issue 19, item 6).
+    mine = json.loads(fleet.hosts[2].run("status", "--json").stdout)["keys"]
+    assert [(r["key"], r.get("host")) for r in mine] == [("k", "c")]
+    assert json.loads(fleet.hosts[0].run("status", "--json").stdout)["keys"] == []
     cancel = fleet.hosts[0].run("cancel", "k")
     assert cancel.returncode == 0, cancel.stderr
     assert fleet.hosts[1].fleet_status() == []
