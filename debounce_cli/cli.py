@@ -46,11 +46,19 @@ class Duration(click.ParamType):  # type: ignore[type-arg]  # generic only in cl
 DURATION = Duration()
 
 
+def _complete_path(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[Any]:
+    """A PATH completes as the shell completes file names."""
+    from click.shell_completion import CompletionItem
+
+    return [CompletionItem(incomplete, type="file")]
+
+
 def _socket_option(func: Any) -> Any:
     return click.option(
         "--socket",
         "socket_path",
         metavar="PATH",
+        shell_complete=_complete_path,
         help="Unix socket of the daemon [env: DEBOUNCE_SOCKET; default: "
         "$XDG_RUNTIME_DIR/debounce/daemon.sock, else /tmp/debounce-$UID/daemon.sock].",
     )(func)
@@ -213,18 +221,39 @@ def _daemon_settings(values: dict[str, Any]) -> dict[str, Any]:
 
 def _complete_keys(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[Any]:
     """KEY arguments complete from the keys a running daemon has (never starting one)."""
+    return _keys_like(ctx, incomplete, history=False)
+
+
+def _complete_keys_with_history(ctx: click.Context, param: click.Parameter,
+                                incomplete: str) -> list[Any]:
+    """For ``logs`` and ``history``: also the keys that only have finished runs."""
+    return _keys_like(ctx, incomplete, history=True)
+
+
+#: How many of the latest runs ``logs``/``history`` completion looks through for keys.
+COMPLETION_HISTORY = 1000
+
+
+def _keys_like(ctx: click.Context, incomplete: str, history: bool) -> list[Any]:
     from click.shell_completion import CompletionItem
 
     from debounce_cli import client, protocol
 
+    keys: list[str] = []
     try:
         sock = _socket(ctx.params.get("socket_path"))
         reply = client.request(sock, protocol.StatusRequest(), autostart=False)
+        if isinstance(reply, protocol.StatusReply):
+            keys += [row.key for row in reply.keys]
+        if history:
+            reply = client.request(sock, protocol.HistoryRequest(limit=COMPLETION_HISTORY),
+                                   autostart=False)
+            if isinstance(reply, protocol.HistoryReply):
+                keys += [run.key for run in reply.runs]
     except Exception:  # noqa: BLE001 - completion must stay silent
-        return []
-    if not isinstance(reply, protocol.StatusReply):
-        return []
-    return [CompletionItem(row.key) for row in reply.keys if row.key.startswith(incomplete)]
+        pass
+    seen = dict.fromkeys(key for key in keys if key.startswith(incomplete))
+    return [CompletionItem(key) for key in seen]
 
 
 def _socket(option: str | None) -> str:
@@ -532,16 +561,18 @@ def status(as_json: bool, fleet: bool, socket_path: str | None) -> int:
     return ExitStatus.SUCCESS
 
 
-def _target_options(metavar: str) -> Callable[[_F], _F]:
-    """KEY|RUN_ID as one argument, or said outright with --key K or --run N."""
+def _target_options(metavar: str, history: bool = False) -> Callable[[_F], _F]:
+    """KEY|RUN_ID as one argument, or said outright with --key K or --run N; with
+    ``history``, keys complete from finished runs too."""
+    complete = _complete_keys_with_history if history else _complete_keys
 
     def decorate(func: _F) -> _F:
         func = click.option("--run", "run_id", type=click.IntRange(min=1), metavar="N",
                             help="The run with this id.")(func)
-        func = click.option("--key", "key_option", metavar="KEY", shell_complete=_complete_keys,
+        func = click.option("--key", "key_option", metavar="KEY", shell_complete=complete,
                             help="The key KEY, even if it looks like a run id.")(func)
         return click.argument("target", metavar=metavar, required=False,
-                              shell_complete=_complete_keys)(func)
+                              shell_complete=complete)(func)
 
     return decorate
 
@@ -628,7 +659,7 @@ def wait(
 
 
 @cli.command()
-@click.argument("key", required=False, shell_complete=_complete_keys)
+@click.argument("key", required=False, shell_complete=_complete_keys_with_history)
 @click.option("--limit", type=click.IntRange(min=1), default=HISTORY_LIMIT, show_default=True,
               help="Show at most this many runs, newest first.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object per line.")
@@ -652,7 +683,7 @@ def history(key: str | None, limit: int, as_json: bool, fleet: bool,
 
 
 @cli.command(short_help="Print the output of a run, or of the latest run of KEY.")
-@_target_options("[RUN_ID|KEY]")
+@_target_options("[RUN_ID|KEY]", history=True)
 @click.option("-f", "--follow", is_flag=True,
               help="Print the output as it is written, from the start, and exit with the "
               "run's status when it ends: of run N, or of KEY's run executing now, else its "
@@ -769,12 +800,105 @@ def completion(shell: str) -> int:
 
 
 def completion_script(shell: str) -> str:
-    """The completion script click generates for ``shell`` (also written to completions/)."""
+    """The completion script for ``shell`` (also written to completions/): click's, and for
+    bash one of ours that also completes the COMMAND of ``run`` and ``watch`` as bash
+    completes any command line, and quotes what it inserts."""
     from click.shell_completion import get_completion_class
 
+    if shell == "bash":
+        return _BASH_COMPLETION.replace("@RUN_VALUE_OPTIONS@", "|".join(_value_options("run")))
     cls = get_completion_class(shell)
     assert cls is not None
     return cls(cli, {}, "debounce", "_DEBOUNCE_COMPLETE").source().rstrip("\n") + "\n"
+
+
+def _value_options(name: str) -> list[str]:
+    """The options of command ``name`` that take a value (``--delay 2s``)."""
+    command = cli.commands[name]
+    return sorted(opt for param in command.params if isinstance(param, click.Option)
+                  and not param.is_flag and not param.count
+                  for opt in (*param.opts, *param.secondary_opts))
+
+
+#: The bash completion: click's protocol for debounce's own words; the COMMAND of ``run``
+#: (after ``--``, or its first operand) and of ``watch`` (after ``--``) completes as bash
+#: completes a command line (bash-completion's ``_command_offset`` when it is loaded: the
+#: command's own completion; else command names, then file names); what it inserts is quoted
+#: (a key with a space stays one word).
+_BASH_COMPLETION = r"""# debounce(1) completion for bash: eval "$(debounce completion bash)"
+_debounce_command_at() {
+    # Complete COMP_WORDS[$1...] as a command line of its own.
+    local at=$1 cur=${COMP_WORDS[COMP_CWORD]}
+    if declare -F _command_offset >/dev/null; then
+        _command_offset "$at"
+        return 0
+    fi
+    if ((COMP_CWORD == at)) && [[ $cur != */* ]]; then
+        COMPREPLY=($(compgen -c -- "$cur"))
+    else
+        _debounce_files  # as for any command without a completion of its own
+    fi
+}
+
+_debounce_files() {
+    local cur=${COMP_WORDS[COMP_CWORD]}
+    compopt -o filenames 2>/dev/null  # quoted, and a directory gets its /
+    COMPREPLY=($(compgen -f -- "$cur"))
+}
+
+_debounce_completion() {
+    local IFS=$'
+'
+    local response completion type value word i sub= at=
+    for ((i = 1; i <= COMP_CWORD; i++)); do
+        word=${COMP_WORDS[i]}
+        if ((i == COMP_CWORD)); then
+            # The word being completed: run's COMMAND if it is no option.
+            [[ $sub == run && $word != -* ]] && at=$i
+            break
+        fi
+        if [[ -z $sub ]]; then
+            [[ $word == -* ]] || sub=$word
+            continue
+        fi
+        if [[ $word == -- ]]; then
+            at=$((i + 1))
+            break
+        fi
+        if [[ $sub == run ]]; then
+            case $word in
+                @RUN_VALUE_OPTIONS@)
+                    ((i++))
+                    [[ ${COMP_WORDS[i]} == = ]] && ((i++)) ;;
+                -*) ;;
+                *) at=$i; break ;;
+            esac
+        fi
+    done
+    if [[ -n $at && ( $sub == run || $sub == watch ) ]]; then
+        _debounce_command_at "$at"
+        return 0
+    fi
+
+    response=$(env COMP_WORDS="${COMP_WORDS[*]}" COMP_CWORD=$COMP_CWORD \
+        _DEBOUNCE_COMPLETE=bash_complete "$1")
+    for completion in $response; do
+        IFS=',' read -r type value <<< "$completion"
+        if [[ $type == dir ]]; then
+            COMPREPLY=()
+            compopt -o dirnames
+        elif [[ $type == file ]]; then
+            _debounce_files
+        elif [[ $type == plain ]]; then
+            printf -v value '%q' "$value"
+            COMPREPLY+=("$value")
+        fi
+    done
+    return 0
+}
+
+complete -o nosort -F _debounce_completion debounce
+"""
 
 
 def _ask(socket_path: str | None, message: Any) -> Any:

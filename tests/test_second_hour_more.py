@@ -317,3 +317,66 @@ def test_a_cron_job_set_up_as_readme_says_reaches_the_login_shells_daemon(world)
     finally:
         subprocess.run(world.argv("stop"), env=shell_env, capture_output=True, timeout=60)
         assert not os.path.exists(runtime / "debounce" / "daemon.sock")
+
+
+# ------------------------------------------------------------------------------ 6. completion
+BASH_COMPLETION = "/usr/share/bash-completion/bash_completion"
+
+
+def _complete(world, *words: str, bash_completion: bool = False) -> list[str]:
+    """What a real bash with debounce's completion loaded offers for ``words`` (the last
+    being completed): COMP_WORDS and COMP_CWORD set as bash sets them on TAB, then the
+    function that ``complete -p debounce`` names."""
+    import os
+    import shlex
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).parent.parent / "completions" / "debounce.bash"
+    load = f"source {BASH_COMPLETION}; " if bash_completion else ""
+    words_text = " ".join(shlex.quote(w) for w in words)
+    program = (f"{load}source {script}; complete -p debounce >&2; "
+               f"COMP_WORDS=({words_text}); COMP_CWORD=$((${{#COMP_WORDS[@]}} - 1)); "
+               'COMP_LINE="${COMP_WORDS[*]}"; COMP_POINT=${#COMP_LINE}; COMPREPLY=(); '
+               "_debounce_completion debounce 2>/dev/null; "
+               "printf '%s\\n' \"${COMPREPLY[@]}\"")
+    env = dict(world.env, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+    proc = subprocess.run(["bash", "--norc", "-c", program], cwd=world.work, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert "-F _debounce_completion debounce" in proc.stderr, proc.stderr
+    return [line for line in proc.stdout.splitlines() if line]
+
+
+def test_bash_completes_the_command_after_dashes_then_its_files(world):
+    import os
+
+    deploy = world.work / "deploy.sh"
+    deploy.write_text("#!/bin/sh\n")
+    deploy.chmod(0o755)
+    (world.work / "data file").write_text("")
+    loaders = [False] + ([True] if os.path.exists(BASH_COMPLETION) else [])
+    for loaded in loaders:
+        assert _complete(world, "debounce", "run", "--", "./dep",
+                         bash_completion=loaded) == ["./deploy.sh"], loaded
+        assert _complete(world, "debounce", "run", "--delay", "2s", "--", "./deploy.sh", "da",
+                         bash_completion=loaded) == ["data file"], loaded
+        assert "sh" in _complete(world, "debounce", "run", "--key", "k", "s",
+                                 bash_completion=loaded), loaded
+        assert _complete(world, "debounce", "watch", ".", "--", "./dep",
+                         bash_completion=loaded) == ["./deploy.sh"], loaded
+        assert _complete(world, "debounce", "status", "--socket", "./dep",
+                         bash_completion=loaded) == ["./deploy.sh"], loaded
+        # debounce's own words still complete as before.
+        assert _complete(world, "debounce", "con", bash_completion=loaded) == ["config"]
+
+
+def test_bash_completes_keys_quoted_and_logs_offers_keys_with_history_only(world):
+    assert world.run("run", "--delay", "0", "--key", "only history", "--", "true"
+                     ).returncode == 0
+    assert world.run("run", "--no-wait", "--delay", "1h", "--key", "my key", "--", "true"
+                     ).returncode == 0
+    assert _complete(world, "debounce", "cancel", "my") == ["my\\ key"]
+    assert _complete(world, "debounce", "cancel", "on") == []  # nothing pending for it
+    assert _complete(world, "debounce", "logs", "on") == ["only\\ history"]
+    assert _complete(world, "debounce", "logs", "--key", "on") == ["only\\ history"]
+    assert _complete(world, "debounce", "history", "") == ["my\\ key", "only\\ history"]
