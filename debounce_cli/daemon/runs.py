@@ -232,6 +232,8 @@ class Runs:
         while self.tasks:
             await asyncio.wait(list(self.tasks))
             await asyncio.sleep(0)  # let the last commit and answers go out
+        if self.retain_handle is not None:  # nothing runs: retain now, not after the close
+            self._retain_now()
 
     # ------------------------------------------------------------------ spawning
     def _spawn_some(self) -> None:
@@ -339,8 +341,8 @@ class Runs:
             self.retain_handle.cancel()
             self.retain_handle = None
         journal = self.journal
-        if journal is None:
-            return
+        if journal is None or journal.db is None:
+            return  # no journal, or closed at shutdown: the next daemon's first run retains
         prune_envs = self.finished_since_prune >= PRUNE_ENVS_EVERY
         if prune_envs:
             self.finished_since_prune = 0
