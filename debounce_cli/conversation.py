@@ -277,7 +277,9 @@ def say(line: str) -> None:
     if sys.stderr is None:
         return
     if "\\udc" in line or not line.isascii():
-        line = _no_python_escapes(line)
+        from debounce_cli.protocol import readable
+
+        line = readable(line)
     try:
         print(line, file=sys.stderr, flush=True)
     except (OSError, ValueError):
@@ -323,30 +325,3 @@ def quote(text: str) -> str:
     from debounce_cli.protocol import shell_word
 
     return shell_word(text)
-
-
-#: A Python ``repr`` of a string holding a byte that is not UTF-8 (``'k\udce9y'``).
-_REPR_WITH_BYTES = (r"""'(?:[^'\\]|\\.)*\\udc[89a-fA-F][0-9a-fA-F](?:[^'\\]|\\.)*'"""
-                    r'''|"(?:[^"\\]|\\.)*\\udc[89a-fA-F][0-9a-fA-F](?:[^"\\]|\\.)*"''')
-
-
-def _no_python_escapes(line: str) -> str:
-    """A message as people should read it: a name that some layer wrote with ``repr``
-    (``'k\\udce9y'``) is shown as bash quotes it (``$'k\\xe9y'``), and any other byte that
-    is not UTF-8 as ``\\xNN``, never as a Python escape."""
-    import ast
-    import re
-
-    from debounce_cli.protocol import shown
-
-    def unrepr(match: re.Match[str]) -> str:
-        try:
-            return shown(ast.literal_eval(match.group(0)))
-        except (ValueError, SyntaxError):
-            return match.group(0)
-
-    line = re.sub(_REPR_WITH_BYTES, unrepr, line)
-    return "".join(f"\\x{ord(c) - 0xDC00:02x}" if 0xDC80 <= ord(c) <= 0xDCFF else c
-                   for c in line)
-
-

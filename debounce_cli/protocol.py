@@ -235,8 +235,8 @@ class Accepted(Message):
 
 class Pending(Message):
     """What a waiter waits for changed: superseded, rescheduled, queued for a slot; or, with
-    ``state`` :data:`STORE_UNREACHABLE`, a fleet key's store stopped answering (``due_in``
-    then counts how long it has been out; a later Pending or Started says it is back)."""
+    ``state`` :data:`STORE_UNREACHABLE`, a fleet key's store stopped answering (the other
+    fields mean nothing then; a later Pending or Started says it is back)."""
 
     type: ClassVar[str] = "pending"
     schema: ClassVar[dict[str, str]] = {
@@ -917,3 +917,26 @@ def command_line(argv: list[str], limit: int | None = MESSAGE_COMMAND) -> str:
             more += f", {left:,} more argument{'s' if left != 1 else ''}"
         return " ".join(words) + f"… [{more}]"
     return " ".join(words)
+
+
+#: A Python ``repr`` of a string holding a byte that is not UTF-8 (``'k\udce9y'``).
+_REPR_WITH_BYTES = (r"""'(?:[^'\\]|\\.)*\\udc[89a-fA-F][0-9a-fA-F](?:[^'\\]|\\.)*'"""
+                    r'''|"(?:[^"\\]|\\.)*\\udc[89a-fA-F][0-9a-fA-F](?:[^"\\]|\\.)*"''')
+
+
+def readable(line: str) -> str:
+    """A message as people should read it: a name that some layer wrote with ``repr``
+    (``'k\\udce9y'``) is shown as bash quotes it (``$'k\\xe9y'``), and any other byte that
+    is not UTF-8 as ``\\xNN``, never as a Python escape."""
+    import ast
+    import re
+
+    def unrepr(match: re.Match[str]) -> str:
+        try:
+            return shown(ast.literal_eval(match.group(0)))
+        except (ValueError, SyntaxError):
+            return match.group(0)
+
+    line = re.sub(_REPR_WITH_BYTES, unrepr, line)
+    return "".join(f"\\x{ord(c) - 0xDC00:02x}" if 0xDC80 <= ord(c) <= 0xDCFF else c
+                   for c in line)

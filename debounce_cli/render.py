@@ -56,10 +56,15 @@ class TerminalDisplay(Display):
 
     def pending(self, msg: protocol.Accepted | protocol.Pending) -> None:
         self.key = msg.key
-        self.coalesced = msg.coalesced
         self.state = msg.state
-        self.due_at = (None if msg.due_in is None or msg.state == protocol.STORE_UNREACHABLE
-                       else time.monotonic() + msg.due_in)
+        if msg.state == protocol.STORE_UNREACHABLE:
+            # Nothing about the key is known while its store is out: what was shown stays,
+            # said to be on hold, until a Pending or Started from the store replaces it.
+            self.waiting = True
+            self.tick()
+            return
+        self.coalesced = msg.coalesced
+        self.due_at = None if msg.due_in is None else time.monotonic() + msg.due_in
         self.waiting = msg.state not in ("running", "finished")
         self.tick()
 

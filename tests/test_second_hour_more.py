@@ -95,6 +95,16 @@ def test_messages_show_such_bytes_as_a_shell_would_not_as_python_escapes(world):
     assert b"\\udc" not in r.stderr and b"$'k\\xe9y'" in r.stderr, r.stderr
 
 
+
+def test_a_stdin_line_refused_for_such_bytes_names_them_as_a_shell_would(world):
+    line = json.dumps({"argv": ["true"],
+                       "key_b64": base64.b64encode(b"{9}" + BAD_BYTES).decode()})
+    proc = world.popen("daemon", "--stdin", "--no-journal", stdin=subprocess.PIPE,
+                       stderr=subprocess.PIPE)
+    _, err = proc.communicate(line + "\n", timeout=60)
+    assert proc.returncode == 1
+    assert "stdin line 1: key template $'{9}k\\xe9y'" in err and "\\udc" not in err, err
+
 # ------------------------------------------------------------------------------ 2. stdin stopped
 def _stdin_daemon(world, *options: str, lines: list[str]) -> subprocess.Popen:
     """``daemon --stdin --socket S``, once its first line runs and the rest are pending."""

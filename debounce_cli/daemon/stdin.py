@@ -254,11 +254,13 @@ class Base(NamedTuple):
 
 
 def _say(text: str) -> None:
+    if "\\udc" in text or not text.isascii():  # such bytes as \xNN, not Python escapes
+        text = protocol.readable(text)
     print(text, file=sys.stderr, flush=True)
 
 
 def _report(number: int, why: str) -> None:
-    print(f"debounce: stdin line {number}: {why}", file=sys.stderr, flush=True)
+    _say(f"debounce: stdin line {number}: {why}")
 
 
 def parse_stdin_line(raw: bytes, defaults: dict[str, Any], base: Base | None = None
