@@ -17,32 +17,31 @@ started with ``&``. Until then, stopping the run (timeout, restart) reaches it t
 process group.
 
 Runs die with their daemon. On SIGTERM the daemon stops them itself; if the daemon is killed
-outright, the kernel sends SIGKILL to each run's first process (``PR_SET_PDEATHSIG``, set in
-the forked child before the exec, see :func:`_fork_exec`), and the next daemon on the socket
-kills what is left of those runs' process groups (:func:`kill_leftovers`) before it records
-them as lost. A run is never left going on its own while a new daemon could start the same
-key again.
+outright, its spawner (below) sees the daemon's end of their socket close and kills every run
+it started, each with its process group, at once; and the next daemon on the socket kills
+whatever is left of those runs (:func:`kill_leftovers`) before it records them as lost. A run
+is never left going on its own while a new daemon could start the same key again.
 
-The spawn path is one fork and one exec of the command itself. The fork is done by the
-daemon's spawner, a small Python process of its own started with the daemon (``_SPAWNER``):
-a fork costs the forking process in proportion to its memory, and the daemon's grows with what
-it holds, while the spawner stays at a few megabytes and works on the other core. Between the
-fork and the exec, the child (a few lines of Python) asks for the parent-death signal, checks
-that its parent is still alive (the signal is only armed for a parent alive when it is asked:
-one that died just before would leave the command running alone), starts its own session,
-appends its run id to the started ledger, and only then executes the command. A ledger line
-that cannot be written (a full disk) means no exec: the run ends with one line saying so and
-status 126, and since it is not in the ledger, a daemon restarted after a crash knows it never
-started. The spawner dies with the daemon (the same signal, the same re-check), so a daemon
-killed outright takes the spawner with it, and the spawner each run's first process. If the
-spawner cannot be started, the daemon forks its runs itself, with the same steps
-(:func:`_fork_exec`).
+The spawn path is one vfork and one exec of the command itself, as ``subprocess`` starts a
+process. The daemon never forks: its spawner, a small Python process of its own (``_SPAWNER``,
+about 9 MB, started with the daemon), starts each run with ``os.posix_spawn`` in a session of
+its own. What must come before the command comes just before the spawn, in the spawner: a
+look at its parent (a daemon that is gone gets no more runs), the run's directory, and the run
+id appended to the started ledger, so the run is on record as started before its command can
+exist. A ledger line that cannot be written (a full disk) means no spawn: the run ends with one
+line saying so and status 126, and since it is not in the ledger, a daemon restarted after a
+crash knows it never started.
 
-Why not ``setpriv`` (two more execs a run, plus ``sh`` for the ledger, and setpriv does not
-re-check the parent after arming the signal), nor ``subprocess``'s ``preexec_fn`` (it forces
-a fork of the daemon, plus a garbage-collector pause and Python's bookkeeping around it), nor
-``os.posix_spawn`` (vfork-fast, but it cannot run anything between fork and exec, so neither
-the signal nor the ledger line could come first).
+If no spawner can be started, the daemon forks its runs itself (:func:`_fork_exec`): the
+child asks for the parent-death signal, re-checks that its parent is alive (the signal is only
+armed for a parent alive when it is asked), and then takes the same steps.
+
+Why not what came before, ``setpriv --pdeathsig`` then ``sh`` writing the ledger line then
+the command: two more execs a run, a ledger line whose failure did not stop the command, and
+setpriv does not re-check its parent after arming the signal, so a run forked as the daemon
+died ran its whole command with no daemon. Nor a fork with Python in the child (a
+``preexec_fn``, or the fallback): the fork and the child's Python (every page it touches is
+copied) cost about 1.4 ms of CPU a run against about 0.7 ms for posix_spawn, here.
 """
 
 from __future__ import annotations
@@ -363,43 +362,55 @@ def _interpreter_of(name: str, program: str) -> tuple[int, str] | tuple[str, ...
 
 
 # ---------------------------------------------------------------- the spawner
-#: The spawner's program (``python -I -S -c``): a small process of its own that forks the runs,
-#: so that the daemon, whose memory grows with what it holds, never forks. A fork costs the
-#: parent in proportion to its memory (0.15 ms of CPU at 9 MB, 0.5 ms at 33 MB, here), and on
-#: two cores the daemon's CPU is what a burst of runs waits for. The child steps are those of
-#: :func:`_fork_exec` (kept in step with it), with the spawner as the parent whose death kills
-#: the run, and the spawner itself dies with the daemon (the same signal, the same re-check):
-#: a daemon killed outright takes the spawner with it, and the spawner its runs.
+#: The spawner's program (``python -I -S -c``): a small process of its own (about 9 MB) that
+#: starts the runs with ``posix_spawn`` (vfork and one exec of the command, the way
+#: ``subprocess`` starts a process), so the daemon never forks. Nothing runs between fork and
+#: exec, so what must come before the command is done by the spawner just before it: it looks
+#: at its parent (a daemon that is gone gets no more runs), enters the run's directory,
+#: appends the run id to the started ledger (a line that cannot be written means no spawn),
+#: and spawns the command in a session of its own. Runs die with the daemon through the
+#: spawner: when the daemon dies, however it dies, the kernel closes its end of the socket,
+#: and the spawner kills every run it started that has not ended (each with its process
+#: group) and exits. Killed on its own, the spawner leaves that to the daemon (``_lost``).
 #:
 #: Requests come on a Unix stream socket: a 4-byte length, a ``marshal``-ed tuple (request id,
 #: program, argv, cwd, env, ledger line), and the run's stdout, stderr (and ledger) descriptors
-#: as SCM_RIGHTS. Answers: ``("S", id, pid, failure)`` once the exec succeeded (failure "") or
-#: a step failed (pid 0, failure "stage:errno"), and ``("X", pid, wait status)`` at each exit.
+#: as SCM_RIGHTS. Answers: ``("S", id, pid, failure)`` once the command is executing (failure
+#: "") or a step failed (pid 0, failure "stage:errno"), and ``("X", pid, wait status)`` at each
+#: exit.
 _SPAWNER = r"""
-import _signal, array, ctypes, errno, marshal, os, select, signal, socket, struct, sys
+import array, errno, marshal, os, select, signal, socket, struct, sys
 daemon = int(sys.argv[1])
 sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM, fileno=int(sys.argv[2]))
-prctl = ctypes.CDLL(None, use_errno=True).prctl
-prctl(1, 9)
+os.set_inheritable(sock.fileno(), False)
 if os.getppid() != daemon:
     os._exit(0)
-me = os.getpid()
 devnull = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
 wake_r, wake_w = os.pipe()
 os.set_blocking(wake_r, False)
 os.set_blocking(wake_w, False)
 signal.set_wakeup_fd(wake_w)
 signal.signal(signal.SIGCHLD, lambda *_: None)
-# Defaults a command expects, set once here rather than in each child: Python ignores these.
-# (With SIGPIPE back, a write to a daemon that is gone ends the spawner, as it should.)
-signal.signal(signal.SIGPIPE, signal.SIG_DFL)
-signal.signal(signal.SIGXFSZ, signal.SIG_DFL)
-ALL = [int(s) for s in signal.valid_signals()]
+DEFAULTS = (signal.SIGPIPE, signal.SIGXFSZ)  # ignored here (Python), default in a command
 HEAD = struct.Struct("<I")
+children = set()
+
+def die():
+    # The daemon is gone: so are its runs, each with its process group, before anything else.
+    for pid in children:
+        for kill, target in ((os.killpg, pid), (os.kill, pid)):
+            try:
+                kill(target, signal.SIGKILL)
+            except OSError:
+                pass
+    os._exit(0)
 
 def send(obj):
     data = marshal.dumps(obj)
-    sock.sendall(HEAD.pack(len(data)) + data)
+    try:
+        sock.sendall(HEAD.pack(len(data)) + data)
+    except OSError:
+        die()
 
 def exact(n, first=b""):
     data = [first]
@@ -407,25 +418,19 @@ def exact(n, first=b""):
     while got < n:
         chunk = sock.recv(n - got)
         if not chunk:
-            os._exit(0)
+            die()
         data.append(chunk)
         got += len(chunk)
     return b"".join(data)
 
-def child(program, argv, cwd, env, line, out, err, ledger, rep, mask):
-    # Signals stay blocked until the exec, which resets the one handler (SIGCHLD's).
-    stage = "pdeathsig"
+def start(request, fds):
+    ident, program, argv, cwd, env, line = request
+    out, err = fds[0], fds[1]
+    ledger = fds[2] if len(fds) > 2 else -1
+    stage = "parent"
     try:
-        if prctl(1, 9) != 0:
-            raise OSError(errno.EINVAL, "prctl")
-        if os.getppid() != me:
-            stage = "parent"
+        if os.getppid() != daemon:
             raise OSError(errno.ESRCH, "parent")
-        stage = "setsid"
-        os.setsid()
-        os.dup2(devnull, 0)
-        os.dup2(out, 1)
-        os.dup2(err, 2)
         stage = "chdir"
         os.chdir(cwd)
         if line and ledger >= 0:
@@ -433,57 +438,21 @@ def child(program, argv, cwd, env, line, out, err, ledger, rep, mask):
             if os.write(ledger, line) != len(line):
                 raise OSError(errno.ENOSPC, "short write")
         stage = "exec"
-        os.closerange(3, rep)
-        os.closerange(rep + 1, 1 << 20)
-        _signal.pthread_sigmask(signal.SIG_SETMASK, mask)
-        os.execve(program, argv, env)
-    except BaseException as exc:
-        code = exc.errno if isinstance(exc, OSError) and exc.errno else errno.EINVAL
-        try:
-            os.write(rep, ("%s:%d" % (stage, code)).encode())
-        finally:
-            os._exit(127)
-    os._exit(127)
-
-def start(request, fds):
-    ident, program, argv, cwd, env, line = request
-    out, err = fds[0], fds[1]
-    ledger = fds[2] if len(fds) > 2 else -1
-    rep_r, rep_w = os.pipe()
-    mask = _signal.pthread_sigmask(signal.SIG_BLOCK, ALL)
-    try:
-        pid = os.fork()
-        if pid == 0:
-            child(program, argv, cwd, env, line, out, err, ledger, rep_w, mask)
+        pid = os.posix_spawn(program, argv, env, setsid=True, setsigdef=DEFAULTS,
+                             file_actions=[(os.POSIX_SPAWN_DUP2, devnull, 0),
+                                           (os.POSIX_SPAWN_DUP2, out, 1),
+                                           (os.POSIX_SPAWN_DUP2, err, 2)])
+    except OSError as exc:
+        send(("S", ident, 0, "%s:%d" % (stage, exc.errno or errno.EINVAL)))
+        return
+    except (ValueError, TypeError):
+        send(("S", ident, 0, "%s:%d" % (stage, errno.EINVAL)))
+        return
     finally:
-        _signal.pthread_sigmask(signal.SIG_SETMASK, mask)
-        os.close(rep_w)
         for fd in fds:
             os.close(fd)
-    reports[rep_r] = (ident, pid, [])
-    poller.register(rep_r, select.EPOLLIN)
-    unreported.add(pid)
-
-def report(rep_r):
-    ident, pid, said = reports[rep_r]
-    chunk = os.read(rep_r, 256)
-    if chunk:
-        said.append(chunk)
-        return
-    del reports[rep_r]
-    poller.unregister(rep_r)
-    os.close(rep_r)
-    unreported.discard(pid)
-    failure = b"".join(said).decode(errors="replace")
-    status = early.pop(pid, None)
-    if failure:
-        if status is None:
-            os.waitpid(pid, 0)
-        send(("S", ident, 0, failure))
-        return
+    children.add(pid)
     send(("S", ident, pid, ""))
-    if status is not None:
-        send(("X", pid, status))
 
 def reap():
     while True:
@@ -493,23 +462,15 @@ def reap():
             return
         if pid == 0:
             return
-        if pid in unreported:  # its start is not reported yet: its end goes after it
-            early[pid] = status
-        else:
-            send(("X", pid, status))
+        children.discard(pid)
+        send(("X", pid, status))
 
-reports = {}
-unreported = set()
-early = {}
 room = socket.CMSG_SPACE(8 * array.array("i").itemsize)
 poller = select.epoll()
 poller.register(sock.fileno(), select.EPOLLIN)
 poller.register(wake_r, select.EPOLLIN)
 while True:
     ready = {fd for fd, _events in poller.poll()}
-    for fd in ready:
-        if fd in reports:
-            report(fd)
     if wake_r in ready:
         try:
             while os.read(wake_r, 512):
@@ -518,13 +479,19 @@ while True:
             pass
         reap()
     if sock.fileno() in ready:
-        head, ancillary, _flags, _addr = sock.recvmsg(HEAD.size, room)
-        if not head:
-            os._exit(0)
+        try:
+            head, ancillary, _flags, _addr = sock.recvmsg(HEAD.size, room,
+                                                          socket.MSG_CMSG_CLOEXEC)
+        except OSError:
+            head, ancillary = b"", []
         fds = array.array("i")
         for level, kind, data in ancillary:
             if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
                 fds.frombytes(data[: len(data) - len(data) % fds.itemsize])
+        if not head:
+            for fd in fds:
+                os.close(fd)
+            die()
         size = HEAD.unpack(exact(HEAD.size, head))[0]
         start(marshal.loads(exact(size)), list(fds))
 """
@@ -534,8 +501,8 @@ class _Spawner:
     """The daemon's side of the spawner process (see :data:`_SPAWNER`), one per daemon.
 
     Started when the daemon starts (:func:`pdeathsig_prefix`), attached to the event loop at
-    the first run. If it dies (killed on its own), its runs died with it (their parent-death
-    signal): they end as killed, starts in flight fail, and the next run starts a new one.
+    the first run. If it dies (killed on its own), the daemon kills its runs: they end as
+    killed, starts in flight fail, and the next run starts a new spawner.
     """
 
     HEAD = struct.Struct("<I")
@@ -565,7 +532,7 @@ class _Spawner:
                 [sys.executable, "-I", "-S", "-c", _SPAWNER, str(os.getpid()),
                  str(theirs.fileno())],
                 pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL, env={}, close_fds=True)
+                stdout=subprocess.DEVNULL, env={}, close_fds=True, start_new_session=True)
         except OSError as exc:
             print(f"debounce: cannot start the spawner ({exc}); the daemon forks its runs "
                   "itself", file=sys.stderr)
@@ -675,7 +642,8 @@ class _Spawner:
                 done.ended(os.waitstatus_to_exitcode(status))
 
     def _lost(self) -> None:
-        """The spawner is gone: its runs were killed with it (their parent-death signal)."""
+        """The spawner is gone (killed on its own): its runs go too, each with its process
+        group, as they would with the daemon; starts in flight fail."""
         for _data, fds in self.out:
             for fd in fds:
                 os.close(fd)
@@ -684,7 +652,12 @@ class _Spawner:
             if not future.done():
                 future.set_result((0, f"spawner:{errno.EPIPE}"))
         self.starting = {}
-        for child in self.running.values():
+        for pid, child in self.running.items():
+            for kill, target in ((os.killpg, pid), (os.kill, pid)):
+                try:
+                    kill(target, signal.SIGKILL)
+                except OSError:
+                    pass
             child.ended(-signal.SIGKILL)
         self.running = {}
         self._drop()
