@@ -7,7 +7,9 @@ promise kept around it.
   acknowledged work twice).
 - A run dies with its daemon, also when the daemon dies while the run's process is being
   started (item 11: a first process that began after its daemon had died ran the whole command
-  with no daemon, because setpriv armed the parent-death signal without looking at the parent).
+  with no daemon, because setpriv armed the parent-death signal without looking at the parent;
+  now the spawner looks at its parent before each start and kills its runs when the daemon's
+  socket closes).
 """
 
 from __future__ import annotations
@@ -291,9 +293,9 @@ def spawner_of(daemon_pid: int) -> int | None:
 
 
 def test_a_spawner_killed_on_its_own_takes_its_runs_and_the_daemon_goes_on(world):
-    """The runs' processes are forked by the daemon's spawner. Killed by itself (kill -9),
-    it takes its runs with it (their parent-death signal): the run ends killed (137) and its
-    waiter learns it; the daemon starts another spawner for the next run."""
+    """The runs' processes are started by the daemon's spawner. Killed by itself (kill -9),
+    the daemon kills the runs it had started (none goes on unwatched): the run ends killed
+    (137) and its waiter learns it; the daemon starts another spawner for the next run."""
     r = world.run("status")
     assert r.returncode == 0, r.stderr
     daemon = world.daemon_pid()
@@ -311,7 +313,7 @@ def test_a_spawner_killed_on_its_own_takes_its_runs_and_the_daemon_goes_on(world
 
 
 def test_the_spawner_dies_with_its_daemon(world):
-    """kill -9 of the daemon: its spawner goes too, at once (nothing forks runs for a daemon
+    """kill -9 of the daemon: its spawner goes too, at once (nothing starts runs for a daemon
     that is gone)."""
     r = world.run("status")
     assert r.returncode == 0, r.stderr
