@@ -7,6 +7,7 @@ invocation runs exactly once, nothing refused runs.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import socket
@@ -67,7 +68,9 @@ def test_a_non_utf8_key_running_at_kill_9_does_not_stop_the_next_daemon(world):
     assert after.returncode == 0, after.stderr
     assert json.loads(after.stdout)["keys"] == []
     rows = history(world)
-    assert [(r["key"], r["outcome"]) for r in rows] == [(key, "lost")]
+    # JSON shows the key readable (U+FFFD) and its exact bytes in key_b64 (issue 19, item 4).
+    assert [(base64.b64decode(r["key_b64"]), r["outcome"]) for r in rows] == [
+        (b"k\xe9", "lost")]
 
 
 def test_a_lone_surrogate_is_refused_at_the_edge_and_wedges_nothing(world):
