@@ -20,6 +20,8 @@ from debounce_cli.daemon.core import Core
 from debounce_cli.daemon.handlers import Context
 from debounce_cli.daemon.startup import State
 from debounce_cli.daemon.stdin import StdinSource
+from debounce_cli.scheduler import Run
+from debounce_cli.states import EXITED
 
 #: File descriptors kept for runs (pipes, logs), the journal and the listening socket.
 RESERVED_FDS = 256
@@ -255,6 +257,7 @@ class Server:
         def say(text: str) -> None:
             print(f"debounce: {text}", file=sys.stderr, flush=True)
 
+        left.settle()
         count = len(left.stopped)
         if count:
             say(f"stopped {count} run{'s' if count != 1 else ''} before it ended "
@@ -292,6 +295,14 @@ class _Leftovers:
         self.stopped: list[tuple[str, int | None, list[str]]] = []
         self.pending: list[tuple[str, int | None, list[str]]] = []
         self.first_due = 0.0  # seconds from now until the first pending one falls due
+        self.runs: list[Run] = []  # the runs of ``stopped``, in the same order until settled
+
+    def settle(self) -> None:
+        """Once the runs have ended: a run that ended with status 0 did its work (it may have
+        exited by itself a moment before the stop reached it), so it was not stopped."""
+        self.stopped = [item for item, run in zip(self.stopped, self.runs, strict=True)
+                        if not (run.outcome == EXITED or run.exit_code == 0)]
+        self.stopped.sort(key=lambda item: item[1] or 0)
 
     @classmethod
     def of(cls, core: Core, sig: int | None) -> _Leftovers:
@@ -304,11 +315,11 @@ class _Leftovers:
             if ks.running is not None:
                 job = job_of(ks.running.invocation)
                 left.stopped.append((ks.key, job.line, job.argv))
+                left.runs.append(ks.running)
             if ks.pending is not None:
                 job = job_of(ks.pending)
                 left.pending.append((ks.key, job.line, job.argv))
                 dues.append(ks.pending.due - now)
         left.first_due = max(0.0, min(dues, default=0.0))
-        left.stopped.sort(key=lambda item: item[1] or 0)
         left.pending.sort(key=lambda item: item[1] or 0)
         return left
