@@ -356,9 +356,16 @@ def _spawn_daemon(sock_path: str) -> None:
         answer = b""
         while b"\n" not in answer:
             left = deadline - time.monotonic()
-            if left <= 0 or not select.select([read_fd], [], [], left)[0]:
+            if left <= 0:
                 raise ClientError(f"the daemon did not start within {START_TIMEOUT:g}s; "
                                   f"see {log_path}")
+            if not select.select([read_fd], [], [], min(left, RACE_POLL))[0]:
+                # A daemon started by hand (`daemon --stdin`) may hold the socket's lock and
+                # listen a moment later; ours then waits for that lock, for a previous daemon
+                # still finishing. Whoever answers first is used.
+                if _answers(sock_path):
+                    return
+                continue
             chunk = os.read(read_fd, 64)
             if not chunk:
                 break
@@ -378,6 +385,20 @@ def _spawn_daemon(sock_path: str) -> None:
             last = last.removeprefix(prefix).removesuffix(hint)
             raise ClientError(last, "usage")
         raise ClientError(f"the daemon failed to start: {last}")
+
+
+#: Seconds between looks at the socket while a daemon we started is not ready yet.
+RACE_POLL = 0.05
+
+
+def _answers(sock_path: str) -> bool:
+    """Whether a daemon of ours listens on ``sock_path`` now."""
+    try:
+        conn = _connect(sock_path)
+    except (OSError, ClientError):
+        return False
+    conn.close()
+    return True
 
 
 def _last_line(path: str) -> str:

@@ -161,6 +161,29 @@ def test_sigterm_on_a_stdin_daemon_without_journal_says_what_it_dropped(world):
     assert any("stopped 1 run" in line for line in err.splitlines()), err
 
 
+
+def test_a_client_racing_a_stdin_daemons_start_uses_it_at_once(world):
+    """`debounce status` at the moment `daemon --stdin` starts: the client, finding no socket,
+    starts a daemon of its own, which waits for the stdin daemon's lock; it used to wait with
+    it (until the stdin daemon exited, or 10 s) and then show nothing. (When the client's
+    daemon takes the lock first, both were quick before too.)"""
+    import time
+
+    proc = world.popen("daemon", "--stdin", "--socket", world.socket, "--delay", "0",
+                       stdin=subprocess.PIPE)
+    assert proc.stdin is not None
+    proc.stdin.write("sleep 30\n")
+    proc.stdin.flush()
+    started = time.monotonic()
+    r = world.run("status", "--json", "--socket", world.socket)
+    took = time.monotonic() - started
+    assert r.returncode == 0, r.stderr
+    assert took < 5, took
+    # Which of the two took the lock is a race: when the stdin daemon did (most runs), the
+    # status is its own and shows its line; else it reads its input without a socket.
+    if world.daemon_pid() == proc.pid:
+        wait_until(lambda: json.loads(world.run("status", "--json").stdout)["keys"])
+
 # ------------------------------------------------------------------------------ 3. fleet in sight
 def _fleet():
     """A real Redis and three hosts (a, b, c); the caller cleans up."""
