@@ -183,6 +183,13 @@ def test_a_client_racing_a_stdin_daemons_start_uses_it_at_once(world):
     # status is its own and shows its line; else it reads its input without a socket.
     if world.daemon_pid() == proc.pid:
         wait_until(lambda: json.loads(world.run("status", "--json").stdout)["keys"])
+    # The daemon the client started serves the socket once the stdin daemon is gone (or did
+    # from the start): stopped here, so that none outlives the test.
+    proc.terminate()
+    proc.communicate(timeout=30)
+    wait_until(lambda: world.daemon_pid() not in (None, proc.pid), timeout=40)
+    assert world.run("stop").returncode == 0
+    assert world.daemon_pid() is None
 
 # ------------------------------------------------------------------------------ 3. fleet in sight
 def _fleet():
