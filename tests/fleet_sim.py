@@ -156,6 +156,7 @@ class Caller:
         self.result: protocol.Message | None = None
         self.started: list[int] = []
         self.output: list[bytes] = []
+        self.progress: list[str] = []  # the states of the Pending messages it was sent
 
     # Submitter
     def answered(self, msg: protocol.Message) -> None:
@@ -163,7 +164,9 @@ class Caller:
 
     # Waiter
     def raw(self, line: bytes) -> None:
-        pass
+        msg = protocol.decode(line, protocol.REPLIES, protocol.MAX_REPLY)
+        if isinstance(msg, protocol.Pending):
+            self.progress.append(msg.state)
 
     def follows(self, run_id: int) -> bool:
         return run_id in self.started

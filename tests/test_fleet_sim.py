@@ -270,3 +270,22 @@ def test_random_faults_break_no_invariant() -> None:
         finally:
             sim.close()
         assert broken == [], f"seed {seed}: {broken}\n" + "\n".join(rec.faults)
+
+
+def test_a_fleet_waiter_is_told_the_store_is_unreachable_and_then_where_its_key_stands(
+        sim: Sim) -> None:
+    """Issue 19, item 6: a waiter showed "due, key busy" for a whole store outage. It is told
+    the store is unreachable, and where its key stands once the store answers again."""
+    a, b = sim.host("a"), sim.host("b")
+    sim.run_for(11.0)
+    caller = a.submit("k", 1.0, delay=30.0)
+    sim.run_until(lambda: caller.answer is not None)
+    watcher = sim.do_wait(b, "k")
+    for host in (a, b):
+        host.store.down = True
+    sim.run_until(lambda: "store-unreachable" in watcher.progress, limit=100)
+    for host in (a, b):
+        host.store.down = False
+    sim.run_until(lambda: watcher.progress[-1] == "pending", limit=100)
+    sim.run_until(lambda: watcher.result is not None, limit=200)
+    assert watcher.outcome == ("finished", 0, "exited")

@@ -230,7 +230,7 @@ def handle_status(ctx: Context, client: Client, req: protocol.StatusRequest) -> 
         return _in_fleet(ctx, client, "status", rows)
     local = ctx.core.status()
     fleet = ctx.fleet
-    here = set() if fleet is None else _fleet_keys_here(fleet)
+    here = set() if fleet is None else fleet.keys_here()
     if fleet is None or not here:
         return protocol.StatusReply(keys=local, pid=os.getpid(), jobs=ctx.jobs)
 
@@ -248,11 +248,6 @@ def handle_status(ctx: Context, client: Client, req: protocol.StatusRequest) -> 
         return protocol.StatusReply(keys=keys, pid=os.getpid(), jobs=ctx.jobs)
 
     return _later(ctx, client, lambda: with_fleet(fleet))
-
-
-def _fleet_keys_here(fleet: Fleet) -> set[str]:
-    """The fleet keys this host has a pending invocation of, or a run executing."""
-    return set(fleet.claims.mine) | {local.key for local in fleet.execution.local.values()}
 
 
 def handle_history(ctx: Context, client: Client, req: protocol.HistoryRequest) -> Reply:

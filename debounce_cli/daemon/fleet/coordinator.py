@@ -143,6 +143,10 @@ class Fleet:
     def detach(self, waiter: Any) -> None:
         self.following.detach(waiter)
 
+    def keys_here(self) -> set[str]:
+        """The fleet keys this host has a pending invocation of, or a run executing."""
+        return set(self.claims.mine) | {local.key for local in self.execution.local.values()}
+
     async def status(self) -> list[protocol.KeyStatus]:
         store = self.link.store
         tags = await store.indexed()

@@ -46,12 +46,42 @@ class Following:
         self.followers: dict[str, Follower] = {}
         self.follow_changed = asyncio.Event()
         self.reading = False
+        self.store_out = False  # the store stopped answering; its waiters were told so
         #: (key, run) -> the last output chunk handed out: a chunk published twice (its
         #: pipeline retried after a lost answer) is handed out once.
         self.out_seen: dict[tuple[str, int], int] = {}
 
     def busy(self) -> bool:
         return any(not kw.empty() for kw in self.waiting.values())
+
+    def _tell_slots(self, message: Callable[[str], protocol.Message | None]) -> None:
+        """Give every waiter still in a slot (pending) ``message(key)``, if there is one."""
+        for key, kw in self.waiting.items():
+            msg = message(key) if kw.slots else None
+            if msg is None:
+                continue
+            line = protocol.encode(msg)
+            for waiters in kw.slots.values():
+                for waiter in waiters:
+                    waiter.raw(line)
+
+    async def _store_back(self) -> None:
+        """The store answers again: the waiters told it did not are told where their key
+        stands now."""
+        pending: dict[str, protocol.Message] = {}
+        for key, kw in list(self.waiting.items()):
+            if not kw.slots:
+                continue
+            try:
+                st, _ = await self.link.store.snapshot(key)
+            except StoreDown:
+                return
+            p = st.pending
+            if p is not None:
+                pending[key] = protocol.Pending(
+                    key=key, state=states.QUEUED if p.queued else states.PENDING,
+                    due_in=max(0.0, p.due - self.link.store_now()), coalesced=p.coalesced)
+        self._tell_slots(pending.get)
 
     def adopt_orphans(self, key: str, slot: int) -> None:
         """Our invocation was submitted again (the store lost data): the waiters whose slot
@@ -248,10 +278,17 @@ class Following:
                 batch = await self.link.store.read(followed, READ_BLOCK_MS)
             except StoreDown as exc:
                 self.link.say_down(exc)
+                if not self.store_out:
+                    self.store_out = True
+                    self._tell_slots(lambda key: protocol.Pending(
+                        key=key, state=protocol.STORE_UNREACHABLE, due_in=None, coalesced=1))
                 await asyncio.sleep(RETRY)
                 continue
             finally:
                 self.reading = False
+            if self.store_out:
+                self.store_out = False
+                await self._store_back()
             heard = set()
             for key, eid, event in batch:
                 follower = self.followers.get(key)
