@@ -500,7 +500,7 @@ while True:
 class _Spawner:
     """The daemon's side of the spawner process (see :data:`_SPAWNER`), one per daemon.
 
-    Started when the daemon starts (:func:`pdeathsig_prefix`), attached to the event loop at
+    Started when the daemon starts (:func:`start_spawner`), attached to the event loop at
     the first run. If it dies (killed on its own), the daemon kills its runs: they end as
     killed, starts in flight fail, and the next run starts a new spawner.
     """
@@ -708,14 +708,12 @@ def _prctl() -> Callable[[int, int], int] | None:
         return None
 
 
-def pdeathsig_prefix() -> tuple[str, ...]:
-    """Nothing any more (runs set their parent-death signal themselves, see
-    :func:`_fork_exec`); kept so a daemon starts its spawner (and loads ``prctl``, for
-    the fallback) before its first run."""
+def start_spawner() -> None:
+    """Start the daemon's spawner, and load ``prctl`` for the fallback fork (see
+    :func:`_fork_exec`), before the first run: not in the middle of its start."""
     _prctl()
     _devnull()
     _spawner.launch()
-    return ()
 
 
 @functools.cache

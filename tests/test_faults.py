@@ -95,7 +95,8 @@ def test_a_key_of_non_utf8_bytes_survives_a_restart_byte_for_byte(world):
     out = world.work / "out"
     no_wait(world, key, "30s", "sh", "-c", f'printf "%s" "$DEBOUNCE_KEY" > {out}')
     kill9(world.socket)
-    assert [row["key"] for row in status(world)["keys"]] == [key]
+    assert [base64.b64decode(row["key_b64"]) for row in status(world)["keys"]] == [
+        b"caf\xe9-\xff"]
     flushed = world.run("flush", key)
     assert flushed.returncode == 0, flushed.stderr
     wait_until(out.exists, timeout=10)

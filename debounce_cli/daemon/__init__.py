@@ -31,7 +31,7 @@ def run_daemon(config: Config) -> int:
     """Entry point of ``debounce daemon``: returns the exit status."""
     from debounce_cli.daemon import startup
     from debounce_cli.daemon.server import Server
-    from debounce_cli.runner import pdeathsig_prefix
+    from debounce_cli.runner import start_spawner
 
     serving_socket = True
     lock_fd = None
@@ -46,7 +46,7 @@ def run_daemon(config: Config) -> int:
         print(f"debounce: {exc}; reading stdin without a socket or journal", file=sys.stderr)
     clock: Clock = SystemClock() if not config.clock_skew else SkewedClock(config.clock_skew)
     start = startup.restore(config, clock)
-    pdeathsig_prefix()  # probe setpriv now, not in the middle of the first run's start
+    start_spawner()  # now, not in the middle of the first run's start
     if sys.version_info < (3, 12) and hasattr(os, "pidfd_open"):
         # 3.11 watches each child with a thread of its own; a pidfd is one file descriptor in
         # the loop instead (3.12 does this by itself).

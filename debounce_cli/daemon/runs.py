@@ -28,7 +28,7 @@ from debounce_cli.runner import (
     RunProcess,
     batches,
     note_end,
-    pdeathsig_prefix,
+    start_spawner,
 )
 from debounce_cli.scheduler import Run
 
@@ -62,7 +62,7 @@ class Runs:
         self.ledger_fd: int | None = None
         self.ledger_error = ""
         self._open_ledger()
-        pdeathsig_prefix()  # load prctl now: a forked child must not import anything
+        start_spawner()  # (and load prctl now: a forked child must not import anything)
         self.loop = loop
         self.journal = journal
         self.log_dir = log_dir
