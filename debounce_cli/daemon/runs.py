@@ -36,6 +36,20 @@ from debounce_cli.scheduler import Run
 REPLAY_BUFFER = 8 * 1024 * 1024
 #: Processes started per turn of the event loop, at most (see Runs._spawn_some).
 SPAWNS_PER_TURN = 8
+#: Descriptors a run holds while it executes (its two output pipes, its log, one in transit).
+FDS_PER_RUN = 4
+
+
+def runs_at_once() -> int:
+    """How many runs may execute at once before the next ones wait to be spawned: half the
+    daemon's descriptors, so that a burst of thousands never fails runs for want of one
+    (they would end 126, "Too many open files")."""
+    import resource
+
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        soft = 1 << 16
+    return max(8, soft // 2 // FDS_PER_RUN)
 #: Retention also drops unused environments every this many finished runs.
 PRUNE_ENVS_EVERY = 256
 #: While runs execute, the journal's retention runs at most this often (see Runs.retain).
@@ -73,6 +87,8 @@ class Runs:
         self.buffers: dict[int, list[tuple[int, bytes]]] = {}  # output of runs without a log
         self.to_spawn: deque[tuple[Run, RunProcess]] = deque()
         self.draining = False  # shutting down: nothing more is spawned
+        self.at_once = runs_at_once()  # runs executing at most; the next ones wait their turn
+        self.executing = 0  # runs spawned whose end has not been reported yet
         self.later: dict[int, list[RunProcess]] = {}  # more processes of a --collect run
         self.batch_files: dict[int, str] = {}
         self.tasks: set[asyncio.Task[None]] = set()
@@ -243,12 +259,13 @@ class Runs:
         leave every connection unanswered until the last fork.
         """
         for _ in range(SPAWNS_PER_TURN):
-            if not self.to_spawn or self.draining:
-                return
+            if not self.to_spawn or self.draining or self.executing >= self.at_once:
+                return  # (a run that ends calls this again)
             run, proc = self.to_spawn.popleft()
+            self.executing += 1
             task = asyncio.ensure_future(self._execute(run, proc))
             self.tasks.add(task)
-            task.add_done_callback(self.tasks.discard)
+            task.add_done_callback(self._done_executing)
         if self.to_spawn:
             self.loop.call_soon(self._spawn_some)
 
@@ -275,6 +292,13 @@ class Runs:
         if log is not None:
             log.close()
         self.events.run_exited(run.id, code)
+
+    def _done_executing(self, task: asyncio.Task[None]) -> None:
+        """A run's task has ended, however: its place among the runs at once is free."""
+        self.tasks.discard(task)
+        self.executing -= 1
+        if self.to_spawn:
+            self._spawn_some()
 
     async def _processes(self, run: Run, proc: RunProcess) -> int:
         """Start the run's process, and the rest of a --collect batch one after another;
