@@ -289,3 +289,23 @@ def test_a_fleet_waiter_is_told_the_store_is_unreachable_and_then_where_its_key_
     sim.run_until(lambda: watcher.progress[-1] == "pending", limit=100)
     sim.run_until(lambda: watcher.result is not None, limit=200)
     assert watcher.outcome == ("finished", 0, "exited")
+
+
+def test_a_run_that_ended_during_a_store_outage_keeps_its_real_duration() -> None:
+    """Issue 19, item 6: after an outage a 4 s run was recorded as taking 8 s (its end was
+    stamped when the store heard of it). The end is stamped when it happened."""
+    sim = Sim(lease=20.0)  # an outage shorter than half a lease: the run goes on
+    try:
+        a = sim.host("a")
+        sim.run_for(25.0)
+        caller = a.submit("k", 4.0, delay=0.0)
+        sim.run_until(lambda: sim.starts("k"))
+        sim.run_for(2.0)
+        a.store.down = True
+        sim.run_for(6.0)  # the run ends 2 s into the outage
+        a.store.down = False
+        sim.run_until(lambda: caller.result is not None, limit=200)
+        [row] = sim.memory.history
+        assert 3.9 <= row["finished_at"] - row["started_at"] <= 4.1, row
+    finally:
+        sim.close()

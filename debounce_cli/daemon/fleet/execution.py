@@ -150,7 +150,8 @@ class Execution:
         if outcome is None:
             outcome = (states.LOST if local.why == STOP_LEASE
                        else states.OUTCOME_OF_STOP.get(local.why, states.EXITED))
-        self.outbox.append(("finish", (local.key, local.running, code, outcome)))
+        self.outbox.append(("finish", (local.key, local.running, code, outcome,
+                                       self.link.store_now())))
         self.give_back()
         self.outbox_ready.set()
 
@@ -270,9 +271,9 @@ def _unclaiming(run: fs.Running
     return step
 
 
-def _finishing(run: fs.Running, code: int | None, outcome: str
+def _finishing(run: fs.Running, code: int | None, outcome: str, ended: float | None = None
                ) -> Callable[[fs.KeyState, float], tuple[fs.Last | None, list[fs.Event]]]:
-    """The step that records the end of ``run``."""
+    """The step that records the end of ``run`` (at ``ended``, the store's time then)."""
     def step(st: fs.KeyState, now: float) -> tuple[fs.Last | None, list[fs.Event]]:
-        return fs.finish(st, run=run, exit_code=code, outcome=outcome, now=now)
+        return fs.finish(st, run=run, exit_code=code, outcome=outcome, now=now, ended=ended)
     return step

@@ -335,8 +335,10 @@ def started_event(run: Running) -> Event:
 
 # ---------------------------------------------------------------------- ending a run
 def finish(st: KeyState, *, run: Running, exit_code: int | None, outcome: str,
-           now: float) -> tuple[Last | None, list[Event]]:
-    """``run`` ended (its host says so, with the fencing token it was started under).
+           now: float, ended: float | None = None) -> tuple[Last | None, list[Event]]:
+    """``run`` ended (its host says so, with the fencing token it was started under), at
+    ``ended`` on the store's clock as its host reckons it (else ``now``: a report delayed by
+    a store outage does not make the run longer than it was).
 
     ``None`` when the key's state holds a newer fencing token: the run was given up as lost
     while its host was away, and that record stands. When the state has never heard of the
@@ -353,7 +355,9 @@ def finish(st: KeyState, *, run: Running, exit_code: int | None, outcome: str,
     outcome, follow = rules.ended(r.stopping, outcome, st.pending is not None)
     last = Last(run=r.run, host=r.host, argv=r.job["argv"], cwd=r.job["cwd"],
                 exit_code=exit_code, outcome=outcome, coalesced=r.coalesced,
-                started_at=r.started_at, finished_at=now, due=r.due, inv=r.inv, slot=r.slot)
+                started_at=r.started_at,
+                finished_at=now if ended is None else min(now, max(r.started_at, ended)),
+                due=r.due, inv=r.inv, slot=r.slot)
     st.last = last
     event: Event = {"t": "finished", **last.record(st.key)}
     if follow:
