@@ -619,3 +619,14 @@ def test_logs_follow_a_fleet_run_executing_on_another_host(fleet):
     out, err = follower.communicate(timeout=30)
     assert (follower.returncode, out) == (6, "two\n"), err
     assert finish(runner)[0] == 6
+
+
+def test_plain_history_on_the_host_that_ran_a_fleet_run_lists_it(fleet):
+    """Issue 19, item 6: plain `history` on the host that ran a fleet run did not list it."""
+    proc = fleet.hosts[0].popen("run", "--fleet", "--key", "hk", "--delay", "0", "--", "true")
+    assert finish(proc)[0] == 0
+    here = fleet.hosts[0].run("history", "--json")
+    assert [(json.loads(line)["key"], json.loads(line)["host"])
+            for line in here.stdout.splitlines()] == [("hk", "a")]
+    elsewhere = fleet.hosts[1].run("history", "--json")
+    assert elsewhere.stdout.strip() == ""

@@ -256,8 +256,26 @@ def handle_history(ctx: Context, client: Client, req: protocol.HistoryRequest) -
             return protocol.HistoryReply(runs=await fleet.history(req.key, max(0, req.limit)))
 
         return _in_fleet(ctx, client, "history", fleet_runs)
-    runs = ctx.core.history(req.key, max(0, req.limit))
-    return protocol.HistoryReply(runs=runs)
+    limit = max(0, req.limit)
+    runs = ctx.core.history(req.key, limit)
+    fleet = ctx.fleet
+    if fleet is None:
+        return protocol.HistoryReply(runs=runs)
+
+    async def with_fleet(fleet: Fleet) -> protocol.Message:
+        """This daemon's runs and the fleet runs that executed on this host (their rows
+        carry ``host``), newest first; a store that does not answer leaves the local ones."""
+        from debounce_cli.daemon.fleet.store import StoreDown
+
+        try:
+            ours = [row for row in await fleet.history(req.key, limit)
+                    if row.host == fleet.link.host]
+        except StoreDown:
+            ours = []
+        rows = sorted(runs + ours, key=lambda row: row.finished_at or 0.0, reverse=True)
+        return protocol.HistoryReply(runs=rows[:limit])
+
+    return _later(ctx, client, lambda: with_fleet(fleet))
 
 
 def handle_logs(ctx: Context, client: Client, req: protocol.LogsRequest) -> Reply:
