@@ -309,3 +309,16 @@ def test_a_run_that_ended_during_a_store_outage_keeps_its_real_duration() -> Non
         assert 3.9 <= row["finished_at"] - row["started_at"] <= 4.1, row
     finally:
         sim.close()
+
+
+def test_a_run_reported_after_the_store_restarted_empty_is_found_by_its_id(sim: Sim) -> None:
+    """Issue 19, item 6: after Redis restarted empty, `logs --run N` said no run N was known
+    while `history --fleet` listed it (the end was recorded again, its id not)."""
+    a = sim.host("a")
+    sim.run_for(11.0)
+    caller = a.submit("k", 3.0, delay=0.0)
+    sim.run_until(lambda: sim.starts("k"))
+    sim.memory.wipe()  # restarted without its data while the run executes
+    sim.run_until(lambda: caller.result is not None, limit=100)
+    [row] = sim.memory.history
+    assert sim.do(a.store.key_of_run(row["run_id"])) == "k"

@@ -252,10 +252,12 @@ class Execution:
                         if back and st.pending is not None and st.pending.host == link.host:
                             self.own(key, st.pending.slot, st.pending.due, event_id(latest))
                         continue
-                    await link.store.update(item[0], _finishing(*item[1:]),
-                                            history=link.config.keep_history)
+                    last, _, _ = await link.store.update(item[0], _finishing(*item[1:]),
+                                                         history=link.config.keep_history)
                     self.outbox.popleft()
                     self.reporting.discard(item[1].run)
+                    if last is not None:  # named again: a store restarted empty forgot it
+                        link.spawn(link.store.name_run(item[1].run, item[0]))
                 except StoreDown as exc:
                     link.say_down(exc)
                     await asyncio.sleep(RETRY)
