@@ -21,6 +21,7 @@ def numbers(text: str) -> list[float]:
     return [float(n.replace(",", "")) for n in re.findall(r"\d[\d,]*(?:\.\d+)?", text)]
 
 
+@pytest.mark.slow  # real daemons and processes for a minute or so: the full run only
 @pytest.mark.timeout(400)
 def test_quick_bench_runs_and_prints_every_figure():
     r = subprocess.run([sys.executable, "-m", "bench", "--quick", "--json"], cwd=ROOT,
