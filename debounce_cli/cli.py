@@ -19,12 +19,12 @@ from debounce_cli.conversation import (
     UsageProblem,
     client_status,
     converse,
+    copy_log,
     emit,
     finish_output,
     refused,
     run_request,
     say,
-    write_error,
 )
 from debounce_cli.durations import DurationError, parse_duration
 from debounce_cli.exits import ExitStatus
@@ -693,8 +693,7 @@ def history(key: str | None, limit: int, as_json: bool, fleet: bool,
 def logs(target: str | None, key_option: str | None, run_id: int | None, follow: bool,
          socket_path: str | None) -> int:
     """Print the output of a run, or of the latest run of KEY (stdout and stderr apart)."""
-    from debounce_cli import client, protocol
-    from debounce_cli.logfile import read_log
+    from debounce_cli import protocol
 
     what, by = _target(target, key_option, run_id)
     if follow:
@@ -702,18 +701,7 @@ def logs(target: str | None, key_option: str | None, run_id: int | None, follow:
                         quiet=False, as_json=False, replay_finished=True)
     reply = _ask(socket_path, protocol.LogsRequest(target=what, by=by))
     assert isinstance(reply, protocol.LogsReply)
-    if not reply.log_path:
-        raise Failure(f"run {reply.run_id} keeps no log", ExitStatus.NOT_FOUND)
-    try:
-        records = read_log(reply.log_path)
-        for fd, data in records:  # reading may fail at any record, writing never raises
-            client.write_output(fd, data)
-            lost = client.write_error()
-            if lost is not None:
-                raise Failure(write_error(lost), ExitStatus.FAILURE)
-    except OSError as exc:
-        raise Failure(f"cannot read the log of run {reply.run_id}: {exc.strerror}",
-                      ExitStatus.NOT_FOUND) from None
+    copy_log(reply)
     return ExitStatus.SUCCESS
 
 

@@ -199,7 +199,6 @@ def _noting(inner: Any) -> Any:
 def print_log(sock: str, run_id: int) -> None:
     """Copy the log of run ``run_id`` to our stdout and stderr (``debounce logs``)."""
     from debounce_cli import client, protocol
-    from debounce_cli.logfile import read_log
 
     try:
         conn = client.connect(sock, protocol.LogsRequest(target=str(run_id), by="run"))
@@ -214,6 +213,14 @@ def print_log(sock: str, run_id: int) -> None:
                       ExitStatus.DAEMON_UNREACHABLE) from None
     if not isinstance(reply, protocol.LogsReply):
         refused(reply, f"run {run_id}")
+    copy_log(reply)
+
+
+def copy_log(reply: Any) -> None:
+    """Copy the log a ``LogsReply`` names to our stdout and stderr, as it was written."""
+    from debounce_cli import client
+    from debounce_cli.logfile import read_log
+
     if not reply.log_path:
         raise Failure(f"run {reply.run_id} keeps no log", ExitStatus.NOT_FOUND)
     try:
