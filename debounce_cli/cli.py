@@ -637,23 +637,34 @@ def kill(target: str | None, key_option: str | None, run_id: int | None,
 
 @cli.command(short_help="Wait for what is pending or running for KEY or RUN_ID.")
 @_target_options("[KEY|RUN_ID]")
+@click.option("--invocation", "invocation", type=click.IntRange(min=1), metavar="N",
+              help="The run that stands for invocation N (the id `run --json` prints): "
+              "follow it and exit with its status; 114 if N was cancelled, 113 if its run "
+              "was lost.")
 @click.option("-q", "--quiet", is_flag=True, help="Do not copy the run's output.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object.")
 @click.option("--timeout", type=DURATION, metavar="DURATION",
               help="Give up after this long (exit 115); the run goes on.")
 @_socket_option
 def wait(
-    target: str | None, key_option: str | None, run_id: int | None, quiet: bool,
-    as_json: bool, timeout: float | None, socket_path: str | None,
+    target: str | None, key_option: str | None, run_id: int | None, invocation: int | None,
+    quiet: bool, as_json: bool, timeout: float | None, socket_path: str | None,
 ) -> int:
     """Wait for what is pending or running for KEY or RUN_ID, like run does.
 
     When nothing is, exit at once with the status of that run or of the key's latest run.
-    A bare argument that is both a key and a run id is refused: say --key or --run.
+    A bare argument that is both a key and a run id is refused: say --key or --run. With
+    --invocation N, wait for the run that stands for invocation N, wherever it was coalesced.
     """
     from debounce_cli import protocol
 
-    what, by = _target(target, key_option, run_id)
+    by: str | None
+    if invocation is not None:
+        if (target, key_option, run_id) != (None, None, None):
+            raise click.UsageError("name one KEY or RUN_ID, or use --invocation N alone")
+        what, by = str(invocation), "invocation"
+    else:
+        what, by = _target(target, key_option, run_id)
     return converse(_socket(socket_path), protocol.WaitRequest(target=what, by=by), what,
                      quiet, as_json, wait_timeout=timeout)
 
@@ -666,13 +677,18 @@ def wait(
 @click.option("--fleet", is_flag=True,
               help="Show the fleet's runs (every host's, from the store) instead of this "
               "daemon's.")
+@click.option("--invocation", "invocation", type=click.IntRange(min=1), metavar="N",
+              help="Show the run that stood for invocation N (the id `run --json` prints).")
 @_socket_option
-def history(key: str | None, limit: int, as_json: bool, fleet: bool,
+def history(key: str | None, limit: int, as_json: bool, fleet: bool, invocation: int | None,
             socket_path: str | None) -> int:
     """Show finished runs (of KEY, or of every key), newest first."""
     from debounce_cli import protocol, render
 
-    reply = _ask(socket_path, protocol.HistoryRequest(key=key, limit=limit, fleet=fleet))
+    if invocation is not None and key is not None:
+        raise click.UsageError("name a KEY or use --invocation N, not both")
+    reply = _ask(socket_path, protocol.HistoryRequest(key=key, limit=limit, fleet=fleet,
+                                                      invocation=invocation))
     if not as_json and sys.stdout is not None and sys.stdout.isatty():
         render.history_table(reply.runs)
         return ExitStatus.SUCCESS

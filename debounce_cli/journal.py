@@ -26,7 +26,6 @@ each other's work.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import functools
 import hashlib
 import json
@@ -39,7 +38,7 @@ from typing import Any
 
 from debounce_cli.options import HISTORY_LIMIT
 from debounce_cli.protocol import RunRecord
-from debounce_cli.scheduler import Invocation, Options, Run, Scheduler
+from debounce_cli.scheduler import Covered, Invocation, Options, Run, Scheduler
 from debounce_cli.states import EXITED, FINISHED, LOST
 
 SCHEMA_VERSION = 1
@@ -86,13 +85,31 @@ CREATE TABLE IF NOT EXISTS runs (
     PRIMARY KEY (socket, run_id)
 );
 CREATE INDEX IF NOT EXISTS runs_by_key ON runs (socket, key, run_id);
+CREATE TABLE IF NOT EXISTS cancelled (
+    socket TEXT NOT NULL,
+    inv_id INTEGER NOT NULL,
+    key TEXT NOT NULL,
+    cancelled_at REAL NOT NULL,
+    PRIMARY KEY (socket, inv_id)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS batches (
+    socket TEXT NOT NULL,
+    key TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    argv TEXT NOT NULL,
+    PRIMARY KEY (socket, key, seq)
+) WITHOUT ROWID;
 """
+
+#: Cancelled invocations remembered for ``debounce wait --invocation`` (the newest).
+CANCELLED_KEPT = 10_000
 
 #: Columns added after the first journals were written: (table, column, type).
 _ADDED_COLUMNS = [
     ("runs", "due_at", "REAL"), ("runs", "inv_id", "INTEGER"), ("envs", "socket", "TEXT"),
     ("runs", "env_id", "INTEGER"), ("runs", "options", "TEXT"), ("pending", "batch", "TEXT"),
-    ("runs", "batch", "TEXT"),
+    ("runs", "batch", "TEXT"), ("pending", "covered", "TEXT"), ("runs", "covered", "TEXT"),
+    ("pending", "covered_more", "INTEGER"), ("runs", "covered_more", "INTEGER"),
 ]
 
 class JournalError(Exception):
@@ -119,6 +136,7 @@ class StoredInvocation:
     leading_edge: bool
     state: str
     batch: list[list[str]] | None = None  # --collect: the argv of each coalesced invocation
+    covered: Covered | None = None  # the invocations it stands for (None: only itself)
 
 
 @dataclass(slots=True)
@@ -141,6 +159,7 @@ class UnfinishedRun:
     options: dict[str, Any] | None
     coalesced: int
     batch: list[list[str]] | None = None  # --collect: the argv of each invocation it stands for
+    covered: Covered | None = None  # the invocations it stands for
 
 
 @dataclass
@@ -205,6 +224,12 @@ class Journal:
         self.argv_objects: dict[int, tuple[list[str], str]] = {}
         self.broken: str | None = None  # why the last commit failed, until one succeeds
         self.forgotten_runs: list[int] = []  # run rows to delete with the next commit
+        #: Invocations cancelled since the last commit: (key, ids, wall-clock time).
+        self.cancellations: list[tuple[str, list[int], float]] = []
+        #: --collect batches of pending invocations: per key, the batch list and how many of
+        #: its items are in the ``batches`` table. A batch only grows at its end (what was
+        #: committed cannot be taken back), so each commit writes only the new items.
+        self.batch_rows: dict[str, tuple[list[Any], int]] = {}
 
     # ------------------------------------------------------------------ opening
     def open(self) -> None:
@@ -264,9 +289,15 @@ class Journal:
         """A run's details changed outside the scheduler (its pid, its log)."""
         self.dirty_runs[run.id] = run
 
+    def cancelled(self, key: str, ids: list[int]) -> None:
+        """``debounce cancel`` dropped the invocations ``ids``: remember it with the next commit,
+        for ``debounce wait --invocation``."""
+        self.cancellations.append((key, ids, time.time()))
+
     @property
     def dirty(self) -> bool:
-        return bool(self.dirty_keys or self.dirty_runs or self.forgotten_runs)
+        return bool(self.dirty_keys or self.dirty_runs or self.forgotten_runs
+                    or self.cancellations)
 
     def commit(self, scheduler: Scheduler, wall_offset: float) -> None:
         """Write every changed key and run in one transaction; raise JournalError on failure.
@@ -276,6 +307,7 @@ class Journal:
         """
         if not self.dirty:
             return
+        batch_rows: dict[str, tuple[list[Any], int] | None] = {}
         with self._transaction() as db:
             gone, rows = [], []
             for key in self.dirty_keys:
@@ -285,13 +317,17 @@ class Journal:
                     gone.append((self.socket, _t(key)))
                 else:
                     rows.append(self._pending_row(db, inv, wall_offset))
+                batch = inv.batch if inv is not None else ()
+                if batch or key in self.batch_rows:
+                    batch_rows[key] = self._write_batch(db, key, batch)
             if gone:
                 db.executemany("DELETE FROM pending WHERE socket = ? AND key = ?", gone)
             if rows:
                 db.executemany(
                     "INSERT OR REPLACE INTO pending (socket, key, id, argv, cwd, env_id, "
                     "options, received_at, due_at, first_at, coalesced, leading_edge, state, "
-                    "batch) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    "batch, covered, covered_more) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     rows,
                 )
             for run in self.dirty_runs.values():
@@ -299,9 +335,43 @@ class Journal:
             if self.forgotten_runs:
                 db.executemany("DELETE FROM runs WHERE socket = ? AND run_id = ?",
                                [(self.socket, run_id) for run_id in self.forgotten_runs])
+            if self.cancellations:
+                db.executemany(
+                    "INSERT OR REPLACE INTO cancelled (socket, inv_id, key, cancelled_at) "
+                    "VALUES (?, ?, ?, ?)",
+                    [(self.socket, inv_id, _t(key), when)
+                     for key, ids, when in self.cancellations for inv_id in ids],
+                )
+        for key, written in batch_rows.items():  # only once the commit holds them
+            if written is None:
+                self.batch_rows.pop(key, None)
+            else:
+                self.batch_rows[key] = written
         self.dirty_keys.clear()
         self.dirty_runs.clear()
         self.forgotten_runs.clear()
+        self.cancellations.clear()
+
+    def _write_batch(self, db: sqlite3.Connection, key: str, batch: Any
+                     ) -> tuple[list[Any], int] | None:
+        """Bring the ``batches`` rows of ``key`` up to its pending batch: the items added
+        since the last commit, or the whole batch when it is another list than before."""
+        known = self.batch_rows.get(key)
+        start = 0
+        if known is not None and batch and known[0] is batch and known[1] <= len(batch):
+            start = known[1]
+        elif known is not None:
+            db.execute("DELETE FROM batches WHERE socket = ? AND key = ?", (self.socket, _t(key)))
+        if not batch:
+            return None
+        assert isinstance(batch, list)
+        if start < len(batch):
+            db.executemany(
+                "INSERT OR REPLACE INTO batches (socket, key, seq, argv) VALUES (?, ?, ?, ?)",
+                [(self.socket, _t(key), seq, self._argv_json(batch[seq].argv))
+                 for seq in range(start, len(batch))],
+            )
+        return batch, len(batch)
 
     def refusal(self) -> str | None:
         """Why new invocations cannot be stored now, or ``None`` when they can.
@@ -384,7 +454,7 @@ class Journal:
             self.socket, _t(inv.key), inv.id, self._argv_json(job.argv), _t(job.cwd),
             self._env_id(db, job.env), _options_json(inv.options), inv.received_at + offset,
             inv.due + offset, inv.first_at + offset, inv.coalesced, int(inv.leading_edge),
-            inv.state, json.dumps([p.argv for p in inv.batch]) if inv.batch else None,
+            inv.state, None, *_covered_columns(inv.covered),
         )
 
     def _write_run(self, db: sqlite3.Connection, run: Run) -> None:
@@ -401,7 +471,8 @@ class Journal:
         db.execute(
             "INSERT OR REPLACE INTO runs (socket, run_id, key, argv, cwd, coalesced, started_at, "
             "due_at, inv_id, finished_at, exit_code, outcome, pid, log_path, env_id, options, "
-            "batch) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "batch, covered, covered_more) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 self.socket, run.id, _t(run.key), self._argv_json(job.argv), _t(job.cwd),
                 run.coalesced,
@@ -410,6 +481,7 @@ class Journal:
                 run.exit_code if run.state == FINISHED else None,
                 run.outcome if run.state == FINISHED else None,
                 job.pid, job.log_path, env_id, options, batch_json,
+                *_covered_columns(run.covered),
             ),
         )
 
@@ -427,20 +499,28 @@ class Journal:
         pending = []
         rows = db.execute(
             "SELECT p.key, p.id, p.argv, p.cwd, e.env, p.options, p.received_at, p.due_at, "
-            "p.first_at, p.coalesced, p.leading_edge, p.state, p.batch FROM pending p "
+            "p.first_at, p.coalesced, p.leading_edge, p.state, p.batch, p.covered, "
+            "p.covered_more FROM pending p "
             "LEFT JOIN envs e ON e.id = p.env_id WHERE p.socket = ? ORDER BY p.received_at",
             (self.socket,),
         )
-        for row in rows:
+        batches: dict[str, list[list[str]]] = {}
+        for key, argv in db.execute(
+                "SELECT key, argv FROM batches WHERE socket = ? ORDER BY key, seq",
+                (self.socket,)):
+            batches.setdefault(_s(key), []).append(json.loads(argv))
+        for row in rows.fetchall():
             (key, inv_id, argv, cwd, env, options, received, due, first, coalesced, leading,
-             state, batch) = row
+             state, batch, covered, covered_more) = row
+            key = _s(key)
             pending.append(StoredInvocation(
-                key=_s(key), id=inv_id, argv=json.loads(argv), cwd=_s(cwd),
+                key=key, id=inv_id, argv=json.loads(argv), cwd=_s(cwd),
                 env=json.loads(env) if env is not None else None,
                 options=json.loads(options), received_at=received,
                 due_at=due, first_at=first, coalesced=coalesced,
                 leading_edge=bool(leading), state=state,
-                batch=json.loads(batch) if batch is not None else None,
+                batch=batches.get(key) or (json.loads(batch) if batch is not None else None),
+                covered=_covered_of(covered, covered_more),
             ))
         unfinished = [
             UnfinishedRun(
@@ -448,10 +528,12 @@ class Journal:
                 cwd=_s(r[5]), env=json.loads(r[6]) if r[6] is not None else None,
                 options=json.loads(r[7]) if r[7] is not None else None, coalesced=r[8],
                 batch=json.loads(r[9]) if r[9] is not None else None,
+                covered=_covered_of(r[10], r[11]),
             )
             for r in db.execute(
                 "SELECT r.run_id, r.key, r.pid, r.inv_id, r.argv, r.cwd, e.env, r.options, "
-                "r.coalesced, r.batch FROM runs r LEFT JOIN envs e ON e.id = r.env_id "
+                "r.coalesced, r.batch, r.covered, r.covered_more FROM runs r "
+                "LEFT JOIN envs e ON e.id = r.env_id "
                 "WHERE r.socket = ? AND r.finished_at IS NULL ORDER BY r.run_id",
                 (self.socket,),
             )
@@ -528,6 +610,21 @@ class Journal:
                               (self.socket, _t(key or "")))
         return _run_record(rows[0]) if rows else None
 
+    def covering(self, inv_id: int) -> RunRecord | None:
+        """The latest finished run that stood for invocation ``inv_id``."""
+        rows = self._read(
+            _RUN_COLUMNS + " WHERE socket = ? AND finished_at IS NOT NULL AND (inv_id = ? OR ("
+            "instr(covered, ?) AND EXISTS (SELECT 1 FROM json_each(covered) WHERE value = ?)))"
+            " ORDER BY run_id DESC LIMIT 1",
+            (self.socket, inv_id, str(inv_id), inv_id))
+        return _run_record(rows[0]) if rows else None
+
+    def was_cancelled(self, inv_id: int) -> str | None:
+        """The key of invocation ``inv_id`` if ``debounce cancel`` dropped it."""
+        rows = self._read("SELECT key FROM cancelled WHERE socket = ? AND inv_id = ?",
+                          (self.socket, inv_id))
+        return _s(rows[0][0]) if rows else None
+
     def _read(self, query: str, args: Any) -> list[tuple[Any, ...]]:
         db = self.db
         assert db is not None
@@ -576,30 +673,55 @@ class Journal:
                     (self.socket, cutoff[0]),
                 )]
                 db.execute(f"DELETE FROM runs WHERE {where}", (self.socket, cutoff[0]))
+            db.execute(
+                "DELETE FROM cancelled WHERE socket = ? AND inv_id <= (SELECT inv_id FROM "
+                "cancelled WHERE socket = ? ORDER BY inv_id DESC LIMIT 1 OFFSET ?)",
+                (self.socket, self.socket, CANCELLED_KEPT))
         return files
 
 
 @functools.lru_cache(maxsize=4096)
 def _options_json(opts: Options) -> str:
-    """Options are shared and immutable: each distinct set is serialised once."""
-    fields = {f.name: getattr(opts, f.name) for f in dataclasses.fields(opts)}
-    if all(v is None or isinstance(v, (str, int, float, bool)) for v in fields.values()):
-        return json.dumps(fields)  # the usual case: no copying, no recursion
-    return json.dumps(dataclasses.asdict(opts))
+    """Options are shared and immutable: each distinct set is serialised once, in the one
+    stored form (``Options.stored``)."""
+    return json.dumps(opts.stored())
+
+
+def _covered_columns(covered: Covered | tuple[()]) -> tuple[str | None, int | None]:
+    """The ``covered`` and ``covered_more`` columns: the ids kept (the newest) and how many
+    older ones were let go."""
+    if not covered:
+        return None, None
+    assert isinstance(covered, Covered)
+    kept = covered.kept()
+    more = covered.total() - len(kept)
+    return json.dumps(kept), more or None
+
+
+def _covered_of(text: str | None, more: int | None) -> Covered | None:
+    if text is None:
+        return None
+    covered = Covered(json.loads(text))
+    covered.dropped = more or 0
+    return covered
 
 
 _RUN_COLUMNS = (
     "SELECT run_id, key, argv, cwd, exit_code, coalesced, started_at, finished_at, "
-    "outcome, log_path, due_at, inv_id FROM runs"
+    "outcome, log_path, due_at, inv_id, covered, covered_more FROM runs"
 )
 
 
 def _run_record(r: tuple[Any, ...]) -> RunRecord:
     """A row selected with ``_RUN_COLUMNS``."""
+    covered = _covered_of(r[12], r[13])
     return RunRecord(
         run_id=r[0], key=_s(r[1]), argv=json.loads(r[2]), cwd=_s(r[3]), exit_code=r[4],
         coalesced=r[5], started_at=r[6], finished_at=r[7], outcome=r[8],
         log_path=None if r[9] is None else _s(r[9]), due_at=r[10], invocation=r[11],
+        # A row from before runs kept the list knows only its winner for sure.
+        covered=covered.shown() if covered is not None else
+        ([r[11]] if r[11] is not None and r[5] == 1 else None),
     )
 
 

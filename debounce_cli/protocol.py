@@ -46,6 +46,8 @@ class ProtocolError(ValueError):
 _STR, _INT, _NUM, _BOOL = "str", "int", "num", "bool"
 _OPT_STR, _OPT_NUM, _OPT_INT = "str?", "num?", "int?"
 _STRS, _ENV, _ANY, _OBJ, _OBJS = "list[str]", "dict[str,str]", "any", "dict", "list[dict]"
+_COVERED = "covered"  # a run's invocations: a list of ids (integers, or host:id strings), a
+# count, or null
 
 
 class Message:
@@ -134,7 +136,9 @@ class WaitRequest(Message):
     type: ClassVar[str] = "wait"
     schema: ClassVar[dict[str, str]] = {"target": _STR, "by": _OPT_STR}
     target: str = ""
-    by: str | None = None  # how to read it: "key", "run" (an id), or None: whichever it is
+    #: How to read it: "key", "run" (an id), "invocation" (an id ``run`` gave), or None:
+    #: a key or a run, whichever it is.
+    by: str | None = None
 
 
 class StatusRequest(Message):
@@ -168,10 +172,12 @@ class HistoryRequest(Message):
     """Finished runs, newest first, of one key or all (``debounce history``)."""
 
     type: ClassVar[str] = "history"
-    schema: ClassVar[dict[str, str]] = {"key": _OPT_STR, "limit": _INT, "fleet": _BOOL}
+    schema: ClassVar[dict[str, str]] = {"key": _OPT_STR, "limit": _INT, "fleet": _BOOL,
+                                        "invocation": _OPT_INT}
     key: str | None = None
     limit: int = HISTORY_LIMIT
     fleet: bool = False  # the fleet's runs instead of this daemon's
+    invocation: int | None = None  # only the run that stood for this invocation
 
 
 class LogsRequest(Message):
@@ -403,6 +409,7 @@ class RunRecord(Record):
         "run_id": _INT, "key": _STR, "argv": _STRS, "cwd": _STR, "exit_code": _OPT_INT,
         "coalesced": _INT, "started_at": _NUM, "finished_at": _OPT_NUM, "outcome": _OPT_STR,
         "due_at": _OPT_NUM, "invocation": _OPT_INT, "log_path": _OPT_STR, "host": _OPT_STR,
+        "covered": _COVERED,
     }
     run_id: int = 0
     key: str = ""
@@ -417,6 +424,9 @@ class RunRecord(Record):
     invocation: int | None = None
     log_path: str | None = None
     host: str | None = None  # a fleet run: the host that ran it
+    #: The invocations it stood for, oldest first: their ids (a fleet run's as "HOST:ID"),
+    #: or their number when they are more than 1,000; None where unknown.
+    covered: list[int] | list[str] | int | None = None
 
     def started(self) -> Started:
         return Started(run_id=self.run_id, invocation=self.invocation or 0, key=self.key,
@@ -724,6 +734,7 @@ _DESCRIBE = {
     _ANY: "any value",
     _OBJ: "an object",
     _OBJS: "a list of objects",
+    _COVERED: "a list of invocation ids, a number or null",
 }
 
 
@@ -752,6 +763,8 @@ _CHECKS: dict[str, Check] = {
     _ANY: lambda value: True,
     _OBJ: lambda value: type(value) is dict,
     _OBJS: lambda value: type(value) is list and all(map(isinstance, value, repeat(dict))),
+    _COVERED: lambda value: value is None or _is_int(value) or (
+        type(value) is list and all(_is_int(v) or type(v) is str for v in value)),
 }
 _CHECKS.update({tag + "?": _maybe(_CHECKS[tag]) for tag in (_STR, _INT, _NUM)})
 

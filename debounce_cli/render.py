@@ -254,7 +254,7 @@ def history_text(runs: list[protocol.RunRecord]) -> str:
 
 #: The fields of ``debounce history --json``, in order.
 HISTORY_FIELDS = ("run_id", "key", "argv", "cwd", "exit_code", "coalesced", "started_at",
-                  "finished_at", "outcome", "due_at", "invocation")
+                  "finished_at", "outcome", "due_at", "invocation", "covered")
 
 
 def history_json(runs: list[protocol.RunRecord]) -> str:

@@ -32,7 +32,7 @@ from __future__ import annotations
 import heapq
 import itertools
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -72,8 +72,8 @@ class Invocation:
     #: With --collect, the payloads of every invocation this one stands for, oldest first.
     batch: Sequence[Any] = ()
     #: The ids of the invocations this one stands for, oldest first, once it stands for more
-    #: than itself (empty: just its own id); at most COVERED_MAX are kept.
-    covered: list[int] | tuple[()] = ()
+    #: than itself (empty: just its own id); see :class:`Covered`.
+    covered: Covered | tuple[()] = ()
 
     @property
     def lead(self) -> bool:
@@ -115,9 +115,9 @@ class Run:
     finished_at: float | None = None
     finished_wall: float | None = None
     outcome: str | None = None  # states.EXITED, TIMED_OUT, RESTARTED or STOPPED
-    #: The ids of the invocations it stands for, oldest first (at most COVERED_MAX; past
-    #: that ``coalesced`` still counts them all): `history --json`'s ``covered``.
-    covered: list[int] = field(default_factory=list)
+    #: The ids of the invocations it stands for, oldest first (see :class:`Covered`):
+    #: `history --json`'s ``covered``.
+    covered: Covered = field(default_factory=lambda: Covered())
     #: Asked immediately before its process is created (a fleet run's fence: its claim must
     #: still hold); False means it never starts.
     may_start: Callable[[], bool] | None = None
@@ -185,22 +185,60 @@ class Cancelled:
 Effect = StartRun | SignalRun | RunFinished | Joined | Updated | Cancelled
 
 
-#: Invocation ids kept per run (``covered``); past it only the count (``coalesced``) grows.
+#: Invocation ids a run lists (``covered``): past this many it keeps the newest, and
+#: ``history --json`` shows their number instead of the list.
 COVERED_MAX = 1000
 
 
-def _cover(ids: list[int], more: Sequence[int]) -> None:
-    """``ids`` stands for ``more`` too (up to COVERED_MAX ids are kept)."""
-    room = COVERED_MAX - len(ids)
-    if room > 0:
-        ids.extend(more[:room])
+class Covered(list[int]):
+    """Invocation ids, oldest first, of which only the newest COVERED_MAX are sure to be kept;
+    ``dropped`` counts the older ones let go (so the number stays exact)."""
+
+    __slots__ = ("dropped",)
+
+    def __init__(self, ids: Iterable[int] = ()) -> None:
+        super().__init__(ids)
+        self.dropped = 0
+
+    def total(self) -> int:
+        return len(self) + self.dropped
+
+    def shown(self) -> list[int] | int:
+        """``covered`` as history shows it: the ids while they are all known, else the
+        number of them."""
+        if self.dropped or len(self) > COVERED_MAX:
+            return self.total()
+        return list(self)
+
+    def kept(self) -> list[int]:
+        """The newest COVERED_MAX ids: what a journal stores and a look-up can find."""
+        return self[-COVERED_MAX:]
+
+    def then(self, more: Sequence[int]) -> Covered:
+        """A new list: these ids, then ``more``."""
+        covered = Covered(self)
+        covered.dropped = self.dropped
+        _cover(covered, more)
+        return covered
 
 
-def _ids_of(inv: Invocation) -> list[int]:
+def _cover(ids: Covered, more: Sequence[int]) -> None:
+    """``ids`` stands for ``more`` too. Past twice COVERED_MAX the oldest are let go (in one
+    cut, so a burst of N costs N, not N times COVERED_MAX)."""
+    ids.extend(more)
+    if isinstance(more, Covered):
+        ids.dropped += more.dropped
+    excess = len(ids) - COVERED_MAX
+    if excess > COVERED_MAX:
+        del ids[:excess]
+        ids.dropped += excess
+
+
+def _ids_of(inv: Invocation) -> Covered:
     """The invocation's ``covered`` as a list of its own (which it keeps from now on)."""
     if not inv.covered:
-        inv.covered = [inv.id]
-    assert isinstance(inv.covered, list)
+        inv.covered = Covered((inv.id,))
+    assert isinstance(inv.covered, Covered)
     return inv.covered
 
 
@@ -345,6 +383,7 @@ class Scheduler:
         coalesced: int,
         leading_edge: bool,
         batch: list[Any] | None = None,
+        covered: Covered | None = None,
     ) -> Invocation:
         """Put back a pending invocation from the journal, due when it was due before.
 
@@ -353,7 +392,7 @@ class Scheduler:
         inv = Invocation(
             id=invocation_id, key=key, options=options, received_at=received_at,
             payload=payload, due=due, first_at=first_at, coalesced=coalesced,
-            leading_edge=leading_edge, batch=batch or (),
+            leading_edge=leading_edge, batch=batch or (), covered=covered or (),
         )
         ks = self.keys.get(key)
         if ks is None:
@@ -392,9 +431,7 @@ class Scheduler:
             replacement.adopted = [*replacement.adopted,
                                    *((waiter, run) for waiter in waiters)]
             # The run that replaces it stands for what it stood for, too.
-            covered = list(run.covered)
-            _cover(covered, replacement.covered or [replacement.id])
-            replacement.covered = covered
+            replacement.covered = run.covered.then(replacement.covered or [replacement.id])
             waiters = []
         run.invocation.state = FINISHED
         self._transition(run, FINISHED)
@@ -500,7 +537,7 @@ class Scheduler:
             prev.batch, inv.batch = (batch if len(batch) > 1 else ()), ()
         if inv.covered:
             covered = inv.covered
-            assert isinstance(covered, list)
+            assert isinstance(covered, Covered)
             if covered and covered[-1] == inv.id:
                 covered.pop()
             prev.covered, inv.covered = (covered if len(covered) > 1 else ()), ()

@@ -443,7 +443,7 @@ def test_history_without_a_journal_is_newest_first(d: Daemon) -> None:
     assert runs[0] == protocol.RunRecord(
         run_id=3, key="a", argv=["job", "2"], cwd="/", exit_code=2, coalesced=1,
         started_at=WALL + 21.0, finished_at=WALL + 22.0, outcome=states.EXITED,
-        due_at=WALL + 21.0, invocation=3, log_path=None)
+        due_at=WALL + 21.0, invocation=3, log_path=None, covered=[3])
     assert [r.run_id for r in d.ask(protocol.HistoryRequest(key="a")).runs] == [3, 1]
     assert d.ask(protocol.HistoryRequest(key=None, limit=0)).runs == []
     assert d.ask(protocol.HistoryRequest(key="zzz")).runs == []

@@ -61,6 +61,8 @@ class History:
     runs: list[tuple[float, int, tuple[int, ...], str | None, int | None]] = field(
         default_factory=list)
     told: dict[int, tuple[Any, ...]] = field(default_factory=dict)
+    #: Which calls each finished run stood for (``history --json``'s ``covered``), by run.
+    covered: dict[int, tuple[int, ...]] = field(default_factory=dict)
 
 
 class Clock:
@@ -80,6 +82,7 @@ class Local:
         self.ends: dict[int, float] = {}  # run id -> when it ends by itself
         self.index: dict[int, int] = {}  # run id -> index in history.runs
         self.h = History()
+        self.call_of: dict[int, int] = {}  # invocation id -> call
         self.hog: int | None = None
         if hog > 0:
             _, effects = self.sched.submit("hog", Options(delay=0.0), payload=-1)
@@ -117,6 +120,7 @@ class Local:
                 i = self.index[run.id]
                 start, payload, batch, _, _ = self.h.runs[i]
                 self.h.runs[i] = (start, payload, batch, run.outcome, run.exit_code)
+                self.h.covered[i] = tuple(self.call_of[inv] for inv in run.covered)
                 for waiter in effect.waiters:
                     self.h.told[waiter] = ("run", i, run.exit_code, run.outcome)
             elif isinstance(effect, Cancelled):
@@ -144,7 +148,8 @@ class Local:
         self.advance(op.at)
         if op.kind == "call":
             assert op.options is not None
-            _, effects = self.sched.submit("k", op.options, payload=call, waiter=call)
+            inv, effects = self.sched.submit("k", op.options, payload=call, waiter=call)
+            self.call_of[inv.id] = call
             self.carry(effects)
         elif op.kind == "flush":
             self.carry(self.sched.flush("k")[1])
@@ -218,6 +223,7 @@ class Fleet:
                 start, payload, batch, _, _ = self.h.runs[i]
                 self.h.runs[i] = (start, payload, batch, event["outcome"],
                                   event["exit_code"])
+                self.h.covered[i] = tuple(int(m.split(":")[1]) for m in event["covered"])
             self.eid += 1
             deliver("k", self.kw, event, (self.eid, 0), None, self.now)
             if kind == "stop" and event["run"] in self.ends:
@@ -284,6 +290,8 @@ class Fleet:
             else:
                 last = landed.last
                 self.h.told[call] = ("run", self.index[last.run], last.exit_code, last.outcome)
+                self.h.covered[self.index[last.run]] = tuple(
+                    int(m.split(":")[1]) for m in fs.covered_ids(last))
             self.events(events)
             self.claim()  # a leading edge is due at once
         elif op.kind == "flush":
@@ -364,6 +372,7 @@ def test_a_local_key_and_a_fleet_key_make_the_same_runs(
     detail = f"ops={ops} hog={hog} durations={durations}"
     assert local.runs == fleet.runs, detail
     assert local.told == fleet.told, detail
+    assert local.covered == fleet.covered, detail
 
 
 def test_leading_no_trailing_joins_the_leader_queued_behind_a_full_slot() -> None:

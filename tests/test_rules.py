@@ -330,8 +330,11 @@ def test_the_covered_list_is_bounded_but_the_count_is_not() -> None:
     from debounce_cli.scheduler import COVERED_MAX
 
     sim = Sim()
-    for i in range(COVERED_MAX + 50):
+    for i in range(2 * COVERED_MAX + 50):  # past twice the bound: the oldest are let go
         sim.sched.submit("k", Options(), payload=i)
     sim.advance(5.0)
     run = sim.last_run()
-    assert len(run.covered) == COVERED_MAX and run.coalesced == COVERED_MAX + 50
+    assert run.coalesced == 2 * COVERED_MAX + 50
+    assert run.covered.shown() == 2 * COVERED_MAX + 50  # the count, once the ids are too many
+    kept = run.covered.kept()  # the newest are the ones kept: a fresh id can be looked up
+    assert len(kept) == COVERED_MAX and kept[-1] == sim.sched.keys["k"].running.invocation.id

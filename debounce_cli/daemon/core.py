@@ -48,6 +48,8 @@ from debounce_cli.states import REFUSED, RUNNING
 
 #: Finished runs kept in memory for `debounce wait` and `status` ("last result").
 RECENT_RUNS = 1000
+#: Cancelled invocations remembered in memory for `debounce wait --invocation`.
+RECENT_CANCELLED = 10_000
 #: Seconds between attempts to commit after a failed commit (a full disk).
 RETRY = 1.0
 
@@ -102,6 +104,13 @@ class RecentRuns:
         self.limit = limit
         self.by_id: dict[int, Run] = {}
         self.last_by_key: dict[str, Run] = {}
+        self.cancelled: dict[int, str] = {}  # invocation id -> key, oldest first
+
+    def cancel(self, key: str, ids: list[int]) -> None:
+        for inv_id in ids:
+            self.cancelled[inv_id] = key
+        while len(self.cancelled) > RECENT_CANCELLED:
+            del self.cancelled[next(iter(self.cancelled))]
 
     def remember(self, run: Run) -> None:
         if run.id in self.by_id:
@@ -181,7 +190,14 @@ class Core:
         return found
 
     def cancel(self, key: str) -> bool:
+        ks = self.scheduler.keys.get(key)
+        inv = ks.pending if ks is not None else None
+        ids = list(inv.covered or [inv.id]) if inv is not None else []
         found, effects = self.scheduler.cancel(key)
+        if found:
+            self.recent.cancel(key, ids)
+            if self.journal is not None:
+                self.journal.cancelled(key, ids)
         self.apply(effects)
         return found
 
@@ -229,6 +245,32 @@ class Core:
 
     def find_run(self, run_id: int) -> Run | None:
         return self.scheduler.runs.get(run_id) or self.recent.by_id.get(run_id)
+
+    def find_invocation(self, inv_id: int) -> Invocation | Run | RunRecord | str | None:
+        """What stands for invocation ``inv_id``: the pending invocation it was coalesced
+        into, else the run executing for it, else the latest finished run that covered it
+        (in memory or in the journal), else the key it was cancelled from (a ``str``)."""
+        def stands_for(inv: Invocation, covered: Any) -> bool:
+            return inv.id == inv_id or inv_id in covered
+
+        for ks in self.scheduler.keys.values():
+            pending = ks.pending
+            if pending is not None and stands_for(pending, pending.covered):
+                return pending
+        for run in self.scheduler.runs.values():
+            if stands_for(run.invocation, run.covered):
+                return run
+        for run in reversed(self.recent.by_id.values()):
+            if stands_for(run.invocation, run.covered):
+                return run
+        if self.journal is not None:
+            record = self.journal.covering(inv_id)
+            if record is not None:
+                return record
+        key = self.recent.cancelled.get(inv_id)
+        if key is None and self.journal is not None:
+            key = self.journal.was_cancelled(inv_id)
+        return key
 
     def stored_run(self, key: str | None = None, run_id: int | None = None) -> RunRecord | None:
         """The journal's latest finished run of ``key``, or its run ``run_id``."""

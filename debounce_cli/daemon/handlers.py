@@ -21,7 +21,7 @@ from debounce_cli.daemon.waiters import Submitter, Waiter
 from debounce_cli.options import KILL_SIGNALS
 from debounce_cli.protocol import ProtocolError
 from debounce_cli.scheduler import Invocation, Options, Run
-from debounce_cli.states import NOT_FOUND, REFUSED
+from debounce_cli.states import FINISHED, NOT_FOUND, REFUSED
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -166,6 +166,8 @@ def resolve(core: Core, target: str, by: str | None) -> Named | protocol.Error:
 def handle_wait(ctx: Context, client: Client, req: protocol.WaitRequest) -> Reply:
     """Follow what is pending or running; when nothing is, the result of the last run."""
     core = ctx.core
+    if req.by == "invocation":
+        return _wait_invocation(ctx, client, req.target)
     named = resolve(core, req.target, req.by)
     if isinstance(named, protocol.Error):
         return named
@@ -187,6 +189,83 @@ def handle_wait(ctx: Context, client: Client, req: protocol.WaitRequest) -> Repl
         client.send(records.pending_msg(target, core.clock.monotonic()))
     core.attach(target, client)
     return None
+
+
+def covering(ctx: Context, target: str) -> Invocation | Run | protocol.Message:
+    """What stands for the invocation named by ``target`` (an id ``run --json`` printed):
+    the pending invocation or executing run to follow, the finished run's record, a
+    ``Cancelled``, or an Error that says why nothing does."""
+    inv_id = run_id_of(target)
+    if inv_id is None:
+        return protocol.Error(
+            message=f"an invocation id is a number, not {protocol.shown(target)}")
+    found = ctx.core.find_invocation(inv_id)
+    if isinstance(found, str):
+        return protocol.Cancelled(key=found)
+    if found is None:
+        return protocol.Error(
+            message=f"no invocation {inv_id} pending, running or in this daemon's history "
+            "(ids are per daemon; its run may be older than the history keeps)",
+            code=NOT_FOUND)
+    return found
+
+
+def _wait_invocation(ctx: Context, client: Client, target: str) -> Reply:
+    """``wait --invocation N``: follow the run that stands for invocation N (a fleet
+    invocation this daemon accepted: through the store)."""
+    found = covering(ctx, target)
+    fleet = ctx.fleet
+    if _not_found(found) and fleet is not None:
+        inv_id = run_id_of(target)
+        assert inv_id is not None
+        client.wait_for_runs(acked=True)
+
+        async def follow() -> None:
+            from debounce_cli.daemon.fleet.store import StoreDown
+
+            try:
+                reply = await fleet.wait_invocation(inv_id, client)
+            except StoreDown as exc:
+                reply = protocol.Error(message=str(exc), code=REFUSED)
+            if isinstance(reply, protocol.Error):
+                client.send(reply)
+                client.close()
+            elif reply is not None:
+                client.finish(reply)
+
+        fleet.spawn(follow())
+        return None
+    if isinstance(found, protocol.RunRecord):
+        return found.finished()
+    if isinstance(found, protocol.Message):
+        return found
+    client.wait_for_runs(acked=True)
+    if isinstance(found, Invocation):
+        client.send(records.pending_msg(found, ctx.core.clock.monotonic()))
+    ctx.core.attach(found, client)
+    return None
+
+
+def _history_of_invocation(ctx: Context, client: Client, inv_id: int) -> Reply:
+    """``history --invocation N``: the finished run that stood for invocation N, or one line
+    that says where N stands instead."""
+    found = covering(ctx, str(inv_id))
+    if _not_found(found) and ctx.fleet is not None:
+        return _in_fleet(ctx, client, "history", lambda fleet: fleet.covering(inv_id))
+    if isinstance(found, protocol.RunRecord):
+        return protocol.HistoryReply(runs=[found])
+    if isinstance(found, Run) and found.state == FINISHED:
+        return protocol.HistoryReply(runs=[records.run_record(found)])
+    if isinstance(found, protocol.Cancelled):
+        return protocol.Error(message=f"invocation {inv_id} was cancelled before it ran "
+                              f"(key {protocol.shown(found.key)})", code=NOT_FOUND)
+    if isinstance(found, protocol.Message):
+        return found
+    what = "it is pending" if isinstance(found, Invocation) else "its run is executing"
+    return protocol.Error(
+        message=f"invocation {inv_id} has not finished: {what} "
+        f"(key {protocol.shown(found.key)}); debounce wait --invocation {inv_id} waits for it",
+        code=NOT_FOUND)
 
 
 def _fleet_wait(ctx: Context, client: Client, named: Named) -> Reply:
@@ -217,7 +296,7 @@ def _fleet_wait(ctx: Context, client: Client, named: Named) -> Reply:
     return None
 
 
-def _not_found(reply: protocol.Message | None) -> bool:
+def _not_found(reply: object) -> bool:
     return isinstance(reply, protocol.Error) and reply.code == NOT_FOUND
 
 
@@ -251,6 +330,8 @@ def handle_status(ctx: Context, client: Client, req: protocol.StatusRequest) -> 
 
 
 def handle_history(ctx: Context, client: Client, req: protocol.HistoryRequest) -> Reply:
+    if req.invocation is not None and not req.fleet:
+        return _history_of_invocation(ctx, client, req.invocation)
     if req.fleet:
         async def fleet_runs(fleet: Fleet) -> protocol.Message:
             return protocol.HistoryReply(runs=await fleet.history(req.key, max(0, req.limit)))

@@ -29,7 +29,7 @@ def run_record(run: Run) -> protocol.RunRecord:
         run_id=run.id, key=run.key, argv=job.argv, cwd=job.cwd, exit_code=run.exit_code,
         coalesced=run.coalesced, started_at=run.started_wall, finished_at=run.finished_wall,
         outcome=run.outcome, due_at=run.due_wall, invocation=run.invocation.id,
-        log_path=job.log_path,
+        log_path=job.log_path, covered=run.covered.shown() if run.covered else [run.invocation.id],
     )
 
 

@@ -208,12 +208,14 @@ def _run_again(journal: Journal, scheduler: Scheduler, run: UnfinishedRun, clock
         later.coalesced += run.coalesced
         if later.options.collect:
             later.batch = [*(batch or [job]), *(later.batch or [later.payload])]
+        if run.covered:  # the later one stands for the run's invocations too, oldest first
+            later.covered = run.covered.then(later.covered or [later.id])
         journal.observe(later.state, later)
         return
     inv = scheduler.restore(
         run.invocation or scheduler.new_id(), run.key, options, job,
         received_at=now, due=now, first_at=now, coalesced=run.coalesced, leading_edge=False,
-        batch=batch or None,
+        batch=batch or None, covered=run.covered,
     )
     journal.observe(inv.state, inv)
 
@@ -238,5 +240,5 @@ def _put_back(scheduler: Scheduler, restored: Restored, clock: Clock) -> None:
             row.id, row.key, options, Job(row.argv, row.cwd, env),
             received_at=row.received_at - offset, due=row.due_at - offset,
             first_at=row.first_at - offset, coalesced=row.coalesced,
-            leading_edge=row.leading_edge, batch=batch,
+            leading_edge=row.leading_edge, batch=batch, covered=row.covered,
         )

@@ -26,6 +26,9 @@ from debounce_cli.daemon.jobs import Job
 from debounce_cli.daemon.waiters import Submitter, Waiter
 from debounce_cli.scheduler import Options, Scheduler
 
+#: Fleet invocations whose key this daemon remembers for `wait --invocation` (older ones are
+#: looked for through the fleet's keys and history).
+SUBMITTED_KEPT = 10_000
 
 @dataclass(eq=False)
 class Mine:
@@ -61,6 +64,7 @@ class Claims:
         self.submitting = 0  # submissions not yet in the store
         self.reclaim: set[str] = set()  # keys to claim again once the claim in flight is done
         self.mine: dict[str, Mine] = {}
+        self.submitted: dict[int, str] = {}  # invocation id -> key, the newest SUBMITTED_KEPT
         self.seen_runs = 0  # the highest run id the store gave us
         self.timers: dict[str, asyncio.TimerHandle] = {}
         self.claiming: set[str] = set()
@@ -109,6 +113,9 @@ class Claims:
         inv = self.new_id()
         if not options.defer:
             key = f"{key}#{self.link.host}-{inv}"
+        self.submitted[inv] = key  # for `wait --invocation`, without a look through the fleet
+        if len(self.submitted) > SUBMITTED_KEPT:
+            del self.submitted[next(iter(self.submitted))]
         self.submitting += 1
         self.link.spawn(self._submitted(inv, key, options, job, waiter, submitter))
         return key, inv

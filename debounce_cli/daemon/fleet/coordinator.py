@@ -20,7 +20,7 @@ import asyncio
 from collections.abc import Callable
 from typing import Any
 
-from debounce_cli import protocol
+from debounce_cli import protocol, states
 from debounce_cli.clock import Clock
 from debounce_cli.daemon.config import Config
 from debounce_cli.daemon.fleet import messages
@@ -136,6 +136,31 @@ class Fleet:
 
     async def wait_run(self, run_id: int, waiter: Waiter) -> protocol.Message | None:
         return await self.following.wait_run(run_id, waiter)
+
+    async def wait_invocation(self, inv_id: int, waiter: Waiter) -> protocol.Message | None:
+        """``wait --invocation N`` on a fleet invocation this daemon accepted."""
+        return await self.following.wait_invocation(
+            inv_id, self.claims.submitted.get(inv_id), waiter)
+
+    async def covering(self, inv_id: int) -> protocol.Message:
+        """``history --invocation N`` on a fleet invocation: the run that stood for it, or
+        one line that says where it stands."""
+        kind, key, _st, _latest, row = await self.following.covering(
+            inv_id, self.claims.submitted.get(inv_id))
+        if kind == "finished":
+            assert row is not None
+            return protocol.HistoryReply(runs=[protocol.RunRecord.from_dict(row, "history")])
+        shown = protocol.shown(key)
+        if kind == "cancelled":
+            return protocol.Error(message=f"invocation {inv_id} was cancelled before it ran "
+                                  f"(fleet key {shown})", code=states.NOT_FOUND)
+        if kind:
+            what = "it is pending" if kind == "pending" else "its run is executing"
+            return protocol.Error(
+                message=f"invocation {inv_id} has not finished: {what} (fleet key {shown}); "
+                f"debounce wait --invocation {inv_id} waits for it", code=states.NOT_FOUND)
+        return protocol.Error(message=f"no invocation {inv_id} in this daemon's history or "
+                              "the fleet's (ids are per daemon)", code=states.NOT_FOUND)
 
     async def logs(self, key: str | None, run_id: int | None = None) -> protocol.Message:
         return await self.following.logs(key, run_id)

@@ -240,6 +240,66 @@ class Following:
                 return messages.finished(key, row)
         return messages.no_run(run_id)
 
+    async def covering(self, inv_id: int, key: str | None
+                       ) -> tuple[str, str, fs.KeyState | None, bytes, dict[str, Any] | None]:
+        """Where this host's fleet invocation ``inv_id`` stands: (what stands for it:
+        "pending", "running", "finished", "cancelled" or "" for nothing known; its key; the
+        key's state and latest event id; the finished run's history row). ``key``, when this
+        daemon still remembers it, spares looking through every key."""
+        store = self.link.store
+        invocation = fs.mark(self.link.host, inv_id)
+
+        def where(st: fs.KeyState) -> str:
+            if fs.covers(st.pending, invocation):
+                return "pending"
+            if fs.covers(st.running, invocation):
+                return "running"
+            if fs.covers(st.last, invocation):
+                return "finished"
+            return "cancelled" if invocation in st.cancelled else ""
+
+        keys = [key] if key is not None else [
+            st.key for st in await store.states(await store.indexed()) if where(st)]
+        for name in keys:
+            st, latest = await store.snapshot(name)
+            kind = where(st)
+            if kind:
+                row = st.last.record(name) if kind == "finished" and st.last else None
+                return kind, name, st, latest, row
+        for row in await store.history(key, 10_000):  # newest first
+            if invocation in (row.get("covered") or ()):
+                return "finished", row.get("key") or key or "", None, b"", row
+        return "", key or "", None, b"", None
+
+    async def wait_invocation(self, inv_id: int, key: str | None, waiter: Waiter
+                              ) -> protocol.Message | None:
+        """``wait --invocation N`` on this host's fleet invocation N: ``None`` once the
+        waiter follows what stands for it, else the answer."""
+        kind, name, st, latest, row = await self.covering(inv_id, key)
+        if kind == "finished":
+            assert row is not None
+            return messages.finished(name, row)
+        if kind == "cancelled":
+            return protocol.Cancelled(key=name)
+        if not kind:
+            return protocol.Error(
+                message=f"no invocation {inv_id} pending, running or in the history, here or "
+                "in the fleet (ids are per daemon)", code=states.NOT_FOUND)
+        assert st is not None
+        if kind == "pending":
+            assert st.pending is not None
+            p = st.pending
+            waiter.raw(protocol.encode(protocol.Pending(
+                key=name, state=states.PENDING, due_in=max(0.0, p.due - self.link.store_now()),
+                coalesced=p.coalesced)))
+            await self.attach(name, waiter, fs.InSlot(p.slot, p.due, p.coalesced), st, latest)
+        else:
+            assert st.running is not None
+            await self.attach(name, waiter, fs.InRun(st.running.run, st.running.coalesced),
+                              st, latest)
+        self.follow(name, latest)
+        return None
+
     def detach(self, waiter: Any) -> None:
         for kw in self.waiting.values():
             kw.forget(waiter)

@@ -53,6 +53,10 @@ class Pending:
     queued: bool = False
     #: --collect: the argv of every invocation it stands for, oldest first.
     batch: list[list[str]] | None = None
+    #: The invocations it stands for, oldest first, as "HOST:ID" (None: only itself), and
+    #: how many older ones were let go past COVERED_MAX.
+    covered: list[str] | None = None
+    covered_more: int = 0
 
 
 @dataclass(slots=True)
@@ -71,6 +75,8 @@ class Running:
     started_at: float
     stopping: str | None = None  # states.STOP_*: asked to stop from some host
     batch: list[list[str]] | None = None  # --collect: every coalesced invocation's argv
+    covered: list[str] | None = None  # as Pending's
+    covered_more: int = 0
 
 
 @dataclass(slots=True)
@@ -89,14 +95,19 @@ class Last:
     due: float
     inv: int
     slot: int = 0  # the slot its invocation waited in (a reader that missed events resyncs)
+    covered: list[str] | None = None  # as Pending's
+    covered_more: int = 0
 
     def record(self, key: str) -> dict[str, Any]:
         """As ``protocol.RunRecord`` fields (history and ``wait`` show it)."""
+        covered = covered_ids(self)
         return {"run_id": self.run, "key": key, "argv": self.argv, "cwd": self.cwd,
                 "exit_code": self.exit_code, "coalesced": self.coalesced,
                 "started_at": self.started_at, "finished_at": self.finished_at,
                 "outcome": self.outcome, "due_at": self.due, "invocation": self.inv,
-                "host": self.host}
+                "host": self.host,
+                "covered": covered if not self.covered_more else
+                len(covered) + self.covered_more}
 
 
 @dataclass(eq=False, slots=True)
@@ -108,6 +119,9 @@ class KeyState(rules.KeyRecord):
     pending: Pending | None = None
     running: Running | None = None
     last: Last | None = None
+    #: The invocations the latest ``debounce cancel`` dropped ("HOST:ID"), for ``wait
+    #: --invocation``.
+    cancelled: list[str] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)  # fields of a newer version, kept
 
     # ------------------------------------------------------------------ storage
@@ -127,6 +141,7 @@ class KeyState(rules.KeyRecord):
         pending = obj.pop("pending", None)
         running = obj.pop("running", None)
         last = obj.pop("last", None)
+        cancelled = obj.pop("cancelled", None) or []
         known = {name: obj.pop(name) for name in list(obj) if name in _SCALARS}
         for name in _TIMES:
             if known.get(name) is None:
@@ -134,7 +149,7 @@ class KeyState(rules.KeyRecord):
         known["key"] = key
         st = cls(**known,
                  pending=_known(Pending, pending), running=_known(Running, running),
-                 last=_known(Last, last), extra=obj)
+                 last=_known(Last, last), cancelled=cancelled, extra=obj)
         old_leader = obj.pop("burst_leader", None)  # written by an earlier version: a slot
         if old_leader is not None and st.pending is not None:
             st.leader = st.pending.slot == old_leader
@@ -167,6 +182,40 @@ def _known(cls: Any, fields: dict[str, Any] | None) -> Any:
 _TIMES = ("quiet_at", "timer_first", "edge_at", "lead_after")  # -inf is stored as null
 _SCALARS = ("key", "quiet_at", "max_from", "timer_first", "edge_at", "lead_after", "leader",
             "seq", "burst_run")
+
+
+# ---------------------------------------------------------------------- which run covers whom
+#: Invocations a fleet run lists (``covered``); past this many, the newest are kept and the
+#: rest counted. Smaller than a local run's bound: every step writes the key's state whole.
+COVERED_MAX = 100
+
+
+def mark(host: str, inv: int) -> str:
+    """An invocation fleet-wide: the host whose daemon accepted it, and the id it gave."""
+    return f"{host}:{inv}"
+
+
+def covered_ids(holder: Pending | Running | Last) -> list[str]:
+    """The invocations ``holder`` stands for (kept ones), oldest first."""
+    return holder.covered if holder.covered is not None else [mark(holder.host, holder.inv)]
+
+
+def _cover(into: Pending | Running | Last, older: Pending | Running | Last | None,
+           newer: list[str], newer_more: int = 0) -> None:
+    """``into`` stands for ``older``'s invocations (if any), then ``newer``'s."""
+    ids = list(covered_ids(older)) if older is not None else []
+    more = (older.covered_more if older is not None else 0) + newer_more
+    for invocation in newer:
+        if ids[-1:] != [invocation]:  # the same step run again (a lost answer): once
+            ids.append(invocation)
+    if len(ids) > COVERED_MAX:
+        more += len(ids) - COVERED_MAX
+        ids = ids[-COVERED_MAX:]
+    into.covered, into.covered_more = ids, more
+
+
+def covers(holder: Pending | Running | Last | None, invocation: str) -> bool:
+    return holder is not None and invocation in covered_ids(holder)
 
 
 # ---------------------------------------------------------------------- landing places
@@ -221,13 +270,18 @@ def submit(st: KeyState, *, inv: int, host: str, job: dict[str, Any], options: O
             burst = st.last
     landing = rules.land(st, options, now, pending=p, running=running, burst=burst)
     kind = landing.kind
+    this = [mark(host, inv)]
     if kind == rules.JOIN_RUN:
         assert running is not None
+        _cover(running, running, this)
         return InRun(running.run, landing.coalesced), []
     if kind == rules.JOIN_LEADER:
         assert p is not None
+        _cover(p, p, this)
         return InSlot(p.slot, p.due, p.coalesced), [_pending_event(p)]
     if kind == rules.JOIN_BURST:
+        assert burst is not None
+        _cover(burst, burst, this)
         if isinstance(burst, Running):
             return InRun(burst.run, landing.coalesced), []
         assert isinstance(burst, Last)
@@ -241,9 +295,12 @@ def submit(st: KeyState, *, inv: int, host: str, job: dict[str, Any], options: O
     if landing.collect and p is not None:
         batch = p.batch or [p.job["argv"]]
         batch.append(job["argv"])
-    st.pending = Pending(slot=slot, inv=inv, host=host, job=job, options=options,
-                         due=landing.due, coalesced=landing.coalesced, lead=landing.lead,
-                         received=now, token=token, queued=landing.keeps_place, batch=batch)
+    new = Pending(slot=slot, inv=inv, host=host, job=job, options=options,
+                  due=landing.due, coalesced=landing.coalesced, lead=landing.lead,
+                  received=now, token=token, queued=landing.keeps_place, batch=batch)
+    if p is not None:
+        _cover(new, p, this)
+    st.pending = new
     state = states.QUEUED if landing.keeps_place else states.PENDING
     return InSlot(slot, landing.due, landing.coalesced, state), [_pending_event(st.pending)]
 
@@ -313,13 +370,14 @@ def claim(st: KeyState, *, host: str, now: float, run_id: int, may_take_over: bo
         # A server that reloads on a signal: tell it; this invocation joins that run.
         assert running is not None
         st.pending = None
+        _cover(running, running, covered_ids(p), p.covered_more)
         return Busy(), [{"t": "signal", "run": running.run, "fence": running.fence,
                          "sig": p.options.signal},
                         {"t": "moved", "slot": p.slot, "run": running.run}]
     st.seq += 1
     run = Running(run=run_id, slot=p.slot, inv=p.inv, host=host, fence=st.seq, job=p.job,
                   options=p.options, coalesced=p.coalesced, due=p.due, started_at=now,
-                  batch=p.batch)
+                  batch=p.batch, covered=p.covered, covered_more=p.covered_more)
     st.running = run
     st.pending = None
     rules.started(st, p, now)
@@ -357,11 +415,14 @@ def finish(st: KeyState, *, run: Running, exit_code: int | None, outcome: str,
                 exit_code=exit_code, outcome=outcome, coalesced=r.coalesced,
                 started_at=r.started_at,
                 finished_at=now if ended is None else min(now, max(r.started_at, ended)),
-                due=r.due, inv=r.inv, slot=r.slot)
+                due=r.due, inv=r.inv, slot=r.slot, covered=r.covered,
+                covered_more=r.covered_more)
     st.last = last
     event: Event = {"t": "finished", **last.record(st.key)}
     if follow:
         assert st.pending is not None
+        # The run that replaces it stands for what it stood for, too (as locally).
+        _cover(st.pending, r, covered_ids(st.pending), st.pending.covered_more)
         event["then"] = st.pending.slot  # its waiters follow the run that replaces it
     return last, [event]
 
@@ -381,9 +442,11 @@ def unclaim(st: KeyState, *, run: Running, now: float) -> tuple[bool, list[Event
     if p is None:
         p = st.pending = Pending(slot=r.slot, inv=r.inv, host=r.host, job=r.job,
                                  options=r.options, due=now, coalesced=r.coalesced,
-                                 received=now, batch=r.batch)
+                                 received=now, batch=r.batch, covered=r.covered,
+                                 covered_more=r.covered_more)
     else:  # a later invocation waits already: it stands for this one too
         p.coalesced += r.coalesced
+        _cover(p, r, covered_ids(p), p.covered_more)
     return True, [{"t": "returned", "run": r.run, "slot": p.slot}, _pending_event(p)]
 
 
@@ -418,6 +481,7 @@ def cancel(st: KeyState) -> tuple[bool, list[Event]]:
         return False, []
     st.pending = None
     rules.cancelled(st)
+    st.cancelled = covered_ids(p)
     return True, [{"t": "cancelled", "slot": p.slot}]
 
 
