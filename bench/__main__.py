@@ -630,7 +630,7 @@ def main(argv: list[str] | None = None) -> int:
         bench_stdin_lateness(rows, 300)
         bench_socket_lateness(rows, 1000)
         bench_memory_slope(rows, (2_000, 10_000))
-        bench_fleet(rows, 0.5, 5, Daemon, percentile)
+        bench_fleet(rows, 0.5, 5, Daemon, percentile, many=1_000)
     else:
         bench_client(rows, 30)
         bench_submissions(rows, 3)

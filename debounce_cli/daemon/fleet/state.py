@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from debounce_cli import rules, states
@@ -112,7 +112,7 @@ class KeyState(rules.KeyRecord):
 
     # ------------------------------------------------------------------ storage
     def dumps(self) -> str:
-        obj = asdict(self)
+        obj = _plain(self)
         extra = obj.pop("extra")
         for name in _TIMES:
             if math.isinf(obj[name]):
@@ -151,6 +151,20 @@ class KeyState(rules.KeyRecord):
         if self.pending is not None:
             return self.pending.due
         return None
+
+
+def _plain(obj: Any) -> Any:
+    """``dataclasses.asdict`` without its deep copies (a job's environment is large, and
+    ``dumps`` runs at every step): the dataclasses become dicts, their values are shared."""
+    names = _FIELDS.get(type(obj))
+    if names is None:
+        if not hasattr(obj, "__dataclass_fields__"):
+            return obj
+        names = _FIELDS[type(obj)] = tuple(f.name for f in fields(obj))
+    return {name: _plain(getattr(obj, name)) for name in names}
+
+
+_FIELDS: dict[type, tuple[str, ...]] = {}
 
 
 def _known(cls: Any, fields: dict[str, Any] | None) -> Any:
