@@ -176,6 +176,43 @@ def test_the_reader_reads_only_the_streams_of_keys_with_news(redis):
     asyncio.run(main())
 
 
+def test_a_hosts_own_events_reach_its_reader_without_reading_them_back(redis):
+    """A step of this host's on a key it follows hands its events to the reader at once (no
+    read of the stream), once each, in order with what other hosts add."""
+
+    async def main() -> None:
+        mine, other = Store(redis.url), Store(redis.url)
+        try:
+            mine.follow("k", b"0-0")
+            assert await mine.read(100) == []  # subscribed
+            named: list[int] = []
+            xread = mine.reader.xread
+
+            async def spy(streams: dict[str, Any], **kwargs: Any) -> Any:
+                named.append(len(streams))
+                return await xread(streams, **kwargs)
+
+            mine.reader.xread = spy
+            seen: list[int] = []
+            for inv in range(1, 4):
+                await mine.update("k", submitting(inv))
+                seen += [event["coalesced"] for _, _, event in await mine.read(1000)]
+            assert seen == [1, 2, 3] and named == []
+            await other.update("k", submitting(1, "b"))  # another host: read from the stream
+            await mine.update("k", submitting(4))  # (ours, after it: read with it)
+            while len(seen) < 5:
+                got = await mine.read(1000)
+                assert got, "events missing"
+                seen += [event["coalesced"] for _, _, event in got]
+            assert seen == [1, 2, 3, 4, 5]
+            assert await mine.read(200) == []  # nothing twice
+        finally:
+            await mine.close()
+            await other.close()
+
+    asyncio.run(main())
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_on_a_cluster_a_finish_racing_a_submission_leaves_the_key_in_the_index():

@@ -147,8 +147,9 @@ Step = Callable[[KeyState, float], tuple[T, list[Event]]]
 #: the new state, its time to live ("0": for ever), the key's tag, its index score ("": out
 #: of the index), its channel, a finished run's record for the history ("": none), the
 #: history's length, the most events a stream keeps, then the events.
-#: Answers {1, sec, usec, the key's latest event id}, or, when the state is not the one the
-#: step was computed from or its time is too far from TIME, {0, sec, usec, the state}.
+#: Answers {1, sec, usec, the key's latest event id, its latest before the step, the ids of
+#: the events added}, or, when the state is not the one the step was computed from or its
+#: time is too far from TIME, {0, sec, usec, the state}.
 STEP = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
@@ -159,7 +160,10 @@ local asked = tonumber(ARGV[2])
 if sha ~= ARGV[1] or asked < now - tonumber(ARGV[3]) or asked > now + tonumber(ARGV[4]) then
   return {0, t[1], t[2], cur}
 end
-local latest = nil
+local last = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', 1)
+local before = '0-0'
+if last[1] then before = last[1][1] end
+local reply = {1, t[1], t[2], before, before}
 if ARGV[5] == '1' then
   local ttl = tonumber(ARGV[7])
   if ttl > 0 then
@@ -168,7 +172,8 @@ if ARGV[5] == '1' then
     redis.call('SET', KEYS[1], ARGV[6])
   end
   for i = 14, #ARGV do
-    latest = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[13], '*', 'e', ARGV[i])
+    reply[#reply + 1] = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[13], '*', 'e',
+                                   ARGV[i])
   end
   if ttl > 0 then
     redis.call('EXPIRE', KEYS[2], ttl)
@@ -185,13 +190,11 @@ if ARGV[5] == '1' then
     redis.call('LTRIM', KEYS[4], 0, tonumber(ARGV[12]) - 1)
   end
 end
-if latest then
-  redis.call('PUBLISH', ARGV[10], latest)
-else
-  local last = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', 1)
-  if last[1] then latest = last[1][1] else latest = '0-0' end
+if #reply > 5 then
+  reply[4] = reply[#reply]
+  redis.call('PUBLISH', ARGV[10], reply[4])
 end
-return {1, t[1], t[2], latest}
+return reply
 """
 STEP_SHA = hashlib.sha1(STEP.encode()).hexdigest()
 
@@ -237,6 +240,9 @@ class Store:
         self.channels: dict[bytes, str] = {}  # channel -> key
         self.dirty: set[str] = set()  # keys whose streams have news for us
         self.subscribe: set[str] = set()  # keys to subscribe to (or again)
+        #: Events this host's own steps added to keys it follows, for the reader (which
+        #: then need not read them back).
+        self.own: list[tuple[str, bytes, Event]] = []
         self.unsubscribe: set[str] = set()
         self.pubsub: Any = None
         self.listener: Any = None  # the connection the pubsub is on
@@ -418,7 +424,7 @@ class Store:
                 if write:  # steps after this one (in the same pipeline, say) build on it
                     self._remember(key, after.encode())
                 try:
-                    done, _, _, payload = await self._call(keys, args)
+                    done, _, _, payload, *added = await self._call(keys, args)
                 except BaseException:
                     self.cache.pop(key, None)  # written or not: unknown
                     raise
@@ -431,6 +437,8 @@ class Store:
                             await apart.execute()
                     if not write:
                         self._remember(key, raw)
+                    elif events:
+                        self._own(key, added[0], added[1:], events)
                     return result, bytes(payload), st
                 # Another host changed the key meanwhile (or this host never saw it, or the
                 # step's time was too old): again, on the state and time the store answered.
@@ -588,11 +596,21 @@ class Store:
         except _FAILED as exc:
             raise self.down(exc) from None
 
+    def _own(self, key: str, before: bytes, ids: list[bytes], events: list[Event]) -> None:
+        """A step of ours added ``events`` to a key the reader follows: when the reader has
+        read everything before them, they go to it from here, and its place moves on."""
+        if self.positions.get(key) != before:
+            return  # (not followed, or the reader is behind or ahead: it reads them)
+        self.own.extend(zip((key,) * len(ids), ids, events, strict=True))
+        self.positions[key] = ids[-1]
+
     def follow(self, key: str, since: bytes) -> None:
         """The reader reads ``key``'s events after ``since`` from now on (again from there,
         if it followed it already)."""
         if key not in self.positions:
             self.channels[channel(tag_of(key)).encode()] = key
+        elif self.own:
+            self.own = [entry for entry in self.own if entry[0] != key]  # read from ``since``
         self.positions[key] = since
         self.unsubscribe.discard(key)
         self.subscribe.add(key)  # once subscribed, its stream is read from ``since``
@@ -654,7 +672,7 @@ class Store:
             await self._ready()
             pubsub = await self._listen()
             while True:
-                while not self.dirty:
+                while not self.dirty and not self.own:
                     left = deadline - loop.time()
                     if left <= 0:
                         return []
@@ -663,7 +681,9 @@ class Store:
                         self._heard(message)
                         message = await pubsub.get_message(timeout=0)
                     await self._listen()
-                found = await self._read_dirty()
+                found = await self._read_dirty() if self.dirty else []
+                if self.own:  # (before what was read: they are older)
+                    found, self.own = self.own + found, []
                 if found:
                     return found
         except _FAILED as exc:
@@ -716,13 +736,18 @@ class Store:
         out: list[tuple[str, bytes, Event]] = []
         for stream, entries in reply or []:
             key = names[stream.decode() if isinstance(stream, bytes) else stream]
-            if key not in self.positions or not entries:
+            if key not in self.positions:
+                continue
+            more = len(entries) >= 1000
+            after = event_id(self.positions[key])  # (our own steps' may be in hand already)
+            entries = [entry for entry in entries if event_id(entry[0]) > after]
+            if more:
+                self.dirty.add(key)  # more to come
+            if not entries:
                 continue
             for entry_id, fields in entries:
                 out.append((key, entry_id, json.loads(fields[b"e"])))
             self.positions[key] = entries[-1][0]
-            if len(entries) >= 1000:
-                self.dirty.add(key)  # more to come
         return out
 
     async def events(self, key: str, upto: bytes | None = None
