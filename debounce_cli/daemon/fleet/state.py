@@ -1,8 +1,9 @@
 """A fleet key's state as the store keeps it, and every step taken on it.
 
 Each step is a pure function of the state, the invocation or run it is about, and the store's
-time (``now``, seconds from Redis's ``TIME``): the store runs it inside one transaction, and
-the tests run it with made-up times and no store. Every decision is the rules' own
+time (``now``, Redis's ``TIME`` as the host reckons it): the store applies it at once (one
+script that checks the state and time it was computed on), and the tests run it with
+made-up times and no store. Every decision is the rules' own
 (:mod:`debounce_cli.rules`, which the local scheduler calls too), so a fleet key debounces
 exactly as a local one; what is here is the fleet's bookkeeping: slots, hosts, fencing tokens,
 events.
