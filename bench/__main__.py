@@ -23,8 +23,9 @@ Figures:
              against the same floor, as ratios
   slope      memory per pending invocation with the journal on, socket and stdin, as the
              slope of the daemon's RSS between two sizes (20,000 and 100,000 pending)
-  fleet      three daemons on one redis-server: --fleet submissions per second, due-to-start
-             and start-to-remote-waiter latency (bench/fleet.py)
+  fleet      three daemons on one redis-server: --fleet submissions per second against
+             redis-benchmark on the same server, the cost of a submission with 40 and 10,000
+             keys pending, due-to-start and start-to-remote-waiter latency (bench/fleet.py)
 """
 
 from __future__ import annotations
@@ -609,9 +610,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="a short run (used by the tests)")
     parser.add_argument("--json", action="store_true", help="print the rows as JSON")
-    parser.add_argument("--only", choices=["spawn", "memory"],
+    parser.add_argument("--only", choices=["spawn", "memory", "fleet"],
                         help="spawn: only the lateness figures against their floors; "
-                             "memory: only the memory slopes")
+                             "memory: only the memory slopes; fleet: only the fleet's")
     args = parser.parse_args(argv)
     rows: list[tuple[str, str, str]] = []
     if args.only == "spawn":
@@ -619,6 +620,11 @@ def main(argv: list[str] | None = None) -> int:
         bench_socket_lateness(rows, 1000)
     elif args.only == "memory":
         bench_memory_slope(rows, (2_000, 10_000) if args.quick else (20_000, 100_000))
+    elif args.only == "fleet":
+        if args.quick:
+            bench_fleet(rows, 0.5, 5, Daemon, percentile, many=1_000)
+        else:
+            bench_fleet(rows, 3, 50, Daemon, percentile)
     elif args.quick:
         bench_client(rows, 5)
         bench_submissions(rows, 0.5)
@@ -630,7 +636,7 @@ def main(argv: list[str] | None = None) -> int:
         bench_stdin_lateness(rows, 300)
         bench_socket_lateness(rows, 1000)
         bench_memory_slope(rows, (2_000, 10_000))
-        bench_fleet(rows, 0.5, 5, Daemon, percentile)
+        bench_fleet(rows, 0.5, 5, Daemon, percentile, many=1_000)
     else:
         bench_client(rows, 30)
         bench_submissions(rows, 3)

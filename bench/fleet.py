@@ -1,7 +1,11 @@
 """Fleet figures: three daemons standing for three hosts on one redis-server.
 
+  redis         `redis-benchmark -t set -c 8` against the same redis-server, in the same run:
+                the yardstick of the submissions' rate
   submissions   --fleet submissions per second over 8 persistent connections spread over the
-                three daemons (each one transaction in the store)
+                three daemons, with 40 keys pending and with MANY (10,000) pending, their ratio
+                to redis-benchmark, and the cost of one submission at each size (wall clock,
+                and CPU time of the daemons and redis-server), with the ratio of the sizes
   due-to-start  how late fleet runs start after their due time (the store's clock), p50/p99
   to-waiter     from a run's start on one host to its Started message reaching a waiter on
                 another host, p50/p99 (one machine, so one wall clock)
@@ -10,6 +14,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -68,7 +73,7 @@ Percentile = Callable[[list[float], float], float]
 
 
 def bench_fleet(rows: list[tuple[str, str, str]], seconds: float, probes: int,
-                daemon_class: type, percentile: Percentile) -> None:
+                daemon_class: type, percentile: Percentile, many: int = 10_000) -> None:
     try:
         redis = RedisServer()
     except FileNotFoundError:
@@ -76,9 +81,10 @@ def bench_fleet(rows: list[tuple[str, str, str]], seconds: float, probes: int,
         return
     daemons = []
     try:
+        benchmark = _redis_benchmark(redis, seconds)
         for host in ("a", "b", "c"):
             daemons.append(daemon_class("--store", redis.url, env={"DEBOUNCE_HOST_ID": host}))
-        _submissions(rows, daemons, seconds)
+        _submissions(rows, daemons, seconds, benchmark, many, redis)
         _latency(rows, daemons, probes, percentile)
     finally:
         for daemon in daemons:
@@ -86,31 +92,105 @@ def bench_fleet(rows: list[tuple[str, str, str]], seconds: float, probes: int,
         redis.close()
 
 
-def _submissions(rows: list[tuple[str, str, str]], daemons: list, seconds: float) -> None:
+def _redis_benchmark(redis: RedisServer, seconds: float) -> float | None:
+    """SETs per second by ``redis-benchmark -t set -c 8`` on the same server (``None`` when
+    redis-benchmark is not installed)."""
+    binary = shutil.which("redis-benchmark")
+    if binary is None:
+        return None
+    # About ``seconds`` of work at the rate of a small machine; the rate is what counts.
+    requests = max(20_000, int(60_000 * seconds))
+    out = subprocess.run([binary, "-h", "127.0.0.1", "-p", str(redis.port), "-t", "set",
+                          "-c", "8", "-n", str(requests), "-q"],
+                         capture_output=True, text=True, timeout=300).stdout
+    found = re.search(r"SET: ([\d.]+) requests per second", out.replace("\r", "\n"))
+    return float(found.group(1)) if found else None
+
+
+def _cpu(pid: int) -> float:
+    """CPU seconds process ``pid`` has used (user and system)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _rate(daemons: list, seconds: float, prefix: str, keys: int,
+          redis: RedisServer) -> tuple[float, float]:
+    """Submissions per second over 8 connections (spread over the daemons), each cycling
+    through its share of ``keys`` keys (delay an hour: they all stay pending); every key is
+    submitted once before the clock starts, so ``keys`` are pending while it runs. Also the
+    CPU time the daemons and redis-server spent a submission meanwhile: a cost that the
+    other work on a shared machine moves much less than the rate."""
     counts = [0] * 8
-    stop = time.monotonic() + seconds
+    barrier = threading.Barrier(9)
+    stop = [float("inf")]
+    share = max(1, keys // 8)
+    errors: list[str] = []
 
     def sender(index: int) -> None:
-        session = daemons[index % 3].session()
-        lines = [_request(f"f{index}-{k}", False, 3600.0, ["true"]) for k in range(200)]
+        lines = [_request(f"{prefix}{index}-{k}", False, 3600.0, ["true"])
+                 for k in range(share)]
         i = 0
-        while time.monotonic() < stop:
-            session.sock.sendall(lines[i % 200])
-            if not session.file.readline().startswith(b'{"type":"accepted"'):
-                raise RuntimeError("fleet submission refused")
-            i += 1
+        try:
+            session = daemons[index % len(daemons)].session()
+            for line in lines:  # fill: every key pending once
+                session.sock.sendall(line)
+                if not session.file.readline().startswith(b'{"type":"accepted"'):
+                    raise RuntimeError("fleet submission refused")
+            session.close()  # (a connection silent while others fill would be closed)
+            barrier.wait()
+            session = daemons[index % len(daemons)].session()
+            barrier.wait()
+            while time.monotonic() < stop[0]:
+                session.sock.sendall(lines[i % share])
+                if not session.file.readline().startswith(b'{"type":"accepted"'):
+                    raise RuntimeError("fleet submission refused")
+                i += 1
+            session.close()
+        except (RuntimeError, OSError, threading.BrokenBarrierError) as exc:
+            errors.append(str(exc))
+            barrier.abort()
         counts[index] = i
-        session.close()
 
     threads = [threading.Thread(target=sender, args=(i,)) for i in range(8)]
-    start = time.monotonic()
     for t in threads:
         t.start()
+    pids = [daemon.proc.pid for daemon in daemons] + [redis.proc.pid]
+    try:
+        barrier.wait()  # all filled
+        cpu = sum(_cpu(pid) for pid in pids)
+        start = time.monotonic()
+        stop[0] = start + seconds
+        barrier.wait()
+    except threading.BrokenBarrierError:
+        pass
     for t in threads:
         t.join()
-    rate = sum(counts) / (time.monotonic() - start)
-    rows.append(("fleet: submissions, 3 daemons, 8 connections", f"{rate:,.0f} submissions/s",
-                 "one store transaction each"))
+    elapsed = time.monotonic() - start
+    cpu = sum(_cpu(pid) for pid in pids) - cpu
+    if errors:
+        raise RuntimeError(errors[0])
+    done = max(1, sum(counts))
+    return done / elapsed, cpu / done
+
+
+def _submissions(rows: list[tuple[str, str, str]], daemons: list, seconds: float,
+                 benchmark: float | None, many: int, redis: RedisServer) -> None:
+    few, few_cpu = _rate(daemons, seconds, "few", 40, redis)
+    lots, lots_cpu = _rate(daemons, seconds, "many", many, redis)
+    if benchmark is not None:
+        rows.append(("fleet: redis-benchmark -t set -c 8, same redis-server",
+                     f"{benchmark:,.0f} SETs/s", "the yardstick, measured in this run"))
+    for pending, rate in ((40, few), (many, lots)):
+        ratio = f"{rate / benchmark:.3f}x redis-benchmark" if benchmark else "no redis-benchmark"
+        rows.append((f"fleet: submissions, 3 daemons, 8 connections, {pending:,} keys pending",
+                     f"{rate:,.0f} submissions/s", ratio))
+    rows.append((f"fleet: time a submission, 40 and {many:,} keys pending",
+                 f"{1e6 / few:.1f} us, {1e6 / lots:.1f} us",
+                 f"{few / lots:.2f}x from 40 to {many:,} (wall clock / submissions)"))
+    rows.append((f"fleet: CPU a submission, 40 and {many:,} keys pending",
+                 f"{few_cpu * 1e6:.1f} us, {lots_cpu * 1e6:.1f} us",
+                 f"{lots_cpu / few_cpu:.2f}x from 40 to {many:,} (3 daemons and redis-server)"))
 
 
 def _latency(rows: list[tuple[str, str, str]], daemons: list, probes: int,

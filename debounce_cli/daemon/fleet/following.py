@@ -1,9 +1,10 @@
 """Following fleet keys' events and handing them to this host's waiters.
 
 One reader reads the streams of every key this host follows (a waiter, a pending invocation
-or a run of it here), in one blocking read woken when a key is added; each event goes to the
-waiters (``waiting.deliver``) and then to the rest of this daemon (``on_event``: our own
-pending invocation and runs). ``wait``, ``wait --run`` and ``logs`` on fleet keys are here too.
+or a run of it here): the store tells it which keys have news, and it reads those; each event
+goes to the waiters (``waiting.deliver``) and then to the rest of this daemon (``on_event``:
+our own pending invocation and runs). ``wait``, ``wait --run`` and ``logs`` on fleet keys are
+here too.
 """
 
 from __future__ import annotations
@@ -25,8 +26,10 @@ from debounce_cli.daemon.fleet.waiting import Follower, KeyWaiters, deliver, res
 from debounce_cli.daemon.waiters import Waiter
 from debounce_cli.logfile import LogWriter
 
-#: How long a read of a key's stream blocks (a follower with nobody left ends after it).
+#: How long a read of the keys' streams blocks (a follower with nobody left ends after it).
 READ_BLOCK_MS = 1000
+#: How often keys followed for nobody any more are let go (seconds).
+SWEEP = 1.0
 #: Logs of fleet runs written here for `debounce logs`, at most.
 FLEET_LOGS = 100
 
@@ -104,6 +107,7 @@ class Following:
             follower.recent_bytes = 0
             if emptied:
                 follower.last = b"0-0"  # a new stream: read it from its start
+                self._from(follower.key, follower.last)
 
     async def attach(self, key: str, waiter: Waiter, landed: fs.Landed, st: fs.KeyState,
                       since: bytes) -> None:
@@ -321,21 +325,28 @@ class Following:
         if key in self.followers:
             return
         self.followers[key] = Follower(key, since)
+        self._from(key, since)
+
+    def _from(self, key: str, since: bytes) -> None:
+        """The store's reader reads ``key`` from after ``since``."""
+        self.link.store.follow(key, since)
         self.follow_changed.set()
         if self.reading:
             self.link.spawn(self.link.store.unblock_reader())  # it reads the new key from now on
 
     async def read(self) -> None:
-        """The one reader of every followed key's stream: a single blocking read on all of
-        them, woken early when a key is added."""
+        """The one reader of every followed key's stream: the store's reader hears which
+        keys have news and reads only those, so a read costs what it finds, not how many
+        keys are followed. Keys nobody here needs any more are let go once a SWEEP."""
+        heard: set[str] = set()
+        swept = self.link.clock.monotonic()
         while not self.link.closing:
             if not self.followers:
                 await self.follow_changed.wait()
             self.follow_changed.clear()
-            followed = {key: f.last for key, f in self.followers.items()}
             self.reading = True
             try:
-                batch = await self.link.store.read(followed, READ_BLOCK_MS)
+                batch = await self.link.store.read(READ_BLOCK_MS)
             except StoreDown as exc:
                 self.link.say_down(exc)
                 if not self.store_out:
@@ -349,7 +360,6 @@ class Following:
             if self.store_out:
                 self.store_out = False
                 await self._store_back()
-            heard = set()
             for key, eid, event in batch:
                 follower = self.followers.get(key)
                 if follower is None:
@@ -363,14 +373,23 @@ class Following:
                     self.out_seen[chunk] = event["n"]
                 follower.remember(eid, event)
                 self.dispatch(key, event, event_id(eid))
-            for key in followed:
-                if key not in heard and not self._interested(key):
-                    self.followers.pop(key, None)
-                    kw = self.waiting.get(key)
-                    if kw is not None and kw.empty():
-                        del self.waiting[key]
+            now = self.link.clock.monotonic()
+            if now - swept >= SWEEP:
+                self._sweep(heard)
+                heard = set()
+                swept = now
             if batch:
                 self.link.changed()  # the last waiter may be done: the server's idle check
+
+    def _sweep(self, heard: set[str]) -> None:
+        """Let go of the keys nobody here needs any more (and that had no news lately)."""
+        for key in list(self.followers):
+            if key not in heard and not self._interested(key):
+                self.followers.pop(key, None)
+                self.link.store.unfollow(key)
+                kw = self.waiting.get(key)
+                if kw is not None and kw.empty():
+                    del self.waiting[key]
 
     def dispatch(self, key: str, event: dict[str, Any], eid: tuple[int, int],
                   only: Any = None) -> None:
@@ -402,6 +421,7 @@ class Following:
                   "trimmed); its waiters take the key's state as it is now", file=sys.stderr,
                   flush=True)
             follower.last = latest
+            self._from(key, latest)
             follower.recent.clear()
             follower.recent_bytes = 0
             resync(key, kw, st)

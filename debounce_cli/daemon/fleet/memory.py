@@ -91,6 +91,7 @@ class MemoryStore:
         self.paused: asyncio.Event = asyncio.Event()
         self.paused.set()  # set: not paused
         self.lose_replies = False
+        self.positions: dict[str, bytes] = {}  # the keys the reader follows, and from where
         if memory.changed is None:
             memory.changed = asyncio.Event()
 
@@ -217,18 +218,26 @@ class MemoryStore:
             self.memory.add(key, event)
         self._reply()
 
-    async def read(self, followed: dict[str, bytes], block_ms: int
-                   ) -> list[tuple[str, bytes, Event]]:
+    def follow(self, key: str, since: bytes) -> None:
+        self.positions[key] = since
+
+    def unfollow(self, key: str) -> None:
+        self.positions.pop(key, None)
+
+    async def read(self, block_ms: int) -> list[tuple[str, bytes, Event]]:
         await self._gate()
         m = self.memory
         assert m.changed is not None
         loop = asyncio.get_running_loop()
         deadline = loop.time() + block_ms / 1000
         while True:
-            out = [(key, _raw(eid), event) for key, last in followed.items()
+            out = [(key, _raw(eid), event) for key, last in self.positions.items()
                    for eid, event in m.streams.get(key, []) if eid > _parse(last)]
             left = deadline - loop.time()
             if out or left <= 1e-6:  # (a timer that close fires at once: no wait at all)
+                for key, eid, _ in out:
+                    if key in self.positions:
+                        self.positions[key] = eid
                 return out
             m.changed.clear()
             try:

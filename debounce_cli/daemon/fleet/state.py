@@ -1,8 +1,9 @@
 """A fleet key's state as the store keeps it, and every step taken on it.
 
 Each step is a pure function of the state, the invocation or run it is about, and the store's
-time (``now``, seconds from Redis's ``TIME``): the store runs it inside one transaction, and
-the tests run it with made-up times and no store. Every decision is the rules' own
+time (``now``, Redis's ``TIME`` as the host reckons it): the store applies it at once (one
+script that checks the state and time it was computed on), and the tests run it with
+made-up times and no store. Every decision is the rules' own
 (:mod:`debounce_cli.rules`, which the local scheduler calls too), so a fleet key debounces
 exactly as a local one; what is here is the fleet's bookkeeping: slots, hosts, fencing tokens,
 events.
@@ -21,7 +22,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from debounce_cli import rules, states
@@ -126,7 +127,7 @@ class KeyState(rules.KeyRecord):
 
     # ------------------------------------------------------------------ storage
     def dumps(self) -> str:
-        obj = asdict(self)
+        obj = _plain(self)
         extra = obj.pop("extra")
         for name in _TIMES:
             if math.isinf(obj[name]):
@@ -166,6 +167,20 @@ class KeyState(rules.KeyRecord):
         if self.pending is not None:
             return self.pending.due
         return None
+
+
+def _plain(obj: Any) -> Any:
+    """``dataclasses.asdict`` without its deep copies (a job's environment is large, and
+    ``dumps`` runs at every step): the dataclasses become dicts, their values are shared."""
+    names = _FIELDS.get(type(obj))
+    if names is None:
+        if not hasattr(obj, "__dataclass_fields__"):
+            return obj
+        names = _FIELDS[type(obj)] = tuple(f.name for f in fields(obj))
+    return {name: _plain(getattr(obj, name)) for name in names}
+
+
+_FIELDS: dict[type, tuple[str, ...]] = {}
 
 
 def _known(cls: Any, fields: dict[str, Any] | None) -> Any:
