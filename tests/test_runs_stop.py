@@ -115,6 +115,9 @@ def d() -> Iterator[Daemon]:
 
 def test_a_timeout_terms_the_run_then_kills_what_ignores_term(d: Daemon) -> None:
     caller = d.submit("k", 60.0, trap=True, delay=1.0, timeout=2.0, stop_timeout=3.0)
+    d.run_until(lambda: d.procs and d.procs[1].signals)
+    [row] = d.core.status()  # `debounce status` while it is being stopped
+    assert row.running is not None and row.running.stopping == "timeout"
     d.run_until(lambda: caller.result is not None)
     [proc] = d.procs.values()
     start = proc.started_at

@@ -370,16 +370,14 @@ class Core:
 
     def _carry_out(self, effect: Effect) -> None:
         if isinstance(effect, StartRun):
-            run = effect.run
+            run, inv = effect.run, effect.run.invocation
             self.metrics.run_started(run.key, self.clock.wall() - run.due_wall)
-            inv = run.invocation
             self.runs.start(RunSpec(run.id, run.key, records.job_of(inv), inv.options,
                                     RunWaiters(run), run.coalesced, inv.batch))
+        elif isinstance(effect, SignalRun) and effect.stop and effect.run.stop_reason:
+            self.runs.stop(effect.run.id, effect.run.stop_reason)  # TERM, KILL later
         elif isinstance(effect, SignalRun):
-            if effect.stop and effect.run.stop_reason is not None:
-                self.runs.stop(effect.run.id, effect.run.stop_reason)
-            else:
-                self.runs.signal(effect.run.id, effect.signal)
+            self.runs.signal(effect.run.id, effect.signal)
         elif isinstance(effect, RunFinished):
             run = effect.run
             self.recent.remember(run)
