@@ -2,7 +2,7 @@
 I/O and no asyncio.
 
 Every per-key decision is :mod:`debounce_cli.rules`' (the fleet's keys call the same
-functions); this module keeps what only a local key has: the heaps of due times and timers,
+functions); this module keeps what only a local key has: the heap of due times,
 the waiters that follow replacements to runs, the daemon's job slots and their queue, and the
 effects the daemon carries out. The daemon feeds it events (``submit``, ``tick``,
 ``run_exited``, ``flush``, ``cancel``, ``kill``) and carries out the effects each call
@@ -24,7 +24,9 @@ What is decided here, in the SPEC's terms:
   result (outcome ``stopped``), never "cancelled".
 - A job slot that frees goes to the queue in arrival order: a key whose pending invocation
   falls due as its own run ends queues behind keys already waiting.
-- ``--timeout`` counts from the run's start, not from when it was due.
+- Why a run is stopped (``kill``, restart, shutdown) is decided here; the stop itself (TERM,
+  KILL after ``--stop-timeout``) and ``--timeout`` belong to ``daemon.runs``, the one stop
+  path of local and fleet runs, which tells :meth:`Scheduler.timed_out` when it stops one.
 """
 
 from __future__ import annotations
@@ -108,9 +110,7 @@ class Run:
     due_wall: float = 0.0  # when it was due; started_wall - due_wall is how late it started
     state: str = RUNNING
     waiters: list[Any] = field(default_factory=list)
-    deadline: float | None = None  # --timeout
     stop_reason: str | None = None  # states.STOP_* once a stop was asked
-    kill_at: float | None = None  # SIGKILL if still running then
     exit_code: int | None = None
     finished_at: float | None = None
     finished_wall: float | None = None
@@ -118,9 +118,6 @@ class Run:
     #: The ids of the invocations it stands for, oldest first (see :class:`Covered`):
     #: `history --json`'s ``covered``.
     covered: Covered = field(default_factory=lambda: Covered())
-    #: Asked immediately before its process is created (a fleet run's fence: its claim must
-    #: still hold); False means it never starts.
-    may_start: Callable[[], bool] | None = None
 
     @property
     def stopping(self) -> str | None:
@@ -149,6 +146,9 @@ class StartRun:
 class SignalRun:
     run: Run
     signal: str  # a name without SIG: "TERM", "KILL", or --signal's for --on-busy signal
+    #: The run is to stop (``run.stop_reason`` says why): TERM, then KILL after its stop
+    #: timeout, which ``daemon.runs`` sees to.
+    stop: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -270,7 +270,6 @@ class Scheduler:
         self.runs: dict[int, Run] = {}  # executing runs by id
         self.queue: deque[str] = deque()  # keys whose pending invocation waits for a slot
         self._due: list[tuple[float, int, Invocation]] = []  # heap, stale entries skipped
-        self._timers: list[tuple[float, int, Run]] = []  # timeout and kill deadlines, heap
         self._bursts: list[tuple[float, int, str]] = []  # ends of --leading bursts, heap
         self.pending_count = 0  # keys with a pending invocation
         self.borrowed = 0  # job slots held by runs of the fleet (see borrow)
@@ -557,10 +556,9 @@ class Scheduler:
         for the journal to keep.
         """
         self.draining = True
-        now = self.clock()
         effects: list[Effect] = []
         for run in list(self.runs.values()):
-            self._stop(run, states.STOP_SHUTDOWN, now, effects)
+            self._stop(run, states.STOP_SHUTDOWN, effects)
         return effects
 
     def kill(self, run_id: int, signal: str | None = None) -> list[Effect]:
@@ -573,8 +571,16 @@ class Scheduler:
         if signal is not None:
             effects.append(SignalRun(run, signal))
         else:
-            self._stop(run, states.STOP_KILL, self.clock(), effects)
+            self._stop(run, states.STOP_KILL, effects)
         return effects
+
+    def timed_out(self, run_id: int) -> None:
+        """``daemon.runs`` is stopping the run, its ``--timeout`` passed: its outcome will be
+        "timeout", and as a run being stopped nothing joins it (unless it was stopping
+        already, for another reason, which then stands)."""
+        run = self.runs.get(run_id)
+        if run is not None and run.stop_reason is None:
+            run.stop_reason = states.STOP_TIMEOUT
 
     def attach(self, target: Invocation | Run, waiter: Any) -> list[Effect]:
         """Add a waiter to an invocation (following replacements) or a run."""
@@ -603,8 +609,7 @@ class Scheduler:
         self._prune()
         # The ends of bursts only let idle keys be forgotten: they wake nobody up, and are
         # seen to at the next event.
-        times = [heap[0][0] for heap in (self._due, self._timers) if heap]
-        return min(times) if times else None
+        return self._due[0][0] if self._due else None
 
     def is_idle(self) -> bool:
         """Nothing pending and nothing running."""
@@ -640,16 +645,6 @@ class Scheduler:
             effects.append(RunFinished(run, waiters, joined=True))
 
     def _advance(self, now: float, effects: list[Effect]) -> None:
-        # Timeouts and kills first: they free slots and keys.
-        while self._timers and self._timers[0][0] <= now:
-            when, _, run = heapq.heappop(self._timers)
-            if run.state != RUNNING:
-                continue
-            if run.deadline is not None and run.deadline == when and run.stop_reason is None:
-                self._stop(run, states.STOP_TIMEOUT, now, effects)
-            elif run.kill_at is not None and run.kill_at == when:
-                run.kill_at = None
-                effects.append(SignalRun(run, "KILL"))
         # Pending invocations whose quiet period has passed.
         while self._due and self._due[0][0] <= now:
             due, _, inv = heapq.heappop(self._due)
@@ -678,7 +673,7 @@ class Scheduler:
         elif decision == rules.RESTART:
             # Its waiters follow the run that replaces it, once it has ended (run_exited).
             assert ks.running is not None
-            self._stop(ks.running, states.STOP_RESTART, now, effects)
+            self._stop(ks.running, states.STOP_RESTART, effects)
             effects.append(Updated(inv))
         elif decision == rules.SIGNAL:
             # A server that reloads on a signal: tell it, and this invocation is that run.
@@ -733,9 +728,6 @@ class Scheduler:
         inv.waiters = []
         inv.adopted = ()  # they follow this run now
         inv.run = run
-        if inv.options.timeout is not None:
-            run.deadline = now + inv.options.timeout
-            heapq.heappush(self._timers, (run.deadline, next(self._seq), run))
         rules.started(ks, inv, now)
         ks.burst_run = run
         ks.running = run
@@ -744,13 +736,11 @@ class Scheduler:
         self._transition(run, RUNNING)
         effects.append(StartRun(run))
 
-    def _stop(self, run: Run, reason: str, now: float, effects: list[Effect]) -> None:
+    def _stop(self, run: Run, reason: str, effects: list[Effect]) -> None:
         if run.stop_reason is not None:
             return
         run.stop_reason = reason
-        effects.append(SignalRun(run, "TERM"))
-        run.kill_at = now + run.invocation.options.stop_timeout
-        heapq.heappush(self._timers, (run.kill_at, next(self._seq), run))
+        effects.append(SignalRun(run, "TERM", stop=True))
 
     def _forget_if_idle(self, ks: KeyState, now: float) -> None:
         """Drop an idle key, once the rules need nothing of it (until then it remembers when
@@ -770,14 +760,6 @@ class Scheduler:
             self._due[0][2].state != PENDING or self._due[0][2].due != self._due[0][0]
         ):
             heapq.heappop(self._due)
-        while self._timers:
-            when, _, run = self._timers[0]
-            live = run.state == RUNNING and (
-                (run.deadline == when and run.stop_reason is None) or run.kill_at == when
-            )
-            if live:
-                break
-            heapq.heappop(self._timers)
         while self._bursts:
             when, _, key = self._bursts[0]
             ks = self.keys.get(key)

@@ -20,9 +20,10 @@ from debounce_cli.daemon.config import Config
 from debounce_cli.daemon.fleet.coordinator import Fleet
 from debounce_cli.daemon.fleet.execution import Execution
 from debounce_cli.daemon.fleet.memory import Memory, MemoryStore
-from debounce_cli.daemon.jobs import Job
+from debounce_cli.daemon.jobs import Job, RunSpec
+from debounce_cli.daemon.runs import Runs
 from debounce_cli.rules import Options
-from debounce_cli.scheduler import Run, Scheduler
+from debounce_cli.scheduler import Scheduler
 
 EPOCH = 1_800_000_000.0  # the store's clock, in seconds since 1970, at loop time 0
 
@@ -66,86 +67,121 @@ class LoopClock:
         return EPOCH + self.loop.now + self.skew
 
 
-class FakeRuns:
-    """Runs without processes: ``sleep N`` (the command's last word) lasts N seconds and
-    exits 0 (``exit N`` as the first word: exits N at once). TERM or KILL ends it at once,
-    128+N; a run whose host is frozen or dead never ends by itself."""
+class SimProcess:
+    """A run's process on fake time, made by the daemon's real ``Runs`` (the spawn, fence,
+    stop path and ``--timeout`` under test are its): ``sleep N`` (the command's last word)
+    lasts N seconds and exits 0; ``exit N`` as the first word exits N at once; ``trap`` as the
+    first word ignores SIGTERM, so only SIGKILL ends it early. TERM ends any other at once
+    with 143, KILL with 137. A frozen daemon hears of the exit when it thaws (SIGSTOP stops
+    the daemon, not its runs); a dead one never does."""
+
+    def __init__(self, runs: SimRuns, argv: list[str], cwd: str, env: dict[str, str],
+                 on_output: Any, ledger: Any = None) -> None:
+        self.runs, self.argv = runs, argv
+        self.run_id, self.key = int(env["DEBOUNCE_RUN_ID"]), env["DEBOUNCE_KEY"]
+        self.pid: int | None = None
+        self.finished = False
+        self.start_error: tuple[int, str] | None = None
+        self.exited: asyncio.Future[int] | None = None
+        self.timer: asyncio.TimerHandle | None = None
+        self.signals: list[tuple[float, str]] = []  # (loop time, name) of each one received
+
+    async def start(self) -> None:
+        if self.start_error is not None:
+            return
+        host = self.runs.host
+        self.pid = self.run_id
+        self.exited = host.loop.create_future()
+        self.runs.started.append((host.loop.now, self.run_id, self.key))
+        self.runs.procs_made[self.run_id] = self
+        local = self.runs.events.local.get(self.run_id)
+        if local is not None:
+            host.sim.slots_started.append((self.key, local.running.slot))
+        host.sim.log.append(("start", host.loop.now, host.name, self.key, self.run_id))
+        seconds, code = 0.0, 0
+        if self.argv[0] == "exit":
+            code = int(self.argv[1])
+        else:
+            seconds = float(self.argv[-1])
+        self.timer = host.loop.call_later(seconds, self.exit, code)
+
+    def exit(self, code: int) -> None:
+        if self.exited is None or self.exited.done():
+            return
+        if self.timer is not None:
+            self.timer.cancel()
+        host = self.runs.host
+        self.runs.ended.append((host.loop.now, self.run_id, code))
+        host.sim.log.append(("end", host.loop.now, host.name, "", self.run_id))
+        self.exited.set_result(code)
+
+    def signal(self, name: str) -> None:
+        if self.pid is None or self.finished:
+            return
+        self.signals.append((self.runs.host.loop.now, name))
+        if name == "KILL":
+            self.exit(137)
+        elif name == "TERM" and self.argv[0] != "trap":
+            self.exit(143)
+
+    def stop(self, timeout: float) -> None:
+        self.signal("TERM")  # (the KILL after the stop timeout is Runs' own timer)
+
+    async def wait(self) -> int:
+        if self.start_error is not None:
+            self.finished = True
+            return self.start_error[0]
+        assert self.exited is not None
+        code = await self.exited
+        while self.runs.host.frozen:
+            await asyncio.sleep(0.01)
+        self.finished = True
+        return code
+
+
+class SimRuns(Runs):
+    """The daemon's ``Runs`` with processes on fake time: each is created
+    ``host.spawn_delay`` after the run was handed over (a frozen host waits to thaw), after
+    the run's fence was asked, as always."""
 
     def __init__(self, execution: Execution, host: SimHost) -> None:
-        self.execution, self.host = execution, host
-        self.timers: dict[int, asyncio.TimerHandle] = {}
+        self.host = host
         self.started: list[tuple[float, int, str]] = []  # (loop time, run id, key)
         self.ended: list[tuple[float, int, int]] = []  # (loop time, run id, exit status)
         self.refused: list[int] = []  # runs whose fence failed at the spawn
-        self.done = asyncio.Event()
-        self.done.set()
+        self.procs_made: dict[int, SimProcess] = {}
+        link = execution.link
+        super().__init__(link.config, link.loop, None, "", None, events=execution,
+                         clock=link.clock, process=self._process)
+        self.events: Execution = execution
 
-    def start(self, run: Run) -> None:
-        """Its process is created ``host.spawn_delay`` later (a frozen host waits to thaw),
-        after asking the run's fence (``run.may_start``), as ``daemon.runs`` does."""
-        self.done.clear()
-        self.timers[run.id] = self.host.loop.call_later(self.host.spawn_delay, self._spawn, run)
+    def _process(self, *args: Any, **kwargs: Any) -> Any:
+        return SimProcess(self, *args, **kwargs)
 
-    def _spawn(self, run: Run) -> None:
-        if self.host.dead:
-            return
-        if self.host.frozen:
-            self.timers[run.id] = self.host.loop.call_later(0.01, self._spawn, run)
-            return
-        if run.may_start is not None and not run.may_start():
-            self.timers.pop(run.id, None)
-            self.refused.append(run.id)
-            self.execution.run_exited(run.id, 126)
-            return
-        job = run.invocation.payload
-        assert isinstance(job, Job)
-        self.started.append((self.host.loop.now, run.id, run.key))
-        local = self.execution.local.get(run.id)
-        if local is not None:
-            self.host.sim.slots_started.append((run.key, local.running.slot))
-        self.host.sim.log.append(("start", self.host.loop.now, self.host.name, run.key, run.id))
-        seconds, code = 0.0, 0
-        if job.argv[0] == "exit":
-            code = int(job.argv[1])
-        else:
-            seconds = float(job.argv[-1])
-        self.timers[run.id] = self.host.loop.call_later(seconds, self._end, run.id, code)
+    def start(self, spec: RunSpec) -> None:
+        fence = spec.may_start
+        if fence is not None:
+            def may_start() -> bool:
+                ok = fence()
+                if not ok:
+                    self.refused.append(spec.id)
+                return ok
+            spec.may_start = may_start
+        super().start(spec)
 
-    def _end(self, run_id: int, code: int) -> None:
-        """The command exits; a frozen daemon hears of it when it thaws (its process is not
-        frozen with it: SIGSTOP stops the daemon only); a dead one never does."""
-        if self.host.dead:
-            return
-        if run_id in self.timers:
-            self.timers.pop(run_id)
-            self.ended.append((self.host.loop.now, run_id, code))
-            self.host.sim.log.append(("end", self.host.loop.now, self.host.name, "", run_id))
-        if self.host.frozen:
-            self.host.loop.call_later(0.01, self._end, run_id, code)
-            return
-        if not self.timers:
-            self.done.set()
-        self.execution.run_exited(run_id, code)
+    async def _processes(self, active: Any, proc: Any) -> int:
+        await asyncio.sleep(self.host.spawn_delay)
+        while self.host.frozen:
+            await asyncio.sleep(0.01)
+        return await super()._processes(active, proc)
 
     def die(self) -> None:
-        """The daemon was killed: its runs die with it (the parent-death signal)."""
-        for run_id, timer in list(self.timers.items()):
-            timer.cancel()
-            if any(r == run_id for _, r, _ in self.started):
-                self.ended.append((self.host.loop.now, run_id, 137))
-                self.host.sim.log.append(("end", self.host.loop.now, self.host.name, "",
-                                          run_id))
-        self.timers.clear()
-
-    def signal(self, run_id: int, sig: str) -> None:
-        timer = self.timers.get(run_id)
-        if timer is not None and sig in ("TERM", "KILL") and any(
-                r == run_id for _, r, _ in self.started):
-            timer.cancel()
-            self._end(run_id, 143 if sig == "TERM" else 137)
-
-    async def wait_all(self) -> None:
-        await self.done.wait()
+        """The daemon was killed: its runs die with it (the parent-death signal), and
+        nothing of theirs is reported."""
+        for proc in self.procs_made.values():
+            proc.exit(137)  # (before its task is cancelled, which would cancel the wait)
+        for task in list(self.tasks):
+            task.cancel()
 
 
 class Caller:
@@ -205,22 +241,23 @@ class SimHost:
                         lease=sim.lease, jobs=jobs)
         self.clock = LoopClock(sim.loop, skew)
         self.slots = Scheduler(self.clock.monotonic, wall=self.clock.wall, jobs=jobs)
-        self.runs: FakeRuns | None = None
+        self.runs: SimRuns | None = None
 
-        def make_runs(execution: Execution) -> FakeRuns:
-            self.runs = FakeRuns(execution, self)
+        def make_runs(execution: Execution) -> SimRuns:
+            self.runs = SimRuns(execution, self)
             return self.runs
 
         self.fleet = Fleet(config, self.clock, sim.loop, self.slots, "", store=self.store,
                            runs=make_runs)
         self.fleet.start()
 
-    def submit(self, key: str, seconds: float, *, delay: float = 1.0, **options: Any
-               ) -> Caller:
-        """``debounce run --fleet --key KEY --delay D -- sleep SECONDS`` here, waiting."""
+    def submit(self, key: str, seconds: float, *, delay: float = 1.0, trap: bool = False,
+               **options: Any) -> Caller:
+        """``debounce run --fleet --key KEY --delay D -- sleep SECONDS`` here, waiting (with
+        ``trap``: a command that ignores SIGTERM)."""
         caller = Caller()
         opts = Options(delay=delay, fleet=True, **options)
-        job = Job(["sleep", repr(seconds)], "/", {})
+        job = Job(["trap"] * trap + ["sleep", repr(seconds)], "/", {})
         self.fleet.submit(key, opts, job, caller, caller)
         return caller
 

@@ -21,7 +21,7 @@ from debounce_cli.daemon import handlers, records
 from debounce_cli.daemon.config import Config
 from debounce_cli.daemon.core import Core
 from debounce_cli.daemon.handlers import Context
-from debounce_cli.daemon.waiters import unique
+from debounce_cli.daemon.jobs import RunSpec
 from debounce_cli.journal import JournalError
 from debounce_cli.protocol import Accepted, Cancelled, Done, Error, Finished, Pending, Started
 from debounce_cli.scheduler import Run, Scheduler
@@ -83,26 +83,31 @@ class FakeLoop:
 
 
 class FakeRuns:
-    """Records starts and signals; tells waiters a run started, as ``runs.Runs.start`` does."""
+    """Records starts (as the scheduler's runs they stand for), stops and signals; tells the
+    run's audience it started, as ``runs.Runs.start`` does."""
 
     def __init__(self) -> None:
+        self.scheduler: Scheduler | None = None  # where a started spec's run is looked up
         self.started: list[Run] = []
         self.signals: list[tuple[int, str]] = []
+        self.stops: list[tuple[int, str]] = []
         self.retained = 0
 
-    def start(self, run: Run) -> None:
-        self.started.append(run)
-        line = protocol.encode(records.started_msg(run))
-        for waiter in unique(run.waiters):
-            waiter.start(run.id, line, None)
+    def start(self, spec: RunSpec) -> None:
+        assert self.scheduler is not None
+        self.started.append(self.scheduler.runs[spec.id])
+        spec.audience.started(None)
+
+    def stop(self, run_id: int, why: str) -> None:
+        self.stops.append((run_id, why))
 
     def signal(self, run_id: int, name: str) -> None:
         self.signals.append((run_id, name))
 
-    def output_so_far(self, run: Run) -> list[tuple[int, bytes]]:
+    def output_so_far(self, run_id: int, path: str | None) -> list[tuple[int, bytes]]:
         return []
 
-    def log_of(self, run: Run) -> str | None:
+    def log_of(self, run_id: int) -> str | None:
         return None
 
     def retain(self) -> None:
@@ -217,8 +222,9 @@ class Daemon:
 def make_daemon(journal: Any = None) -> Daemon:
     clock = FakeClock(now=0.0, wall_offset=WALL)
     loop, runs, shutdowns = FakeLoop(clock), FakeRuns(), []
-    core = Core(Config(socket="/nonexistent/daemon.sock"), clock, loop,
-                Scheduler(clock.monotonic, wall=clock.wall), journal, runs=runs)
+    runs.scheduler = Scheduler(clock.monotonic, wall=clock.wall)
+    core = Core(Config(socket="/nonexistent/daemon.sock"), clock, loop, runs.scheduler,
+                journal, runs=runs)
     ctx = Context(core=core, jobs=None, shutdown=lambda: shutdowns.append(1))
     return Daemon(clock, loop, core, runs, ctx, shutdowns)
 

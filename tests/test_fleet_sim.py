@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-from fleet_sim import Sim
+from fleet_sim import Sim, SimHost, SimProcess
 
 from debounce_cli import protocol
 
@@ -322,3 +322,50 @@ def test_a_run_reported_after_the_store_restarted_empty_is_found_by_its_id(sim: 
     sim.run_until(lambda: caller.result is not None, limit=100)
     [row] = sim.memory.history
     assert sim.do(a.store.key_of_run(row["run_id"])) == "k"
+
+
+def _one_run(sim: Sim, host: SimHost) -> tuple[float, SimProcess]:
+    """When the only run on ``host`` started, and its process."""
+    assert host.runs is not None
+    [(started, run_id, _)] = host.runs.started
+    return started, host.runs.procs_made[run_id]
+
+
+def test_a_fleet_runs_timeout_terms_it_then_kills_what_ignores_term(sim: Sim) -> None:
+    """Issue 17: a fleet run's --timeout goes through the runs' one stop path, as a local
+    run's: TERM when it passes, KILL --stop-timeout later to a command that ignores TERM."""
+    a = sim.host("a")
+    caller = a.submit("k", 60.0, delay=1.0, trap=True, timeout=2.0, stop_timeout=3.0)
+    sim.run_until(lambda: caller.result is not None)
+    started, proc = _one_run(sim, a)
+    assert proc.signals == [(pytest.approx(started + 2.0), "TERM"),
+                            (pytest.approx(started + 5.0), "KILL")]
+    assert caller.outcome == ("finished", 137, "timeout")
+
+
+def test_a_fleet_run_that_ends_on_term_gets_no_kill(sim: Sim) -> None:
+    a = sim.host("a")
+    caller = a.submit("k", 60.0, delay=1.0, timeout=2.0, stop_timeout=3.0)
+    sim.run_until(lambda: caller.result is not None)
+    sim.run_for(10.0)  # past the stop timeout: no KILL is left armed
+    started, proc = _one_run(sim, a)
+    assert proc.signals == [(pytest.approx(started + 2.0), "TERM")]
+    assert caller.outcome == ("finished", 143, "timeout")
+
+
+def test_killing_a_fleet_run_from_another_host_terms_then_kills_it(sim: Sim) -> None:
+    """`debounce kill` of a fleet key on host b stops the run executing on a: TERM at once
+    (the stop event reaches a), KILL --stop-timeout later, as for a local run."""
+    a, b = sim.host("a"), sim.host("b")
+    caller = a.submit("k", 60.0, delay=0.5, trap=True, stop_timeout=4.0)
+    sim.run_until(lambda: a.runs is not None and a.runs.started)
+    sim.run_for(1.0)
+    asked = sim.loop.now
+    assert sim.do(b.fleet.kill("k", None)) is not None
+    sim.run_until(lambda: caller.result is not None)
+    _, proc = _one_run(sim, a)
+    [(term, name), (kill, name2)] = proc.signals
+    assert (name, name2) == ("TERM", "KILL")
+    assert asked <= term < asked + 1.0  # once the stop event has come through the store
+    assert kill == pytest.approx(term + 4.0)
+    assert caller.outcome == ("finished", 137, "killed")

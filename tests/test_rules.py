@@ -215,8 +215,8 @@ def test_the_latest_invocations_on_busy_decides_not_the_running_runs() -> None:
 
 
 def test_a_second_stop_request_sends_nothing_more() -> None:
-    """`debounce kill` twice: one TERM, and one KILL a stop timeout after the first request
-    (mutation: TERM again and the KILL timer re-armed from the second)."""
+    """`debounce kill` twice: one stop, one TERM (mutation: TERM again); the KILL a stop
+    timeout after the first request is ``daemon.runs``' (tests/test_runs_stop.py)."""
     sim = Sim()
     sim.submit("k", at=0.0, options=Options(delay=0.0, stop_timeout=2.0))
     run = sim.last_run()
@@ -225,7 +225,7 @@ def test_a_second_stop_request_sends_nothing_more() -> None:
     sim.advance(1.5)
     sim._record(sim.sched.kill(run.id))
     sim.advance(10.0)
-    assert sim.signals() == [(1.0, run.id, "TERM"), (3.0, run.id, "KILL")]
+    assert sim.signals() == [(1.0, run.id, "TERM")]
 
 
 def test_kill_with_a_signal_sends_it_once_and_does_not_stop_the_run() -> None:

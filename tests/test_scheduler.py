@@ -424,7 +424,8 @@ def test_queue_call_during_a_run_restarts_the_quiet_period_as_usual():
 
 
 def test_restart_stops_the_running_command_and_the_new_run_takes_its_callers():
-    """--on-busy restart: TERM when the new call is due, KILL stop-timeout later, then new run."""
+    """--on-busy restart: the run is stopped when the new call is due (TERM, and the KILL
+    stop-timeout later that ``daemon.runs`` sends), then the new run starts."""
     sim = Sim()
     opts = Options(on_busy="restart", stop_timeout=2.0)
     sim.submit("k", at=0.0, payload="old", waiter="w-old", options=opts)
@@ -432,10 +433,10 @@ def test_restart_stops_the_running_command_and_the_new_run_takes_its_callers():
     (run1,) = sim.runs()
     sim.submit("k", at=1.5, payload="new", waiter="w-new", options=opts)
 
-    sim.advance(4.4)
-    assert sim.signals() == [(2.5, run1.id, "TERM")]
     sim.advance(4.5)
-    assert sim.signals() == [(2.5, run1.id, "TERM"), (4.5, run1.id, "KILL")]
+    assert sim.signals() == [(2.5, run1.id, "TERM")]
+    assert [e.stop for _, e in sim.log if isinstance(e, SignalRun)] == [True]
+    assert run1.stop_reason == "restart"
     sim.advance(4.75)
     assert sim.starts() == [(1.0, "old")]  # not before the old one has exited
 
@@ -547,31 +548,34 @@ def test_job_slots_never_exceed_the_limit():
 # ------------------------------------------------------------------------------ 8. timeout
 
 
-def test_timeout_terms_then_kills_and_reports_timeout():
-    """--timeout 2s: TERM at start+2s, KILL stop-timeout (5s) later, outcome "timeout"."""
+# The timer, the TERM and the KILL are ``daemon.runs``' (tests/test_runs_stop.py); the
+# scheduler hears of it and gives the run its outcome.
+
+
+def test_a_run_that_timed_out_reports_timeout_and_is_not_stopped_again():
     sim = Sim()
     sim.submit("k", at=0.0, payload="slow", waiter="w", options=Options(timeout=2.0))
     sim.advance(1.0)
     (run,) = sim.runs()
-    sim.advance(7.9)
-    assert sim.signals() == [(3.0, run.id, "TERM")]
-    sim.advance(20.0)
-    assert sim.signals() == [(3.0, run.id, "TERM"), (8.0, run.id, "KILL")]
-    effects = sim.exit(run, at=20.0, code=137)
+    assert sim.sched.next_deadline() is None  # the scheduler keeps no timer for it
+    sim.sched.timed_out(run.id)
+    assert run.stop_reason == "timeout"
+    sim._record(sim.sched.kill(run.id))  # already being stopped: no second stop
+    assert sim.signals() == []
+    effects = sim.exit(run, at=8.0, code=137)
     assert run.outcome == "timeout" and run.exit_code == 137
     assert RunFinished(run, ["w"]) in effects
-    assert sim.sched.next_deadline() is None
 
 
-def test_timeout_does_not_fire_for_a_run_that_ends_in_time():
-    """--timeout 2s: a command that finishes after 1.5s gets no signal."""
+def test_a_run_stopping_for_another_reason_keeps_it_when_its_timeout_passes():
     sim = Sim()
     sim.submit("k", at=0.0, options=Options(timeout=2.0))
     sim.advance(1.0)
-    sim.exit(sim.last_run(), at=2.5)
-    sim.advance(20.0)
-    assert sim.signals() == [] and sim.last_run().outcome == "exited"
-    assert sim.sched.next_deadline() is None
+    run = sim.last_run()
+    sim._record(sim.sched.kill(run.id))
+    sim.sched.timed_out(run.id)
+    sim.exit(run, at=2.5, code=143)
+    assert run.outcome == "killed"
 
 
 # ------------------------------------------------------------------------- flush / cancel
@@ -1020,9 +1024,9 @@ def test_cancel_after_the_restarted_run_ended_gives_its_callers_its_result():
 def test_ignore_never_joins_a_run_that_is_being_stopped():
     sim = Sim()
     sim.submit("k", at=0.0, payload="a", options=Options(delay=0.0, timeout=1.0))
-    sim.advance(1.0)  # timed out: being stopped
+    sim.advance(1.0)
     run1 = sim.last_run()
-    assert run1.stop_reason == "timeout"
+    sim.sched.timed_out(run1.id)  # timed out: being stopped
     inv = sim.submit("k", at=1.25, payload="b", waiter="wb",
                      options=Options(delay=0.0, on_busy="ignore"))
     assert inv.run is None and wb_not_in(run1, "wb")
@@ -1060,17 +1064,3 @@ def test_a_caller_joins_a_no_trailing_leader_that_is_still_queued():
     sim.exit(blocker, at=0.75)
     assert sim.starts() == [(0.0, "x"), (0.75, "lead")]
     assert sim.last_run().waiters == ["w1", "w2"]
-
-
-def test_timeout_counts_from_the_start_not_the_due_time():
-    sim = Sim(jobs=1)
-    sim.submit("busy", at=0.0, payload="x", options=Options(delay=0.0))
-    blocker = sim.last_run()
-    sim.submit("k", at=0.0, payload="t", options=Options(delay=1.0, timeout=1.0))
-    sim.exit(blocker, at=3.0)  # "t" was due at 1.0 but starts only now
-    run = sim.last_run()
-    assert sim.starts()[-1] == (3.0, "t")
-    sim.advance(3.99)
-    assert sim.signals() == []
-    sim.advance(4.0)
-    assert sim.signals() == [(4.0, run.id, "TERM")]

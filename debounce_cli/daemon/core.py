@@ -26,9 +26,9 @@ from debounce_cli import protocol
 from debounce_cli.clock import Clock
 from debounce_cli.daemon import records
 from debounce_cli.daemon.config import Config
-from debounce_cli.daemon.jobs import Job, Shared
+from debounce_cli.daemon.jobs import Job, RunSpec, Shared
 from debounce_cli.daemon.metrics import Metrics
-from debounce_cli.daemon.waiters import Submitter, Waiter, unique
+from debounce_cli.daemon.waiters import RunWaiters, Submitter, Waiter, unique
 from debounce_cli.journal import Journal, JournalError
 from debounce_cli.protocol import RunRecord
 from debounce_cli.scheduler import (
@@ -73,13 +73,15 @@ class Loop(Protocol):
 class RunsPort(Protocol):
     """What the core asks of the runs' room (``daemon.runs.Runs``)."""
 
-    def start(self, run: Run) -> None: ...
+    def start(self, spec: RunSpec) -> None: ...
+
+    def stop(self, run_id: int, why: str) -> None: ...
 
     def signal(self, run_id: int, name: str) -> None: ...
 
-    def output_so_far(self, run: Run) -> Iterable[tuple[int, bytes]]: ...
+    def output_so_far(self, run_id: int, path: str | None) -> Iterable[tuple[int, bytes]]: ...
 
-    def log_of(self, run: Run) -> str | None: ...
+    def log_of(self, run_id: int) -> str | None: ...
 
     def retain(self) -> None: ...
 
@@ -303,11 +305,15 @@ class Core:
         return [records.run_record(r) for r in runs[:limit]]
 
     # ------------------------------------------------------------------ from the runs
-    def run_started(self, run: Run) -> None:
+    def run_started(self, spec: RunSpec) -> None:
         """Its process exists now: commit its pid soon (the next daemon needs it to clean up)."""
-        if self.journal is not None:
+        run = self.scheduler.runs.get(spec.id)
+        if self.journal is not None and run is not None:
             self.journal.note_run(run)
             self.apply([])
+
+    def run_timed_out(self, run_id: int) -> None:
+        self.scheduler.timed_out(run_id)  # (the runs' room stops it)
 
     def run_exited(self, run_id: int, code: int) -> None:
         self.retention_due = True  # after the commit that records this run
@@ -406,8 +412,12 @@ class Core:
 
     def _carry_out(self, effect: Effect) -> None:
         if isinstance(effect, StartRun):
-            self.metrics.run_started(effect.run.key, self.clock.wall() - effect.run.due_wall)
-            self.runs.start(effect.run)
+            run, inv = effect.run, effect.run.invocation
+            self.metrics.run_started(run.key, self.clock.wall() - run.due_wall)
+            self.runs.start(RunSpec(run.id, run.key, records.job_of(inv), inv.options,
+                                    RunWaiters(run), run.coalesced, inv.batch))
+        elif isinstance(effect, SignalRun) and effect.stop and effect.run.stop_reason:
+            self.runs.stop(effect.run.id, effect.run.stop_reason)  # TERM, KILL later
         elif isinstance(effect, SignalRun):
             self.runs.signal(effect.run.id, effect.signal)
         elif isinstance(effect, RunFinished):
@@ -424,7 +434,7 @@ class Core:
                 log = records.job_of(run.invocation).log_path
                 for waiter in waiters:
                     waiter.start(run.id, started, log)
-                    waiter.replay(lambda: self.runs.output_so_far(run))
+                    waiter.replay(lambda: self.runs.output_so_far(run.id, log))
             for waiter in waiters:
                 waiter.finish(msg)
         elif isinstance(effect, Joined):
@@ -434,10 +444,11 @@ class Core:
             joining = [w for w in unique(effect.waiters) if not w.follows(run.id)]
             if joining:
                 started = protocol.encode(records.started_msg(run))
-                log = self.runs.log_of(run)
+                log = self.runs.log_of(run.id)
+                path = records.job_of(run.invocation).log_path
                 for waiter in joining:
                     waiter.start(run.id, started, log)
-                    waiter.replay(lambda: self.runs.output_so_far(run))
+                    waiter.replay(lambda: self.runs.output_so_far(run.id, path))
         elif isinstance(effect, Updated):
             if effect.invocation.waiters:  # --no-wait submissions have nobody to tell
                 pending = records.pending_msg(effect.invocation, self.clock.monotonic())

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from debounce_cli import protocol
 from debounce_cli.scheduler import Options
@@ -25,6 +26,37 @@ class Job:
     pid: int | None = None
     log_path: str | None = None
     line: int | None = None  # the stdin line it came from (debounce daemon --stdin)
+
+
+class Audience(Protocol):
+    """Who hears of a run while it executes: a local run's waiters, a fleet run's key stream."""
+
+    def started(self, log: str | None) -> None:
+        """Its process is about to be spawned; ``log`` is its output log, if it has one."""
+
+    def output(self, fd: int, data: bytes, end: int | None) -> None:
+        """A chunk of its output (``end``: where its record ends in the log, if any)."""
+
+
+@dataclass(eq=False, slots=True)
+class RunSpec:
+    """What ``daemon.runs`` needs to execute one run, local or fleet, and all it knows of it.
+
+    The core builds one from a scheduler run, the fleet from a key's stored run; neither
+    builds the other's objects. ``Runs`` notes the pid and the log path on ``job``, and with
+    ``--collect`` sets its argv to the batch's first command line (what history shows).
+    """
+
+    id: int
+    key: str
+    job: Job
+    options: Options  # --timeout, --stop-timeout and --collect are Runs' to carry out
+    audience: Audience
+    coalesced: int = 1
+    batch: Sequence[Job] = ()  # --collect: the job of every invocation it stands for
+    #: Asked immediately before its process is created (a fleet run's fence: its claim must
+    #: still hold); False means it never starts.
+    may_start: Callable[[], bool] | None = None
 
 
 def parse_options(raw: dict[str, Any]) -> Options:

@@ -1,8 +1,12 @@
-"""Runs as processes: spawning, output logs, fanning output out to waiters, exit, retention.
+"""Runs as processes: spawning, output logs, stopping, exit, retention.
 
-The core hands over each run the scheduler starts (after the commit that records it); this
-room starts its process a few per loop turn, writes its output to the run's log, copies each
-chunk to the waiters that follow the run, and reports the pid and the exit back to the core.
+The core hands over each run the scheduler starts (after the commit that records it), and the
+fleet each fleet run it claimed here, both as a :class:`~debounce_cli.daemon.jobs.RunSpec`;
+this room starts its process a few per loop turn, writes its output to the run's log, hands
+each chunk to the run's audience (its waiters, or the fleet's stream), and reports the pid and
+the exit back. It is also every run's one stop path: TERM, then KILL after ``--stop-timeout``
+(for ``kill``, ``--timeout``, restart, shutdown and the fleet's stops alike), and the
+``--timeout`` that starts one.
 """
 
 from __future__ import annotations
@@ -11,15 +15,14 @@ import asyncio
 import os
 import sys
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from debounce_cli import paths, protocol
+from debounce_cli import paths, states
 from debounce_cli.clock import Clock
-from debounce_cli.daemon import records
 from debounce_cli.daemon.config import Config
-from debounce_cli.daemon.jobs import Job
-from debounce_cli.daemon.waiters import unique
+from debounce_cli.daemon.jobs import RunSpec
 from debounce_cli.journal import Journal, JournalError
 from debounce_cli.logfile import LogWriter, read_log
 from debounce_cli.runner import (
@@ -30,7 +33,6 @@ from debounce_cli.runner import (
     note_end,
     start_spawner,
 )
-from debounce_cli.scheduler import Run
 
 #: Output kept in memory for clients joining a run that has no log (--no-journal).
 REPLAY_BUFFER = 8 * 1024 * 1024
@@ -57,18 +59,37 @@ RETAIN_EVERY = 0.5
 
 
 class RunEvents(Protocol):
-    """What the runs report back (the core)."""
+    """What the runs report back (the core, or the fleet's runs executing here)."""
 
-    def run_started(self, run: Run) -> None: ...
+    def run_started(self, spec: RunSpec) -> None:
+        """Its process exists (``spec.job.pid`` is set)."""
 
-    def run_exited(self, run_id: int, code: int) -> None: ...
+    def run_timed_out(self, run_id: int) -> None:
+        """Its ``--timeout`` passed: it is being stopped (TERM, then KILL)."""
+
+    def run_exited(self, run_id: int, code: int) -> None:
+        """It has ended with ``code`` (126 when it never started)."""
+
+
+#: What makes a run's process: ``runner.RunProcess`` (the fake-time fleet tests give another).
+Process = Callable[..., RunProcess]
+
+
+@dataclass(eq=False, slots=True)
+class Active:
+    """A run handed over and not yet ended: its spec, why it is being stopped, its timers."""
+
+    spec: RunSpec
+    why: str | None = None  # states.STOP_* (or the fleet's) once it is being stopped
+    timers: list[Any] = field(default_factory=list)  # --timeout, and the KILL of its stop
 
 
 class Runs:
     """The processes of the runs that execute now."""
 
     def __init__(self, config: Config, loop: Any, journal: Journal | None, log_dir: str,
-                 ledger: str | None, events: RunEvents, clock: Clock) -> None:
+                 ledger: str | None, events: RunEvents, clock: Clock,
+                 process: Process | None = None) -> None:
         self.config = config
         self.clock = clock
         self.daemon_id = paths.socket_digest(config.socket)
@@ -76,16 +97,18 @@ class Runs:
         self.ledger_fd: int | None = None
         self.ledger_error = ""
         self._open_ledger()
-        start_spawner()  # (and load prctl now: a forked child must not import anything)
-        self.loop = loop
+        if process is None:
+            start_spawner()  # (and load prctl now: a forked child must not import anything)
+        self.process: Process = process or RunProcess
+        self.loop = loop  # call_soon, and call_at on the clock's monotonic time
         self.journal = journal
         self.log_dir = log_dir
         self.events = events
         self.procs: dict[int, RunProcess] = {}
-        self.active: dict[int, Run] = {}  # the runs whose processes are in procs
+        self.active: dict[int, Active] = {}  # the runs handed over whose end is not reported
         self.logs: dict[int, LogWriter] = {}
         self.buffers: dict[int, list[tuple[int, bytes]]] = {}  # output of runs without a log
-        self.to_spawn: deque[tuple[Run, RunProcess]] = deque()
+        self.to_spawn: deque[tuple[Active, RunProcess]] = deque()
         self.draining = False  # shutting down: nothing more is spawned
         self.at_once = runs_at_once()  # runs executing at most; the next ones wait their turn
         self.executing = 0  # runs spawned whose end has not been reported yet
@@ -111,39 +134,44 @@ class Runs:
         """Shutdown: what is not spawned yet never is (it stays recorded as not started)."""
         self.draining = True
 
-    def start(self, run: Run) -> None:
-        """Prepare the run's process and log; it is spawned soon, a few per turn.
+    def start(self, spec: RunSpec) -> None:
+        """Prepare the run's process and log, and arm its ``--timeout`` (counted from now, the
+        run's start); it is spawned soon, a few per turn.
 
         A run that cannot even be prepared still ends, with status 126, like one whose
         command cannot be started: it must never hold its key as "running" for good.
         """
-        self.active[run.id] = run
+        active = self.active[spec.id] = Active(spec)
+        if spec.options.timeout is not None:
+            active.timers.append(self._after(spec.options.timeout,
+                                             lambda: self._time_out(spec.id)))
         try:
-            proc = self._prepare(run)
+            proc = self._prepare(spec)
         except Exception as exc:  # noqa: BLE001 - the run must end with a status
-            print(f"debounce: run {run.id} cannot start: {exc!r}", file=sys.stderr)
-            self.later.pop(run.id, None)
-            proc = RunProcess([run.key], "/", {}, lambda fd, data: None)
+            print(f"debounce: run {spec.id} cannot start: {exc!r}", file=sys.stderr)
+            self.later.pop(spec.id, None)
+            proc = self.process([spec.key], "/", {}, lambda fd, data: None)
             proc.start_error = (126, "")
-            self.procs[run.id] = proc
-        self.to_spawn.append((run, proc))
+            self.procs[spec.id] = proc
+        self.to_spawn.append((active, proc))
         if len(self.to_spawn) == 1:
             self.loop.call_soon(self._spawn_some)
 
-    def _prepare(self, run: Run) -> RunProcess:
-        job = records.job_of(run.invocation)
+    def _prepare(self, spec: RunSpec) -> RunProcess:
+        job = spec.job
         env = dict(job.env)
         more: list[list[str]] = []
-        if run.invocation.options.collect:
-            job, more = self._collect(run, job, env)
-        env["DEBOUNCE_KEY"] = run.key
-        env["DEBOUNCE_RUN_ID"] = str(run.id)
-        env["DEBOUNCE_COALESCED"] = str(run.coalesced)
+        if spec.options.collect:
+            more = self._collect(spec, env)
+        env["DEBOUNCE_KEY"] = spec.key
+        env["DEBOUNCE_RUN_ID"] = str(spec.id)
+        env["DEBOUNCE_COALESCED"] = str(spec.coalesced)
         env[DAEMON_MARK] = self.daemon_id
-        log = self._open_log(run)
+        log = self._open_log(spec)
         if log is None:
-            self.buffers[run.id] = []
+            self.buffers[spec.id] = []
         buffered = 0
+        audience = spec.audience
 
         def on_output(fd: int, data: bytes) -> None:
             nonlocal buffered
@@ -151,91 +179,108 @@ class Runs:
             if log is not None:
                 end = log.write(fd, data)
             elif buffered < REPLAY_BUFFER:  # without a log, late joiners get the first part
-                self.buffers[run.id].append((fd, data))
+                self.buffers[spec.id].append((fd, data))
                 buffered += len(data)
-            line = records.output_line(fd, data)
-            for waiter in unique(run.waiters):
-                if waiter.follows(run.id):
-                    waiter.output(fd, data, line, end)
+            audience.output(fd, data, end)
 
         ledger = None
         if self.ledger:
             self._open_ledger()
             if self.ledger_fd is not None:
                 ledger = (self.ledger_fd, self.ledger)
-        proc = RunProcess(job.argv, job.cwd, env, on_output, ledger=ledger)
+        proc = self.process(job.argv, job.cwd, env, on_output, ledger=ledger)
         if self.ledger and ledger is None:
             # No record of its start could be made: it must not start (see runner).
             proc.start_error = (CANNOT_START, "debounce: not started: cannot record the run as "
                                 f"started in {self.ledger}: {self.ledger_error}\n")
-        self.procs[run.id] = proc
+        self.procs[spec.id] = proc
         if more:  # the rest of a --collect batch past the argument limit: one after another
-            self.later[run.id] = [RunProcess(argv, job.cwd, env, on_output, ledger=ledger)
-                                  for argv in more]
-        started = protocol.encode(records.started_msg(run))
-        log_path = job.log_path if log is not None else None
-        for waiter in unique(run.waiters):
-            waiter.start(run.id, started, log_path)
+            self.later[spec.id] = [self.process(argv, job.cwd, env, on_output, ledger=ledger)
+                                   for argv in more]
+        audience.started(job.log_path if log is not None else None)
         return proc
 
-    def _collect(self, run: Run, job: Job, env: dict[str, str]) -> tuple[Job, list[list[str]]]:
+    def _collect(self, spec: RunSpec, env: dict[str, str]) -> list[list[str]]:
         """``--collect``: the run's command line(s) for every coalesced invocation, and the
-        ``$DEBOUNCE_BATCH`` file listing them (one JSON array, an argv, per line)."""
+        ``$DEBOUNCE_BATCH`` file listing them (one JSON array, an argv, per line); the job's
+        argv becomes the first command line (what history and the waiters see)."""
         import json
 
-        argvs = [records.job_of_payload(p).argv for p in run.invocation.batch] or [job.argv]
+        argvs = [job.argv for job in spec.batch] or [spec.job.argv]
         lines = batches(argvs, env)
-        path = self._batch_file(run, "".join(json.dumps(argv) + "\n" for argv in argvs))
+        path = self._batch_file(spec.id, "".join(json.dumps(argv) + "\n" for argv in argvs))
         if path is not None:
             env["DEBOUNCE_BATCH"] = path
-        collected = Job(lines[0], job.cwd, job.env, log_path=job.log_path)
-        run.invocation.payload = collected  # what history and the waiters see
-        return collected, lines[1:]
+        spec.job.argv = lines[0]
+        return lines[1:]
 
-    def _batch_file(self, run: Run, text: str) -> str | None:
+    def _batch_file(self, run_id: int, text: str) -> str | None:
         import tempfile
 
         try:
-            fd, path = tempfile.mkstemp(prefix=f"batch-{run.id}-", dir=self.log_dir or None)
+            fd, path = tempfile.mkstemp(prefix=f"batch-{run_id}-", dir=self.log_dir or None)
             with os.fdopen(fd, "w", encoding="utf-8", errors="surrogateescape") as f:
                 f.write(text)
         except OSError as exc:
-            print(f"debounce: run {run.id} has no $DEBOUNCE_BATCH: {exc.strerror}",
+            print(f"debounce: run {run_id} has no $DEBOUNCE_BATCH: {exc.strerror}",
                   file=sys.stderr)
             return None
-        self.batch_files[run.id] = path
+        self.batch_files[run_id] = path
         return path
 
-    def _drop_batch_file(self, run: Run) -> None:
-        path = self.batch_files.pop(run.id, None)
+    def _drop_batch_file(self, run_id: int) -> None:
+        path = self.batch_files.pop(run_id, None)
         if path is not None:
             try:
                 os.unlink(path)
             except OSError:
                 pass
 
-    def signal(self, run_id: int, name: str) -> None:
-        """Send ``name`` to a run's process group; the TERM of a stop (kill, --timeout,
-        restart, shutdown) also has the runner SIGKILL what is left after the stop timeout."""
-        proc = self.procs.get(run_id)
-        if proc is None:
+    # ------------------------------------------------------------------ stopping
+    def stop(self, run_id: int, why: str) -> None:
+        """Stop a run: TERM to its process group now, KILL after its ``--stop-timeout``.
+
+        The one stop of every run, local or fleet (``kill``, ``--timeout``, restart,
+        shutdown, a fleet's stop); a second stop changes nothing. A run not spawned yet gets
+        its TERM as soon as it is, and the KILL counts from now all the same. The runner
+        also KILLs what is left of the group when the stop timeout has passed after the
+        first process exited (a child that ignores TERM outlives it)."""
+        active = self.active.get(run_id)
+        if active is None or active.why is not None:
             return
-        run = self.active.get(run_id)
-        if name == "TERM" and run is not None and run.stop_reason is not None:
-            proc.stop(run.invocation.options.stop_timeout)
-        else:
+        active.why = why
+        timeout = active.spec.options.stop_timeout
+        proc = self.procs.get(run_id)
+        if proc is not None:
+            proc.stop(timeout)
+        active.timers.append(self._after(timeout, lambda: self.signal(run_id, "KILL")))
+
+    def _time_out(self, run_id: int) -> None:
+        active = self.active.get(run_id)
+        if active is not None and active.why is None:
+            self.stop(run_id, states.STOP_TIMEOUT)
+            self.events.run_timed_out(run_id)
+
+    def _after(self, seconds: float, callback: Callable[[], None]) -> Any:
+        return self.loop.call_at(self.clock.monotonic() + seconds, callback)
+
+    def signal(self, run_id: int, name: str) -> None:
+        """Send ``name`` to a run's process group, once (``kill --signal``, ``--on-busy
+        signal``, the KILL of a stop)."""
+        proc = self.procs.get(run_id)
+        if proc is not None:
             proc.signal(name)
 
-    def log_of(self, run: Run) -> str | None:
+    def log_of(self, run_id: int) -> str | None:
         """The run's output log while it is being written whole (no write has failed)."""
-        log = self.logs.get(run.id)
+        log = self.logs.get(run_id)
         return log.path if log is not None and log.error is None else None
 
-    def output_so_far(self, run: Run) -> Iterable[tuple[int, bytes]]:
-        """What a waiter joining the run late missed: from memory, else from the log."""
-        if run.id in self.buffers:
-            return list(self.buffers[run.id])
-        path = records.job_of(run.invocation).log_path
+    def output_so_far(self, run_id: int, path: str | None) -> Iterable[tuple[int, bytes]]:
+        """What a waiter joining the run late missed: from memory, else from its log
+        (``path``, which the run's job keeps after the run has ended)."""
+        if run_id in self.buffers:
+            return list(self.buffers[run_id])
         if path:
             try:
                 return read_log(path)
@@ -261,37 +306,40 @@ class Runs:
         for _ in range(SPAWNS_PER_TURN):
             if not self.to_spawn or self.draining or self.executing >= self.at_once:
                 return  # (a run that ends calls this again)
-            run, proc = self.to_spawn.popleft()
+            active, proc = self.to_spawn.popleft()
             self.executing += 1
-            task = asyncio.ensure_future(self._execute(run, proc))
+            task = asyncio.ensure_future(self._execute(active, proc))
             self.tasks.add(task)
             task.add_done_callback(self._done_executing)
         if self.to_spawn:
             self.loop.call_soon(self._spawn_some)
 
-    async def _execute(self, run: Run, proc: RunProcess) -> None:
+    async def _execute(self, active: Active, proc: RunProcess) -> None:
         """Run the run's process(es) and report its end, whatever happens on the way: a run
         whose task died unreported would stay "running" for good and hold its key."""
+        run_id = active.spec.id
         try:
-            code = await self._processes(run, proc)
+            code = await self._processes(active, proc)
         except Exception as exc:  # noqa: BLE001 - the run must end with a status
-            print(f"debounce: run {run.id} failed: {exc!r}", file=sys.stderr)
-            current = self.procs.get(run.id, proc)
+            print(f"debounce: run {run_id} failed: {exc!r}", file=sys.stderr)
+            current = self.procs.get(run_id, proc)
             current.signal("KILL")  # nothing of it may go on unwatched
             current.finished = True
-            self.later.pop(run.id, None)
+            self.later.pop(run_id, None)
             code = 126
-        self._drop_batch_file(run)
+        for timer in active.timers:
+            timer.cancel()
+        self._drop_batch_file(run_id)
         if self.ledger_fd is not None and proc.pid is not None:
             # Its end, noted at once: a crash before the commit does not make it "lost".
-            note_end(self.ledger_fd, run.id, code, self.clock.wall())
-        self.procs.pop(run.id, None)
-        self.active.pop(run.id, None)
-        self.buffers.pop(run.id, None)
-        log = self.logs.pop(run.id, None)
+            note_end(self.ledger_fd, run_id, code, self.clock.wall())
+        self.procs.pop(run_id, None)
+        self.active.pop(run_id, None)
+        self.buffers.pop(run_id, None)
+        log = self.logs.pop(run_id, None)
         if log is not None:
             log.close()
-        self.events.run_exited(run.id, code)
+        self.events.run_exited(run_id, code)
 
     def _done_executing(self, task: asyncio.Task[None]) -> None:
         """A run's task has ended, however: its place among the runs at once is free."""
@@ -300,40 +348,42 @@ class Runs:
         if self.to_spawn:
             self._spawn_some()
 
-    async def _processes(self, run: Run, proc: RunProcess) -> int:
+    async def _processes(self, active: Active, proc: RunProcess) -> int:
         """Start the run's process, and the rest of a --collect batch one after another;
         return the first non-zero status among them."""
-        if run.may_start is not None and not run.may_start():
+        spec = active.spec
+        if spec.may_start is not None and not spec.may_start():
             return 126  # its fence failed at the spawn: it never starts (see fleet.execution)
         await proc.start()
         if proc.pid is not None:
-            records.job_of(run.invocation).pid = proc.pid
-            self.events.run_started(run)
-        if run.stop_reason is not None:  # stopped before it could start
-            proc.stop(run.invocation.options.stop_timeout)
+            spec.job.pid = proc.pid
+            self.events.run_started(spec)
+        stop_timeout = spec.options.stop_timeout
+        if active.why is not None:  # stopped before it could start
+            proc.stop(stop_timeout)
         code = await proc.wait()
-        for following in self.later.pop(run.id, []):
-            if run.stop_reason is not None:
+        for following in self.later.pop(spec.id, []):
+            if active.why is not None:
                 break  # stopped: the rest of the batch does not start
-            self.procs[run.id] = following
+            self.procs[spec.id] = following
             await following.start()
-            if run.stop_reason is not None:  # stopped while it was being started
-                following.stop(run.invocation.options.stop_timeout)
+            if active.why is not None:  # stopped while it was being started
+                following.stop(stop_timeout)
             status = await following.wait()
             code = code or status  # every caller gets the first non-zero status
         return code
 
-    def _open_log(self, run: Run) -> LogWriter | None:
+    def _open_log(self, spec: RunSpec) -> LogWriter | None:
         if not self.log_dir:
             return None
-        path = os.path.join(self.log_dir, f"{run.id}.log")
+        path = os.path.join(self.log_dir, f"{spec.id}.log")
         try:
             log = LogWriter(path)
         except OSError as exc:
-            print(f"debounce: run {run.id} keeps no log: {exc.strerror}", file=sys.stderr)
+            print(f"debounce: run {spec.id} keeps no log: {exc.strerror}", file=sys.stderr)
             return None
-        self.logs[run.id] = log
-        records.job_of(run.invocation).log_path = path
+        self.logs[spec.id] = log
+        spec.job.log_path = path
         return log
 
     # ------------------------------------------------------------------ retention

@@ -11,6 +11,8 @@ from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
 from debounce_cli import protocol
+from debounce_cli.daemon import records
+from debounce_cli.scheduler import Run
 
 
 class Waiter(Protocol):
@@ -46,3 +48,24 @@ class Submitter(Protocol):
 def unique(waiters: Iterable[Any]) -> list[Any]:
     """One delivery per waiter, even when it stands for several coalesced invocations."""
     return list(dict.fromkeys(waiters))
+
+
+class RunWaiters:
+    """A local run's audience (``jobs.Audience``): its waiters, as ``daemon.runs`` tells them
+    it started and its output, each message encoded once for all of them. The list is read
+    at each chunk: waiters join and leave while the run executes."""
+
+    def __init__(self, run: Run) -> None:
+        self.run = run
+
+    def started(self, log: str | None) -> None:
+        line = protocol.encode(records.started_msg(self.run))
+        for waiter in unique(self.run.waiters):
+            waiter.start(self.run.id, line, log)
+
+    def output(self, fd: int, data: bytes, end: int | None) -> None:
+        line = records.output_line(fd, data)
+        run_id = self.run.id
+        for waiter in unique(self.run.waiters):
+            if waiter.follows(run_id):
+                waiter.output(fd, data, line, end)

@@ -1,7 +1,8 @@
-"""Fleet runs executing on this host: started through the daemon's own ``Runs`` (the same
-spawn, output, TERM-then-KILL and ``--timeout`` as a local run), their output and end put
-into the key's stream in order (retried while the store is down), and the lease guard that
-stops them when this host can no longer vouch for them."""
+"""Fleet runs executing on this host: handed to the daemon's own ``Runs`` as a ``RunSpec``
+(the same spawn, output, stop path, TERM then KILL after the stop timeout, and ``--timeout``
+as a local run), their output and end put into the key's stream in order (retried while the
+store is down), and the lease guard that stops them when this host can no longer vouch for
+them."""
 
 from __future__ import annotations
 
@@ -13,13 +14,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from debounce_cli import protocol, states
+from debounce_cli import states
 from debounce_cli.daemon.fleet import state as fs
 from debounce_cli.daemon.fleet.link import RETRY, Link
 from debounce_cli.daemon.fleet.store import StoreDown, event_id
-from debounce_cli.daemon.jobs import Job
+from debounce_cli.daemon.jobs import Job, RunSpec
 from debounce_cli.daemon.runs import Runs
-from debounce_cli.scheduler import Invocation, Run
 
 #: Output queued for the store, at most; past it a run's output is dropped (and said so).
 OUTBOX_LIMIT = 64 * 1024 * 1024
@@ -33,38 +33,25 @@ class LocalRun:
 
     key: str
     running: fs.Running
-    run: Run
+    spec: RunSpec
     why: str | None = None  # states.STOP_*: why it was asked to stop (or STOP_LEASE)
     killed: bool = False  # SIGKILL sent (its lease ran out)
     refused: bool = False  # its fence failed at the spawn: it never started
     chunks: int = 0  # output chunks published (each event carries its number)
-    kill: asyncio.TimerHandle | None = None
-    deadline: asyncio.TimerHandle | None = None
 
 
 class _Publisher:
-    """Stands in a fleet run's waiter list: its output goes into the key's stream."""
+    """A fleet run's audience: its output goes into the key's stream (its waiters, on any
+    host, follow that)."""
 
     def __init__(self, execution: Execution, key: str, run_id: int) -> None:
         self.execution, self.key, self.run_id = execution, key, run_id
 
-    def follows(self, run_id: int) -> bool:
-        return True
+    def started(self, log: str | None) -> None:
+        pass  # the store learnt of it when it was claimed
 
-    def start(self, run_id: int, line: bytes, log: str | None) -> None:
-        pass
-
-    def raw(self, line: bytes) -> None:
-        pass
-
-    def replay(self, so_far: Any) -> None:
-        pass
-
-    def output(self, fd: int, data: bytes, line: bytes, end: int | None) -> None:
+    def output(self, fd: int, data: bytes, end: int | None) -> None:
         self.execution.publish_output(self.key, self.run_id, fd, data)
-
-    def finish(self, msg: protocol.Message) -> None:
-        pass
 
 
 class Execution:
@@ -93,19 +80,12 @@ class Execution:
         """Start a run claimed here, in the job slot taken for it (its end gives it back).
         False when it does not start (the claim is given back)."""
         link = self.link
-        options = running.options
         job = Job(list(running.job["argv"]), running.job["cwd"],
                   {**running.job["env"], "DEBOUNCE_HOST": link.host})
-        inv = Invocation(id=running.inv, key=key, options=options,
-                         received_at=link.clock.monotonic(), payload=job,
-                         coalesced=running.coalesced)
-        if running.batch:  # --collect: every coalesced invocation's command line
-            inv.batch = [Job(list(argv), job.cwd, job.env) for argv in running.batch]
-        run = Run(id=running.run, key=key, invocation=inv, coalesced=running.coalesced,
-                  started_at=link.clock.monotonic(), started_wall=running.started_at,
-                  due_wall=running.due)
-        inv.run = run
-        run.waiters.append(_Publisher(self, key, running.run))
+        # --collect: every coalesced invocation's command line
+        batch = [Job(list(argv), job.cwd, job.env) for argv in running.batch or ()]
+        spec = RunSpec(running.run, key, job, running.options,
+                       _Publisher(self, key, running.run), running.coalesced, batch)
         if link.clock.monotonic() - asked_at > link.lease / 2 or not link.lease_fresh():
             # The claim took long (a slow or paused store, or this host was frozen), or our
             # lease is stale: another host may be about to give this run up. It does not
@@ -114,7 +94,7 @@ class Execution:
             self.outbox.append(("unclaim", (key, running)))
             self.outbox_ready.set()
             return False
-        local = self.local[running.run] = LocalRun(key, running, run)
+        local = self.local[running.run] = LocalRun(key, running, spec)
 
         def may_start() -> bool:
             """The fence at the spawn: asked immediately before the process is created."""
@@ -122,25 +102,24 @@ class Execution:
             local.refused = not ok
             return ok
 
-        run.may_start = may_start
+        spec.may_start = may_start
         self.follow(key, since)  # for a stop or a signal from any host
-        if options.timeout is not None:
-            local.deadline = link.loop.call_later(
-                options.timeout, lambda: self.stop(local, states.STOP_TIMEOUT))
-        self.runs.start(run)
+        self.runs.start(spec)  # (Runs arms its --timeout)
         return True
 
     # ------------------------------------------------------------------ Runs' events
-    def run_started(self, run: Run) -> None:
+    def run_started(self, spec: RunSpec) -> None:
         pass  # the store learnt of it when it was claimed
+
+    def run_timed_out(self, run_id: int) -> None:
+        local = self.local.get(run_id)
+        if local is not None and local.why is None:
+            local.why = states.STOP_TIMEOUT  # (Runs is stopping it)
 
     def run_exited(self, run_id: int, code: int, outcome: str | None = None) -> None:
         local = self.local.pop(run_id, None)
         if local is None:
             return
-        for handle in (local.kill, local.deadline):
-            if handle is not None:
-                handle.cancel()
         self.reporting.add(run_id)
         if local.refused:  # it never started: the claim is given back
             self.outbox.append(("unclaim", (local.key, local.running)))
@@ -168,15 +147,12 @@ class Execution:
 
     # ------------------------------------------------------------------ stopping
     def stop(self, local: LocalRun, why: str) -> None:
-        """Stop a run executing here: TERM, then KILL after its stop timeout."""
+        """Stop a run executing here through the runs' one stop path: TERM, then KILL after
+        its stop timeout."""
         if local.why is not None:
             return
         local.why = why
-        local.run.stop_reason = why
-        self.runs.signal(local.run.id, "TERM")
-        timeout = local.run.invocation.options.stop_timeout
-        local.kill = self.link.loop.call_later(
-            timeout, lambda: self.runs.signal(local.run.id, "KILL"))
+        self.runs.stop(local.spec.id, why)
 
     def stop_all(self) -> None:
         for local in list(self.local.values()):
@@ -192,7 +168,7 @@ class Execution:
             if kind == "stop":
                 self.stop(local, event["why"])
             else:
-                self.runs.signal(local.run.id, event["sig"])
+                self.runs.signal(local.spec.id, event["sig"])
 
     async def guard(self) -> None:
         """Safety first: a host that cannot renew its lease (cut off from the store, or the
@@ -211,15 +187,15 @@ class Execution:
                 continue
             for local in list(self.local.values()):
                 if local.why != STOP_LEASE:
-                    print(f"debounce: fleet run {local.run.id} of {local.key!r}: stopped, this "
-                          f"host could not renew its lease for {silent:.1f}s (the fleet may "
-                          "run the key elsewhere)", file=sys.stderr, flush=True)
+                    print(f"debounce: fleet run {local.spec.id} of {local.key!r}: stopped, "
+                          f"this host could not renew its lease for {silent:.1f}s (the fleet "
+                          "may run the key elsewhere)", file=sys.stderr, flush=True)
                     local.why = STOP_LEASE
-                    local.run.stop_reason = STOP_LEASE
-                    self.runs.signal(local.run.id, "TERM")
+                    # TERM now (unless another stop sent it); the lease's own KILL is below.
+                    self.runs.stop(local.spec.id, STOP_LEASE)
                 elif silent >= link.lease * 3 / 4 and not local.killed:
                     local.killed = True
-                    self.runs.signal(local.run.id, "KILL")
+                    self.runs.signal(local.spec.id, "KILL")
 
     # ------------------------------------------------------------------ into the store
     async def publish(self) -> None:
