@@ -108,7 +108,7 @@ class Claims:
         Returns the key it is filed under and its invocation id."""
         inv = self.new_id()
         if not options.defer:
-            key = f"{key}#{self.link.host}-{inv}"
+            key = states.no_defer_key(key, f"{self.link.host}-{inv}")
         self.submitting += 1
         self.link.spawn(self._submitted(inv, key, options, job, waiter, submitter))
         return key, inv
