@@ -17,6 +17,9 @@ PENDING: Final = "pending"  # waiting for its quiet period, or due and waiting f
 QUEUED: Final = "queued"  # due, key free, waiting for a job slot
 SUPERSEDED: Final = "superseded"  # replaced by a later invocation of the same key
 RUNNING: Final = "running"  # attached to a run that is executing
+#: ``status``: a run decided whose process is not created yet (waiting for a place among the
+#: runs executing at once, for the spawner, or for the journal to record it).
+STARTING: Final = "starting"
 FINISHED: Final = "finished"  # attached to a run that has ended
 CANCELLED: Final = "cancelled"  # dropped by `debounce cancel`
 

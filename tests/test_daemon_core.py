@@ -89,9 +89,12 @@ class FakeRuns:
         self.started: list[Run] = []
         self.signals: list[tuple[int, str]] = []
         self.retained = 0
+        self.spawn = True  # False: runs wait for their process (no pid), as behind the spawner
 
     def start(self, run: Run) -> None:
         self.started.append(run)
+        if self.spawn:
+            records.job_of(run.invocation).pid = 10_000 + run.id  # as runs.Runs sets it
         line = protocol.encode(records.started_msg(run))
         for waiter in unique(run.waiters):
             waiter.start(run.id, line, None)
