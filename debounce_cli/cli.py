@@ -460,7 +460,9 @@ def watch(
 
     The run finds the changed paths of the whole burst, one per line, in the private file
     named by $DEBOUNCE_CHANGED_PATHS_FILE, and also in $DEBOUNCE_CHANGED_PATHS when they fit
-    in 64 KiB (else that variable is unset). Files that were created and removed within the
+    in 64 KiB (else that variable is unset); a name holding a line break is quoted there as
+    $'...', and $DEBOUNCE_CHANGED_PATHS_FILE0 has the exact names, each ended by a NUL.
+    Files that were created and removed within the
     burst (editors' temporary files) are left out. A PATH that is a file is watched through its
     directory, so saves that replace the file keep counting, and its changes count whatever
     --filter, --ignore and .gitignore say. .gitignore files are read in the watched

@@ -96,7 +96,8 @@ RUN_OPTIONS: tuple[RunOption, ...] = (
     ),
     RunOption(
         "defer", "--no-defer", FLAG, True,
-        "Keep the delay but never coalesce: each invocation gets a key of its own (KEY#ID).",
+        "Keep the delay but never coalesce: each invocation gets a key of its own (KEY, "
+        "U+FFFF, #ID; keys you write may not hold U+FFFF, so none coalesces with it).",
         negated=True,
     ),
     RunOption(

@@ -458,17 +458,19 @@ class PendingRow(Record):
 
 
 class RunningRow(Record):
-    """``status``: the run executing for a key; ``stopping`` says why it is being stopped."""
+    """``status``: the run executing for a key; ``stopping`` says why it is being stopped;
+    ``state`` is ``running``, or ``starting`` while its process is not created yet."""
 
     schema: ClassVar[dict[str, str]] = {
         "run_id": _INT, "argv": _STRS, "started_at": _NUM, "coalesced": _INT,
-        "stopping": _OPT_STR,
+        "stopping": _OPT_STR, "state": _STR,
     }
     run_id: int = 0
     argv: list[str] = []
     started_at: float = 0.0
     coalesced: int = 1
     stopping: str | None = None
+    state: str = states.RUNNING
 
 
 class LastRun(Record):

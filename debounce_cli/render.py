@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TextIO
 
-from debounce_cli import protocol
+from debounce_cli import protocol, states
 from debounce_cli.client import Display
 from debounce_cli.durations import format_duration
 
@@ -165,7 +165,8 @@ def finished_json(msg: protocol.Finished) -> str:
 def status_text(reply: protocol.StatusReply) -> str:
     """``debounce status`` on a pipe: one line per pending or running invocation, five
     tab-separated columns that never change (README says them): state, key, seconds (until
-    due when pending or queued, since the start when running), coalesced count, command.
+    due when pending or queued, since the start when running, since it was decided when
+    starting), coalesced count, command.
     When a row is a fleet key (``--fleet``, or a fleet key of this host's), every line has a
     sixth column before the command: the host (``-`` for a local key)."""
     lines = []
@@ -175,7 +176,8 @@ def status_text(reply: protocol.StatusReply) -> str:
         pending, running = row.pending, row.running
         host = f"{row.host or '-'}\t" if fleet else ""
         if running:
-            lines.append(f"running\t{row.key}\t{max(0.0, now - running.started_at):.3f}\t"
+            lines.append(f"{running.state}\t{row.key}\t"
+                         f"{max(0.0, now - running.started_at):.3f}\t"
                          f"{running.coalesced}\t{host}{_command(running.argv)}")
         if pending:
             lines.append(f"{pending.state}\t{row.key}\t{pending.due_in:.3f}\t"
@@ -328,7 +330,8 @@ def status_table(reply: protocol.StatusReply) -> None:
         host = [row.host or ""] if fleet else []
         mark = " (fleet)" if row.host is not None and not all_fleet else ""
         if running:
-            table.add_row(row.key, f"[bold green]running[/]{mark}", *host,
+            colour = "bold green" if running.state == states.RUNNING else "green"
+            table.add_row(row.key, f"[{colour}]{running.state}[/]{mark}", *host,
                           _cell(running.argv),
                           format_duration(max(0.0, now - running.started_at)),
                           str(running.coalesced), last_text)

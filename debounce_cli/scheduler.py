@@ -306,7 +306,7 @@ class Scheduler:
             first_at=now,
         )
         if not options.defer:
-            inv.key = key = f"{key}#{inv.id}"
+            inv.key = key = states.no_defer_key(key, str(inv.id))
         if waiter is not None:
             inv.waiters = [waiter]  # sized 1 (append would make room for 4: 24 bytes each)
         effects: list[Effect] = []

@@ -2,7 +2,8 @@
 
 Each is written once here and compared by name everywhere else (scheduler, journal, daemon,
 client, render). They are plain strings because they go on the wire and into the journal as
-they are; this module is imported by the client, so it holds nothing but constants.
+they are; this module is imported by the client, so it holds nothing but constants (and the
+one function that makes a --no-defer key).
 """
 
 from __future__ import annotations
@@ -16,6 +17,9 @@ PENDING: Final = "pending"  # waiting for its quiet period, or due and waiting f
 QUEUED: Final = "queued"  # due, key free, waiting for a job slot
 SUPERSEDED: Final = "superseded"  # replaced by a later invocation of the same key
 RUNNING: Final = "running"  # attached to a run that is executing
+#: ``status``: a run decided whose process is not created yet (waiting for a place among the
+#: runs executing at once, for the spawner, or for the journal to record it).
+STARTING: Final = "starting"
 FINISHED: Final = "finished"  # attached to a run that has ended
 CANCELLED: Final = "cancelled"  # dropped by `debounce cancel`
 
@@ -41,6 +45,20 @@ OUTCOME_OF_STOP: Final[dict[str | None, str]] = {
     STOP_SHUTDOWN: STOPPED,
     STOP_KILL: KILLED,
 }
+
+# The keys of --no-defer invocations. Each is filed under a key of its own, made from the
+# user's key and an id; that key must never be one a user can submit, or a user's key could
+# coalesce with it (issue 23: `--key 'build#1'` took over `--no-defer --key build`). The
+# journal's rows, $DEBOUNCE_KEY and every command that names a key take the key's text, so
+# the namespace is in the text: U+FFFF, a Unicode noncharacter ("reserved for internal use",
+# never interchanged), marks it and is refused in every key submitted (daemon.jobs).
+PRIVATE_MARK: Final = "\uffff"
+
+
+def no_defer_key(key: str, tag: str) -> str:
+    """The key a --no-defer invocation is filed under: ``KEY`` U+FFFF ``#TAG``."""
+    return f"{key}{PRIVATE_MARK}#{tag}"
+
 
 # Error codes of the protocol's Error message.
 BAD_REQUEST: Final = "bad_request"  # the client sent something malformed or not allowed

@@ -6,7 +6,9 @@ see the changed paths of the whole burst, not only of the last batch, so this pr
 paths no run has been handed yet and sends them all with every submission: always in a private
 file named by ``$DEBOUNCE_CHANGED_PATHS_FILE`` (one path per line), and also in
 ``$DEBOUNCE_CHANGED_PATHS`` while the list is small enough for an environment (an ``rm -rf`` of
-a tree would otherwise make the run fail with "Argument list too long").
+a tree would otherwise make the run fail with "Argument list too long"). A name holding a line
+break is quoted in those (:func:`listed`), so that no name can forge a line; the exact names
+are in ``$DEBOUNCE_CHANGED_PATHS_FILE0``, each ended by a NUL byte.
 
 One second connection follows the key (``wait``) while anything of ours is pending or running:
 it prints the runs' output, and when a run starts it says which submission won, so the paths
@@ -45,6 +47,10 @@ from debounce_cli import client, protocol
 #: ``$DEBOUNCE_CHANGED_PATHS`` is set only while the list is shorter than this (bytes). Linux
 #: refuses any single environment string over 128 KiB (and all of them over about 2 MiB).
 ENV_LIMIT = 64 * 1024
+
+#: What ends a line for some reader of a list of paths: ``\n`` for the shell's ``read``,
+#: and the rest of what Python's ``str.splitlines`` splits on.
+LINE_BREAKS = frozenset("\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029")
 
 #: How often (ms) a watchfiles thread comes back without changes; its first return says that
 #: its watches are in place.
@@ -289,7 +295,7 @@ class Watcher:
         self.dropped = 0  # absolute index of undelivered's first among all paths ever kept
         self.upto: dict[int, int] = {}  # submission id -> absolute end of the paths it carried
         self.ours: dict[int, str] = {}  # submission id -> daemon key, while it may yet run
-        self.lists: dict[int, str] = {}  # submission id -> its changed-paths file
+        self.lists: dict[int, tuple[str, str]] = {}  # submission id -> its lists (lines, NUL)
         self.started: dict[str, int] = {}  # key -> the invocation its latest run started with
         self.runs: dict[int, str] = {}  # run id -> key, for runs of ours that started
         self.ended: dict[int, int] = {}  # run id -> exit status, for runs of ours that ended
@@ -315,15 +321,17 @@ class Watcher:
         paths = [path for path, created in burst if not created or os.path.lexists(path)]
         if not paths and not waiting and not force:
             return  # only temporary files came and went
+        lines = [listed(path) for path in paths]
         try:
-            listing = self._write_list(paths)
+            listing, exact = self._write_lists(lines, paths)
         except OSError as exc:
             print(f"debounce: cannot write the list of changed paths: {exc}", file=sys.stderr,
                   flush=True)
             return
         env = dict(os.environ)
         env["DEBOUNCE_CHANGED_PATHS_FILE"] = listing
-        text = "\n".join(paths)
+        env["DEBOUNCE_CHANGED_PATHS_FILE0"] = exact
+        text = "\n".join(lines)
         if len(text.encode("utf-8", "surrogateescape")) < ENV_LIMIT:
             env["DEBOUNCE_CHANGED_PATHS"] = text
         else:
@@ -335,27 +343,37 @@ class Watcher:
             with self.lock:
                 self.upto[reply.id] = end
                 self.ours[reply.id] = reply.key
-                self.lists[reply.id] = listing
+                self.lists[reply.id] = (listing, exact)
                 if self.follower is None or not self.follower.is_alive():
                     self.follower = threading.Thread(target=self._follow, daemon=True)
                     self.follower.start()
             return
         _remove(listing)
+        _remove(exact)
         if reply is not None:
             print(f"debounce: {getattr(reply, 'message', reply.type)}", file=sys.stderr,
                   flush=True)
 
-    def _write_list(self, paths: list[str]) -> str:
-        """A new private file (0600, in a private directory) listing ``paths``, one a line."""
+    def _write_lists(self, lines: list[str], paths: list[str]) -> tuple[str, str]:
+        """Two new private files (0600, in a private directory): ``lines``, one a line, and
+        ``paths``, each ended by a NUL byte. Neither is left behind if one fails."""
         if self.tmpdir is None:
             self.tmpdir = tempfile.mkdtemp(prefix="debounce-watch-")  # mode 0700
         self.written += 1
-        name = os.path.join(self.tmpdir, f"changed-{self.written}")
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-        fd = os.open(name, flags, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(b"".join(os.fsencode(path) + b"\n" for path in paths))
-        return name
+        names: list[str] = []
+        try:
+            for suffix, items, end in (("", lines, b"\n"), ("0", paths, b"\0")):
+                name = os.path.join(self.tmpdir, f"changed-{self.written}{suffix}")
+                flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+                fd = os.open(name, flags, 0o600)
+                names.append(name)
+                with os.fdopen(fd, "wb") as f:
+                    f.write(b"".join(os.fsencode(item) + end for item in items))
+        except OSError:
+            for name in names:
+                _remove(name)
+            raise
+        return names[0], names[1]
 
     def _ask(self, request: protocol.Message) -> protocol.Message | None:
         """Send over the persistent connection, reconnecting once if the daemon went away."""
@@ -420,8 +438,7 @@ class Watcher:
                     if k == key and sid != keep and (upto is None or sid <= upto)]
             for sid in gone:
                 del self.ours[sid]
-                listing = self.lists.pop(sid, None)
-                if listing is not None:
+                for listing in self.lists.pop(sid, ()):
                     _remove(listing)
 
     def _follow_one(self, conn: client.Connection) -> None:
@@ -569,6 +586,15 @@ def _status_of(msg: protocol.Finished) -> int:
     from debounce_cli.states import LOST
 
     return ExitStatus.DAEMON_LOST if msg.outcome == LOST else msg.exit_code
+
+
+def listed(path: str) -> str:
+    """``path`` as a line of ``$DEBOUNCE_CHANGED_PATHS(_FILE)``: as it is, unless it holds a
+    line break (:data:`LINE_BREAKS`); then quoted as bash's ``$'...'`` (``$'/src/evil\\x0a-rf'``),
+    one line that no listed path can be, as those are absolute (they start with ``/``)."""
+    if LINE_BREAKS.isdisjoint(path):
+        return path
+    return protocol.shown(path)
 
 
 def _remove(path: str) -> None:

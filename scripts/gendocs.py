@@ -60,9 +60,13 @@ ENVIRONMENT = [
     ("DEBOUNCE_DAEMON", "Set in every run's environment: which daemon (socket) the run "
      "belongs to, so that the next daemon finds what is left of it after a crash."),
     ("DEBOUNCE_CHANGED_PATHS", "Set in the runs of debounce watch: the changed paths of the "
-     "burst, one per line, when they fit in 64 KiB."),
+     "burst, one per line, when they fit in 64 KiB (a name holding a line break is quoted as "
+     "$'...')."),
     ("DEBOUNCE_CHANGED_PATHS_FILE", "Set in the runs of debounce watch: a private file with "
-     "the changed paths of the burst, one per line, always."),
+     "the changed paths of the burst, one per line (a name holding a line break is quoted as "
+     "$'...'), always."),
+    ("DEBOUNCE_CHANGED_PATHS_FILE0", "Set in the runs of debounce watch: a private file with "
+     "the exact changed paths of the burst, each ended by a NUL byte (for xargs -0), always."),
     ("DEBOUNCE_BATCH", "Set in the runs of --collect: a file with the argv of every coalesced "
      "invocation, one JSON array per line."),
 ]

@@ -92,10 +92,13 @@ class FakeRuns:
         self.signals: list[tuple[int, str]] = []
         self.stops: list[tuple[int, str]] = []
         self.retained = 0
+        self.spawn = True  # False: runs wait for their process (no pid), as behind the spawner
 
     def start(self, spec: RunSpec) -> None:
         assert self.scheduler is not None
         self.started.append(self.scheduler.runs[spec.id])
+        if self.spawn:
+            spec.job.pid = 10_000 + spec.id  # as runs.Runs sets it
         spec.audience.started(None)
 
     def stop(self, run_id: int, why: str) -> None:

@@ -10,6 +10,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+
 from conftest import wait_until
 from fleet_support import Fleet, Redis, finish
 

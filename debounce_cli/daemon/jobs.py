@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from debounce_cli import protocol
+from debounce_cli import protocol, states
 from debounce_cli.scheduler import Options
 
 
@@ -70,13 +70,26 @@ def parse_options(raw: dict[str, Any]) -> Options:
 
 
 def check_job(argv: list[str], cwd: str, key: str) -> None:
-    """Refuse what could never run: no command, a relative cwd, an empty key."""
+    """Refuse what could never run: no command, a relative cwd, an empty key; and a key
+    that could be a --no-defer invocation's (:func:`check_key`)."""
     if not argv:
         raise ValueError("run: argv must name a command")
     if not os.path.isabs(cwd):
         raise ValueError(f"run: cwd must be an absolute path, not {cwd!r}")
     if not key:
         raise ValueError("run: key must not be empty")
+    try:
+        check_key(key)
+    except ValueError as exc:
+        raise ValueError(f"run: {exc}") from None
+
+
+def check_key(key: str) -> None:
+    """Refuse a key holding U+FFFF, which marks the keys of --no-defer invocations: no key
+    submitted may ever be one (states.PRIVATE_MARK)."""
+    if states.PRIVATE_MARK in key:
+        raise ValueError(f"key {protocol.shown(key)} holds U+FFFF, which debounce keeps "
+                         "for the keys of --no-defer invocations; choose a --key without it")
 
 
 class Shared:

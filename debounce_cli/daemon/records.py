@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import binascii
 
-from debounce_cli import protocol
+from debounce_cli import protocol, states
 from debounce_cli.daemon.jobs import Job
 from debounce_cli.scheduler import Invocation, KeyState, Run
 
@@ -78,9 +78,14 @@ def key_status(ks: KeyState, last: Run | None, now: float) -> protocol.KeyStatus
                                       due_in=due_in(inv, now), coalesced=inv.coalesced)
     if ks.running is not None:
         run = ks.running
-        running = protocol.RunningRow(run_id=run.id, argv=job_of(run.invocation).argv,
+        job = job_of(run.invocation)
+        # Its process exists once it has a pid (daemon.runs sets it): until then the run is
+        # decided but waits (for a place among the runs at once, the spawner, a commit).
+        running = protocol.RunningRow(run_id=run.id, argv=job.argv,
                                       started_at=run.started_wall, coalesced=run.coalesced,
-                                      stopping=run.stop_reason)
+                                      stopping=run.stop_reason,
+                                      state=states.RUNNING if job.pid is not None
+                                      else states.STARTING)
     return protocol.KeyStatus(
         key=ks.key, pending=pending, running=running,
         last=None if last is None else protocol.LastRun(

@@ -24,7 +24,7 @@ from typing import Any, NamedTuple
 from debounce_cli import keys, protocol
 from debounce_cli.daemon import records
 from debounce_cli.daemon.core import Core
-from debounce_cli.daemon.jobs import Job, parse_options
+from debounce_cli.daemon.jobs import Job, check_key, parse_options
 from debounce_cli.durations import DurationError, parse_duration
 from debounce_cli.options import BY_NAME, DURATION, RUN_OPTIONS, expand
 from debounce_cli.protocol import ProtocolError
@@ -303,6 +303,7 @@ def parse_stdin_line(raw: bytes, defaults: dict[str, Any], base: Base | None = N
         key = keys.compute_key(template, argv, cwd, env, collect=options.collect)
     except keys.KeyTemplateError as exc:
         raise ValueError(str(exc)) from None
+    check_key(key)  # a --no-defer invocation's key is no line's to take
     return key, options, Job(argv, cwd, env)
 
 

@@ -112,7 +112,7 @@ class Claims:
         Returns the key it is filed under and its invocation id."""
         inv = self.new_id()
         if not options.defer:
-            key = f"{key}#{self.link.host}-{inv}"
+            key = states.no_defer_key(key, f"{self.link.host}-{inv}")
         self.submitted[inv] = key  # for `wait --invocation`, without a look through the fleet
         if len(self.submitted) > SUBMITTED_KEPT:
             del self.submitted[next(iter(self.submitted))]
