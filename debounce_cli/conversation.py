@@ -10,7 +10,7 @@ import os
 import sys
 
 from debounce_cli.exits import ExitStatus
-from debounce_cli.states import BAD_REQUEST, KILLED, LOST, NOT_FOUND, TIMED_OUT
+from debounce_cli.states import BAD_REQUEST, KILLED, LOST, NOT_FOUND, TIMED_OUT, UNKNOWN
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -321,6 +321,7 @@ def refused(reply: Any, key: str) -> NoReturn:
         status = {
             BAD_REQUEST: ExitStatus.USAGE,
             NOT_FOUND: ExitStatus.NOT_FOUND,
+            UNKNOWN: ExitStatus.OUTCOME_UNKNOWN,
         }.get(reply.code, ExitStatus.REFUSED)
         raise Failure(reply.message, status)
     raise Failure(f"unexpected answer from the daemon: {reply.type}", ExitStatus.REFUSED)

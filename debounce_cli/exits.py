@@ -33,6 +33,9 @@ class ExitStatus:
     REFUSED = 116
     #: ``debounce wait``, ``flush``, ``cancel`` or ``logs`` found nothing by that name.
     NOT_FOUND = 117
+    #: A fleet submission's outcome is unknown: the store may have taken it but did not
+    #: confirm it in time; ``debounce wait --invocation ID`` finds out.
+    OUTCOME_UNKNOWN = 118
     #: Ctrl-C (SIGINT) while waiting: the client stops; the invocation stays with the daemon.
     INTERRUPTED = 130
 

@@ -64,3 +64,6 @@ def no_defer_key(key: str, tag: str) -> str:
 BAD_REQUEST: Final = "bad_request"  # the client sent something malformed or not allowed
 REFUSED: Final = "refused"  # the daemon cannot take it now (shutting down, disk full...)
 NOT_FOUND: Final = "not_found"  # no such key or run
+#: A fleet submission the store may have taken (its answer was lost) and did not confirm in
+#: time: it may still run (`debounce wait --invocation ID` tells).
+UNKNOWN: Final = "unknown"

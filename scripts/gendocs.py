@@ -38,6 +38,9 @@ EXIT_MEANINGS = {
     ExitStatus.REFUSED: "The daemon refused the request, for example because its state "
     "directory is full or read-only.",
     ExitStatus.NOT_FOUND: "Nothing by that key or run id (wait, flush, cancel, logs).",
+    ExitStatus.OUTCOME_UNKNOWN: "Outcome unknown: the store may have taken a fleet "
+    "submission whose answer was lost, and did not confirm it in time; it may still run "
+    "(once); debounce wait --invocation ID tells its outcome.",
     ExitStatus.FAILURE: "debounce daemon could not start; with --stdin, a line failed to "
     "parse or a run failed. Any command: its output could not be written (a full disk, a "
     "closed stdout); a waiting client also says what the run's own status was. A reader "

@@ -87,3 +87,11 @@ def test_readme_documents_every_exit_status_and_command():
             assert f"| {int(status)} |" in readme, f"exit status {int(status)} not in README"
     for name in cli.commands:
         assert f"debounce {name}" in readme, f"debounce {name} not in README"
+
+
+def test_the_man_pages_explain_every_exit_status():
+    from debounce_cli.exits import ExitStatus
+
+    page = (ROOT / "man" / "debounce.1").read_text()
+    for status in ExitStatus.all().values():
+        assert f".B {int(status)}\n" in page, f"exit status {int(status)} not in debounce(1)"

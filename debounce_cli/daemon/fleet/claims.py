@@ -29,6 +29,9 @@ from debounce_cli.scheduler import Options, Scheduler
 #: Fleet invocations whose key this daemon remembers for `wait --invocation` (older ones are
 #: looked for through the fleet's keys and history).
 SUBMITTED_KEPT = 10_000
+#: Seconds a submission whose answer was lost is retried before its client is told the
+#: outcome is unknown (118): well within the 30 s a client waits for its first answer.
+ANSWER_WITHIN = 20.0
 
 @dataclass(eq=False)
 class Mine:
@@ -144,18 +147,28 @@ class Claims:
             return fs.submit(st, inv=inv, host=self.link.host, job=payload,
                              options=options, now=now, token=token)
 
+        began = self.link.loop.time()
+        unsure = False  # an attempt may have been applied: its client is never told "refused"
         while True:
             try:
                 landed, latest, st = await self.link.store.update(key, step)
                 break
             except StoreDown as exc:
-                if submitter is not None or self.link.closing:
-                    if submitter is not None:
-                        submitter.answered(protocol.Error(
-                            message=f"{exc}; fleet keys are refused until it is back (local "
-                            "keys are not affected)", code=states.REFUSED))
+                unsure = unsure or exc.maybe_applied
+                late = self.link.loop.time() - began >= ANSWER_WITHIN or self.link.closing
+                if submitter is not None and (not unsure or late):
+                    submitter.answered(_unknown(exc, inv, key) if unsure else protocol.Error(
+                        message=f"{exc}; fleet keys are refused until it is back (local "
+                        "keys are not affected)", code=states.REFUSED))
+                    if not unsure:
+                        return
+                    # The store may hold it: retried with its token until it answers (then
+                    # `debounce wait --invocation` finds it), never dropped, never twice.
+                    submitter = waiter = None
+                if self.link.closing:
                     return
-                # Submitted again after the store lost it: accepted once, so never dropped.
+                # Retried with the same token (the store recognises a step it has applied);
+                # submitted again after the store lost it: accepted once, so never dropped.
                 self.link.say_down(exc)
                 await asyncio.sleep(RETRY)
         now = seen[-1]
@@ -170,6 +183,13 @@ class Claims:
         elif isinstance(landed, fs.InRun):
             accepted = protocol.Accepted(id=inv, key=key, state=states.RUNNING, due_in=None,
                                          coalesced=landed.coalesced)
+        elif isinstance(landed, fs.Gone):  # taken before its answer was lost, cancelled since
+            if submitter is not None:
+                submitter.answered(protocol.Accepted(id=inv, key=key, state=states.CANCELLED,
+                                                     due_in=None, coalesced=1))
+            if waiter is not None:
+                waiter.finish(protocol.Cancelled(key=key))
+            return
         else:
             accepted = protocol.Accepted(id=inv, key=key, state=states.FINISHED, due_in=None,
                                          coalesced=landed.last.coalesced)
@@ -278,3 +298,11 @@ class Claims:
                 continue
             self.claiming.add(key)
             self.link.spawn(self._claim(key, False, slot_held=True))
+
+
+def _unknown(exc: StoreDown, inv: int, key: str) -> protocol.Error:
+    """The answer to a submission the store may have taken without saying so in time."""
+    return protocol.Error(
+        message=f"{exc}: it did not confirm invocation {inv} of fleet key {protocol.shown(key)} "
+        f"within {ANSWER_WITHIN:g}s and may have taken it; it may still run: debounce wait "
+        f"--invocation {inv} tells its outcome", code=states.UNKNOWN)

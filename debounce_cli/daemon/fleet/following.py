@@ -109,8 +109,8 @@ class Following:
                 follower.last = b"0-0"  # a new stream: read it from its start
                 self._from(follower.key, follower.last)
 
-    async def attach(self, key: str, waiter: Waiter, landed: fs.Landed, st: fs.KeyState,
-                      since: bytes) -> None:
+    async def attach(self, key: str, waiter: Waiter, landed: fs.InSlot | fs.InRun | fs.Done,
+                     st: fs.KeyState, since: bytes) -> None:
         """Hand ``waiter`` what it is owed now and file it where the key's events find it.
 
         A waiter that joins a run (executing, or already ended) gets its output so far first,

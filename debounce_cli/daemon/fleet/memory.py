@@ -109,9 +109,10 @@ class MemoryStore:
             raise StoreDown(f"the fleet store {self.name} cannot be reached (connection "
                             "refused)")
 
-    def _reply(self) -> None:
+    def _reply(self, applied: bool = False) -> None:
         if self.lose_replies:
-            raise StoreDown(f"the fleet store {self.name} cannot be reached (timed out)")
+            raise StoreDown(f"the fleet store {self.name} cannot be reached (timed out)",
+                            maybe_applied=applied)
 
     async def close(self) -> None:
         pass
@@ -174,7 +175,7 @@ class MemoryStore:
             if history and st.last is not None and st.last is not last_before:
                 m.history.insert(0, st.last.record(key))
                 del m.history[history:]
-        self._reply()
+        self._reply(applied=after != before or bool(events))
         return result, m.latest(key), st
 
     async def name_run(self, run: int, key: str) -> None:

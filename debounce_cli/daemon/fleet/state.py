@@ -123,6 +123,9 @@ class KeyState(rules.KeyRecord):
     #: The invocations the latest ``debounce cancel`` dropped ("HOST:ID"), for ``wait
     #: --invocation``.
     cancelled: list[str] = field(default_factory=list)
+    #: The tokens of the latest submissions (TOKENS_KEPT), so that one retried after its
+    #: answer was lost is recognised however far its key has moved on since.
+    tokens: list[str] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)  # fields of a newer version, kept
 
     # ------------------------------------------------------------------ storage
@@ -143,6 +146,7 @@ class KeyState(rules.KeyRecord):
         running = obj.pop("running", None)
         last = obj.pop("last", None)
         cancelled = obj.pop("cancelled", None) or []
+        tokens = obj.pop("tokens", None) or []
         known = {name: obj.pop(name) for name in list(obj) if name in _SCALARS}
         for name in _TIMES:
             if known.get(name) is None:
@@ -150,7 +154,7 @@ class KeyState(rules.KeyRecord):
         known["key"] = key
         st = cls(**known,
                  pending=_known(Pending, pending), running=_known(Running, running),
-                 last=_known(Last, last), cancelled=cancelled, extra=obj)
+                 last=_known(Last, last), cancelled=cancelled, tokens=tokens, extra=obj)
         old_leader = obj.pop("burst_leader", None)  # written by an earlier version: a slot
         if old_leader is not None and st.pending is not None:
             st.leader = st.pending.slot == old_leader
@@ -260,7 +264,35 @@ class Done:
     last: Last
 
 
-Landed = InSlot | InRun | Done
+@dataclass(frozen=True, slots=True)
+class Gone:
+    """A retried submission the store had taken before: nothing stands for it any more (it
+    was cancelled, or the key has moved on past what it remembers)."""
+
+
+Landed = InSlot | InRun | Done | Gone
+
+#: Submission tokens a key remembers (see ``KeyState.tokens``).
+TOKENS_KEPT = 64
+
+
+def _where(st: KeyState, invocation: str) -> Landed:
+    """Where an invocation the key took before stands now."""
+    p, r, last = st.pending, st.running, st.last
+    if p is not None and covers(p, invocation):
+        return InSlot(p.slot, p.due, p.coalesced,
+                      states.QUEUED if p.queued else states.PENDING)
+    if r is not None and covers(r, invocation):
+        return InRun(r.run, r.coalesced)
+    if last is not None and covers(last, invocation):
+        return Done(last)
+    return Gone()
+
+
+def _taken(st: KeyState, token: str) -> None:
+    if token:
+        st.tokens.append(token)
+        del st.tokens[:-TOKENS_KEPT]
 
 
 def _pending_event(p: Pending) -> Event:
@@ -276,6 +308,9 @@ def submit(st: KeyState, *, inv: int, host: str, job: dict[str, Any], options: O
     p = st.pending
     if token and p is not None and p.token == token:
         return InSlot(p.slot, p.due, p.coalesced), []
+    if token and token in st.tokens:  # taken before, its answer lost: never twice
+        return _where(st, mark(host, inv)), []
+    _taken(st, token)
     running = st.running
     burst: Running | Last | None = None
     if st.burst_run is not None:

@@ -99,7 +99,14 @@ class Beat(NamedTuple):
 
 
 class StoreDown(Exception):
-    """The store cannot be reached or failed; ``str()`` names it and says what failed."""
+    """The store cannot be reached or failed; ``str()`` names it and says what failed.
+
+    ``maybe_applied``: a write went out and its answer did not come back, so the store may
+    have applied it (a step retried with the same token finds its own work done)."""
+
+    def __init__(self, message: str, maybe_applied: bool = False) -> None:
+        super().__init__(message)
+        self.maybe_applied = maybe_applied
 
 
 def tag_of(key: str) -> str:
@@ -286,8 +293,9 @@ class Store:
             return await self.redis.time(target_nodes=self.redis.get_node_from_key(key))
         return await self.redis.time()
 
-    def down(self, exc: BaseException) -> StoreDown:
-        return StoreDown(f"the fleet store {self.name} cannot be reached ({_why(exc)})")
+    def down(self, exc: BaseException, maybe_applied: bool = False) -> StoreDown:
+        return StoreDown(f"the fleet store {self.name} cannot be reached ({_why(exc)})",
+                         maybe_applied)
 
     async def close(self) -> None:
         if self.sender is not None:
@@ -425,8 +433,11 @@ class Store:
                     self._remember(key, after.encode())
                 try:
                     done, _, _, payload, *added = await self._call(keys, args)
-                except BaseException:
+                except _FAILED as exc:
                     self.cache.pop(key, None)  # written or not: unknown
+                    raise self.down(exc, maybe_applied=write and not _unsent(exc)) from None
+                except BaseException:
+                    self.cache.pop(key, None)
                     raise
                 now = self._reckoned()  # (measured as the answer came: see _send)
                 if done:
@@ -784,6 +795,12 @@ class Store:
         if not deleted:
             return False
         return event_id(deleted) > event_id(last) and event_id(last) != (0, 0)
+
+
+def _unsent(exc: BaseException) -> bool:
+    """The request never reached the store: no connection could be made (redis-py says
+    "connecting to" for a refused or timed-out connect), so nothing was applied."""
+    return isinstance(exc, ConnectionRefusedError) or "connecting to" in str(exc).lower()
 
 
 def _why(exc: BaseException) -> str:
