@@ -5,15 +5,24 @@ budget says "outcome unknown" (118) with the command that finds it out. It runs 
 
 from __future__ import annotations
 
+import json
+import shutil
+import tempfile
+import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
+from fleet_proxy import Proxy
 from fleet_sim import Sim
 
 from debounce_cli import protocol, states
 from debounce_cli.daemon.fleet import state as fs
 from debounce_cli.daemon.fleet.claims import ANSWER_WITHIN
 from debounce_cli.scheduler import Options
+
+from conftest import lines, wait_until
+from fleet_support import Host, Redis
 
 
 @pytest.fixture
@@ -98,3 +107,44 @@ def test_a_retried_token_is_recognised_however_far_the_key_has_moved() -> None:
 
     fs.cancel(st)
     assert _submit(st, 3, 2.3, "i:3") == fs.Gone() and st.pending is None
+
+
+# ------------------------------------------------------------------ against a real Redis
+@pytest.mark.slow
+def test_a_real_store_whose_answers_are_lost_gets_118_and_the_command_runs_once():
+    """Issue 18 item 6 as reported: the proxy forwards the submission to Redis, then goes
+    dark for the answers. Before, the client exited 116 ("refused") and the command ran
+    anyway once the network healed."""
+    root = Path(tempfile.mkdtemp(prefix="dbl-", dir="/tmp"))
+    redis = Redis(root)
+    proxy = Proxy(redis.port)
+    (root / "a").mkdir()
+    host = Host(root / "a", "a", proxy.url)
+    try:
+        host.start()
+        warm = host.run("run", "--fleet", "--key", "warm", "--delay", "0", "--", "true")
+        assert warm.returncode == 0, warm.stderr
+        proxy.mode = "drop_replies"
+        runs = host.work / "runs.txt"
+        began = time.monotonic()
+        proc = host.run("run", "--fleet", "--no-wait", "--key", "k", "--delay", "1s", "--",
+                        "sh", "-c", f"echo ran >> {runs}", timeout=60)
+        took = time.monotonic() - began
+        assert proc.returncode == 118, (proc.returncode, proc.stderr)
+        assert "debounce wait --invocation" in proc.stderr and took < 30.0
+        inv = proc.stderr.split("debounce wait --invocation ")[1].split()[0]
+        proxy.mode = "pass"
+        wait_until(lambda: lines(runs), timeout=30)
+        waited = host.run("wait", "--invocation", inv, timeout=60)
+        assert waited.returncode == 0, waited.stderr
+        time.sleep(2.0)  # a second run would have started by now (the delay is 1 s)
+        assert lines(runs) == ["ran"]
+        [row] = [json.loads(x) for x in host.run("history", "--fleet", "--json").stdout
+                 .splitlines() if json.loads(x)["key"] == "k"]
+        assert row["covered"] == [f"a:{inv}"]
+    finally:
+        proxy.mode = "pass"
+        host.cleanup()
+        proxy.close()
+        redis.stop()
+        shutil.rmtree(root, ignore_errors=True)

@@ -150,10 +150,18 @@ class Claims:
         began = self.link.loop.time()
         unsure = False  # an attempt may have been applied: its client is never told "refused"
         while True:
+            # A client waits for its answer: one attempt in flight past the budget counts as
+            # one whose answer was lost (it went out, or may yet).
+            budget = (None if submitter is None
+                      else max(0.0, began + ANSWER_WITHIN - self.link.loop.time()))
             try:
-                landed, latest, st = await self.link.store.update(key, step)
+                landed, latest, st = await asyncio.wait_for(
+                    self.link.store.update(key, step), budget)
                 break
-            except StoreDown as exc:
+            except (StoreDown, TimeoutError) as exc:
+                if isinstance(exc, TimeoutError):
+                    exc = StoreDown(f"the fleet store {self.link.store.name} did not answer",
+                                    maybe_applied=True)
                 unsure = unsure or exc.maybe_applied
                 late = self.link.loop.time() - began >= ANSWER_WITHIN or self.link.closing
                 if submitter is not None and (not unsure or late):
@@ -303,6 +311,6 @@ class Claims:
 def _unknown(exc: StoreDown, inv: int, key: str) -> protocol.Error:
     """The answer to a submission the store may have taken without saying so in time."""
     return protocol.Error(
-        message=f"{exc}: it did not confirm invocation {inv} of fleet key {protocol.shown(key)} "
-        f"within {ANSWER_WITHIN:g}s and may have taken it; it may still run: debounce wait "
-        f"--invocation {inv} tells its outcome", code=states.UNKNOWN)
+        message=f"outcome unknown: invocation {inv} of fleet key {protocol.shown(key)} was not "
+        f"confirmed within {ANSWER_WITHIN:g}s ({exc}); the store may have taken it, so it may "
+        f"still run: debounce wait --invocation {inv} tells its outcome", code=states.UNKNOWN)
