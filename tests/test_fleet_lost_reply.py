@@ -13,7 +13,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from fleet_proxy import Proxy
 from fleet_sim import Sim
 
 from debounce_cli import protocol, states
@@ -22,6 +21,7 @@ from debounce_cli.daemon.fleet.claims import ANSWER_WITHIN
 from debounce_cli.scheduler import Options
 
 from conftest import lines, wait_until
+from fleet_proxy import Proxy
 from fleet_support import Host, Redis
 
 
