@@ -37,6 +37,7 @@ purpose:
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from typing import Any, Protocol
 
@@ -304,20 +305,32 @@ def started(k: KeyRecord, pending: PendingLike, now: float) -> None:
 
 
 # -------------------------------------------------------------------- ending and control
-def ended(stopping: str | None, reported: str, has_pending: bool) -> tuple[str, bool]:
+def ended(stopping: str | None, reported: str, has_pending: bool,
+          exit_code: int | None = None, signalled: Sequence[str] = ()) -> tuple[str, bool]:
     """A run asked to stop for ``stopping`` (or not) ended; ``reported`` is the outcome its
-    host saw (``EXITED``, ``TIMED_OUT``..., or ``LOST`` when its host went away). Returns
+    host saw (``EXITED``, ``TIMED_OUT``..., or ``LOST`` when its host went away), with
+    ``exit_code``; ``signalled`` are the signals ``debounce kill --signal`` sent it. Returns
     its outcome, and whether its waiters follow the key's pending invocation: those of a run
     stopped for ``--on-busy restart`` do; if there is none (it was cancelled), the run was
-    simply stopped."""
+    simply stopped. A run that died of a signal ``kill --signal`` sent it was killed; one
+    that survived it (a server reloading on USR1) and ended later exited."""
     follow = stopping == states.STOP_RESTART and has_pending
     if reported == states.LOST:
         return states.LOST, follow
     if stopping == states.STOP_RESTART:
         return (states.RESTARTED if has_pending else states.STOPPED), follow
     if stopping is None:
+        if reported == states.EXITED and signalled and exit_code in _deaths(signalled):
+            return states.KILLED, False
         return reported, False
     return states.OUTCOME_OF_STOP[stopping], False
+
+
+def _deaths(names: Sequence[str]) -> set[int]:
+    """The statuses of a process that died of one of these signals (128+N)."""
+    import signal
+
+    return {128 + signal.Signals["SIG" + name].value for name in names}
 
 
 def flushed(pending: PendingLike, now: float) -> bool:

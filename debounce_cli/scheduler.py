@@ -118,6 +118,7 @@ class Run:
     #: The ids of the invocations it stands for, oldest first (see :class:`Covered`):
     #: `history --json`'s ``covered``.
     covered: Covered = field(default_factory=lambda: Covered())
+    signalled: tuple[str, ...] = ()  # what `debounce kill --signal` sent it
 
     @property
     def stopping(self) -> str | None:
@@ -420,7 +421,7 @@ class Scheduler:
         ks.running = None
         replacement = ks.pending
         run.outcome, follow = rules.ended(run.stop_reason, states.EXITED,
-                                          replacement is not None)
+                                          replacement is not None, exit_code, run.signalled)
         waiters, run.waiters = run.waiters, []
         if follow:
             assert replacement is not None
@@ -569,6 +570,8 @@ class Scheduler:
             return []
         effects: list[Effect] = []
         if signal is not None:
+            if signal not in run.signalled:
+                run.signalled += (signal,)
             effects.append(SignalRun(run, signal))
         else:
             self._stop(run, states.STOP_KILL, effects)

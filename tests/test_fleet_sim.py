@@ -369,3 +369,21 @@ def test_killing_a_fleet_run_from_another_host_terms_then_kills_it(sim: Sim) -> 
     assert asked <= term < asked + 1.0  # once the stop event has come through the store
     assert kill == pytest.approx(term + 4.0)
     assert caller.outcome == ("finished", 137, "killed")
+
+
+def test_a_fleet_run_that_dies_of_kill_signal_is_killed_one_that_survives_it_exited(
+        sim: Sim) -> None:
+    """`debounce kill --signal SIG` from another host: a run that dies of SIG is recorded
+    `killed` (as a local one, README), one that survives it and ends later `exited`."""
+    a, b = sim.host("a"), sim.host("b")
+    caller = a.submit("k", 60.0, delay=0.5)
+    sim.run_until(lambda: a.runs is not None and a.runs.started)
+    assert sim.do(b.fleet.kill("k", "TERM")) is not None
+    sim.run_until(lambda: caller.result is not None)
+    assert caller.outcome == ("finished", 143, "killed")
+
+    survivor = a.submit("s", 5.0, delay=0.5, trap=True)  # ignores TERM
+    sim.run_until(lambda: a.runs is not None and len(a.runs.started) == 2)
+    assert sim.do(b.fleet.kill("s", "TERM")) is not None
+    sim.run_until(lambda: survivor.result is not None)
+    assert survivor.outcome == ("finished", 0, "exited")

@@ -44,7 +44,7 @@ from debounce_cli.scheduler import (
     StartRun,
     Updated,
 )
-from debounce_cli.states import EXITED, KILLED, REFUSED, RUNNING
+from debounce_cli.states import REFUSED, RUNNING
 
 #: Finished runs kept in memory for `debounce wait` and `status` ("last result").
 RECENT_RUNS = 1000
@@ -162,9 +162,6 @@ class Core:
         #: Runs decided but not yet recorded (the commit failed): they start once one succeeds.
         self.held: list[StartRun] = []
         self.retry: TimerHandle | None = None
-        #: The signals `debounce kill --signal` sent each executing run: one that then dies
-        #: of one of them was killed (README: history says `killed`), not `exited`.
-        self.signalled: dict[int, set[str]] = {}
         #: Called after every turn's effects, for the server's idle check.
         self.settled: Callable[[], None] = lambda: None
         #: Called when a local run ends: a fleet run waiting for a job slot may take it.
@@ -207,8 +204,6 @@ class Core:
         return found
 
     def kill(self, run_id: int, signal: str | None) -> None:
-        if signal is not None and run_id in self.scheduler.runs:
-            self.signalled.setdefault(run_id, set()).add(signal)
         self.apply(self.scheduler.kill(run_id, signal))
 
     def attach(self, target: Invocation | Run, waiter: Waiter) -> None:
@@ -322,11 +317,7 @@ class Core:
 
     def run_exited(self, run_id: int, code: int) -> None:
         self.retention_due = True  # after the commit that records this run
-        run = self.scheduler.runs.get(run_id)
         effects = self.scheduler.run_exited(run_id, code)
-        sent = self.signalled.pop(run_id, ())
-        if run is not None and run.outcome == EXITED and code in _deaths(sent):
-            run.outcome = KILLED  # before the commit and the messages that say it
         self.apply(effects)
         self.slot_freed()
 
@@ -493,13 +484,6 @@ class Core:
         self.timer = self.retry = None
         if self.journal is not None:
             self.journal.close()
-
-
-def _deaths(names: Iterable[str]) -> set[int]:
-    """The statuses of a process that died of one of these signals (128+N)."""
-    import signal
-
-    return {128 + signal.Signals["SIG" + name].value for name in names}
 
 
 def run_id_of(target: str) -> int | None:

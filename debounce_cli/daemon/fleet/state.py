@@ -78,6 +78,7 @@ class Running:
     batch: list[list[str]] | None = None  # --collect: every coalesced invocation's argv
     covered: list[str] | None = None  # as Pending's
     covered_more: int = 0
+    signalled: list[str] = field(default_factory=list)  # what `kill --signal` sent it
 
 
 @dataclass(slots=True)
@@ -460,7 +461,8 @@ def finish(st: KeyState, *, run: Running, exit_code: int | None, outcome: str,
         r = run
     else:
         st.running = None
-    outcome, follow = rules.ended(r.stopping, outcome, st.pending is not None)
+    outcome, follow = rules.ended(r.stopping, outcome, st.pending is not None, exit_code,
+                                  r.signalled)
     last = Last(run=r.run, host=r.host, argv=r.job["argv"], cwd=r.job["cwd"],
                 exit_code=exit_code, outcome=outcome, coalesced=r.coalesced,
                 started_at=r.started_at,
@@ -543,6 +545,8 @@ def kill(st: KeyState, *, signal: str | None, run: int | None = None
     if r is None or (run is not None and r.run != run):
         return None, []
     if signal is not None:
+        if signal not in r.signalled:
+            r.signalled.append(signal)
         return r, [{"t": "signal", "run": r.run, "fence": r.fence, "sig": signal}]
     if r.stopping is None:
         r.stopping = states.STOP_KILL
