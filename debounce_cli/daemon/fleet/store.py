@@ -75,8 +75,9 @@ MAX_TRIES = 200
 #: host's reckoning of the store's clock may run a little fast between two measurements).
 SLACK_BEHIND = 0.5
 SLACK_AHEAD = 0.05
-#: Keys' states this host keeps to compute steps on, at most (the oldest are forgotten).
-CACHE_KEYS = 100_000
+#: Keys' states this host keeps to compute steps on, at most (the oldest are forgotten: a
+#: step on one of those costs a second round trip; each holds its job's environment).
+CACHE_KEYS = 20_000
 #: Steps sent in one pipeline, at most.
 BATCH = 256
 #: A host silent this long leaves the table of heartbeats (its runs were long given up).
