@@ -213,6 +213,54 @@ def test_a_hosts_own_events_reach_its_reader_without_reading_them_back(redis):
     asyncio.run(main())
 
 
+def test_news_from_another_host_during_a_step_of_ours_reaches_the_reader_at_once(redis):
+    """A notice heard while a step of ours on the key is in flight is held back (it is most
+    likely of that step's own events); when it names more, the reader is woken for it, not
+    left until its read times out."""
+
+    async def main() -> None:
+        mine, other = Store(redis.url), Store(redis.url)
+        try:
+            mine.follow("k", b"0-0")
+            assert await mine.read(100) == []  # subscribed
+            gate = asyncio.Event()
+            pipeline = mine._pipeline
+
+            async def held(calls: Any, sha: bool) -> Any:
+                answers = await pipeline(calls, sha)
+                await gate.wait()  # our step is applied; its answer is late
+                return answers
+
+            mine._pipeline = held  # type: ignore[method-assign]
+            stepping = asyncio.ensure_future(mine.update("k", submitting(1)))
+            reading = asyncio.ensure_future(mine.read(5000))
+            for _ in range(2000):  # our step is in the store (its answer held back)
+                if (await other.snapshot("k"))[0].pending is not None:
+                    break
+                await asyncio.sleep(0.001)
+            await other.update("k", submitting(1, "b"))
+            for _ in range(2000):  # the reader hears of it while our step is in flight
+                if "k" in mine.deferred:
+                    break
+                await asyncio.sleep(0.001)
+            assert "k" in mine.deferred and not reading.done()
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            gate.set()
+            await stepping
+            got = await reading
+            assert loop.time() - started < 2.5  # woken, not at the end of its 5 s
+            seen = [(event["host"], event["coalesced"]) for _, _, event in got]
+            while len(seen) < 2:
+                seen += [(e["host"], e["coalesced"]) for _, _, e in await mine.read(1000)]
+            assert seen == [("a", 1), ("b", 2)]
+        finally:
+            await mine.close()
+            await other.close()
+
+    asyncio.run(main())
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_on_a_cluster_a_finish_racing_a_submission_leaves_the_key_in_the_index():

@@ -42,6 +42,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import secrets
 import time
 from collections.abc import Callable
 from typing import Any, NamedTuple, TypeVar
@@ -74,8 +75,9 @@ MAX_TRIES = 200
 #: host's reckoning of the store's clock may run a little fast between two measurements).
 SLACK_BEHIND = 0.5
 SLACK_AHEAD = 0.05
-#: Keys' states this host keeps to compute steps on, at most (the oldest are forgotten).
-CACHE_KEYS = 100_000
+#: Keys' states this host keeps to compute steps on, at most (the oldest are forgotten: a
+#: step on one of those costs a second round trip; each holds its job's environment).
+CACHE_KEYS = 20_000
 #: Steps sent in one pipeline, at most.
 BATCH = 256
 #: A host silent this long leaves the table of heartbeats (its runs were long given up).
@@ -250,11 +252,18 @@ class Store:
         #: Events this host's own steps added to keys it follows, for the reader (which
         #: then need not read them back).
         self.own: list[tuple[str, bytes, Event]] = []
+        #: Keys with a step of ours in flight, and the notices heard for them meanwhile (most
+        #: are of that very step's events, which it hands over itself: see _stepped).
+        self.stepping: dict[str, int] = {}
+        self.deferred: dict[str, bytes] = {}
+        self.waiting = False  # the reader waits for a notice
+        #: This store's own channel, on which a notice that was held back wakes its reader.
+        self.wake_channel = f"{PREFIX}ev:-{secrets.token_hex(8)}"
         self.unsubscribe: set[str] = set()
         self.pubsub: Any = None
         self.listener: Any = None  # the connection the pubsub is on
         self.listening = asyncio.Lock()  # one change of the subscriptions at a time
-        self.closing: set[asyncio.Future[None]] = set()  # old listeners being closed
+        self.background: set[asyncio.Future[None]] = set()  # (closing old listeners, waking)
 
     async def _ready(self) -> None:
         """Learn once whether the store is a Redis Cluster, and if so talk to it as one: the
@@ -431,14 +440,20 @@ class Store:
                     *(json.dumps(event, separators=(",", ":")) for event in events)]
                 if write:  # steps after this one (in the same pipeline, say) build on it
                     self._remember(key, after.encode())
+                self.stepping[key] = self.stepping.get(key, 0) + 1
                 try:
-                    done, _, _, payload, *added = await self._call(keys, args)
-                except _FAILED as exc:
-                    self.cache.pop(key, None)  # written or not: unknown
-                    raise self.down(exc, maybe_applied=write and not _unsent(exc)) from None
-                except BaseException:
-                    self.cache.pop(key, None)
-                    raise
+                    try:
+                        done, _, _, payload, *added = await self._call(keys, args)
+                    except _FAILED as exc:
+                        self.cache.pop(key, None)  # written or not: unknown
+                        raise self.down(exc, maybe_applied=write and not _unsent(exc)) from None
+                    except BaseException:
+                        self.cache.pop(key, None)
+                        raise
+                    if done and write and events:
+                        self._own(key, added[0], added[1:], events)
+                finally:
+                    self._stepped(key)
                 now = self._reckoned()  # (measured as the answer came: see _send)
                 if done:
                     if finished is not None and self.cluster:  # in another slot: apart
@@ -448,8 +463,6 @@ class Store:
                             await apart.execute()
                     if not write:
                         self._remember(key, raw)
-                    elif events:
-                        self._own(key, added[0], added[1:], events)
                     return result, bytes(payload), st
                 # Another host changed the key meanwhile (or this host never saw it, or the
                 # step's time was too old): again, on the state and time the store answered.
@@ -607,6 +620,31 @@ class Store:
         except _FAILED as exc:
             raise self.down(exc) from None
 
+    def _stepped(self, key: str) -> None:
+        """A step of ours on ``key`` is answered: a notice of the key heard meanwhile is for
+        the reader now, unless it named only events the step handed over already."""
+        left = self.stepping[key] - 1
+        if left:
+            self.stepping[key] = left
+            return
+        del self.stepping[key]
+        notice = self.deferred.pop(key, None)
+        position = self.positions.get(key)
+        if notice is not None and position is not None and (
+                event_id(notice) > event_id(position)):
+            self.dirty.add(key)
+            if self.waiting:  # the reader waits for a notice: give it one
+                self.waiting = False
+                task = asyncio.ensure_future(self._wake())
+                self.background.add(task)
+                task.add_done_callback(self.background.discard)
+
+    async def _wake(self) -> None:
+        try:
+            await self.redis.publish(self.wake_channel, b"")
+        except _FAILED:
+            pass  # (the reader finds the key at its next notice, or within a second)
+
     def _own(self, key: str, before: bytes, ids: list[bytes], events: list[Event]) -> None:
         """A step of ours added ``events`` to a key the reader follows: when the reader has
         read everything before them, they go to it from here, and its place moves on."""
@@ -655,7 +693,7 @@ class Store:
             self.pubsub = self.listener.pubsub()
             # Subscribed to something from the start, so that reading never finds the
             # connection idle; after a reconnection every key is read again.
-            await self.pubsub.subscribe(f"{PREFIX}ev:-")
+            await self.pubsub.subscribe(self.wake_channel)
             self.subscribe |= self.positions.keys()
         if self.unsubscribe:
             gone, self.unsubscribe = self.unsubscribe, set()
@@ -687,7 +725,11 @@ class Store:
                     left = deadline - loop.time()
                     if left <= 0:
                         return []
-                    message = await pubsub.get_message(timeout=left)
+                    self.waiting = True
+                    try:
+                        message = await pubsub.get_message(timeout=left)
+                    finally:
+                        self.waiting = False
                     while message is not None:
                         self._heard(message)
                         message = await pubsub.get_message(timeout=0)
@@ -716,17 +758,22 @@ class Store:
                     pass
 
             task = asyncio.ensure_future(close())
-            self.closing.add(task)
-            task.add_done_callback(self.closing.discard)
+            self.background.add(task)
+            task.add_done_callback(self.background.discard)
 
     def _heard(self, message: dict[str, Any]) -> None:
         key = self.channels.get(message.get("channel") or b"")
         if key is None or key not in self.positions:
             return
-        if message["type"] == "subscribe" or (
-                message["type"] == "message"
-                and event_id(message["data"]) > event_id(self.positions[key])):
+        if message["type"] == "subscribe":
             self.dirty.add(key)  # (subscribed: what came before, its stream has)
+        elif message["type"] == "message":
+            if key in self.stepping:  # (most likely that step's own events)
+                held = self.deferred.get(key)
+                if held is None or event_id(message["data"]) > event_id(held):
+                    self.deferred[key] = message["data"]
+            elif event_id(message["data"]) > event_id(self.positions[key]):
+                self.dirty.add(key)
 
     async def _read_dirty(self) -> list[tuple[str, bytes, Event]]:
         keys = list(self.dirty)[:1000]
