@@ -231,14 +231,15 @@ class Caller:
 
 
 class SimHost:
-    def __init__(self, sim: Sim, name: str, jobs: int | None = None, skew: float = 0.0) -> None:
+    def __init__(self, sim: Sim, name: str, jobs: int | None = None, skew: float = 0.0,
+                 lease: float | None = None) -> None:
         self.sim, self.name, self.loop = sim, name, sim.loop
         self.frozen = False
         self.dead = False
         self.spawn_delay = 0.0  # between the start of a run and its process being created
         self.store = MemoryStore(sim.memory, name=f"memory://{name}")
         config = Config(socket=f"/nonexistent/{name}.sock", store="memory://", host_id=name,
-                        lease=sim.lease, jobs=jobs)
+                        lease=lease or sim.lease, jobs=jobs)
         self.clock = LoopClock(sim.loop, skew)
         self.slots = Scheduler(self.clock.monotonic, wall=self.clock.wall, jobs=jobs)
         self.runs: SimRuns | None = None

@@ -229,6 +229,29 @@ def test_a_host_cut_off_from_the_store_stops_its_run_before_another_takes_over()
         sim.close()
 
 
+def test_hosts_with_different_leases_never_run_a_key_twice_at_once() -> None:
+    """Found by tests/fleet_jepsen.py: a host judged another silent after its own lease, so
+    a host with a short lease (2 s) took over the key of a cut-off host with a long one
+    (10 s), whose guard stops its runs only at half of its own lease: two runs at once.
+    Each host now says its lease in its heartbeat, and is judged by the longer one."""
+    sim = Sim(lease=2.0)
+    try:
+        a, b = sim.host("a", lease=10.0), sim.host("b", lease=2.0)
+        sim.run_for(12.0)
+        caller = a.submit("k", 30.0, delay=0.0)
+        sim.run_until(lambda: sim.starts("k"))
+        a.store.pause()
+        late = b.submit("k", 1.0, delay=0.0)
+        sim.run_until(lambda: late.result is not None, limit=200)
+        a.store.resume()
+        sim.run_until(lambda: caller.result is not None, limit=200)
+        assert sim.overlaps() == []
+        assert [host for _, host in sim.starts("k")] == ["a", "b"]
+        assert caller.outcome is not None and caller.outcome[2] == "lost"
+    finally:
+        sim.close()
+
+
 def test_a_host_frozen_between_its_claim_and_the_spawn_never_starts_the_run() -> None:
     """Issue 18, item 5: the fence is asked immediately before the process is created. Host a
     claims the run, freezes before spawning it for 3 s (lease 2 s); b records it lost; a

@@ -52,7 +52,7 @@ class Liveness:
             seen_runs = self.claims.seen_runs  # before asking: a claim meanwhile may raise it
             sent = self.link.clock.monotonic()
             try:
-                beat = await self.link.store.heartbeat(self.link.host)
+                beat = await self.link.store.heartbeat(self.link.host, self.link.lease)
             except StoreDown as exc:
                 self.connected_since = None
                 self.link.say_down(exc)
@@ -108,9 +108,14 @@ class Liveness:
         # lease to beat again before anything of its is taken over.
         judging = self.beat_at - self.connected_since >= self.link.lease
 
+        def lease_of(host: str) -> float:
+            """How long ``host`` must be silent to be gone: its own lease, if longer than
+            ours (its runs are stopped at half of its lease, not of ours)."""
+            return max(self.link.lease, beat.leases.get(host, 0.0))
+
         def gone(host: str) -> bool:
             return (judging and host != self.link.host
-                    and beats.get(host, float("-inf")) < beat.now - self.link.lease)
+                    and beats.get(host, float("-inf")) < beat.now - lease_of(host))
 
         for st in await self.link.store.states(await self.link.store.indexed(upto=now)):
             key = st.key
@@ -125,7 +130,7 @@ class Liveness:
                 # store agrees that it started over a lease ago (a host that joined after
                 # the heartbeats were read is not silent).
                 lost, _, _ = await self.link.store.update(
-                    key, _losing(r, 0.0 if ours_gone else self.link.lease),
+                    key, _losing(r, 0.0 if ours_gone else lease_of(r.host)),
                     history=self.link.config.keep_history)
                 if lost is not None:
                     heard = beats.get(r.host)

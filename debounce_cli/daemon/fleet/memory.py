@@ -35,6 +35,7 @@ class Memory:
     states: dict[str, str] = field(default_factory=dict)
     streams: dict[str, list[tuple[tuple[int, int], Event]]] = field(default_factory=dict)
     hosts: dict[str, float] = field(default_factory=dict)
+    leases: dict[str, float] = field(default_factory=dict)
     history: list[dict[str, Any]] = field(default_factory=list)
     runs: int = 0
     epoch: bytes | None = None
@@ -65,6 +66,7 @@ class Memory:
         self.states.clear()
         self.streams.clear()
         self.hosts.clear()
+        self.leases.clear()
         self.history.clear()
         self.run_keys.clear()
         self.runs = 0
@@ -122,13 +124,15 @@ class MemoryStore:
         await self._gate()
         return self.memory.now()
 
-    async def heartbeat(self, host: str) -> Beat:
+    async def heartbeat(self, host: str, lease: float = 0.0) -> Beat:
         await self._gate()
         m = self.memory
         now = m.now()
         m.hosts[host] = now
+        if lease:
+            m.leases[host] = lease
         self._reply()
-        return Beat(now, dict(m.hosts), m.epoch, m.runs)
+        return Beat(now, dict(m.hosts), m.epoch, m.runs, dict(m.leases))
 
     async def claim_epoch(self, at_least_runs: int) -> bytes:
         await self._gate()

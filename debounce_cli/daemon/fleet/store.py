@@ -44,7 +44,8 @@ import hashlib
 import json
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from types import MappingProxyType
 from typing import Any, NamedTuple, TypeVar
 
 import redis.asyncio as aioredis
@@ -63,6 +64,7 @@ PREFIX = "debounce:"
 #: The fleet's own keys share one hash tag, so that they sit in one slot of a Redis Cluster.
 FLEET = PREFIX + "{fleet}:"
 HOSTS = FLEET + "hosts"
+LEASES = FLEET + "leases"  # each host's --lease: a host is judged silent by the longer one
 RUNS = FLEET + "runs"
 HISTORY = FLEET + "history"
 EPOCH = FLEET + "epoch"
@@ -98,6 +100,8 @@ class Beat(NamedTuple):
     hosts: dict[str, float]
     epoch: bytes | None
     runs: int
+    #: Each host's own lease, as it said in its heartbeat (a mapping never changed).
+    leases: Mapping[str, float] = MappingProxyType({})
 
 
 class StoreDown(Exception):
@@ -345,22 +349,26 @@ class Store:
         assert self.offset is not None
         return time.monotonic() + self.offset
 
-    async def heartbeat(self, host: str) -> Beat:
-        """Say ``host`` is alive; return the store's time, every host's last heartbeat, the
-        store's epoch token and its run counter."""
+    async def heartbeat(self, host: str, lease: float = 0.0) -> Beat:
+        """Say ``host`` is alive (and its lease); return the store's time, every host's last
+        heartbeat and lease, the store's epoch token and its run counter."""
         try:
             await self._ready()
             now = await self.now()
             async with self.redis.pipeline(transaction=True) as pipe:
                 pipe.hset(HOSTS, host, repr(now))
+                if lease:
+                    pipe.hset(LEASES, host, repr(lease))
                 pipe.hgetall(HOSTS)
+                pipe.hgetall(LEASES)
                 pipe.get(EPOCH)
                 pipe.get(RUNS)
-                _, beats, epoch, runs = await pipe.execute()
+                *_, beats, leases, epoch, runs = await pipe.execute()
         except _FAILED as exc:
             raise self.down(exc) from None
         hosts = {k.decode(errors="replace"): float(v) for k, v in beats.items()}
-        return Beat(now, hosts, epoch, int(runs or 0))
+        held = {k.decode(errors="replace"): float(v) for k, v in leases.items()}
+        return Beat(now, hosts, epoch, int(runs or 0), held)
 
     async def claim_epoch(self, at_least_runs: int) -> bytes:
         """The store's epoch token, set now if it has none; the run counter is raised to
@@ -382,6 +390,7 @@ class Store:
         try:
             await self._ready()
             await self.redis.hdel(HOSTS, *hosts)
+            await self.redis.hdel(LEASES, *hosts)
         except _FAILED:
             pass
 
