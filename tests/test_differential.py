@@ -31,6 +31,7 @@ from hypothesis import strategies as st
 
 from debounce_cli import protocol, states
 from debounce_cli.daemon.fleet import state as fs
+from debounce_cli.daemon.fleet.covering import covered_ids
 from debounce_cli.daemon.fleet.waiting import KeyWaiters, deliver
 from debounce_cli.rules import Options
 from debounce_cli.scheduler import (
@@ -291,7 +292,7 @@ class Fleet:
                 last = landed.last
                 self.h.told[call] = ("run", self.index[last.run], last.exit_code, last.outcome)
                 self.h.covered[self.index[last.run]] = tuple(
-                    int(m.split(":")[1]) for m in fs.covered_ids(last))
+                    int(m.split(":")[1]) for m in covered_ids(last))
             self.events(events)
             self.claim()  # a leading edge is due at once
         elif op.kind == "flush":

@@ -95,3 +95,19 @@ def test_the_man_pages_explain_every_exit_status():
     page = (ROOT / "man" / "debounce.1").read_text()
     for status in ExitStatus.all().values():
         assert f".B {int(status)}\n" in page, f"exit status {int(status)} not in debounce(1)"
+
+
+def test_readme_module_table_names_every_module():
+    """Each module of the package has its row (``a.py``, ``b.py`` share one; a row's later
+    names take the first one's directory)."""
+    readme = (ROOT / "README.md").read_text()
+    table = readme.split("| module | its one job |", 1)[1].split("\n\n", 1)[0]
+    named = set()
+    for row in table.splitlines()[2:]:
+        names = [n.strip().strip("`") for n in row.split("|")[1].split(",")]
+        folder = names[0].rpartition("/")[0]
+        named.update(n if "/" in n or not folder else f"{folder}/{n}" for n in names)
+    package = ROOT / "debounce_cli"
+    modules = {str(p.relative_to(package)) for p in package.rglob("*.py")
+               if p.name not in ("__init__.py", "__main__.py")}
+    assert modules <= named, f"not in README's module table: {sorted(modules - named)}"

@@ -18,7 +18,7 @@ from typing import Any
 
 from debounce_cli import protocol, states
 from debounce_cli.daemon import records
-from debounce_cli.daemon.fleet import messages
+from debounce_cli.daemon.fleet import covering, messages
 from debounce_cli.daemon.fleet import state as fs
 from debounce_cli.daemon.fleet.link import RETRY, Link
 from debounce_cli.daemon.fleet.store import StoreDown, event_id
@@ -251,14 +251,14 @@ class Following:
         key's state and latest event id; the finished run's history row). ``key``, when this
         daemon still remembers it, spares looking through every key."""
         store = self.link.store
-        invocation = fs.mark(self.link.host, inv_id)
+        invocation = covering.mark(self.link.host, inv_id)
 
         def where(st: fs.KeyState) -> str:
-            if fs.covers(st.pending, invocation):
+            if covering.covers(st.pending, invocation):
                 return "pending"
-            if fs.covers(st.running, invocation):
+            if covering.covers(st.running, invocation):
                 return "running"
-            if fs.covers(st.last, invocation):
+            if covering.covers(st.last, invocation):
                 return "finished"
             return "cancelled" if invocation in st.cancelled else ""
 

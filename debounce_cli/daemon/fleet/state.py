@@ -26,6 +26,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from debounce_cli import rules, states
+from debounce_cli.daemon.fleet.covering import cover, covered_ids, covers, mark
 from debounce_cli.rules import Options
 
 Event = dict[str, Any]
@@ -204,40 +205,6 @@ _SCALARS = ("key", "quiet_at", "max_from", "timer_first", "edge_at", "lead_after
             "seq", "burst_run")
 
 
-# ---------------------------------------------------------------------- which run covers whom
-#: Invocations a fleet run lists (``covered``); past this many, the newest are kept and the
-#: rest counted. Smaller than a local run's bound: every step writes the key's state whole.
-COVERED_MAX = 100
-
-
-def mark(host: str, inv: int) -> str:
-    """An invocation fleet-wide: the host whose daemon accepted it, and the id it gave."""
-    return f"{host}:{inv}"
-
-
-def covered_ids(holder: Pending | Running | Last) -> list[str]:
-    """The invocations ``holder`` stands for (kept ones), oldest first."""
-    return holder.covered if holder.covered is not None else [mark(holder.host, holder.inv)]
-
-
-def _cover(into: Pending | Running | Last, older: Pending | Running | Last | None,
-           newer: list[str], newer_more: int = 0) -> None:
-    """``into`` stands for ``older``'s invocations (if any), then ``newer``'s."""
-    ids = list(covered_ids(older)) if older is not None else []
-    more = (older.covered_more if older is not None else 0) + newer_more
-    for invocation in newer:
-        if ids[-1:] != [invocation]:  # the same step run again (a lost answer): once
-            ids.append(invocation)
-    if len(ids) > COVERED_MAX:
-        more += len(ids) - COVERED_MAX
-        ids = ids[-COVERED_MAX:]
-    into.covered, into.covered_more = ids, more
-
-
-def covers(holder: Pending | Running | Last | None, invocation: str) -> bool:
-    return holder is not None and invocation in covered_ids(holder)
-
-
 # ---------------------------------------------------------------------- landing places
 @dataclass(frozen=True, slots=True)
 class InSlot:
@@ -324,15 +291,15 @@ def submit(st: KeyState, *, inv: int, host: str, job: dict[str, Any], options: O
     this = [mark(host, inv)]
     if kind == rules.JOIN_RUN:
         assert running is not None
-        _cover(running, running, this)
+        cover(running, running, this)
         return InRun(running.run, landing.coalesced), []
     if kind == rules.JOIN_LEADER:
         assert p is not None
-        _cover(p, p, this)
+        cover(p, p, this)
         return InSlot(p.slot, p.due, p.coalesced), [_pending_event(p)]
     if kind == rules.JOIN_BURST:
         assert burst is not None
-        _cover(burst, burst, this)
+        cover(burst, burst, this)
         if isinstance(burst, Running):
             return InRun(burst.run, landing.coalesced), []
         assert isinstance(burst, Last)
@@ -350,7 +317,7 @@ def submit(st: KeyState, *, inv: int, host: str, job: dict[str, Any], options: O
                   due=landing.due, coalesced=landing.coalesced, lead=landing.lead,
                   received=now, token=token, queued=landing.keeps_place, batch=batch)
     if p is not None:
-        _cover(new, p, this)
+        cover(new, p, this)
     st.pending = new
     state = states.QUEUED if landing.keeps_place else states.PENDING
     return InSlot(slot, landing.due, landing.coalesced, state), [_pending_event(st.pending)]
@@ -421,7 +388,7 @@ def claim(st: KeyState, *, host: str, now: float, run_id: int, may_take_over: bo
         # A server that reloads on a signal: tell it; this invocation joins that run.
         assert running is not None
         st.pending = None
-        _cover(running, running, covered_ids(p), p.covered_more)
+        cover(running, running, covered_ids(p), p.covered_more)
         return Busy(), [{"t": "signal", "run": running.run, "fence": running.fence,
                          "sig": p.options.signal},
                         {"t": "moved", "slot": p.slot, "run": running.run}]
@@ -474,7 +441,7 @@ def finish(st: KeyState, *, run: Running, exit_code: int | None, outcome: str,
     if follow:
         assert st.pending is not None
         # The run that replaces it stands for what it stood for, too (as locally).
-        _cover(st.pending, r, covered_ids(st.pending), st.pending.covered_more)
+        cover(st.pending, r, covered_ids(st.pending), st.pending.covered_more)
         event["then"] = st.pending.slot  # its waiters follow the run that replaces it
     return last, [event]
 
@@ -498,7 +465,7 @@ def unclaim(st: KeyState, *, run: Running, now: float) -> tuple[bool, list[Event
                                  covered_more=r.covered_more)
     else:  # a later invocation waits already: it stands for this one too
         p.coalesced += r.coalesced
-        _cover(p, r, covered_ids(p), p.covered_more)
+        cover(p, r, covered_ids(p), p.covered_more)
     return True, [{"t": "returned", "run": r.run, "slot": p.slot}, _pending_event(p)]
 
 
