@@ -29,6 +29,7 @@ def _command(log: Path, name: str, seconds: float) -> list[str]:
             f"sleep {seconds} & wait $!; echo end {name} $(date +%s.%N) >> {log}"]
 
 
+@pytest.mark.timeout(240)
 def test_a_host_cut_off_mid_run_stops_it_before_another_host_runs_the_key():
     root = Path(tempfile.mkdtemp(prefix="dbx-", dir="/tmp"))
     redis = Redis(root)

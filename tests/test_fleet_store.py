@@ -22,8 +22,9 @@ from typing import Any
 import pytest
 
 from debounce_cli.daemon.fleet import state as fs
+from debounce_cli.daemon.fleet.layout import channel, tag_of
 from debounce_cli.daemon.fleet.memory import MemoryStore
-from debounce_cli.daemon.fleet.store import SLACK_BEHIND, Store, channel, tag_of
+from debounce_cli.daemon.fleet.store import SLACK_BEHIND, Store
 from debounce_cli.rules import Options
 
 from fleet_support import Redis, RedisCluster
@@ -240,10 +241,10 @@ def test_news_from_another_host_during_a_step_of_ours_reaches_the_reader_at_once
                 await asyncio.sleep(0.001)
             await other.update("k", submitting(1, "b"))
             for _ in range(2000):  # the reader hears of it while our step is in flight
-                if "k" in mine.deferred:
+                if "k" in mine.notices.deferred:
                     break
                 await asyncio.sleep(0.001)
-            assert "k" in mine.deferred and not reading.done()
+            assert "k" in mine.notices.deferred and not reading.done()
             loop = asyncio.get_running_loop()
             started = loop.time()
             gate.set()

@@ -94,7 +94,7 @@ def _later(ctx: Context, client: Client, answer: Callable[[], Awaitable[protocol
            ) -> Reply:
     """Answer a request once the store has been asked (a fleet key); the connection holds
     its next request until then. The store being down is a refusal (116)."""
-    from debounce_cli.daemon.fleet.store import StoreDown
+    from debounce_cli.daemon.fleet.layout import StoreDown
 
     async def ask() -> None:
         try:
@@ -221,7 +221,7 @@ def _wait_invocation(ctx: Context, client: Client, target: str) -> Reply:
         client.wait_for_runs(acked=True)
 
         async def follow() -> None:
-            from debounce_cli.daemon.fleet.store import StoreDown
+            from debounce_cli.daemon.fleet.layout import StoreDown
 
             try:
                 reply = await fleet.wait_invocation(inv_id, client)
@@ -271,7 +271,7 @@ def _history_of_invocation(ctx: Context, client: Client, inv_id: int) -> Reply:
 def _fleet_wait(ctx: Context, client: Client, named: Named) -> Reply:
     """``wait`` on a key or run this daemon does not know: the fleet's, if it is one (a bare
     number: the fleet's key of that name, else its run of that id)."""
-    from debounce_cli.daemon.fleet.store import StoreDown
+    from debounce_cli.daemon.fleet.layout import StoreDown
 
     fleet = ctx.fleet
     assert fleet is not None
@@ -317,7 +317,7 @@ def handle_status(ctx: Context, client: Client, req: protocol.StatusRequest) -> 
         """This daemon's keys and the fleet keys it has a pending invocation or a run of,
         from the store (their rows carry ``host``); a store that does not answer leaves the
         local keys alone."""
-        from debounce_cli.daemon.fleet.store import StoreDown
+        from debounce_cli.daemon.fleet.layout import StoreDown
 
         try:
             rows = [row for row in await fleet.status() if row.key in here]
@@ -346,7 +346,7 @@ def handle_history(ctx: Context, client: Client, req: protocol.HistoryRequest) -
     async def with_fleet(fleet: Fleet) -> protocol.Message:
         """This daemon's runs and the fleet runs that executed on this host (their rows
         carry ``host``), newest first; a store that does not answer leaves the local ones."""
-        from debounce_cli.daemon.fleet.store import StoreDown
+        from debounce_cli.daemon.fleet.layout import StoreDown
 
         try:
             ours = [row for row in await fleet.history(req.key, limit)

@@ -20,8 +20,8 @@ from typing import Any
 from debounce_cli import protocol, states
 from debounce_cli.daemon.fleet import state as fs
 from debounce_cli.daemon.fleet.following import Following
+from debounce_cli.daemon.fleet.layout import StoreDown, event_id
 from debounce_cli.daemon.fleet.link import RETRY, Link
-from debounce_cli.daemon.fleet.store import StoreDown, event_id
 from debounce_cli.daemon.jobs import Job
 from debounce_cli.daemon.waiters import Submitter, Waiter
 from debounce_cli.scheduler import Options, Scheduler

@@ -16,8 +16,8 @@ from typing import Any
 
 from debounce_cli import states
 from debounce_cli.daemon.fleet import state as fs
+from debounce_cli.daemon.fleet.layout import StoreDown, event_id
 from debounce_cli.daemon.fleet.link import RETRY, Link
-from debounce_cli.daemon.fleet.store import StoreDown, event_id
 from debounce_cli.daemon.jobs import Job, RunSpec
 from debounce_cli.daemon.runs import Runs
 

@@ -20,8 +20,8 @@ from debounce_cli import protocol, states
 from debounce_cli.daemon import records
 from debounce_cli.daemon.fleet import covering, messages
 from debounce_cli.daemon.fleet import state as fs
+from debounce_cli.daemon.fleet.layout import StoreDown, event_id
 from debounce_cli.daemon.fleet.link import RETRY, Link
-from debounce_cli.daemon.fleet.store import StoreDown, event_id
 from debounce_cli.daemon.fleet.waiting import Follower, KeyWaiters, deliver, resync
 from debounce_cli.daemon.waiters import Waiter
 from debounce_cli.logfile import LogWriter

@@ -15,7 +15,8 @@ from typing import Any
 
 from debounce_cli.clock import Clock
 from debounce_cli.daemon.config import Config
-from debounce_cli.daemon.fleet.store import Store, StoreDown
+from debounce_cli.daemon.fleet.layout import StoreDown
+from debounce_cli.daemon.fleet.store import Store
 
 #: Seconds between attempts while the store is down.
 RETRY = 0.5

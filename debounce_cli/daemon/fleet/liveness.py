@@ -17,8 +17,8 @@ from debounce_cli.daemon.fleet import state as fs
 from debounce_cli.daemon.fleet.claims import Claims
 from debounce_cli.daemon.fleet.execution import Execution
 from debounce_cli.daemon.fleet.following import Following
+from debounce_cli.daemon.fleet.layout import FORGET_HOST, Beat, StoreDown
 from debounce_cli.daemon.fleet.link import Link
-from debounce_cli.daemon.fleet.store import FORGET_HOST, Beat, StoreDown
 
 
 class Liveness:

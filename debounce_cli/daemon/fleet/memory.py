@@ -21,8 +21,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from debounce_cli.daemon.fleet.layout import EVENTS_MAXLEN, Beat, Step, StoreDown
 from debounce_cli.daemon.fleet.state import Event, KeyState
-from debounce_cli.daemon.fleet.store import EVENTS_MAXLEN, Beat, Step, StoreDown
 
 T = TypeVar("T")
 
@@ -118,6 +118,11 @@ class MemoryStore:
 
     async def close(self) -> None:
         pass
+
+    async def ready(self) -> None:
+        """What the Redis store learns at its first answer (one Redis, or a cluster): here,
+        nothing to learn; a store that is down says so."""
+        await self._gate()
 
     # ------------------------------------------------------------------ time and hosts
     async def now(self) -> float:

@@ -1,23 +1,6 @@
 """The fleet's store: Redis, through redis-py's asyncio client (imported here only, so only a
-daemon with a store ever loads it).
-
-Layout, all under ``debounce:``; a key's own data sits under its shard's hash tag, ``{sX}``
-with ``X`` the first hex digit of ``T``, a digest of the key (16 shards), beside the shard's
-index of pending keys, so that a step on a key and the index stay in one slot of a Redis
-Cluster; the fleet's own keys sit under ``{fleet}``::
-
-    debounce:{sX}:T:state      the key's state (JSON, see ``state.KeyState``)
-    debounce:{sX}:T:events     its stream of events (pending, started, output, finished...),
-                               capped at EVENTS_MAXLEN entries; both expire a week after
-                               the key fell idle
-    debounce:{sX}:index        sorted set: T -> when something of the key next needs doing
-    debounce:{fleet}:hosts     hash: host -> its last heartbeat (the store's time)
-    debounce:{fleet}:runs      counter of fleet run ids
-    debounce:{fleet}:history   list of finished runs, newest first (JSON records)
-    debounce:{fleet}:run:N     the key of fleet run N (for --run N), kept a week
-    debounce:{fleet}:epoch     a token set by the first daemon: when it is gone (or the run
-                               counter went back) the store has lost data, and each daemon
-                               submits its own pending invocations again
+daemon with a store ever loads it). Its layout and the step's script are in ``layout``; its
+reader of events is in ``notices``.
 
 A step on a key is one round trip: the rules run here, in Python, on the key's state as this
 host last wrote or read it (``Store.cache``), at the store's clock as this host reckons it
@@ -44,30 +27,42 @@ import hashlib
 import json
 import secrets
 import time
-from collections.abc import Callable, Mapping
-from types import MappingProxyType
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, NamedTuple
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, RedisClusterException, RedisError, ResponseError
+from redis.exceptions import NoScriptError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from debounce_cli.daemon.fleet.layout import (
+    EPOCH,
+    EVENTS_MAXLEN,
+    FLEET,
+    HISTORY,
+    HOSTS,
+    IDLE_TTL,
+    INDEXES,
+    LEASES,
+    RUNS,
+    STEP,
+    STEP_SHA,
+    Beat,
+    Step,
+    StoreDown,
+    T,
+    channel,
+    events_key,
+    index_key,
+    state_key,
+    tag_of,
+)
+from debounce_cli.daemon.fleet.notices import FAILED as _FAILED
+from debounce_cli.daemon.fleet.notices import Notices
 from debounce_cli.daemon.fleet.state import Event, KeyState
 from debounce_cli.daemon.fleet.url import display
 
-#: Events kept per key: a waiter further behind than this misses output (and is told so).
-EVENTS_MAXLEN = 10000
-PREFIX = "debounce:"
-#: The fleet's own keys share one hash tag, so that they sit in one slot of a Redis Cluster.
-FLEET = PREFIX + "{fleet}:"
-HOSTS = FLEET + "hosts"
-LEASES = FLEET + "leases"  # each host's --lease: a host is judged silent by the longer one
-RUNS = FLEET + "runs"
-HISTORY = FLEET + "history"
-EPOCH = FLEET + "epoch"
 #: Connections for calls to the store, at most (the reader of events has its own two).
 POOL_SIZE = 32
 #: Attempts of one step on a key that others keep changing, at most.
@@ -82,134 +77,6 @@ SLACK_AHEAD = 0.05
 CACHE_KEYS = 20_000
 #: Steps sent in one pipeline, at most.
 BATCH = 256
-#: A host silent this long leaves the table of heartbeats (its runs were long given up).
-FORGET_HOST = 24 * 3600
-#: An idle key's state (its last run) is kept this long after its last change.
-IDLE_TTL = 7 * 24 * 3600
-
-T = TypeVar("T")
-
-#: What a call to the store may fail with: redis-py's errors, a Redis Cluster's (which are
-#: not RedisErrors: a cluster still settling its slots raises SlotNotCoveredError), the
-#: network's.
-_FAILED = (RedisError, RedisClusterException, OSError)
-
-
-class Beat(NamedTuple):
-    now: float
-    hosts: dict[str, float]
-    epoch: bytes | None
-    runs: int
-    #: Each host's own lease, as it said in its heartbeat (a mapping never changed).
-    leases: Mapping[str, float] = MappingProxyType({})
-
-
-class StoreDown(Exception):
-    """The store cannot be reached or failed; ``str()`` names it and says what failed.
-
-    ``maybe_applied``: a write went out and its answer did not come back, so the store may
-    have applied it (a step retried with the same token finds its own work done)."""
-
-    def __init__(self, message: str, maybe_applied: bool = False) -> None:
-        super().__init__(message)
-        self.maybe_applied = maybe_applied
-
-
-def tag_of(key: str) -> str:
-    return hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest()[:24]
-
-
-def shard_of(tag: str) -> str:
-    """The hash tag a key's data and its index share (one of 16)."""
-    return f"{PREFIX}{{s{tag[0]}}}:"
-
-
-def state_key(tag: str) -> str:
-    return f"{shard_of(tag)}{tag}:state"
-
-
-def events_key(tag: str) -> str:
-    return f"{shard_of(tag)}{tag}:events"
-
-
-def index_key(tag: str) -> str:
-    return f"{shard_of(tag)}index"
-
-
-def channel(tag: str) -> str:
-    """Where a key's new events are announced (the id of the latest)."""
-    return f"{PREFIX}ev:{tag}"
-
-
-#: Every shard's index (tags ``0``..``f`` stand for their shards).
-INDEXES = [index_key(digit) for digit in "0123456789abcdef"]
-
-
-def event_id(raw: bytes | str) -> tuple[int, int]:
-    """A stream id as a tuple that compares in stream order."""
-    text = raw.decode() if isinstance(raw, bytes) else raw
-    ms, _, seq = text.partition("-")
-    return int(ms), int(seq or 0)
-
-
-Step = Callable[[KeyState, float], tuple[T, list[Event]]]
-
-#: One step on a key, checked and written at once. KEYS: state, events, index, history (on
-#: one Redis; a cluster's history is in another slot). ARGV: the SHA-1 of the state the step
-#: was computed from ("" if none), the step's time, the slack behind and ahead, "1" to write,
-#: the new state, its time to live ("0": for ever), the key's tag, its index score ("": out
-#: of the index), its channel, a finished run's record for the history ("": none), the
-#: history's length, the most events a stream keeps, then the events.
-#: Answers {1, sec, usec, the key's latest event id, its latest before the step, the ids of
-#: the events added}, or, when the state is not the one the step was computed from or its
-#: time is too far from TIME, {0, sec, usec, the state}.
-STEP = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-local cur = redis.call('GET', KEYS[1])
-local sha = ''
-if cur then sha = redis.sha1hex(cur) end
-local asked = tonumber(ARGV[2])
-if sha ~= ARGV[1] or asked < now - tonumber(ARGV[3]) or asked > now + tonumber(ARGV[4]) then
-  return {0, t[1], t[2], cur}
-end
-local last = redis.call('XREVRANGE', KEYS[2], '+', '-', 'COUNT', 1)
-local before = '0-0'
-if last[1] then before = last[1][1] end
-local reply = {1, t[1], t[2], before, before}
-if ARGV[5] == '1' then
-  local ttl = tonumber(ARGV[7])
-  if ttl > 0 then
-    redis.call('SET', KEYS[1], ARGV[6], 'EX', ttl)
-  else
-    redis.call('SET', KEYS[1], ARGV[6])
-  end
-  for i = 14, #ARGV do
-    reply[#reply + 1] = redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[13], '*', 'e',
-                                   ARGV[i])
-  end
-  if ttl > 0 then
-    redis.call('EXPIRE', KEYS[2], ttl)
-  else
-    redis.call('PERSIST', KEYS[2])
-  end
-  if ARGV[9] == '' then
-    redis.call('ZREM', KEYS[3], ARGV[8])
-  else
-    redis.call('ZADD', KEYS[3], ARGV[9], ARGV[8])
-  end
-  if ARGV[11] ~= '' and KEYS[4] then
-    redis.call('LPUSH', KEYS[4], ARGV[11])
-    redis.call('LTRIM', KEYS[4], 0, tonumber(ARGV[12]) - 1)
-  end
-end
-if #reply > 5 then
-  reply[4] = reply[#reply]
-  redis.call('PUBLISH', ARGV[10], reply[4])
-end
-return reply
-"""
-STEP_SHA = hashlib.sha1(STEP.encode()).hexdigest()
 
 
 class _Call(NamedTuple):
@@ -247,29 +114,9 @@ class Store:
         self.calls: list[_Call] = []  # steps waiting for the pipeline in flight
         self.sending = False
         self.sender: asyncio.Future[None] | None = None
-        # The reader: which keys it follows (from after which event id), and its
-        # subscriptions to their channels.
-        self.positions: dict[str, bytes] = {}
-        self.channels: dict[bytes, str] = {}  # channel -> key
-        self.dirty: set[str] = set()  # keys whose streams have news for us
-        self.subscribe: set[str] = set()  # keys to subscribe to (or again)
-        #: Events this host's own steps added to keys it follows, for the reader (which
-        #: then need not read them back).
-        self.own: list[tuple[str, bytes, Event]] = []
-        #: Keys with a step of ours in flight, and the notices heard for them meanwhile (most
-        #: are of that very step's events, which it hands over itself: see _stepped).
-        self.stepping: dict[str, int] = {}
-        self.deferred: dict[str, bytes] = {}
-        self.waiting = False  # the reader waits for a notice
-        #: This store's own channel, on which a notice that was held back wakes its reader.
-        self.wake_channel = f"{PREFIX}ev:-{secrets.token_hex(8)}"
-        self.unsubscribe: set[str] = set()
-        self.pubsub: Any = None
-        self.listener: Any = None  # the connection the pubsub is on
-        self.listening = asyncio.Lock()  # one change of the subscriptions at a time
-        self.background: set[asyncio.Future[None]] = set()  # (closing old listeners, waking)
+        self.notices = Notices(self)  # the reader of the followed keys' events
 
-    async def _ready(self) -> None:
+    async def ready(self) -> None:
         """Learn once whether the store is a Redis Cluster, and if so talk to it as one: the
         keys of one fleet key share a hash tag, and so do the fleet's own keys; each step
         stays in one slot, and what crosses slots is written apart."""
@@ -313,12 +160,8 @@ class Store:
     async def close(self) -> None:
         if self.sender is not None:
             self.sender.cancel()
-        if self.pubsub is not None:
-            try:
-                await self.pubsub.aclose()
-            except _FAILED:
-                pass
-        clients = (self.reader, self.redis, self.listener)
+        listener = await self.notices.close()
+        clients = (self.reader, self.redis, listener)
         for client in {id(c): c for c in clients if c is not None}.values():
             try:
                 await client.aclose()
@@ -332,7 +175,7 @@ class Store:
     async def now(self) -> float:
         """The store's clock, seconds since the epoch (every due time is on it)."""
         try:
-            await self._ready()
+            await self.ready()
             sec, usec = await self._time(HOSTS)
         except _FAILED as exc:
             raise self.down(exc) from None
@@ -353,7 +196,7 @@ class Store:
         """Say ``host`` is alive (and its lease); return the store's time, every host's last
         heartbeat and lease, the store's epoch token and its run counter."""
         try:
-            await self._ready()
+            await self.ready()
             now = await self.now()
             async with self.redis.pipeline(transaction=True) as pipe:
                 pipe.hset(HOSTS, host, repr(now))
@@ -373,10 +216,9 @@ class Store:
     async def claim_epoch(self, at_least_runs: int) -> bytes:
         """The store's epoch token, set now if it has none; the run counter is raised to
         ``at_least_runs`` so that run ids are never given twice."""
-        import secrets
 
         try:
-            await self._ready()
+            await self.ready()
             await self.redis.set(EPOCH, secrets.token_hex(8), nx=True)
             current = int(await self.redis.get(RUNS) or 0)
             if current < at_least_runs:
@@ -388,7 +230,7 @@ class Store:
 
     async def forget_hosts(self, hosts: list[str]) -> None:
         try:
-            await self._ready()
+            await self.ready()
             await self.redis.hdel(HOSTS, *hosts)
             await self.redis.hdel(LEASES, *hosts)
         except _FAILED:
@@ -397,14 +239,14 @@ class Store:
     async def leave(self, host: str) -> None:
         """``host`` stops: the others may take over what it was to run at once."""
         try:
-            await self._ready()
+            await self.ready()
             await self.redis.hdel(HOSTS, host)
         except _FAILED:
             pass
 
     async def next_run_id(self) -> int:
         try:
-            await self._ready()
+            await self.ready()
             return int(await self.redis.incr(RUNS))
         except _FAILED as exc:
             raise self.down(exc) from None
@@ -423,7 +265,7 @@ class Store:
         tag = tag_of(key)
         skey, ekey = state_key(tag), events_key(tag)
         try:
-            await self._ready()
+            await self.ready()
             keys = [skey, ekey, index_key(tag)] + ([] if self.cluster else [HISTORY])
             if self.offset is None:
                 await self.now()
@@ -449,7 +291,7 @@ class Store:
                     *(json.dumps(event, separators=(",", ":")) for event in events)]
                 if write:  # steps after this one (in the same pipeline, say) build on it
                     self._remember(key, after.encode())
-                self.stepping[key] = self.stepping.get(key, 0) + 1
+                self.notices.stepping[key] = self.notices.stepping.get(key, 0) + 1
                 try:
                     try:
                         done, _, _, payload, *added = await self._call(keys, args)
@@ -460,9 +302,9 @@ class Store:
                         self.cache.pop(key, None)
                         raise
                     if done and write and events:
-                        self._own(key, added[0], added[1:], events)
+                        self.notices.own_events(key, added[0], added[1:], events)
                 finally:
-                    self._stepped(key)
+                    self.notices.stepped(key)
                 now = self._reckoned()  # (measured as the answer came: see _send)
                 if done:
                     if finished is not None and self.cluster:  # in another slot: apart
@@ -542,7 +384,7 @@ class Store:
     async def name_run(self, run: int, key: str) -> None:
         """Which key fleet run ``run`` belongs to (``--run N`` from any host)."""
         try:
-            await self._ready()
+            await self.ready()
             await self.redis.set(f"{FLEET}run:{run}", key.encode("utf-8", "surrogateescape"),
                                  ex=IDLE_TTL)
         except _FAILED:
@@ -550,7 +392,7 @@ class Store:
 
     async def key_of_run(self, run: int) -> str | None:
         try:
-            await self._ready()
+            await self.ready()
             key = await self.redis.get(f"{FLEET}run:{run}")
         except _FAILED as exc:
             raise self.down(exc) from None
@@ -562,7 +404,7 @@ class Store:
         """The key's state and the id of its latest event, read together."""
         tag = tag_of(key)
         try:
-            await self._ready()
+            await self.ready()
             async with self.redis.pipeline(transaction=True) as pipe:
                 pipe.get(state_key(tag))
                 pipe.xrevrange(events_key(tag), count=1)
@@ -574,7 +416,7 @@ class Store:
     async def indexed(self, upto: float | None = None) -> list[str]:
         """Tags in the index (those whose next thing is due by ``upto``)."""
         try:
-            await self._ready()
+            await self.ready()
             async with self.redis.pipeline(transaction=False) as pipe:
                 for index in INDEXES:
                     pipe.zrangebyscore(index, "-inf", "+inf" if upto is None else repr(upto))
@@ -587,7 +429,7 @@ class Store:
         if not tags:
             return []
         try:
-            await self._ready()
+            await self.ready()
             names = [state_key(t) for t in tags]
             raws = await (self.redis.mget_nonatomic(names) if self.cluster
                           else self.redis.mget(names))
@@ -597,7 +439,7 @@ class Store:
 
     async def history(self, key: str | None, limit: int) -> list[dict[str, Any]]:
         try:
-            await self._ready()
+            await self.ready()
             raws = await self.redis.lrange(HISTORY, 0, -1 if key is not None else limit - 1)
         except _FAILED as exc:
             raise self.down(exc) from None
@@ -608,250 +450,26 @@ class Store:
 
     # ------------------------------------------------------------------ events
     async def publish(self, batch: list[tuple[str, Event]]) -> None:
-        """Add events (output of runs executing here) to their keys' streams, in order."""
-        try:
-            await self._ready()
-            async with self.redis.pipeline(transaction=False) as pipe:
-                last: dict[str, int] = {}
-                for key, event in batch:
-                    last[key] = len(pipe)
-                    pipe.xadd(events_key(tag_of(key)),
-                              {"e": json.dumps(event, separators=(",", ":"))},
-                              maxlen=EVENTS_MAXLEN, approximate=True)
-                ids = await pipe.execute()
-                if self.cluster:  # (a cluster's pipeline refuses PUBLISH)
-                    await asyncio.gather(*(self.redis.publish(channel(tag_of(key)), ids[at])
-                                           for key, at in last.items()))
-                else:
-                    for key, at in last.items():
-                        pipe.publish(channel(tag_of(key)), ids[at])
-                    await pipe.execute()
-        except _FAILED as exc:
-            raise self.down(exc) from None
-
-    def _stepped(self, key: str) -> None:
-        """A step of ours on ``key`` is answered: a notice of the key heard meanwhile is for
-        the reader now, unless it named only events the step handed over already."""
-        left = self.stepping[key] - 1
-        if left:
-            self.stepping[key] = left
-            return
-        del self.stepping[key]
-        notice = self.deferred.pop(key, None)
-        position = self.positions.get(key)
-        if notice is not None and position is not None and (
-                event_id(notice) > event_id(position)):
-            self.dirty.add(key)
-            if self.waiting:  # the reader waits for a notice: give it one
-                self.waiting = False
-                task = asyncio.ensure_future(self._wake())
-                self.background.add(task)
-                task.add_done_callback(self.background.discard)
-
-    async def _wake(self) -> None:
-        try:
-            await self.redis.publish(self.wake_channel, b"")
-        except _FAILED:
-            pass  # (the reader finds the key at its next notice, or within a second)
-
-    def _own(self, key: str, before: bytes, ids: list[bytes], events: list[Event]) -> None:
-        """A step of ours added ``events`` to a key the reader follows: when the reader has
-        read everything before them, they go to it from here, and its place moves on."""
-        if self.positions.get(key) != before:
-            return  # (not followed, or the reader is behind or ahead: it reads them)
-        self.own.extend(zip((key,) * len(ids), ids, events, strict=True))
-        self.positions[key] = ids[-1]
+        await self.notices.publish(batch)
 
     def follow(self, key: str, since: bytes) -> None:
-        """The reader reads ``key``'s events after ``since`` from now on (again from there,
-        if it followed it already)."""
-        if key not in self.positions:
-            self.channels[channel(tag_of(key)).encode()] = key
-        elif self.own:
-            self.own = [entry for entry in self.own if entry[0] != key]  # read from ``since``
-        self.positions[key] = since
-        self.unsubscribe.discard(key)
-        self.subscribe.add(key)  # once subscribed, its stream is read from ``since``
+        self.notices.follow(key, since)
 
     def unfollow(self, key: str) -> None:
-        if self.positions.pop(key, None) is None:
-            return
-        self.dirty.discard(key)
-        if key in self.subscribe:
-            self.subscribe.discard(key)
-            self.channels.pop(channel(tag_of(key)).encode(), None)
-        else:
-            self.unsubscribe.add(key)
-
-    async def _listen(self) -> Any:
-        """The reader's subscriptions, brought up to date (a connection of their own: on a
-        cluster, to one node, which hears what every node publishes)."""
-        async with self.listening:
-            return await self._subscriptions()
-
-    async def _subscriptions(self) -> Any:
-        if self.pubsub is None:
-            # (no health check: a PING would race the reader on its own connection)
-            settings = {k: v for k, v in self.settings.items() if k != "health_check_interval"}
-            if self.cluster:
-                node = self.redis.get_default_node()
-                self.listener = aioredis.Redis(host=node.host, port=node.port, **settings)
-            else:
-                self.listener = aioredis.Redis.from_url(self.url, max_connections=1,
-                                                        **settings)
-            self.pubsub = self.listener.pubsub()
-            # Subscribed to something from the start, so that reading never finds the
-            # connection idle; after a reconnection every key is read again.
-            await self.pubsub.subscribe(self.wake_channel)
-            self.subscribe |= self.positions.keys()
-        if self.unsubscribe:
-            gone, self.unsubscribe = self.unsubscribe, set()
-            names = [channel(tag_of(key)) for key in gone if key not in self.positions]
-            for name in names:
-                self.channels.pop(name.encode(), None)
-            if names:
-                await self.pubsub.unsubscribe(*names)
-        if self.subscribe:
-            new, self.subscribe = self.subscribe, set()
-            names = [channel(tag_of(key)) for key in new if key in self.positions]
-            if names:
-                await self.pubsub.subscribe(*names)
-        return self.pubsub
+        self.notices.unfollow(key)
 
     async def read(self, block_ms: int) -> list[tuple[str, bytes, Event]]:
-        """New events of the followed keys, waiting up to ``block_ms`` for the first.
-
-        The reader hears of a key's new events on its channel, and reads its stream then;
-        a key just followed is read once its subscription stands (so nothing falls between
-        the two)."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + block_ms / 1000
-        try:
-            await self._ready()
-            pubsub = await self._listen()
-            while True:
-                while not self.dirty and not self.own:
-                    left = deadline - loop.time()
-                    if left <= 0:
-                        return []
-                    self.waiting = True
-                    try:
-                        message = await pubsub.get_message(timeout=left)
-                    finally:
-                        self.waiting = False
-                    while message is not None:
-                        self._heard(message)
-                        message = await pubsub.get_message(timeout=0)
-                    await self._listen()
-                found = await self._read_dirty() if self.dirty else []
-                if self.own:  # (before what was read: they are older)
-                    found, self.own = self.own + found, []
-                if found:
-                    return found
-        except _FAILED as exc:
-            self._lost_listener()
-            raise self.down(exc) from None
-
-    def _lost_listener(self) -> None:
-        """The reader's connection failed: a new one subscribes to every key again (and so
-        reads them all again: what was said meanwhile was not heard)."""
-        if self.pubsub is not None:
-            pubsub, listener = self.pubsub, self.listener
-            self.pubsub = self.listener = None
-
-            async def close() -> None:
-                try:
-                    await pubsub.aclose()
-                    await listener.aclose()
-                except _FAILED:
-                    pass
-
-            task = asyncio.ensure_future(close())
-            self.background.add(task)
-            task.add_done_callback(self.background.discard)
-
-    def _heard(self, message: dict[str, Any]) -> None:
-        key = self.channels.get(message.get("channel") or b"")
-        if key is None or key not in self.positions:
-            return
-        if message["type"] == "subscribe":
-            self.dirty.add(key)  # (subscribed: what came before, its stream has)
-        elif message["type"] == "message":
-            if key in self.stepping:  # (most likely that step's own events)
-                held = self.deferred.get(key)
-                if held is None or event_id(message["data"]) > event_id(held):
-                    self.deferred[key] = message["data"]
-            elif event_id(message["data"]) > event_id(self.positions[key]):
-                self.dirty.add(key)
-
-    async def _read_dirty(self) -> list[tuple[str, bytes, Event]]:
-        keys = list(self.dirty)[:1000]
-        self.dirty.difference_update(keys)
-        names = {events_key(tag_of(key)): key for key in keys}
-        streams = {events_key(tag_of(key)): self.positions[key] for key in keys}
-        try:
-            if self.cluster:  # (a read may not name streams of several slots)
-                async with self.redis.pipeline(transaction=False) as pipe:
-                    for name, last in streams.items():
-                        pipe.xread({name: last}, count=1000)
-                    reply = [stream for part in await pipe.execute() for stream in part or []]
-            else:
-                reply = await self.reader.xread(streams, count=1000)
-        except BaseException:
-            self.dirty.update(keys)  # read again next time
-            raise
-        out: list[tuple[str, bytes, Event]] = []
-        for stream, entries in reply or []:
-            key = names[stream.decode() if isinstance(stream, bytes) else stream]
-            if key not in self.positions:
-                continue
-            more = len(entries) >= 1000
-            after = event_id(self.positions[key])  # (our own steps' may be in hand already)
-            entries = [entry for entry in entries if event_id(entry[0]) > after]
-            if more:
-                self.dirty.add(key)  # more to come
-            if not entries:
-                continue
-            for entry_id, fields in entries:
-                out.append((key, entry_id, json.loads(fields[b"e"])))
-            self.positions[key] = entries[-1][0]
-        return out
+        return await self.notices.read(block_ms)
 
     async def events(self, key: str, upto: bytes | None = None
                      ) -> list[tuple[bytes, Event]]:
-        """The key's events still kept, oldest first (up to ``upto``, included)."""
-        try:
-            await self._ready()
-            entries: Any = await self.redis.xrange(events_key(tag_of(key)), "-",
-                                                   upto if upto is not None else "+")
-        except _FAILED as exc:
-            raise self.down(exc) from None
-        return [(entry_id, json.loads(fields[b"e"])) for entry_id, fields in entries]
+        return await self.notices.events(key, upto)
 
     async def unblock_reader(self) -> None:
-        """The reader follows new keys: subscribe to them now (the answers wake it)."""
-        if self.pubsub is None:
-            return
-        try:
-            await self._listen()
-        except _FAILED:
-            self._lost_listener()
+        await self.notices.unblock_reader()
 
     async def trimmed_after(self, key: str, last: bytes) -> bool:
-        """Has the key's stream dropped events after ``last`` (a reader there missed them)?
-        Redis 7 says which id it deleted last; an older one cannot tell (False)."""
-        try:
-            await self._ready()
-            info: Any = await self.redis.xinfo_stream(events_key(tag_of(key)))
-        except ResponseError:
-            return False  # no such stream (yet): nothing was trimmed
-        except _FAILED as exc:
-            raise self.down(exc) from None
-        deleted = info.get("max-deleted-entry-id")
-        if not deleted:
-            return False
-        return event_id(deleted) > event_id(last) and event_id(last) != (0, 0)
-
+        return await self.notices.trimmed_after(key, last)
 
 def _unsent(exc: BaseException) -> bool:
     """The request never reached the store: no connection could be made (redis-py says

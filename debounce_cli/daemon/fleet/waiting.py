@@ -15,7 +15,7 @@ from typing import Any
 from debounce_cli import protocol, states
 from debounce_cli.daemon.fleet import messages
 from debounce_cli.daemon.fleet import state as fs
-from debounce_cli.daemon.fleet.store import event_id
+from debounce_cli.daemon.fleet.layout import event_id
 from debounce_cli.daemon.waiters import unique
 
 #: Events of a key remembered after they were handed out, for a waiter that registers late
