@@ -322,3 +322,44 @@ def test_the_spawner_dies_with_its_daemon(world):
     spawner = wait_until(lambda: spawner_of(daemon))
     os.kill(daemon, signal.SIGKILL)
     wait_until(lambda: (proc_stat(spawner) or ("X",))[0] in ("Z", "X"), timeout=10)
+
+
+#: Exits 3 if the log of its own run exists while it runs (it has written nothing yet).
+NO_LOG_YET = ('test -z "$(find "$DEBOUNCE_STATE_DIR" -name "$DEBOUNCE_RUN_ID.log")" || exit 3; '
+              'printf "$1"')
+
+
+def test_a_runs_log_is_made_at_its_first_output_not_before_its_spawn(world):
+    """Creating a file costs a start ~0.1 ms of CPU and more of waiting on the disk, which a
+    burst of runs paid before each later command started: a run's log is made at its first
+    output. A run that writes nothing still has its (empty) log for ``debounce logs``."""
+    quiet = world.run("run", "--delay", "0", "--json", "--", "sh", "-c", NO_LOG_YET, "sh", "")
+    assert quiet.returncode == 0, quiet.stderr
+    run_id = json.loads(quiet.stdout)["run_id"]
+    said = world.run("run", "--delay", "0", "--", "sh", "-c", NO_LOG_YET, "sh", "said\\n")
+    assert (said.returncode, said.stdout) == (0, "said\n"), said.stderr
+    shown = world.run("logs", "--run", str(run_id))
+    assert (shown.returncode, shown.stdout, shown.stderr) == (0, "", "")
+    shown = world.run("logs", "--run", str(run_id + 1))
+    assert (shown.returncode, shown.stdout) == (0, "said\n"), shown.stderr
+
+
+def test_a_lazy_log_is_made_by_its_first_write_or_when_asked(tmp_path):
+    from debounce_cli.logfile import LogWriter, read_log
+
+    first, second = tmp_path / "1.log", tmp_path / "2.log"
+    written = LogWriter(str(first), lazy=True)
+    asked = LogWriter(str(second), lazy=True)
+    assert not first.exists() and not second.exists()
+    assert written.write(1, b"out") == 8
+    assert list(read_log(str(first))) == [(1, b"out")]
+    asked.close()  # the run ended with no output: made when a reader asks, and empty
+    assert not second.exists()
+    assert asked.make()
+    assert list(read_log(str(second))) == []
+    written.close()
+    (tmp_path / "ro").mkdir(mode=0o500)
+    if os.geteuid() != 0:  # root may create files in a read-only directory
+        blocked = LogWriter(str(tmp_path / "ro" / "3.log"), lazy=True)
+        assert blocked.write(1, b"x") is None and not blocked.make()
+        assert blocked.error is not None and "cannot create it" in blocked.error

@@ -379,6 +379,7 @@ class Core:
             waiters = unique(effect.waiters)
             if effect.joined:  # they joined it after it ended: its output first, from its log
                 started = protocol.encode(records.started_msg(run))
+                self.runs.log_of(run)  # (its log is made now, if it was left for later)
                 log = records.job_of(run.invocation).log_path
                 for waiter in waiters:
                     waiter.start(run.id, started, log)

@@ -84,8 +84,12 @@ class Runs:
         self.procs: dict[int, RunProcess] = {}
         self.active: dict[int, Run] = {}  # the runs whose processes are in procs
         self.logs: dict[int, LogWriter] = {}
+        #: Logs not on disk yet (no output so far): made when the spawns of a burst are done,
+        #: or at once when a reader asks (:meth:`make_log`). See ``LogWriter(lazy=True)``.
+        self.unmade: dict[int, LogWriter] = {}
         self.buffers: dict[int, list[tuple[int, bytes]]] = {}  # output of runs without a log
         self.to_spawn: deque[tuple[Run, RunProcess]] = deque()
+        self.starting = 0  # runs taken from to_spawn whose process is not started yet
         self.draining = False  # shutting down: nothing more is spawned
         self.at_once = runs_at_once()  # runs executing at most; the next ones wait their turn
         self.executing = 0  # runs spawned whose end has not been reported yet
@@ -227,9 +231,31 @@ class Runs:
             proc.signal(name)
 
     def log_of(self, run: Run) -> str | None:
-        """The run's output log while it is being written whole (no write has failed)."""
+        """The run's output log while it is being written whole (no write has failed); made
+        now if it was left for later, as a reader is about to open it."""
+        self.make_log(run.id)
         log = self.logs.get(run.id)
         return log.path if log is not None and log.error is None else None
+
+    def make_log(self, run_id: int) -> None:
+        """The log of run ``run_id`` is on disk from now on, if it is to be (a reader is about
+        to open it: a waiter catching up, ``debounce logs``)."""
+        log = self.unmade.pop(run_id, None)
+        if log is not None and not log.make():
+            print(f"debounce: run {run_id} keeps no log: {log.error}", file=sys.stderr)
+
+    def _make_logs(self) -> None:
+        """Make the logs that runs which ended during a burst of spawns left unmade, a few
+        per turn, once nothing waits to be spawned: a finished run's log exists for
+        ``debounce logs`` (also after a restart), even when the run wrote nothing. (A run
+        that still executes makes its log at its first output, its end, or a reader's ask.)"""
+        if self.to_spawn or self.starting:
+            return  # the spawns first; the last one calls this again
+        ended = [run_id for run_id, log in self.unmade.items() if log.closed]
+        for run_id in ended[:SPAWNS_PER_TURN]:
+            self.make_log(run_id)
+        if len(ended) > SPAWNS_PER_TURN:
+            self.loop.call_soon(self._make_logs)
 
     def output_so_far(self, run: Run) -> Iterable[tuple[int, bytes]]:
         """What a waiter joining the run late missed: from memory, else from the log."""
@@ -248,6 +274,8 @@ class Runs:
         while self.tasks:
             await asyncio.wait(list(self.tasks))
             await asyncio.sleep(0)  # let the last commit and answers go out
+        for run_id in list(self.unmade):  # every finished run's log exists for the next daemon
+            self.make_log(run_id)
         if self.retain_handle is not None:  # nothing runs: retain now, not after the close
             self._retain_now()
 
@@ -263,6 +291,7 @@ class Runs:
                 return  # (a run that ends calls this again)
             run, proc = self.to_spawn.popleft()
             self.executing += 1
+            self.starting += 1
             task = asyncio.ensure_future(self._execute(run, proc))
             self.tasks.add(task)
             task.add_done_callback(self._done_executing)
@@ -291,6 +320,8 @@ class Runs:
         log = self.logs.pop(run.id, None)
         if log is not None:
             log.close()
+            if not log.made and not (self.to_spawn or self.starting):
+                self.make_log(run.id)  # nothing waits to be spawned: now, not later
         self.events.run_exited(run.id, code)
 
     def _done_executing(self, task: asyncio.Task[None]) -> None:
@@ -303,9 +334,14 @@ class Runs:
     async def _processes(self, run: Run, proc: RunProcess) -> int:
         """Start the run's process, and the rest of a --collect batch one after another;
         return the first non-zero status among them."""
-        if run.may_start is not None and not run.may_start():
-            return 126  # its fence failed at the spawn: it never starts (see fleet.execution)
-        await proc.start()
+        try:
+            if run.may_start is not None and not run.may_start():
+                return 126  # its fence failed at the spawn: it never starts (fleet.execution)
+            await proc.start()
+        finally:
+            self.starting -= 1
+            if self.unmade and not (self.to_spawn or self.starting):
+                self.loop.call_soon(self._make_logs)  # the burst is spawned
         if proc.pid is not None:
             records.job_of(run.invocation).pid = proc.pid
             self.events.run_started(run)
@@ -327,11 +363,8 @@ class Runs:
         if not self.log_dir:
             return None
         path = os.path.join(self.log_dir, f"{run.id}.log")
-        try:
-            log = LogWriter(path)
-        except OSError as exc:
-            print(f"debounce: run {run.id} keeps no log: {exc.strerror}", file=sys.stderr)
-            return None
+        log = LogWriter(path, lazy=True)  # made at its first output: not before the spawn
+        self.unmade[run.id] = log
         self.logs[run.id] = log
         records.job_of(run.invocation).log_path = path
         return log
@@ -376,6 +409,11 @@ class Runs:
                                    prune_envs=prune_envs)
         except JournalError:
             return  # retention must never take the daemon down; the next run tries again
+        if self.unmade:  # a log dropped before it was made is never made
+            dropped = set(files)
+            for run_id, log in list(self.unmade.items()):
+                if log.path in dropped:
+                    del self.unmade[run_id]
         for path in files:
             try:
                 os.unlink(path)
