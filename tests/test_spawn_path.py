@@ -363,3 +363,51 @@ def test_a_lazy_log_is_made_by_its_first_write_or_when_asked(tmp_path):
         blocked = LogWriter(str(tmp_path / "ro" / "3.log"), lazy=True)
         assert blocked.write(1, b"x") is None and not blocked.make()
         assert blocked.error is not None and "cannot create it" in blocked.error
+
+
+def test_a_command_found_in_path_is_looked_up_once_a_second_while_it_is_the_same_file(
+        tmp_path, monkeypatch):
+    """A burst of runs of one command searched PATH for each (a stat per directory, and the
+    file's first bytes read): about 0.1 ms a run. Found once, it is taken as found for
+    RESOLVED_FOR seconds while it is the same file; a change to the file (its mode, its
+    contents) or its going away is seen at once, and failures are never remembered."""
+    from debounce_cli import runner
+
+    now = [1000.0]
+    monkeypatch.setattr(runner.time, "monotonic", lambda: now[0])
+    monkeypatch.setattr(runner, "_resolved", {})
+    searches = []
+    check = runner._check_program
+
+    def counted(name: str, path: str, cwd: str):  # type: ignore[no-untyped-def]
+        searches.append(name)
+        return check(name, path, cwd)
+
+    monkeypatch.setattr(runner, "_check_program", counted)
+    first, second = tmp_path / "a", tmp_path / "b"
+    first.mkdir()
+    second.mkdir()
+    tool = second / "tool"
+    tool.write_text("#!/bin/sh\necho b\n")
+    tool.chmod(0o755)
+    path = f"{first}:{second}"
+    assert runner._resolve("tool", path, "/") == (None, str(tool))
+    assert runner._resolve("tool", path, "/") == (None, str(tool))
+    assert len(searches) == 1
+    tool.chmod(0o644)  # no longer executable: seen at once
+    assert runner._resolve("tool", path, "/")[0] == (126, "debounce: tool: permission denied\n")
+    assert runner._resolve("tool", path, "/")[0][0] == 126  # never remembered
+    assert len(searches) == 3
+    tool.chmod(0o755)
+    assert runner._resolve("tool", path, "/") == (None, str(tool))
+    earlier = first / "tool"  # a file of that name new in an earlier directory of PATH
+    earlier.write_text("#!/bin/sh\necho a\n")
+    earlier.chmod(0o755)
+    assert runner._resolve("tool", path, "/") == (None, str(tool))  # within the second
+    now[0] += runner.RESOLVED_FOR
+    assert runner._resolve("tool", path, "/") == (None, str(earlier))
+    earlier.unlink()
+    assert runner._resolve("tool", path, "/") == (None, str(tool))
+    tool.unlink()
+    assert runner._resolve("tool", path, "/")[0] == (127, "debounce: tool: command not found\n")
+    assert len(searches) == 7
