@@ -384,8 +384,10 @@ class Core:
                 run.key, run.outcome or "unknown",
                 None if run.finished_at is None else run.finished_at - run.started_at,
                 failed=run.exit_code != 0)
-            msg = records.finished_msg(run)
             waiters = unique(effect.waiters)
+            if not waiters:
+                return  # (--no-wait runs have nobody to tell: no message to build)
+            msg = records.finished_msg(run)
             if effect.joined:  # they joined it after it ended: its output first, from its log
                 started = protocol.encode(records.started_msg(run))
                 self.runs.log_of(run)  # (its log is made now, if it was left for later)

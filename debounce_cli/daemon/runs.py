@@ -176,10 +176,11 @@ class Runs:
         if more:  # the rest of a --collect batch past the argument limit: one after another
             self.later[run.id] = [RunProcess(argv, job.cwd, env, on_output, ledger=ledger)
                                   for argv in more]
-        started = protocol.encode(records.started_msg(run))
-        log_path = job.log_path if log is not None else None
-        for waiter in unique(run.waiters):
-            waiter.start(run.id, started, log_path)
+        if run.waiters:  # (--no-wait runs have nobody to tell: no message to build)
+            started = protocol.encode(records.started_msg(run))
+            log_path = job.log_path if log is not None else None
+            for waiter in unique(run.waiters):
+                waiter.start(run.id, started, log_path)
         return proc
 
     def _collect(self, run: Run, job: Job, env: dict[str, str]) -> tuple[Job, list[list[str]]]:
