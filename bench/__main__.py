@@ -717,6 +717,19 @@ def machine() -> str:
             f"Python {platform.python_version()}")
 
 
+def busy(before: float, after: float) -> str:
+    """The machine's load over the run, and what it means for the figures: absolute times
+    and rates are the machine's of the moment (a busy machine cannot reproduce a quiet
+    one's), ratios to a floor are measured in the same run and hold better."""
+    cpus = os.cpu_count() or 1
+    said = f"1-minute load average {before:.1f} at the start, {after:.1f} at the end ({cpus} CPUs)"
+    if max(before, after) > cpus / 2:
+        said += ("; the machine was busy with other work: absolute times and rates are slower "
+                 "than on a quiet machine and move from run to run; compare the ratios, each "
+                 "measured against its floor in this run")
+    return said
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="a short run (used by the tests)")
@@ -727,6 +740,7 @@ def main(argv: list[str] | None = None) -> int:
                              "rates and CPU per submission")
     args = parser.parse_args(argv)
     rows: list[tuple[str, str, str]] = []
+    load_before = os.getloadavg()[0]
     if args.only == "spawn":
         bench_stdin_lateness(rows, 300, 20 if args.quick else 50, 1 if args.quick else 3)
         bench_socket_lateness(rows, 1000, 1 if args.quick else 3)
@@ -758,10 +772,12 @@ def main(argv: list[str] | None = None) -> int:
         bench_socket_lateness(rows, 1000, 3)
         bench_memory_slope(rows, (20_000, 100_000))
         bench_fleet(rows, 3, 50, Daemon, percentile)
+    load = busy(load_before, os.getloadavg()[0])
     if args.json:
-        print(json.dumps({"machine": machine(), "rows": rows}, indent=1))
+        print(json.dumps({"machine": machine(), "load": load, "rows": rows}, indent=1))
         return 0
     print(f"machine: {machine()}")
+    print(f"load: {load}")
     width = max(len(r[0]) for r in rows)
     value_width = max(len(r[1]) for r in rows)
     for name, value, note in rows:
