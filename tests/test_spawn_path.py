@@ -411,3 +411,26 @@ def test_a_command_found_in_path_is_looked_up_once_a_second_while_it_is_the_same
     tool.unlink()
     assert runner._resolve("tool", path, "/")[0] == (127, "debounce: tool: command not found\n")
     assert len(searches) == 7
+
+
+def test_a_log_that_cannot_be_made_at_the_first_output_is_said_once_and_the_run_has_none(world):
+    """Made lazily, a log that cannot be created fails at the run's first output, not at its
+    start: the daemon says so in one line, the waiter still gets the output live, and the run
+    is recorded with no log, so ``debounce logs`` says there is none (as when it failed at the
+    start) instead of pointing the client at a file that is not there."""
+    from debounce_cli.client import daemon_log_path
+
+    first = world.run("run", "--delay", "0", "--", "true")
+    assert first.returncode == 0, first.stderr
+    (log_dir,) = (world.state / "logs").iterdir()
+    (log_dir / "2.log").mkdir()  # the next run's log cannot be created (EISDIR, even as root)
+    said = world.run("run", "--delay", "0", "--json", "--", "sh", "-c", "echo said >&2")
+    assert said.returncode == 0 and said.stderr == "said\n", said.stderr
+    assert json.loads(said.stdout)["run_id"] == 2
+    shown = world.run("logs", "--run", "2")
+    assert shown.returncode == 117 and shown.stdout == "", shown
+    assert shown.stderr == "debounce: the log of run 2 is no longer kept\n", shown.stderr
+    (daemon_log,) = world.state.glob(Path(daemon_log_path(world.socket)).name)
+    daemon_said = daemon_log.read_text()
+    assert daemon_said.count("run 2 keeps no log: cannot create it (Is a directory)") == 1, \
+        daemon_said

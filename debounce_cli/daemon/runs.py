@@ -86,7 +86,7 @@ class Runs:
         self.logs: dict[int, LogWriter] = {}
         #: Logs not on disk yet (no output so far): made when the spawns of a burst are done,
         #: or at once when a reader asks (:meth:`make_log`). See ``LogWriter(lazy=True)``.
-        self.unmade: dict[int, LogWriter] = {}
+        self.unmade: dict[int, tuple[LogWriter, Job]] = {}
         self.buffers: dict[int, list[tuple[int, bytes]]] = {}  # output of runs without a log
         self.to_spawn: deque[tuple[Run, RunProcess]] = deque()
         self.starting = 0  # runs taken from to_spawn whose process is not started yet
@@ -153,6 +153,8 @@ class Runs:
             nonlocal buffered
             end = None
             if log is not None:
+                if not log.made:
+                    self.make_log(run.id)  # its first output: made here, or said why not
                 end = log.write(fd, data)
             elif buffered < REPLAY_BUFFER:  # without a log, late joiners get the first part
                 self.buffers[run.id].append((fd, data))
@@ -241,9 +243,13 @@ class Runs:
     def make_log(self, run_id: int) -> None:
         """The log of run ``run_id`` is on disk from now on, if it is to be (a reader is about
         to open it: a waiter catching up, ``debounce logs``)."""
-        log = self.unmade.pop(run_id, None)
-        if log is not None and not log.make():
+        unmade = self.unmade.pop(run_id, None)
+        if unmade is None:
+            return
+        log, job = unmade
+        if not log.make():  # said once; the run has no log (``debounce logs`` says so)
             print(f"debounce: run {run_id} keeps no log: {log.error}", file=sys.stderr)
+            job.log_path = None
 
     def _make_logs(self) -> None:
         """Make the logs that runs which ended during a burst of spawns left unmade, a few
@@ -252,7 +258,7 @@ class Runs:
         that still executes makes its log at its first output, its end, or a reader's ask.)"""
         if self.to_spawn or self.starting:
             return  # the spawns first; the last one calls this again
-        ended = [run_id for run_id, log in self.unmade.items() if log.closed]
+        ended = [run_id for run_id, (log, _job) in self.unmade.items() if log.closed]
         for run_id in ended[:SPAWNS_PER_TURN]:
             self.make_log(run_id)
         if len(ended) > SPAWNS_PER_TURN:
@@ -365,7 +371,7 @@ class Runs:
             return None
         path = os.path.join(self.log_dir, f"{run.id}.log")
         log = LogWriter(path, lazy=True)  # made at its first output: not before the spawn
-        self.unmade[run.id] = log
+        self.unmade[run.id] = (log, records.job_of(run.invocation))
         self.logs[run.id] = log
         records.job_of(run.invocation).log_path = path
         return log
@@ -412,7 +418,7 @@ class Runs:
             return  # retention must never take the daemon down; the next run tries again
         if self.unmade:  # a log dropped before it was made is never made
             dropped = set(files)
-            for run_id, log in list(self.unmade.items()):
+            for run_id, (log, _job) in list(self.unmade.items()):
                 if log.path in dropped:
                     del self.unmade[run_id]
         for path in files:
