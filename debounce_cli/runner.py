@@ -125,7 +125,7 @@ class RunProcess:
         if not os.path.isdir(self.cwd):
             self.start_error = (126, f"debounce: cannot enter {self.cwd}: no such directory\n")
             return
-        problem, found = _check_program(name, self.env.get("PATH", os.defpath), self.cwd)
+        problem, found = _resolve(name, self.env.get("PATH", os.defpath), self.cwd)
         shell: tuple[str, ...] = ()
         if problem is not None and isinstance(problem[0], int):
             self.start_error = (problem[0], str(problem[1]))
@@ -300,6 +300,47 @@ def batches(argvs: list[list[str]], env: dict[str, str]) -> list[list[str]]:
         used += size
     out.append(head + chunk)
     return out
+
+
+#: How long a command found in PATH is taken to be the same file without searching again.
+RESOLVED_FOR = 1.0
+_Found = tuple[tuple[int, str] | tuple[str, ...] | None, str | None]
+#: (name, PATH, cwd) -> what _check_program said, the file's identity, when it was looked up.
+_resolved: dict[tuple[str, str, str], tuple[_Found, tuple[int, int, int, int], float]] = {}
+
+
+def _identity(path: str) -> tuple[int, int, int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_mode)
+
+
+def _resolve(name: str, path: str, cwd: str) -> _Found:
+    """:func:`_check_program`, remembered for ``RESOLVED_FOR`` seconds while the file found
+    is the same one (same inode, times and mode: one ``stat``), as a shell's hash table
+    remembers where a command is. A burst of runs of one command searched PATH, stat'ing
+    each directory and reading the file's first bytes, for every run: about a tenth of a
+    millisecond each. Failures are never remembered: their message must be the truth of now.
+    (What is not seen within that second: a file of that name new in an earlier directory
+    of PATH.)"""
+    key = (name, path, cwd)
+    now = time.monotonic()
+    known = _resolved.get(key)
+    if known is not None and now - known[2] < RESOLVED_FOR:
+        said, same, _when = known
+        if said[1] is not None and _identity(said[1]) == same:
+            return said
+    found = _check_program(name, path, cwd)
+    identity = _identity(found[1]) if found[1] is not None else None
+    if identity is not None and (found[0] is None or not isinstance(found[0][0], int)):
+        if len(_resolved) >= 256:
+            _resolved.clear()
+        _resolved[key] = (found, identity, now)
+    else:
+        _resolved.pop(key, None)
+    return found
 
 
 def _check_program(name: str, path: str, cwd: str

@@ -322,3 +322,115 @@ def test_the_spawner_dies_with_its_daemon(world):
     spawner = wait_until(lambda: spawner_of(daemon))
     os.kill(daemon, signal.SIGKILL)
     wait_until(lambda: (proc_stat(spawner) or ("X",))[0] in ("Z", "X"), timeout=10)
+
+
+#: Exits 3 if the log of its own run exists while it runs (it has written nothing yet).
+NO_LOG_YET = ('test -z "$(find "$DEBOUNCE_STATE_DIR" -name "$DEBOUNCE_RUN_ID.log")" || exit 3; '
+              'printf "$1"')
+
+
+def test_a_runs_log_is_made_at_its_first_output_not_before_its_spawn(world):
+    """Creating a file costs a start ~0.1 ms of CPU and more of waiting on the disk, which a
+    burst of runs paid before each later command started: a run's log is made at its first
+    output. A run that writes nothing still has its (empty) log for ``debounce logs``."""
+    quiet = world.run("run", "--delay", "0", "--json", "--", "sh", "-c", NO_LOG_YET, "sh", "")
+    assert quiet.returncode == 0, quiet.stderr
+    run_id = json.loads(quiet.stdout)["run_id"]
+    said = world.run("run", "--delay", "0", "--", "sh", "-c", NO_LOG_YET, "sh", "said\\n")
+    assert (said.returncode, said.stdout) == (0, "said\n"), said.stderr
+    shown = world.run("logs", "--run", str(run_id))
+    assert (shown.returncode, shown.stdout, shown.stderr) == (0, "", "")
+    shown = world.run("logs", "--run", str(run_id + 1))
+    assert (shown.returncode, shown.stdout) == (0, "said\n"), shown.stderr
+
+
+def test_a_lazy_log_is_made_by_its_first_write_or_when_asked(tmp_path):
+    from debounce_cli.logfile import LogWriter, read_log
+
+    first, second = tmp_path / "1.log", tmp_path / "2.log"
+    written = LogWriter(str(first), lazy=True)
+    asked = LogWriter(str(second), lazy=True)
+    assert not first.exists() and not second.exists()
+    assert written.write(1, b"out") == 8
+    assert list(read_log(str(first))) == [(1, b"out")]
+    asked.close()  # the run ended with no output: made when a reader asks, and empty
+    assert not second.exists()
+    assert asked.make()
+    assert list(read_log(str(second))) == []
+    written.close()
+    (tmp_path / "ro").mkdir(mode=0o500)
+    if os.geteuid() != 0:  # root may create files in a read-only directory
+        blocked = LogWriter(str(tmp_path / "ro" / "3.log"), lazy=True)
+        assert blocked.write(1, b"x") is None and not blocked.make()
+        assert blocked.error is not None and "cannot create it" in blocked.error
+
+
+def test_a_command_found_in_path_is_looked_up_once_a_second_while_it_is_the_same_file(
+        tmp_path, monkeypatch):
+    """A burst of runs of one command searched PATH for each (a stat per directory, and the
+    file's first bytes read): about 0.1 ms a run. Found once, it is taken as found for
+    RESOLVED_FOR seconds while it is the same file; a change to the file (its mode, its
+    contents) or its going away is seen at once, and failures are never remembered."""
+    from debounce_cli import runner
+
+    now = [1000.0]
+    monkeypatch.setattr(runner.time, "monotonic", lambda: now[0])
+    monkeypatch.setattr(runner, "_resolved", {})
+    searches = []
+    check = runner._check_program
+
+    def counted(name: str, path: str, cwd: str):  # type: ignore[no-untyped-def]
+        searches.append(name)
+        return check(name, path, cwd)
+
+    monkeypatch.setattr(runner, "_check_program", counted)
+    first, second = tmp_path / "a", tmp_path / "b"
+    first.mkdir()
+    second.mkdir()
+    tool = second / "tool"
+    tool.write_text("#!/bin/sh\necho b\n")
+    tool.chmod(0o755)
+    path = f"{first}:{second}"
+    assert runner._resolve("tool", path, "/") == (None, str(tool))
+    assert runner._resolve("tool", path, "/") == (None, str(tool))
+    assert len(searches) == 1
+    tool.chmod(0o644)  # no longer executable: seen at once
+    assert runner._resolve("tool", path, "/")[0] == (126, "debounce: tool: permission denied\n")
+    assert runner._resolve("tool", path, "/")[0][0] == 126  # never remembered
+    assert len(searches) == 3
+    tool.chmod(0o755)
+    assert runner._resolve("tool", path, "/") == (None, str(tool))
+    earlier = first / "tool"  # a file of that name new in an earlier directory of PATH
+    earlier.write_text("#!/bin/sh\necho a\n")
+    earlier.chmod(0o755)
+    assert runner._resolve("tool", path, "/") == (None, str(tool))  # within the second
+    now[0] += runner.RESOLVED_FOR
+    assert runner._resolve("tool", path, "/") == (None, str(earlier))
+    earlier.unlink()
+    assert runner._resolve("tool", path, "/") == (None, str(tool))
+    tool.unlink()
+    assert runner._resolve("tool", path, "/")[0] == (127, "debounce: tool: command not found\n")
+    assert len(searches) == 7
+
+
+def test_a_log_that_cannot_be_made_at_the_first_output_is_said_once_and_the_run_has_none(world):
+    """Made lazily, a log that cannot be created fails at the run's first output, not at its
+    start: the daemon says so in one line, the waiter still gets the output live, and the run
+    is recorded with no log, so ``debounce logs`` says there is none (as when it failed at the
+    start) instead of pointing the client at a file that is not there."""
+    from debounce_cli.client import daemon_log_path
+
+    first = world.run("run", "--delay", "0", "--", "true")
+    assert first.returncode == 0, first.stderr
+    (log_dir,) = (world.state / "logs").iterdir()
+    (log_dir / "2.log").mkdir()  # the next run's log cannot be created (EISDIR, even as root)
+    said = world.run("run", "--delay", "0", "--json", "--", "sh", "-c", "echo said >&2")
+    assert said.returncode == 0 and said.stderr == "said\n", said.stderr
+    assert json.loads(said.stdout)["run_id"] == 2
+    shown = world.run("logs", "--run", "2")
+    assert shown.returncode == 117 and shown.stdout == "", shown
+    assert shown.stderr == "debounce: the log of run 2 is no longer kept\n", shown.stderr
+    (daemon_log,) = world.state.glob(Path(daemon_log_path(world.socket)).name)
+    daemon_said = daemon_log.read_text()
+    assert daemon_said.count("run 2 keeps no log: cannot create it (Is a directory)") == 1, \
+        daemon_said

@@ -372,6 +372,7 @@ def handle_logs(ctx: Context, client: Client, req: protocol.LogsRequest) -> Repl
         assert named.run_id is not None
         run = core.scheduler.runs.get(named.run_id)
     if run is not None:
+        core.runs.log_of(run.id)  # its log is on disk once the client reads it (made lazily)
         return protocol.LogsReply(run_id=run.id, key=run.key,
                                   log_path=records.job_of(run.invocation).log_path, running=True)
     record = core.stored_run(named.key, named.run_id)
@@ -398,6 +399,9 @@ def handle_logs(ctx: Context, client: Client, req: protocol.LogsRequest) -> Repl
     if not record.log_path:
         return protocol.Error(message=f"the log of run {record.run_id} is no longer kept",
                               code=NOT_FOUND)
+    ended = core.find_run(record.run_id)
+    if ended is not None:
+        core.runs.log_of(ended.id)  # a run that ended in a burst may have left it unmade
     return protocol.LogsReply(run_id=record.run_id, key=record.key, log_path=record.log_path,
                               running=False)
 

@@ -22,7 +22,7 @@ from typing import Any, Protocol
 from debounce_cli import paths, states
 from debounce_cli.clock import Clock
 from debounce_cli.daemon.config import Config
-from debounce_cli.daemon.jobs import RunSpec
+from debounce_cli.daemon.jobs import Job, RunSpec
 from debounce_cli.journal import Journal, JournalError
 from debounce_cli.logfile import LogWriter, read_log
 from debounce_cli.runner import (
@@ -107,8 +107,12 @@ class Runs:
         self.procs: dict[int, RunProcess] = {}
         self.active: dict[int, Active] = {}  # the runs handed over whose end is not reported
         self.logs: dict[int, LogWriter] = {}
+        #: Logs not on disk yet (no output so far): made when the spawns of a burst are done,
+        #: or at once when a reader asks (:meth:`make_log`). See ``LogWriter(lazy=True)``.
+        self.unmade: dict[int, tuple[LogWriter, Job]] = {}
         self.buffers: dict[int, list[tuple[int, bytes]]] = {}  # output of runs without a log
         self.to_spawn: deque[tuple[Active, RunProcess]] = deque()
+        self.starting = 0  # runs taken from to_spawn whose process is not started yet
         self.draining = False  # shutting down: nothing more is spawned
         self.at_once = runs_at_once()  # runs executing at most; the next ones wait their turn
         self.executing = 0  # runs spawned whose end has not been reported yet
@@ -177,6 +181,8 @@ class Runs:
             nonlocal buffered
             end = None
             if log is not None:
+                if not log.made:
+                    self.make_log(spec.id)  # its first output: made here, or said why not
                 end = log.write(fd, data)
             elif buffered < REPLAY_BUFFER:  # without a log, late joiners get the first part
                 self.buffers[spec.id].append((fd, data))
@@ -272,9 +278,35 @@ class Runs:
             proc.signal(name)
 
     def log_of(self, run_id: int) -> str | None:
-        """The run's output log while it is being written whole (no write has failed)."""
+        """The run's output log while it is being written whole (no write has failed); made
+        now if it was left for later, as a reader is about to open it."""
+        self.make_log(run_id)
         log = self.logs.get(run_id)
         return log.path if log is not None and log.error is None else None
+
+    def make_log(self, run_id: int) -> None:
+        """The log of run ``run_id`` is on disk from now on, if it is to be (a reader is about
+        to open it: a waiter catching up, ``debounce logs``)."""
+        unmade = self.unmade.pop(run_id, None)
+        if unmade is None:
+            return
+        log, job = unmade
+        if not log.make():  # said once; the run has no log (``debounce logs`` says so)
+            print(f"debounce: run {run_id} keeps no log: {log.error}", file=sys.stderr)
+            job.log_path = None
+
+    def _make_logs(self) -> None:
+        """Make the logs that runs which ended during a burst of spawns left unmade, a few
+        per turn, once nothing waits to be spawned: a finished run's log exists for
+        ``debounce logs`` (also after a restart), even when the run wrote nothing. (A run
+        that still executes makes its log at its first output, its end, or a reader's ask.)"""
+        if self.to_spawn or self.starting:
+            return  # the spawns first; the last one calls this again
+        ended = [run_id for run_id, (log, _job) in self.unmade.items() if log.closed]
+        for run_id in ended[:SPAWNS_PER_TURN]:
+            self.make_log(run_id)
+        if len(ended) > SPAWNS_PER_TURN:
+            self.loop.call_soon(self._make_logs)
 
     def output_so_far(self, run_id: int, path: str | None) -> Iterable[tuple[int, bytes]]:
         """What a waiter joining the run late missed: from memory, else from its log
@@ -293,6 +325,8 @@ class Runs:
         while self.tasks:
             await asyncio.wait(list(self.tasks))
             await asyncio.sleep(0)  # let the last commit and answers go out
+        for run_id in list(self.unmade):  # every finished run's log exists for the next daemon
+            self.make_log(run_id)
         if self.retain_handle is not None:  # nothing runs: retain now, not after the close
             self._retain_now()
 
@@ -308,6 +342,7 @@ class Runs:
                 return  # (a run that ends calls this again)
             active, proc = self.to_spawn.popleft()
             self.executing += 1
+            self.starting += 1
             task = asyncio.ensure_future(self._execute(active, proc))
             self.tasks.add(task)
             task.add_done_callback(self._done_executing)
@@ -339,6 +374,8 @@ class Runs:
         log = self.logs.pop(run_id, None)
         if log is not None:
             log.close()
+            if not log.made and not (self.to_spawn or self.starting):
+                self.make_log(run_id)  # nothing waits to be spawned: now, not later
         self.events.run_exited(run_id, code)
 
     def _done_executing(self, task: asyncio.Task[None]) -> None:
@@ -352,9 +389,14 @@ class Runs:
         """Start the run's process, and the rest of a --collect batch one after another;
         return the first non-zero status among them."""
         spec = active.spec
-        if spec.may_start is not None and not spec.may_start():
-            return 126  # its fence failed at the spawn: it never starts (see fleet.execution)
-        await proc.start()
+        try:
+            if spec.may_start is not None and not spec.may_start():
+                return 126  # its fence failed at the spawn: it never starts (fleet.execution)
+            await proc.start()
+        finally:
+            self.starting -= 1
+            if self.unmade and not (self.to_spawn or self.starting):
+                self.loop.call_soon(self._make_logs)  # the burst is spawned
         if proc.pid is not None:
             spec.job.pid = proc.pid
             self.events.run_started(spec)
@@ -377,11 +419,8 @@ class Runs:
         if not self.log_dir:
             return None
         path = os.path.join(self.log_dir, f"{spec.id}.log")
-        try:
-            log = LogWriter(path)
-        except OSError as exc:
-            print(f"debounce: run {spec.id} keeps no log: {exc.strerror}", file=sys.stderr)
-            return None
+        log = LogWriter(path, lazy=True)  # made at its first output: not before the spawn
+        self.unmade[spec.id] = (log, spec.job)
         self.logs[spec.id] = log
         spec.job.log_path = path
         return log
@@ -426,6 +465,11 @@ class Runs:
                                    prune_envs=prune_envs)
         except JournalError:
             return  # retention must never take the daemon down; the next run tries again
+        if self.unmade:  # a log dropped before it was made is never made
+            dropped = set(files)
+            for run_id, (log, _job) in list(self.unmade.items()):
+                if log.path in dropped:
+                    del self.unmade[run_id]
         for path in files:
             try:
                 os.unlink(path)

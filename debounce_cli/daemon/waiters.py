@@ -59,6 +59,8 @@ class RunWaiters:
         self.run = run
 
     def started(self, log: str | None) -> None:
+        if not self.run.waiters:  # (--no-wait runs have nobody to tell: no message to build)
+            return
         line = protocol.encode(records.started_msg(self.run))
         for waiter in unique(self.run.waiters):
             waiter.start(self.run.id, line, log)
