@@ -263,14 +263,14 @@ def test_a_client_that_stops_reading_does_not_make_the_daemon_hoard_output(world
     with open(f"/proc/{daemon}/status") as f:
         rss_kib = next(int(line.split()[1]) for line in f if line.startswith("VmRSS"))
     assert rss_kib < 40_000 * 1.5, f"the daemon holds the output in memory ({rss_kib} KiB)"
-    data = b""
+    chunks = []
     while True:
         chunk = sock.recv(1 << 20)
         if not chunk:
             break
-        data += chunk
+        chunks.append(chunk)
     sock.close()
-    messages = [json.loads(line) for line in data.splitlines()]
+    messages = [json.loads(line) for line in b"".join(chunks).splitlines()]
     assert messages[-1]["type"] == "finished" and messages[-1]["exit_code"] == 0
     import base64
 
