@@ -120,14 +120,26 @@ class World:
             for stream in (proc.stdout, proc.stderr, proc.stdin):
                 if stream is not None:
                     stream.close()
-        if os.path.exists(self.socket):
-            self.run("stop", timeout=60)
+        # SIGTERM stops a daemon as `debounce stop` does, without a client's start-up; then
+        # wait for the process to be gone (not only its lock), or kill it.
         pid = self.daemon_pid()
         if pid:
             try:
-                os.kill(pid, signal.SIGKILL)
+                os.kill(pid, signal.SIGTERM)
+                wait_until(lambda: gone(pid), timeout=60, interval=0.005)
             except ProcessLookupError:
                 pass
+            except AssertionError:
+                os.kill(pid, signal.SIGKILL)
+
+
+def gone(pid: int) -> bool:
+    """Whether process ``pid`` has exited (a zombie nobody reaped yet counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] in (b"Z", b"X")
+    except OSError:
+        return True
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

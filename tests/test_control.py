@@ -22,14 +22,14 @@ def _status(world) -> dict:
 
 def test_status_lists_pending_and_running_keys(world):
     """status shows each key with its argv, due time, coalesced count and running run."""
-    world.run("run", "--no-wait", "--key", "busy", "--delay", "10ms", "--", "sleep", "5")
+    world.run("run", "--no-wait", "--key", "busy", "--delay", "10ms", "--", "sleep", "300")
     wait_until(lambda: any(k["running"] for k in _status(world)["keys"]))
     world.run("run", "--no-wait", "--key", "busy", "--delay", "20s", "--", "echo", "next")
     world.run("run", "--no-wait", "--key", "other", "--delay", "20s", "--", "echo", "a")
     world.run("run", "--no-wait", "--key", "other", "--delay", "20s", "--", "echo", "b")
     keys = {k["key"]: k for k in _status(world)["keys"]}
     assert set(keys) == {"busy", "other"}
-    assert keys["busy"]["running"]["argv"] == ["sleep", "5"]
+    assert keys["busy"]["running"]["argv"] == ["sleep", "300"]
     assert keys["busy"]["pending"]["argv"] == ["echo", "next"]
     assert keys["other"]["running"] is None
     assert keys["other"]["pending"]["argv"] == ["echo", "b"]
@@ -38,7 +38,7 @@ def test_status_lists_pending_and_running_keys(world):
     rows = [line.split("\t") for line in world.run("status").stdout.splitlines()]
     assert all(len(row) == 5 for row in rows), rows  # state, key, seconds, coalesced, command
     by_state = {(row[0], row[1]): row for row in rows}
-    assert by_state["running", "busy"][3:] == ["1", "sleep 5"]
+    assert by_state["running", "busy"][3:] == ["1", "sleep 300"]
     assert float(by_state["running", "busy"][2]) >= 0
     assert by_state["pending", "other"][3:] == ["2", "echo b"]
     assert 15 < float(by_state["pending", "other"][2]) <= 20
@@ -263,14 +263,14 @@ def test_a_client_that_stops_reading_does_not_make_the_daemon_hoard_output(world
     with open(f"/proc/{daemon}/status") as f:
         rss_kib = next(int(line.split()[1]) for line in f if line.startswith("VmRSS"))
     assert rss_kib < 40_000 * 1.5, f"the daemon holds the output in memory ({rss_kib} KiB)"
-    data = b""
+    chunks = []
     while True:
         chunk = sock.recv(1 << 20)
         if not chunk:
             break
-        data += chunk
+        chunks.append(chunk)
     sock.close()
-    messages = [json.loads(line) for line in data.splitlines()]
+    messages = [json.loads(line) for line in b"".join(chunks).splitlines()]
     assert messages[-1]["type"] == "finished" and messages[-1]["exit_code"] == 0
     import base64
 

@@ -29,9 +29,10 @@ def test_throttle_runs_the_first_call_at_once_and_the_last_of_the_burst_later(wo
 
 
 def test_on_busy_signal_sends_the_signal_and_joins_the_running_run(world):
-    log = world.work / "log"
+    log, done = world.work / "log", world.work / "done"
+    # A server that keeps running through its reloads until told it is done (or 30 s).
     server = (f'trap "echo reload >> {log}" HUP; echo start >> {log}; '
-              "i=0; while [ $i -lt 100 ]; do sleep 0.05; i=$((i+1)); done")
+              f"i=0; while [ ! -e {done} ] && [ $i -lt 600 ]; do sleep 0.05; i=$((i+1)); done")
     first = world.popen("run", "--delay", "0", "--key", "srv", "--on-busy", "signal",
                         "--", "sh", "-c", server)
     wait_until(lambda: lines(log) == ["start"], timeout=10)
@@ -39,6 +40,7 @@ def test_on_busy_signal_sends_the_signal_and_joins_the_running_run(world):
                        "--on-busy", "signal", "--", "sh", "-c", server)
     assert second.returncode == 0, second.stderr
     wait_until(lambda: lines(log) == ["start", "reload"], timeout=10)
+    done.touch()
     first.communicate(timeout=30)
     assert first.returncode == 0
     (run,) = history(world)

@@ -32,8 +32,14 @@ APPEND_KEY = 'echo "$DEBOUNCE_KEY" >> "$0"'
 def submit_raw(world, key: str, log: Path, delay: float, patience: float = 30) -> list[dict]:
     """One connection: hello, a --no-wait run of APPEND_KEY, end of our side, then read the
     answers until the daemon closes."""
+    return submit_argv(world, key, ["sh", "-c", APPEND_KEY, str(log)], delay, patience)
+
+
+def submit_argv(world, key: str, argv: list[str], delay: float,
+                patience: float = 30) -> list[dict]:
+    """:func:`submit_raw` of any command."""
     request = {
-        "type": "run", "argv": ["sh", "-c", APPEND_KEY, str(log)], "cwd": str(world.work),
+        "type": "run", "argv": argv, "cwd": str(world.work),
         "env": {"PATH": os.environ.get("PATH", "/usr/bin:/bin")}, "key": key,
         "options": {"delay": delay}, "wait": False,
     }

@@ -10,7 +10,9 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import socket
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -19,7 +21,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import status_pid
+from conftest import World, status_pid
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -160,9 +162,25 @@ def _case_names() -> list[str]:
 CASE_NAMES = _case_names()
 
 
+@pytest.fixture(scope="module")
+def one_world():
+    """One daemon for every malformed line: each case checks that the very daemon it started
+    with still serves (a crash shows in the case that caused it; the next case starts
+    afresh), and sparing a daemon's start-up and stop per case saves most of their time."""
+    root = Path(tempfile.mkdtemp(prefix="dbt-", dir="/tmp"))
+    w = World(root)
+    try:
+        yield w
+    finally:
+        w.cleanup()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.mark.slow  # (a real daemon, as the world fixture's tests are)
 @pytest.mark.parametrize("case", CASE_NAMES)
-def test_malformed_input_gets_an_error_or_a_close_and_the_daemon_keeps_serving(world, case):
-    marker = world.work / "must-not-exist"
+def test_malformed_input_gets_an_error_or_a_close_and_the_daemon_keeps_serving(one_world, case):
+    world = one_world
+    marker = world.work / f"must-not-exist-{CASE_NAMES.index(case)}"
     pid = status_pid(world)
     payload, after_hello = _cases(world, marker)[case]
     replies, _ = exchange(world.socket, payload)
