@@ -44,8 +44,8 @@ MUTANTS = [
      "        run.stop_reason = reason",
      "        run.stop_reason = reason"),
     ("kill --signal stops the run", "scheduler.py",
-     "        if signal is not None:\n            effects.append(SignalRun(run, signal))",
-     "        if False:\n            pass"),
+     "        if signal is not None:\n            if signal not in run.signalled:",
+     "        if False:\n            if signal not in run.signalled:"),
     ("restore forgets where max-wait counts from", "rules.py",
      "    k.max_from = first_at\n", "    pass\n"),
 ]
