@@ -208,6 +208,16 @@ def kill_daemon(world, rnd: Round, daemon: subprocess.Popen) -> None:
     os.kill(daemon.pid, signal.SIGKILL)
     daemon.wait(timeout=30)
     wait_until(lambda: lock_pid(world.socket) is None, timeout=10)
+    if rnd.mode == "freeze":
+        # Thawed, a frozen spawner finds its daemon gone and ends with its runs (before, the
+        # test left it stopped for good, a process in state T after the suite).
+        for pid in spawners:
+            try:
+                os.kill(pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+        for pid in spawners:
+            wait_until(lambda p=pid: (proc_stat(p) or ("Z",))[0] in ("Z", "X"), timeout=10)
 
 
 def burst(world, rnd: Round, rng: random.Random, outfile: Path, release: Path,
