@@ -607,6 +607,18 @@ class Scheduler:
                     return
 
     # ----------------------------------------------------------------- queries
+    def standing_for(self, inv_id: int) -> Invocation | Run | None:
+        """What stands for invocation ``inv_id`` now: the pending invocation it was coalesced
+        into, else the run executing for it (``None``: neither, it has ended or is unknown)."""
+        for ks in self.keys.values():
+            pending = ks.pending
+            if pending is not None and (pending.id == inv_id or inv_id in pending.covered):
+                return pending
+        for run in self.runs.values():
+            if run.invocation.id == inv_id or inv_id in run.covered:
+                return run
+        return None
+
     def next_deadline(self) -> float | None:
         """When :meth:`tick` must run next, or ``None`` when nothing is timed."""
         self._prune()

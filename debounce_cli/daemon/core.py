@@ -28,6 +28,7 @@ from debounce_cli.daemon import records
 from debounce_cli.daemon.config import Config
 from debounce_cli.daemon.jobs import Job, RunSpec, Shared
 from debounce_cli.daemon.metrics import Metrics
+from debounce_cli.daemon.recent import RecentRuns
 from debounce_cli.daemon.waiters import RunWaiters, Submitter, Waiter, unique
 from debounce_cli.journal import Journal, JournalError
 from debounce_cli.protocol import RunRecord
@@ -46,10 +47,6 @@ from debounce_cli.scheduler import (
 )
 from debounce_cli.states import REFUSED, RUNNING
 
-#: Finished runs kept in memory for `debounce wait` and `status` ("last result").
-RECENT_RUNS = 1000
-#: Cancelled invocations remembered in memory for `debounce wait --invocation`.
-RECENT_CANCELLED = 10_000
 #: Seconds between attempts to commit after a failed commit (a full disk).
 RETRY = 1.0
 
@@ -97,32 +94,6 @@ class Ack:
     invocation: Invocation
     submitter: Submitter | None
     waiter: Any  # taken off what the invocation joined if the commit fails
-
-
-class RecentRuns:
-    """Finished runs by id, oldest first, and the latest of each key, bounded."""
-
-    def __init__(self, limit: int = RECENT_RUNS) -> None:
-        self.limit = limit
-        self.by_id: dict[int, Run] = {}
-        self.last_by_key: dict[str, Run] = {}
-        self.cancelled: dict[int, str] = {}  # invocation id -> key, oldest first
-
-    def cancel(self, key: str, ids: list[int]) -> None:
-        for inv_id in ids:
-            self.cancelled[inv_id] = key
-        while len(self.cancelled) > RECENT_CANCELLED:
-            del self.cancelled[next(iter(self.cancelled))]
-
-    def remember(self, run: Run) -> None:
-        if run.id in self.by_id:
-            return
-        self.by_id[run.id] = run
-        self.last_by_key[run.key] = run
-        while len(self.by_id) > self.limit:
-            old = self.by_id.pop(next(iter(self.by_id)))
-            if self.last_by_key.get(old.key) is old:
-                del self.last_by_key[old.key]
 
 
 class Core:
@@ -252,19 +223,9 @@ class Core:
         """What stands for invocation ``inv_id``: the pending invocation it was coalesced
         into, else the run executing for it, else the latest finished run that covered it
         (in memory or in the journal), else the key it was cancelled from (a ``str``)."""
-        def stands_for(inv: Invocation, covered: Any) -> bool:
-            return inv.id == inv_id or inv_id in covered
-
-        for ks in self.scheduler.keys.values():
-            pending = ks.pending
-            if pending is not None and stands_for(pending, pending.covered):
-                return pending
-        for run in self.scheduler.runs.values():
-            if stands_for(run.invocation, run.covered):
-                return run
-        for run in reversed(self.recent.by_id.values()):
-            if stands_for(run.invocation, run.covered):
-                return run
+        found = self.scheduler.standing_for(inv_id) or self.recent.covering(inv_id)
+        if found is not None:
+            return found
         if self.journal is not None:
             record = self.journal.covering(inv_id)
             if record is not None:
