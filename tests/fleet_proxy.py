@@ -1,11 +1,16 @@
 """A TCP proxy on loopback between a host's daemon and Redis, for the fleet's fault tests:
-``pass`` forwards both ways, ``drop_replies`` forwards requests but swallows the answers (a
-reply lost after the store applied the request), ``dark`` forwards nothing (a partition)."""
+``pass`` forwards both ways; ``dark`` holds everything (a partition: what was sent waits in
+the buffers and arrives, in order, once it heals, as TCP's retransmissions make it);
+``drop_replies`` forwards requests, and a connection whose answer comes back is cut instead
+(a reply lost after the store applied the request). Bytes are never dropped from the middle
+of a connection that goes on: no real network does that to TCP."""
 
 from __future__ import annotations
 
+import select
 import socket
 import threading
+import time
 
 
 class Proxy:
@@ -39,14 +44,20 @@ class Proxy:
 
     def _pump(self, source: socket.socket, sink: socket.socket, replies: bool) -> None:
         while True:
+            if self.mode == "dark":
+                time.sleep(0.01)  # held: not read, so the sender's data waits for the heal
+                continue
             try:
+                readable, _, _ = select.select([source], [], [], 0.05)
+                if not readable or self.mode == "dark":
+                    continue
                 data = source.recv(65536)
-            except OSError:
+            except (OSError, ValueError):
                 break
             if not data:
                 break
-            if self.mode == "dark" or (replies and self.mode == "drop_replies"):
-                continue  # swallowed
+            if replies and self.mode == "drop_replies":
+                break  # the answer is lost with its connection
             try:
                 sink.sendall(data)
             except OSError:
