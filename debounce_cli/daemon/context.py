@@ -71,6 +71,32 @@ def later(ctx: Context, client: Client, answer: Callable[[], Awaitable[protocol.
     return None
 
 
+def follow_in_fleet(ctx: Context, client: Client,
+                    ask: Callable[[Fleet], Awaitable[protocol.Message | None]]) -> Reply:
+    """A wait on something only the fleet knows: ``ask`` files the client as a waiter there
+    (``None``) or answers (a run's result, or an Error that ends the connection); the store
+    being down is a refusal (116)."""
+    from debounce_cli.daemon.fleet.layout import StoreDown
+
+    fleet = ctx.fleet
+    assert fleet is not None
+    client.wait_for_runs(acked=True)
+
+    async def follow() -> None:
+        try:
+            reply = await ask(fleet)
+        except StoreDown as exc:
+            reply = protocol.Error(message=str(exc), code=REFUSED)
+        if isinstance(reply, protocol.Error):
+            client.send(reply)
+            client.close()
+        elif reply is not None:
+            client.finish(reply)
+
+    fleet.spawn(follow())
+    return None
+
+
 def in_fleet(ctx: Context, client: Client, command: str,
              answer: Callable[[Fleet], Awaitable[protocol.Message]]) -> Reply:
     """``status --fleet`` and ``history --fleet``: answered from the store, or refused when

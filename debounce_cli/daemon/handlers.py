@@ -25,7 +25,13 @@ from debounce_cli.daemon.context import (
 )
 from debounce_cli.daemon.core import Core
 from debounce_cli.daemon.jobs import check_job
-from debounce_cli.daemon.lookup import handle_logs, handle_wait, history_of_invocation, resolve
+from debounce_cli.daemon.lookup import (
+    executing,
+    handle_logs,
+    handle_wait,
+    history_of_invocation,
+    resolve,
+)
 from debounce_cli.options import KILL_SIGNALS
 from debounce_cli.protocol import ProtocolError
 from debounce_cli.scheduler import Options
@@ -189,12 +195,7 @@ def handle_kill(ctx: Context, client: Client, req: protocol.KillRequest) -> Repl
     named = resolve(core, req.target, req.by)
     if isinstance(named, protocol.Error):
         return named
-    if named.key is not None:
-        ks = core.scheduler.keys.get(named.key)
-        run = ks.running if ks is not None else None
-    else:
-        assert named.run_id is not None
-        run = core.scheduler.runs.get(named.run_id)
+    run = executing(core, named)
     what = named.missing()
     if run is None and ctx.fleet is not None:
         fleet, key, run_id, bare = ctx.fleet, named.key, named.run_id, named.bare

@@ -9,10 +9,22 @@ from dataclasses import dataclass
 
 from debounce_cli import protocol
 from debounce_cli.daemon import records
-from debounce_cli.daemon.context import Client, Context, Reply, in_fleet, later, not_found
+from debounce_cli.daemon.context import (
+    Client,
+    Context,
+    Reply,
+    follow_in_fleet,
+    in_fleet,
+    later,
+    not_found,
+)
 from debounce_cli.daemon.core import Core, run_id_of
 from debounce_cli.scheduler import Invocation, Run
-from debounce_cli.states import FINISHED, NOT_FOUND, REFUSED
+from debounce_cli.states import FINISHED, NOT_FOUND
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from debounce_cli.daemon.fleet.coordinator import Fleet
 
 
 @dataclass(frozen=True)
@@ -57,6 +69,15 @@ def resolve(core: Core, target: str, by: str | None) -> Named | protocol.Error:
             f"or "
             f"--run {quoted}")
     return Named(key=target)
+
+
+def executing(core: Core, named: Named) -> Run | None:
+    """The run executing here for what ``named`` names (a key's, or run N)."""
+    if named.key is not None:
+        ks = core.scheduler.keys.get(named.key)
+        return ks.running if ks is not None else None
+    assert named.run_id is not None
+    return core.scheduler.runs.get(named.run_id)
 
 
 def handle_wait(ctx: Context, client: Client, req: protocol.WaitRequest) -> Reply:
@@ -110,27 +131,10 @@ def _wait_invocation(ctx: Context, client: Client, target: str) -> Reply:
     """``wait --invocation N``: follow the run that stands for invocation N (a fleet
     invocation this daemon accepted: through the store)."""
     found = covering(ctx, target)
-    fleet = ctx.fleet
-    if not_found(found) and fleet is not None:
+    if not_found(found) and ctx.fleet is not None:
         inv_id = run_id_of(target)
         assert inv_id is not None
-        client.wait_for_runs(acked=True)
-
-        async def follow() -> None:
-            from debounce_cli.daemon.fleet.layout import StoreDown
-
-            try:
-                reply = await fleet.wait_invocation(inv_id, client)
-            except StoreDown as exc:
-                reply = protocol.Error(message=str(exc), code=REFUSED)
-            if isinstance(reply, protocol.Error):
-                client.send(reply)
-                client.close()
-            elif reply is not None:
-                client.finish(reply)
-
-        fleet.spawn(follow())
-        return None
+        return follow_in_fleet(ctx, client, lambda fleet: fleet.wait_invocation(inv_id, client))
     if isinstance(found, protocol.RunRecord):
         return found.finished()
     if isinstance(found, protocol.Message):
@@ -167,29 +171,16 @@ def history_of_invocation(ctx: Context, client: Client, inv_id: int) -> Reply:
 def _fleet_wait(ctx: Context, client: Client, named: Named) -> Reply:
     """``wait`` on a key or run this daemon does not know: the fleet's, if it is one (a bare
     number: the fleet's key of that name, else its run of that id)."""
-    from debounce_cli.daemon.fleet.layout import StoreDown
-
-    fleet = ctx.fleet
-    assert fleet is not None
-    client.wait_for_runs(acked=True)
     key = named.key if named.bare is None else named.bare
     run_id = named.run_id
 
-    async def follow() -> None:
-        try:
-            reply = await fleet.wait(key, client) if key is not None else None
-            if run_id is not None and (key is None or not_found(reply)):
-                reply = await fleet.wait_run(run_id, client)
-        except StoreDown as exc:
-            reply = protocol.Error(message=str(exc), code=REFUSED)
-        if isinstance(reply, protocol.Error):
-            client.send(reply)
-            client.close()
-        elif reply is not None:
-            client.finish(reply)
+    async def ask(fleet: Fleet) -> protocol.Message | None:
+        reply = await fleet.wait(key, client) if key is not None else None
+        if run_id is not None and (key is None or not_found(reply)):
+            reply = await fleet.wait_run(run_id, client)
+        return reply
 
-    fleet.spawn(follow())
-    return None
+    return follow_in_fleet(ctx, client, ask)
 
 
 def handle_logs(ctx: Context, client: Client, req: protocol.LogsRequest) -> Reply:
@@ -198,12 +189,7 @@ def handle_logs(ctx: Context, client: Client, req: protocol.LogsRequest) -> Repl
     named = resolve(core, req.target, req.by)
     if isinstance(named, protocol.Error):
         return named
-    if named.key is not None:
-        ks = core.scheduler.keys.get(named.key)
-        run = ks.running if ks is not None else None
-    else:
-        assert named.run_id is not None
-        run = core.scheduler.runs.get(named.run_id)
+    run = executing(core, named)
     if run is not None:
         core.runs.log_of(run.id)  # its log is on disk once the client reads it (made lazily)
         return protocol.LogsReply(run_id=run.id, key=run.key,
