@@ -1,7 +1,7 @@
 """Every per-key decision, once: pure functions over a key's record.
 
 A local key (``scheduler.KeyState``, whose pending invocation and run are objects with
-waiters) and a fleet key (``daemon.fleet.state.KeyState``, kept as JSON in the store) both
+waiters) and a fleet key (``daemon.fleet.record.KeyState``, kept as JSON in the store) both
 inherit :class:`KeyRecord` and call these functions for every decision; neither keeps a rule of
 its own. What stays with them is bookkeeping of their own kind: the local scheduler's heaps,
 waiters and job-slot queue; the fleet's slots, fencing tokens, hosts and events.

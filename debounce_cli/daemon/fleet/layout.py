@@ -6,7 +6,7 @@ with ``X`` the first hex digit of ``T``, a digest of the key (16 shards), beside
 index of pending keys, so that a step on a key and the index stay in one slot of a Redis
 Cluster; the fleet's own keys sit under ``{fleet}``::
 
-    debounce:{sX}:T:state      the key's state (JSON, see ``state.KeyState``)
+    debounce:{sX}:T:state      the key's state (JSON, see ``record.KeyState``)
     debounce:{sX}:T:events     its stream of events (pending, started, output, finished...),
                                capped at EVENTS_MAXLEN entries; both expire a week after
                                the key fell idle
@@ -27,7 +27,7 @@ from collections.abc import Callable, Mapping
 from types import MappingProxyType
 from typing import NamedTuple, TypeVar
 
-from debounce_cli.daemon.fleet.state import Event, KeyState
+from debounce_cli.daemon.fleet.record import Event, KeyState
 
 T = TypeVar("T")
 

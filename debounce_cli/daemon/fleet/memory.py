@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from debounce_cli.daemon.fleet.layout import EVENTS_MAXLEN, Beat, Step, StoreDown
-from debounce_cli.daemon.fleet.state import Event, KeyState
+from debounce_cli.daemon.fleet.record import Event, KeyState
 
 T = TypeVar("T")
 

@@ -27,7 +27,7 @@ from debounce_cli.daemon.fleet.layout import (
     events_key,
     tag_of,
 )
-from debounce_cli.daemon.fleet.state import Event
+from debounce_cli.daemon.fleet.record import Event
 
 if TYPE_CHECKING:
     from debounce_cli.daemon.fleet.store import Store

@@ -1,4 +1,4 @@
-"""A fleet key's state as the store keeps it, and every step taken on it.
+"""Every step taken on a fleet key's state (its record, :mod:`.record`, as the store keeps it).
 
 Each step is a pure function of the state, the invocation or run it is about, and the store's
 time (``now``, Redis's ``TIME`` as the host reckons it): the store applies it at once (one
@@ -20,189 +20,17 @@ pending invocation or a run of the key reads them.
 
 from __future__ import annotations
 
-import json
-import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass
 from typing import Any
 
 from debounce_cli import rules, states
 from debounce_cli.daemon.fleet.covering import cover, covered_ids, covers, mark
+from debounce_cli.daemon.fleet.record import Event as Event
+from debounce_cli.daemon.fleet.record import KeyState as KeyState
+from debounce_cli.daemon.fleet.record import Last as Last
+from debounce_cli.daemon.fleet.record import Pending as Pending
+from debounce_cli.daemon.fleet.record import Running as Running
 from debounce_cli.rules import Options
-
-Event = dict[str, Any]
-
-_INF = math.inf
-
-
-@dataclass(slots=True)
-class Pending:
-    """The latest invocation of a key, waiting in ``slot``."""
-
-    slot: int
-    inv: int  # the id its own daemon gave it (Accepted.id there)
-    host: str
-    job: dict[str, Any]  # argv, cwd, env
-    options: Options
-    due: float
-    coalesced: int
-    lead: bool = False  # due at once: a leading edge (or a max-wait run) not started yet
-    received: float = 0.0
-    #: Unique to this submission (its daemon's instance and invocation id): a transaction
-    #: retried after its EXEC's answer was lost recognises its own work.
-    token: str = ""
-    #: Due, but its host's job slots are all taken (daemon --jobs): it keeps its place, and a
-    #: later invocation that replaces it does not wait through a delay again (rule 4).
-    queued: bool = False
-    #: --collect: the argv of every invocation it stands for, oldest first.
-    batch: list[list[str]] | None = None
-    #: The invocations it stands for, oldest first, as "HOST:ID" (None: only itself), and
-    #: how many older ones were let go past COVERED_MAX.
-    covered: list[str] | None = None
-    covered_more: int = 0
-
-
-@dataclass(slots=True)
-class Running:
-    """The run executing for a key, on ``host``, under fencing token ``fence``."""
-
-    run: int
-    slot: int
-    inv: int
-    host: str
-    fence: int
-    job: dict[str, Any]
-    options: Options
-    coalesced: int
-    due: float
-    started_at: float
-    stopping: str | None = None  # states.STOP_*: asked to stop from some host
-    batch: list[list[str]] | None = None  # --collect: every coalesced invocation's argv
-    covered: list[str] | None = None  # as Pending's
-    covered_more: int = 0
-    signalled: list[str] = field(default_factory=list)  # what `kill --signal` sent it
-
-
-@dataclass(slots=True)
-class Last:
-    """A key's latest finished run."""
-
-    run: int
-    host: str
-    argv: list[str]
-    cwd: str
-    exit_code: int | None
-    outcome: str
-    coalesced: int
-    started_at: float
-    finished_at: float
-    due: float
-    inv: int
-    slot: int = 0  # the slot its invocation waited in (a reader that missed events resyncs)
-    covered: list[str] | None = None  # as Pending's
-    covered_more: int = 0
-
-    def record(self, key: str) -> dict[str, Any]:
-        """As ``protocol.RunRecord`` fields (history and ``wait`` show it)."""
-        covered = covered_ids(self)
-        return {"run_id": self.run, "key": key, "argv": self.argv, "cwd": self.cwd,
-                "exit_code": self.exit_code, "coalesced": self.coalesced,
-                "started_at": self.started_at, "finished_at": self.finished_at,
-                "outcome": self.outcome, "due_at": self.due, "invocation": self.inv,
-                "host": self.host,
-                "covered": covered if not self.covered_more else
-                len(covered) + self.covered_more}
-
-
-@dataclass(eq=False, slots=True)
-class KeyState(rules.KeyRecord):
-    """All the store knows of one fleet key: the rules' record (``burst_run`` is a run id
-    here), and its slots, runs and hosts."""
-
-    seq: int = 0
-    pending: Pending | None = None
-    running: Running | None = None
-    last: Last | None = None
-    #: The invocations the latest ``debounce cancel`` dropped ("HOST:ID"), for ``wait
-    #: --invocation``.
-    cancelled: list[str] = field(default_factory=list)
-    #: The tokens of the latest submissions (TOKENS_KEPT), so that one retried after its
-    #: answer was lost is recognised however far its key has moved on since.
-    tokens: list[str] = field(default_factory=list)
-    extra: dict[str, Any] = field(default_factory=dict)  # fields of a newer version, kept
-
-    # ------------------------------------------------------------------ storage
-    def dumps(self) -> str:
-        obj = _plain(self)
-        extra = obj.pop("extra")
-        for name in _TIMES:
-            if math.isinf(obj[name]):
-                obj[name] = None
-        return json.dumps({**extra, **obj}, separators=(",", ":"))
-
-    @classmethod
-    def loads(cls, key: str, raw: bytes | str | None) -> KeyState:
-        if raw is None:
-            return cls(key)
-        obj = json.loads(raw)
-        pending = obj.pop("pending", None)
-        running = obj.pop("running", None)
-        last = obj.pop("last", None)
-        cancelled = obj.pop("cancelled", None) or []
-        tokens = obj.pop("tokens", None) or []
-        known = {name: obj.pop(name) for name in list(obj) if name in _SCALARS}
-        for name in _TIMES:
-            if known.get(name) is None:
-                known.pop(name, None)
-        known["key"] = key
-        st = cls(**known,
-                 pending=_known(Pending, pending), running=_known(Running, running),
-                 last=_known(Last, last), cancelled=cancelled, tokens=tokens, extra=obj)
-        old_leader = obj.pop("burst_leader", None)  # written by an earlier version: a slot
-        if old_leader is not None and st.pending is not None:
-            st.leader = st.pending.slot == old_leader
-        return st
-
-    def idle(self) -> bool:
-        return self.pending is None and self.running is None
-
-    def index_score(self) -> float | None:
-        """Where the key sits in the fleet's index: when something of it next needs doing
-        (``None``: nothing pending or running, it leaves the index)."""
-        if self.running is not None:
-            return self.running.started_at
-        if self.pending is not None:
-            return self.pending.due
-        return None
-
-
-def _plain(obj: Any) -> Any:
-    """``dataclasses.asdict`` without its deep copies (a job's environment is large, and
-    ``dumps`` runs at every step): the dataclasses become dicts, their values are shared."""
-    names = _FIELDS.get(type(obj))
-    if names is None:
-        if not hasattr(obj, "__dataclass_fields__"):
-            return obj
-        names = _FIELDS[type(obj)] = tuple(f.name for f in fields(obj))
-    return {name: _plain(getattr(obj, name)) for name in names}
-
-
-_FIELDS: dict[type, tuple[str, ...]] = {}
-
-
-def _known(cls: Any, fields: dict[str, Any] | None) -> Any:
-    """``cls`` from the stored fields it knows (a newer version's extra fields are left)."""
-    if not fields:
-        return None
-    names = cls.__dataclass_fields__
-    known = {name: value for name, value in fields.items() if name in names}
-    if "options" in known:
-        known["options"] = Options.from_stored(known["options"])
-    return cls(**known)
-
-
-_TIMES = ("quiet_at", "timer_first", "edge_at", "lead_after")  # -inf is stored as null
-_SCALARS = ("key", "quiet_at", "max_from", "timer_first", "edge_at", "lead_after", "leader",
-            "seq", "burst_run")
 
 
 # ---------------------------------------------------------------------- landing places

@@ -60,7 +60,7 @@ from debounce_cli.daemon.fleet.layout import (
 )
 from debounce_cli.daemon.fleet.notices import FAILED as _FAILED
 from debounce_cli.daemon.fleet.notices import Notices
-from debounce_cli.daemon.fleet.state import Event, KeyState
+from debounce_cli.daemon.fleet.record import Event, KeyState
 from debounce_cli.daemon.fleet.url import display
 
 #: Connections for calls to the store, at most (the reader of events has its own two).
