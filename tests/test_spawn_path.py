@@ -134,11 +134,14 @@ def history(world: World, env: dict[str, str]) -> list[dict]:
 @pytest.mark.timeout(300)
 def test_no_run_outlives_a_daemon_killed_while_its_runs_start(world):
     """Issue 23, item 11: 1,000 keys fall due at once and the daemon is killed with SIGKILL
-    while their processes start. Each run notes its key, sleeps 3 s and notes its key again:
-    a second note can only come from a run that went on without its daemon (every run
-    started before the kill is well short of 3 s then). Several rounds, a fresh daemon and
-    state each, since the race is a matter of a fraction of a millisecond."""
+    while their processes start. Each run notes its key, sleeps 20 s and notes its key
+    again: a second note can only come from a run that went on without its daemon (a run
+    that began before the kill had far less than 20 s of it, even on a machine so busy that
+    the kill comes seconds after the first runs began; 3 s was not enough there). Several
+    rounds, a fresh daemon and state each, since the race is a matter of a fraction of a
+    millisecond."""
     keys, rounds = 1000, 6
+    mid_start = 0
     for number in range(rounds):
         base = world.root / f"r{number}"
         (base / "s").mkdir(parents=True, mode=0o700)
@@ -149,7 +152,7 @@ def test_no_run_outlives_a_daemon_killed_while_its_runs_start(world):
         daemon = start_daemon(world, env, base / "daemon.out")
         try:
             requests = [protocol.RunRequest(
-                argv=["sh", "-c", SCRIPT, "sh", f"k{i}", str(began), "3", str(done)],
+                argv=["sh", "-c", SCRIPT, "sh", f"k{i}", str(began), "20", str(done)],
                 cwd=str(world.work), env=env, key=f"k{i}", options={"delay": 0.3},
                 wait=False) for i in range(keys)]
             assert len(submit_all(env["DEBOUNCE_SOCKET"], requests)) == keys
@@ -160,11 +163,13 @@ def test_no_run_outlives_a_daemon_killed_while_its_runs_start(world):
             os.kill(daemon.pid, signal.SIGKILL)
             daemon.wait(timeout=30)
             killed_at = time.monotonic()
-            assert len(lines(began)) < keys, "every run had begun before the kill"
+            # A round where every run had begun before the kill still checks that they all
+            # die with their daemon; at least one round must kill mid-start (below).
+            mid_start += len(lines(began)) < keys
             # Processes a dead daemon left: a run's `sleep`, orphaned when the kernel killed
-            # its `sh`, may stay its 3 s; a run that outlived its daemon ends its script.
+            # its `sh`, may stay its 20 s; a run that outlived its daemon ends its script.
             sock = env["DEBOUNCE_SOCKET"]
-            wait_until(lambda s=sock: not marked(s), timeout=30)
+            wait_until(lambda s=sock: not marked(s), timeout=45)
             survivors = lines(done)
             assert time.monotonic() - killed_at < 60
             assert survivors == [], (
@@ -175,6 +180,9 @@ def test_no_run_outlives_a_daemon_killed_while_its_runs_start(world):
                 daemon.kill()
                 daemon.wait()
             kill_marked(env["DEBOUNCE_SOCKET"])
+    if not mid_start:
+        pytest.skip(f"in none of {rounds} rounds did the kill come while runs were still "
+                    "starting (a machine this busy starts all 1,000 before the test acts)")
 
 
 # ----------------------------------------------------------------------------- item 3
