@@ -11,7 +11,8 @@ Invariants (issue 18):
 1. never two runs of one key at once, fleet-wide (a run whose host was killed counts as
    running until that moment: the process dies with its daemon);
 2. nothing runs twice: no invocation is the winner of two runs;
-3. a client told "refused" (116) never has its invocation run;
+3. a client told "refused" (116) or that no daemon answered (112) never has its
+   invocation run;
 4. a client that exits with a run's status was told the status of a run of its key that
    really ended so, and saw that run's output.
 
@@ -245,11 +246,12 @@ def _check(verdict: Verdict, log: list[str], calls: list[Call],
                 verdict.problems.append(
                     f"runs {r1} ({h1}) and {r2} ({h2}) of {key} overlapped "
                     f"({'until the end' if e1 == float('inf') else f'{e1 - b2:.3f}s'})")
-    # 3. refused means never run; 4. a run's status is that run's
+    # 3. refused or unanswered means never run; 4. a run's status is that run's
     for call in calls:
         ran = winners.get(call.tag)
-        if call.code == 116 and ran is not None:
-            verdict.problems.append(f"{call.tag} on {call.host} was refused (116) but ran as "
+        if call.code in (112, 116) and ran is not None:
+            told = "refused (116)" if call.code == 116 else "that no daemon answered (112)"
+            verdict.problems.append(f"{call.tag} on {call.host} was told {told} but ran as "
                                     f"run {ran[1]} of {ran[0]}")
         if call.code in (0,) and "ran t" not in call.out:
             verdict.problems.append(f"{call.tag} on {call.host} exited 0 without a run's "

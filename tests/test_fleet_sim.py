@@ -4,6 +4,7 @@ covering the Redis store itself."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 
 import pytest
@@ -410,3 +411,26 @@ def test_a_fleet_run_that_dies_of_kill_signal_is_killed_one_that_survives_it_exi
     assert sim.do(b.fleet.kill("s", "TERM")) is not None
     sim.run_until(lambda: survivor.result is not None)
     assert survivor.outcome == ("finished", 0, "exited")
+
+
+def test_a_waiter_filed_after_its_run_was_claimed_here_still_gets_the_run(
+        sim: Sim, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found by ``fleet_chaos.py`` (7 rounds of 400 under faults): the host claimed the key
+    and began following its events from the claim on, a moment before the submission that
+    the waiter came with was filed there with an older position. The events in between
+    (the run's start) were never read here, so the waiter stayed in the slot and was never
+    told anything. Here the submission's continuation comes 10 ms late, as it did then."""
+    from debounce_cli.daemon.fleet.following import Following
+
+    attach = Following.attach
+
+    async def late_attach(self: Following, *args: object, **kw: object) -> None:
+        await asyncio.sleep(0.01)
+        await attach(self, *args, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Following, "attach", late_attach)
+    a = sim.host("a")
+    caller = a.submit("k", 0.3, delay=0.0)
+    sim.run_until(lambda: caller.result is not None, limit=30.0)
+    assert caller.outcome == ("finished", 0, "exited")
+    assert len(caller.started) == 1

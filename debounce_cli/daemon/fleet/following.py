@@ -106,7 +106,7 @@ class Following:
             follower.recent.clear()
             follower.recent_bytes = 0
             if emptied:
-                follower.last = b"0-0"  # a new stream: read it from its start
+                follower.last = follower.start = b"0-0"  # a new stream: read it all
                 self._from(follower.key, follower.last)
 
     async def attach(self, key: str, waiter: Waiter, landed: fs.InSlot | fs.InRun | fs.Done,
@@ -118,6 +118,7 @@ class Following:
         live events give it, in order."""
         mark = event_id(since)
         if isinstance(landed, fs.InSlot):
+            gap = await self._gap(key, mark)
             kw = self.waiting.setdefault(key, KeyWaiters())
             kw.since[(waiter, "slot", landed.slot)] = mark
             kw.slots.setdefault(landed.slot, []).append(waiter)
@@ -136,17 +137,42 @@ class Following:
             if isinstance(landed, fs.Done):
                 waiter.finish(messages.finished(key, landed.last.record(key)))
                 return
-            # Taken again after the wait: the reader may have dropped the key's table.
+            gap = await self._gap(key, mark)
+            # Taken again after the waits: the reader may have dropped the key's table.
             kw = self.waiting.setdefault(key, KeyWaiters())
             kw.since[(waiter, "run", landed.run)] = mark
             kw.runs.setdefault(landed.run, []).append(waiter)
+        # No wait from here on: filed, the waiter gets, in order, what came after ``since``
+        # before the reader hands it anything newer.
+        for eid, event in gap:
+            self.dispatch(key, event, eid, only=waiter)
         follower = self.followers.get(key)
         if follower is not None:
             # Events the follower handed out before this waiter was filed: its share now.
-            after = event_id(since)
             for eid, event in list(follower.recent):
-                if eid > after:
+                if eid > mark:
                     self.dispatch(key, event, eid, only=waiter)
+
+    async def _gap(self, key: str, mark: tuple[int, int]
+                   ) -> list[tuple[tuple[int, int], dict[str, Any]]]:
+        """The events after ``mark`` that this host's follower of ``key`` started after, so
+        never read: a run claimed here may start following the key a moment before the
+        submission that its waiter came with is filed (with an older ``since``). Read from
+        the store (retried while it does not answer), oldest first."""
+        while not self.link.closing:
+            follower = self.followers.get(key)
+            if follower is None or event_id(follower.start) <= mark:
+                return []
+            try:
+                events = await self.link.store.events(key, follower.start)
+            except StoreDown as exc:
+                self.link.say_down(exc)
+                await asyncio.sleep(RETRY)
+                continue
+            if self.followers.get(key) is follower:
+                return [(event_id(eid), event) for eid, event in events
+                        if event_id(eid) > mark]
+        return []
 
     async def _output(self, key: str, run: int, upto: bytes | None
                       ) -> list[tuple[int, bytes]]:
@@ -324,7 +350,7 @@ class Following:
         """Read ``key``'s events from after ``since`` on (the one reader reads them all)."""
         if key in self.followers:
             return
-        self.followers[key] = Follower(key, since)
+        self.followers[key] = Follower(key, since, since)
         self._from(key, since)
 
     def _from(self, key: str, since: bytes) -> None:
@@ -420,7 +446,7 @@ class Following:
             print(f"debounce: fleet key {key!r}: this host missed events (its stream was "
                   "trimmed); its waiters take the key's state as it is now", file=sys.stderr,
                   flush=True)
-            follower.last = latest
+            follower.last = follower.start = latest
             self._from(key, latest)
             follower.recent.clear()
             follower.recent_bytes = 0

@@ -57,8 +57,13 @@ class KeyWaiters:
 
 @dataclass(eq=False)
 class Follower:
+    """This host reads ``key``'s events: it read them up to ``last``, starting after
+    ``start``, and remembers the ``recent`` ones it handed out (a waiter filed late gets
+    them)."""
+
     key: str
     last: bytes
+    start: bytes = b"0-0"
     recent: deque[tuple[tuple[int, int], dict[str, Any]]] = field(default_factory=deque)
     recent_bytes: int = 0
 
