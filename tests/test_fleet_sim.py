@@ -434,3 +434,61 @@ def test_a_waiter_filed_after_its_run_was_claimed_here_still_gets_the_run(
     sim.run_until(lambda: caller.result is not None, limit=30.0)
     assert caller.outcome == ("finished", 0, "exited")
     assert len(caller.started) == 1
+
+
+def test_a_host_that_thaws_with_an_old_view_does_not_take_a_newer_run_for_lost() -> None:
+    """Found by ``fleet_chaos.py``: host b saw host x silent for over a lease, then froze
+    (SIGSTOP) in the middle of its scan; x came back and started a run; b thawed and judged
+    that run with its view from before the freeze, recorded it lost, and another host ran
+    the key while x's run went on. Here b's scan is handed such a view: the run is not
+    lost, neither when b's last heartbeat is old (b judges no one) nor when it is fresh (the
+    view is older than the run)."""
+    from debounce_cli.daemon.fleet.layout import Beat
+
+    sim = Sim(lease=2.0)
+    try:
+        sim.host("a")
+        b, x = sim.host("b"), sim.host("x")
+        sim.run_for(3.0)  # everyone judges
+        caller = x.submit("k", 8.0, delay=0.0)
+        sim.run_until(lambda: sim.starts("k"), limit=30)
+        sim.run_for(3.0)  # the run is over a lease old by the store's clock
+        fresh = b.fleet.liveness.beats
+        assert fresh is not None
+        started = sim.memory.now() - 3.0
+        old = Beat(started - 0.5, {**fresh.hosts, "x": started - 3.0}, fresh.epoch, fresh.runs,
+                   fresh.leases)
+        liveness = b.fleet.liveness
+        for beat_at in (liveness.beat_at - 5.0, liveness.beat_at):
+            liveness.beat_at = beat_at
+            sim.do(liveness._scan_once(old))
+        sim.run_until(lambda: caller.result is not None, limit=60)
+        assert caller.outcome == ("finished", 0, "exited")
+        assert [host for _, host in sim.starts("k")] == ["x"]
+        assert [row["outcome"] for row in sim.memory.history if row["key"] == "k"] == ["exited"]
+    finally:
+        sim.close()
+
+
+def test_a_run_stopped_for_its_lease_that_had_succeeded_keeps_its_outcome() -> None:
+    """Found by ``fleet_chaos.py``: the lease guard's TERM went out as the command exited 0
+    by itself, and the run was recorded lost though it had done its work. Here the command
+    ignores TERM and exits 0 before the guard's KILL; one that dies of the TERM is lost."""
+    sim = Sim(lease=2.0)
+    try:
+        a, b = sim.host("a"), sim.host("b")
+        sim.run_for(3.0)
+        sim.run_until(lambda: sim.loop.now - a.fleet.link.renewed < 0.01)  # a heartbeat now
+        done = a.submit("k", 1.2, delay=0.0, trap=True)
+        cut = a.submit("j", 30.0, delay=0.0)
+        sim.run_until(lambda: len(sim.starts("k")) == len(sim.starts("j")) == 1)
+        for host in (a, b):  # the store pauses: TERM at half a lease, KILL at 3/4
+            host.store.pause()
+        sim.run_for(2.0)
+        for host in (a, b):
+            host.store.resume()
+        sim.run_until(lambda: done.result is not None and cut.result is not None, limit=60)
+        assert done.outcome == ("finished", 0, "exited")
+        assert cut.outcome == ("finished", 143, "lost")
+    finally:
+        sim.close()

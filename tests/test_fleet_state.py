@@ -293,6 +293,22 @@ def test_events_reach_each_waiter_once_from_its_slot_to_its_run() -> None:
     assert kw.empty() and not kw.since
 
 
+def test_a_view_of_the_heartbeats_older_than_the_run_never_records_it_lost() -> None:
+    """Found by fleet_chaos.py: a host that saw c silent, then froze, thawed and judged c's
+    newer run with that view. The silence must cover a lease after the run's start in the
+    view used (``seen``, the store's time of that heartbeat), not only by the store's time
+    of the step."""
+    st = fs.KeyState("k")
+    submit(st, 100.0, host="c", delay=0.0)
+    result, _ = fs.claim(st, host="c", now=100.0, run_id=1, may_take_over=False)
+    assert isinstance(result, fs.Start)
+    # Seen at 99 (before the run), judged at 115: the run is not lost.
+    assert fs.lose(st, run=result.running, now=115.0, silent=10.0, seen=99.0) == (None, [])
+    assert fs.lose(st, run=result.running, now=115.0, silent=10.0, seen=109.9) == (None, [])
+    lost, _ = fs.lose(st, run=result.running, now=115.0, silent=10.0, seen=110.0)
+    assert lost is not None and lost.outcome == states.LOST
+
+
 def test_a_run_younger_than_a_lease_is_never_recorded_lost() -> None:
     """Issue 18, item 1: a peer whose view of the heartbeats predates a joining host takes
     it for silent; the step that records the loss checks, on the store's clock, that the run

@@ -127,7 +127,10 @@ class Execution:
             self.outbox_ready.set()
             return
         if outcome is None:
-            outcome = (states.LOST if local.why == STOP_LEASE
+            # Stopped for the lease, a run is lost, unless its command succeeded all the
+            # same (it had exited by itself as the guard's TERM went out): that is what ran.
+            outcome = (states.EXITED if local.why == STOP_LEASE and code == 0
+                       else states.LOST if local.why == STOP_LEASE
                        else states.OUTCOME_OF_STOP.get(local.why, states.EXITED))
         self.outbox.append(("finish", (local.key, local.running, code, outcome,
                                        self.link.store_now())))

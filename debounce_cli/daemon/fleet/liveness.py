@@ -106,7 +106,10 @@ class Liveness:
         # Another host's silence means it is gone only once we have been in touch with the
         # store for a whole lease ourselves: after the store was down, every host gets a
         # lease to beat again before anything of its is taken over.
-        judging = self.beat_at - self.connected_since >= self.link.lease
+        # And only on a fresh view: a host frozen (SIGSTOP) since its last heartbeat thaws
+        # with a view of the others that is as old as the freeze.
+        judging = (self.beat_at - self.connected_since >= self.link.lease
+                   and self.link.clock.monotonic() - self.beat_at <= self.link.lease / 2)
 
         def lease_of(host: str) -> float:
             """How long ``host`` must be silent to be gone: its own lease, if longer than
@@ -130,7 +133,7 @@ class Liveness:
                 # store agrees that it started over a lease ago (a host that joined after
                 # the heartbeats were read is not silent).
                 lost, _, _ = await self.link.store.update(
-                    key, _losing(r, 0.0 if ours_gone else lease_of(r.host)),
+                    key, _losing(r, 0.0 if ours_gone else lease_of(r.host), beat.now),
                     history=self.link.config.keep_history)
                 if lost is not None:
                     heard = beats.get(r.host)
@@ -149,9 +152,10 @@ class Liveness:
                 self.claims.claim_soon(key, p.host != self.link.host)
 
 
-def _losing(run: fs.Running, silent: float
+def _losing(run: fs.Running, silent: float, seen: float
             ) -> Callable[[fs.KeyState, float], tuple[fs.Last | None, list[fs.Event]]]:
-    """The step that records ``run`` lost, if its host has been silent long enough."""
+    """The step that records ``run`` lost, if its host has been silent long enough after
+    it started, in the view of the heartbeats taken at ``seen`` (the store's time)."""
     def step(st: fs.KeyState, now: float) -> tuple[fs.Last | None, list[fs.Event]]:
-        return fs.lose(st, run=run, now=now, silent=silent)
+        return fs.lose(st, run=run, now=now, silent=silent, seen=seen)
     return step

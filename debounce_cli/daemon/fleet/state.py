@@ -297,15 +297,18 @@ def unclaim(st: KeyState, *, run: Running, now: float) -> tuple[bool, list[Event
     return True, [{"t": "returned", "run": r.run, "slot": p.slot}, _pending_event(p)]
 
 
-def lose(st: KeyState, *, run: Running, now: float, silent: float = 0.0
-         ) -> tuple[Last | None, list[Event]]:
+def lose(st: KeyState, *, run: Running, now: float, silent: float = 0.0,
+         seen: float | None = None) -> tuple[Last | None, list[Event]]:
     """``run`` was executing on a host that went silent: it is recorded lost (it may have
     run, so it is never started again). Only if it is still the key's run, under the same
-    fencing token, and started at least ``silent`` ago by the store's clock: its start proves
-    its host was alive then, so a host that just joined (and a view of the heartbeats older
-    than the run) never gets a live run taken for lost."""
+    fencing token, and it had started at least ``silent`` before ``seen``, the store's time
+    of the view of the heartbeats that found its host silent (``now`` without one): its
+    start proves its host was alive then, so a host that just joined, and a view older than
+    the run (a host judging with what it saw before it was frozen), never gets a live run
+    taken for lost."""
     r = st.running
-    if r is None or r.run != run.run or r.fence != run.fence or now - r.started_at < silent:
+    heard = now if seen is None else min(now, seen)
+    if r is None or r.run != run.run or r.fence != run.fence or heard - r.started_at < silent:
         return None, []
     return finish(st, run=r, exit_code=None, outcome=states.LOST, now=now)
 
