@@ -152,13 +152,19 @@ def _bent(line: bytes, how: int, where: int) -> bytes:
         return line[:at] + b"\xff" + line[at:]  # not UTF-8
     if how == 6:
         return line[:-1]  # no newline
+    if how == 7:
+        return line[:-2] + b',"env":{}}\n'  # the environment twice: the last one counts
+    if how == 8:
+        return line.replace(b',"env":', b'},"env":', 1)  # the object closed before it
+    if how == 9:
+        return line[:-2] + b',}\n'  # a comma with nothing after it
     return line
 
 
 @settings(max_examples=1500, deadline=None)
 @given(st.lists(st.tuples(_FIELDS, st.permutations(["argv", "cwd", "env", "key", "options",
                                                       "wait", "type", "extra"]),
-                          st.integers(0, 8), st.integers(0, 10_000)), min_size=1, max_size=6))
+                          st.integers(0, 12), st.integers(0, 10_000)), min_size=1, max_size=6))
 def test_the_daemons_decoder_answers_every_line_as_decode_does(lines):
     decoder = protocol.RequestDecoder()  # one for all the lines, as in the daemon
     for fields, order, how, where in lines:
