@@ -623,7 +623,8 @@ class RequestDecoder:
     accepted requests are kept with their text: a request holding the same text at the
     ``env`` field takes the same (already checked) dictionary without reading it again, and
     without the cost of sharing it anew (``daemon.jobs.Shared``). The rest of the request
-    is read a field at a time by the same C scanner as :func:`loads`.
+    is read by the same C scanner as :func:`loads`: the fields on either side of a known
+    environment in one call each, a request with a new one a field at a time.
 
     Only a request written as the client writes it (``{"type":"run",`` first, no
     whitespace, no field twice, no ``\\ud`` escape outside a known environment) takes this

@@ -203,7 +203,7 @@ class Landing(NamedTuple):
     for, whether it leads, whether it replaces the pending one (``replaces``) and keeps that
     one's place in the job queue (``keeps_place``), and whether it carries a batch
     (``collect``: every coalesced invocation's argument). (A named tuple: one is made for
-    every submission, in a quarter of a frozen dataclass's time.)"""
+    every submission, in two fifths of a frozen dataclass's time.)"""
 
     kind: str
     coalesced: int = 1
