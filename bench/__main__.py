@@ -10,7 +10,8 @@ Figures:
              `python -c "import click"` (and tsp/nq when installed)
   hook       cost a git post-commit hook running `debounce run --no-wait` adds to a commit
   submit     submissions per second over 8 persistent connections, journal on and off, and
-             the daemon's CPU per submission against one json.loads of the same request
+             the daemon's CPU per submission against one json.loads of the same request, and
+             against the transport's floor (an asyncio server that only answers, same load)
   lateness   start minus due time, p50/p99, of probe runs among many pending keys
   memory     daemon memory per pending invocation
   scaling    cost of one submission with 1k, 10k, 100k keys already pending
@@ -274,14 +275,60 @@ def journal_commits(daemon: Daemon) -> int:
     return 0
 
 
+#: The transport's floor for the submission figures: an asyncio server that answers every
+#: line with the same canned line, reading nothing of it (no decoding, no scheduling, no
+#: journal): what the event loop, the transport and the kernel cost per request.
+_ANSWERING_SERVER = """
+import asyncio, sys
+# After start-up, a daemon's allocator gives the transport's 256 KiB receive buffer from its
+# heap; in a fresh process the first such buffers are mapped and unmapped each time.
+spare = bytearray(1 << 20)
+del spare
+REPLY = b'{"type":"accepted","id":1,"key":"k","state":"pending","due_in":1.0,"coalesced":1}\\n'
+
+class Answer(asyncio.Protocol):
+    def connection_made(self, transport):
+        self.transport, self.buffer = transport, b""
+
+    def data_received(self, data):
+        self.buffer += data
+        lines = self.buffer.count(b"\\n")
+        if lines:
+            self.buffer = self.buffer[self.buffer.rindex(b"\\n") + 1:]
+            self.transport.write(REPLY * lines)
+
+async def main():
+    await asyncio.get_running_loop().create_unix_server(Answer, sys.argv[1])
+    print("ready", flush=True)
+    await asyncio.Event().wait()
+
+asyncio.run(main())
+"""
+
+
+class AnsweringServer(Daemon):
+    """:data:`_ANSWERING_SERVER` on a socket of its own, driven as a daemon is."""
+
+    def __init__(self) -> None:
+        # Not Daemon.__init__: no state directory, and the hello gets the canned line too.
+        self.root = Path(tempfile.mkdtemp(prefix="dbb-", dir="/tmp"))
+        self.socket = str(self.root / "echo.sock")
+        self.proc = subprocess.Popen([sys.executable, "-c", _ANSWERING_SERVER, self.socket],
+                                     stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                     stderr=subprocess.DEVNULL)
+        assert self.proc.stdout is not None
+        if self.proc.stdout.readline() != b"ready\n":
+            raise RuntimeError("the answering server did not start")
+
+
 def bench_submissions(rows: list[tuple[str, str, str]], seconds: float) -> None:
     env = dict(os.environ)
     sample = protocol.encode(protocol.RunRequest(argv=["true"], cwd="/", env=env, key="s0-0",
                                                  options={"delay": 3600.0}, wait=False))
     floor = loads_floor(sample)
     measured = []
-    for journal in ("--journal", "--no-journal"):
-        daemon = Daemon(journal)
+    for journal in ("--journal", "--no-journal", "floor"):
+        daemon = AnsweringServer() if journal == "floor" else Daemon(journal)
         try:
             counts = [0] * 8
             stop = time.monotonic() + seconds
@@ -319,17 +366,26 @@ def bench_submissions(rows: list[tuple[str, str, str]], seconds: float) -> None:
             if journal == "--journal":
                 commits = journal_commits(daemon)
                 batch = f", {sum(counts) / max(1, commits):.1f} submissions per commit"
-            rows.append((f"submit: 8 connections, {name}",
-                         f"{rate:,.0f} submissions/s", f"daemon CPU {used / elapsed:.0%}{batch}"))
+            if journal != "floor":
+                rows.append((f"submit: 8 connections, {name}", f"{rate:,.0f} submissions/s",
+                             f"daemon CPU {used / elapsed:.0%}{batch}"))
             measured.append((name, per))
         finally:
             daemon.close()
     floor = min(floor, loads_floor(sample))  # again after: the quieter of the two moments
+    transport = dict(measured)["floor"]
     for name, per in measured:
+        if name == "floor":
+            rows.append(("submit: the transport's floor, CPU per request",
+                         f"{per * 1e6:.1f} µs, {per / floor:.2f}x json.loads",
+                         "an asyncio server answering each line with a canned line, reading "
+                         "none of it, the same load: event loop, transport and kernel"))
+            continue
         rows.append((f"submit: daemon CPU per submission, {name}",
                      f"{per * 1e6:.1f} µs, {per / floor:.2f}x json.loads",
                      f"one json.loads of the same {len(sample):,}-byte request: "
-                     f"{floor * 1e6:.1f} µs of CPU; target <= 3x"))
+                     f"{floor * 1e6:.1f} µs of CPU; target <= 3x; above the transport's "
+                     f"floor: {(per - transport) * 1e6:.1f} µs"))
 
 
 def bench_lateness(rows: list[tuple[str, str, str]], pending: int, probes: int) -> None:

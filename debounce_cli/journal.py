@@ -695,7 +695,20 @@ def _covered_columns(covered: Covered | tuple[()]) -> tuple[str | None, int | No
     assert isinstance(covered, Covered)
     kept = covered.kept()
     more = covered.total() - len(kept)
-    return json.dumps(kept), more or None
+    return _ids_json(kept), more or None
+
+
+def _ids_json(ids: list[int]) -> str:
+    """``json.dumps(ids)`` for a list of ints, through json's C encoder made once (dumps
+    makes one per call: half the cost of a commit's covered column, bench "CPU per
+    submission" with the journal)."""
+    return "".join(_IDS_ENCODER(ids, 0))
+
+
+_IDS_ENCODER = json.encoder.c_make_encoder(  # type: ignore[attr-defined]
+    None, None, json.encoder.encode_basestring_ascii, None, ": ", ", ", False, False, True,
+) if json.encoder.c_make_encoder is not None else (  # type: ignore[attr-defined]
+    lambda ids, _level: [json.dumps(ids)])
 
 
 def _covered_of(text: str | None, more: int | None) -> Covered | None:

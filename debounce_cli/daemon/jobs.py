@@ -107,8 +107,26 @@ class Shared:
         self.option_sets: dict[tuple[tuple[str, type, Any], ...], Options] = {}
         self.argvs: dict[tuple[str, ...], list[str]] = {}
         self.parsed_options: dict[Options, Options] = {}
+        #: The shared copy of the last few environment objects seen, by identity: the
+        #: daemon's decoder hands the same object over for the same text
+        #: (``protocol.RequestDecoder``), and hashing an environment costs as much as
+        #: reading it. Each entry holds its object, so that its id is not reused meanwhile.
+        self.recent_envs: dict[int, tuple[dict[str, str], dict[str, str]]] = {}
+
+    #: Environment objects remembered by identity (a few: the decoder keeps a few).
+    RECENT = 16
 
     def env(self, env: dict[str, str]) -> dict[str, str]:
+        recent = self.recent_envs.get(id(env))
+        if recent is not None and recent[0] is env:
+            return recent[1]
+        shared = self._env(env)
+        if len(self.recent_envs) >= self.RECENT:
+            self.recent_envs.clear()
+        self.recent_envs[id(env)] = (env, shared)
+        return shared
+
+    def _env(self, env: dict[str, str]) -> dict[str, str]:
         key = frozenset(env.items())
         found = self.envs.get(key)
         if found is None:
