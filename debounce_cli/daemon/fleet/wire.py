@@ -44,11 +44,15 @@ class Address(NamedTuple):
 
 
 def pack(args: tuple[Any, ...] | list[Any]) -> bytes:
-    """One command in RESP."""
+    """One command in RESP (strings as UTF-8, numbers as ``str`` writes them)."""
     out = [b"*%d\r\n" % len(args)]
+    add = out.append
     for arg in args:
-        data = arg if isinstance(arg, bytes) else str(arg).encode()
-        out.append(b"$%d\r\n%s\r\n" % (len(data), data))
+        kind = type(arg)
+        data = arg if kind is bytes else arg.encode() if kind is str else str(arg).encode()
+        add(b"$%d\r\n" % len(data))
+        add(data)
+        add(b"\r\n")
     return b"".join(out)
 
 
