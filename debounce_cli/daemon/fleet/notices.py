@@ -203,7 +203,9 @@ class Notices:
         deadline = loop.time() + block_ms / 1000
         try:
             await self.store.ready()
-            pubsub = await self._listen()
+            pubsub = self.pubsub
+            if pubsub is None or self.subscribe or self.unsubscribe:
+                pubsub = await self._listen()
             while True:
                 while not self.dirty and not self.own:
                     left = deadline - loop.time()
@@ -217,7 +219,8 @@ class Notices:
                     while message is not None:
                         self._heard(message)
                         message = await pubsub.get_message(timeout=0)
-                    await self._listen()
+                    if self.subscribe or self.unsubscribe:
+                        await self._listen()
                 found = await self._read_dirty() if self.dirty else []
                 if self.own:  # (before what was read: they are older)
                     found, self.own = self.own + found, []

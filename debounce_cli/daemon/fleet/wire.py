@@ -301,12 +301,13 @@ class Wire:
             if self.transport is None:
                 raise Lost(f"the connection to the store {self.name} is closed")
             loop = asyncio.get_running_loop()
-            self.heard = loop.create_future()
+            heard = self.heard = loop.create_future()
+            # (a timer that ends the wait, not wait_for: this runs at every notice)
+            timer = loop.call_later(timeout, _wake, heard)
             try:
-                await asyncio.wait_for(self.heard, timeout)
-            except TimeoutError:
-                return None
+                await heard
             finally:
+                timer.cancel()
                 self.heard = None
         return self.messages.popleft() if self.messages else None
 
@@ -315,6 +316,11 @@ class Wire:
             self._drop(self.transport)
         if self.protocol is not None:
             self.protocol = None
+
+
+def _wake(waiting: asyncio.Future[None]) -> None:
+    if not waiting.done():
+        waiting.set_result(None)
 
 
 class Subscriber:
