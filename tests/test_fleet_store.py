@@ -263,6 +263,39 @@ def test_a_hosts_own_events_reach_its_reader_without_reading_them_back(redis):
     asyncio.run(main())
 
 
+def test_a_reader_whose_connection_was_cut_hears_every_followed_key_again(redis):
+    """The reader's connection is cut while it is busy, and then it follows one key more:
+    the news of the key it followed before still reaches it (a subscriber connection made
+    anew for the one new key would have left the others unheard for good)."""
+
+    async def main() -> None:
+        mine, other = Store(redis.url), Store(redis.url)
+        try:
+            mine.follow("old", b"0-0")
+            assert await mine.read(100) == []  # subscribed
+            await other.redis.client_kill_filter(_type="pubsub")
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 10
+            while mine.notices.pubsub.wire.transport is not None:  # (the cut is heard)
+                assert loop.time() < deadline, "the cut connection was never noticed"
+                await asyncio.sleep(0.01)
+            mine.follow("new", b"0-0")
+            await mine.unblock_reader()  # as the daemon does for a key it now follows
+            await other.update("old", submitting(1, "b"))
+            heard: list[tuple[str, str]] = []
+            while ("old", "pending") not in heard:
+                assert loop.time() < deadline, f"the old key's news never came: {heard}"
+                try:
+                    heard += [(key, event["t"]) for key, _, event in await mine.read(500)]
+                except StoreDown:
+                    pass  # (the cut, said once: the next read subscribes anew)
+        finally:
+            await mine.close()
+            await other.close()
+
+    asyncio.run(main())
+
+
 def test_news_from_another_host_during_a_step_of_ours_reaches_the_reader_at_once(redis):
     """A notice heard while a step of ours on the key is in flight is held back (it is most
     likely of that step's own events); when it names more, the reader is woken for it, not

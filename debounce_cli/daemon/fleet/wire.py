@@ -157,6 +157,7 @@ class Wire:
         self.opening: asyncio.Future[None] | None = None
         self.watchdog: asyncio.TimerHandle | None = None
         self.used = 0.0
+        self.opened = False  # (a connection was made once)
 
     # ------------------------------------------------------------------ connection
     async def _open(self) -> asyncio.Transport:
@@ -166,6 +167,10 @@ class Wire:
             self._drop(self.transport)  # long unused: a fresh one rather than a dead one
         if self.transport is not None:
             return self.transport
+        if self.push and self.opened:
+            # A subscriber's connection is never replaced here: a new one would hold only
+            # the channels named from now on. Its reader starts a new subscriber instead.
+            raise Lost(f"the subscriber's connection to the store {self.name} was lost")
         if self.opening is not None:
             await asyncio.shield(self.opening)
             if self.transport is None:
@@ -185,6 +190,7 @@ class Wire:
                 raise Unsent(f"Error connecting to {self.name}: {reason}") from exc
             raise
         self.transport = transport
+        self.opened = True
         self.opening.set_result(None)
         self.opening = None
         return transport
