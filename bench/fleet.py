@@ -3,9 +3,9 @@
   redis         `redis-benchmark -t set -c 8` against the same redis-server, in the same run:
                 the yardstick of the submissions' rate
   local         the same 8-thread client submitting LOCAL keys (no --fleet) to one daemon
-                without a store, in the same run: what a Python daemon and this Python
-                client reach on this machine at all (the ceiling of the fleet's rate), and
-                the fleet's rate as a fraction of it
+                without a store (and --no-journal), in the same run: what a Python daemon
+                and this Python client reach on this machine at all (the ceiling of the
+                fleet's rate), and the fleet's rate as a fraction of it
   submissions   --fleet submissions per second over 8 persistent connections spread over the
                 three daemons, with 40 keys pending and with MANY (10,000) pending, their ratio
                 to redis-benchmark, and the cost of one submission at each size (wall clock,
@@ -196,7 +196,8 @@ def _submissions(rows: list[tuple[str, str, str]], daemons: list, seconds: float
     rows.append(("fleet: the ceiling, LOCAL --no-wait submissions, 1 daemon, 8 connections",
                  f"{local:,.0f} submissions/s",
                  (f"{local / benchmark:.3f}x redis-benchmark; " if benchmark else "")
-                 + f"the same client, no store; daemon CPU {local_cpu * 1e6:.1f} us each"))
+                 + f"the same client, no store, no journal; daemon CPU {local_cpu * 1e6:.1f} us "
+                 "each"))
     for pending, rate in ((40, few), (many, lots)):
         ratio = f"{rate / benchmark:.3f}x redis-benchmark" if benchmark else "no redis-benchmark"
         rows.append((f"fleet: submissions, 3 daemons, 8 connections, {pending:,} keys pending",
