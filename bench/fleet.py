@@ -2,6 +2,10 @@
 
   redis         `redis-benchmark -t set -c 8` against the same redis-server, in the same run:
                 the yardstick of the submissions' rate
+  local         the same 8-thread client submitting LOCAL keys (no --fleet) to one daemon
+                without a store (and --no-journal), in the same run: what a Python daemon
+                and this Python client reach on this machine at all (the ceiling of the
+                fleet's rate), and the fleet's rate as a fraction of it
   submissions   --fleet submissions per second over 8 persistent connections spread over the
                 three daemons, with 40 keys pending and with MANY (10,000) pending, their ratio
                 to redis-benchmark, and the cost of one submission at each size (wall clock,
@@ -63,10 +67,11 @@ class RedisServer:
         shutil.rmtree(self.root, ignore_errors=True)
 
 
-def _request(key: str, wait: bool, delay: float, argv: list[str]) -> bytes:
+def _request(key: str, wait: bool, delay: float, argv: list[str], fleet: bool = True
+             ) -> bytes:
     return protocol.encode(protocol.RunRequest(
         argv=argv, cwd="/", env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")}, key=key,
-        options={"delay": delay, "fleet": True}, wait=wait))
+        options={"delay": delay, "fleet": True} if fleet else {"delay": delay}, wait=wait))
 
 
 Percentile = Callable[[list[float], float], float]
@@ -82,9 +87,14 @@ def bench_fleet(rows: list[tuple[str, str, str]], seconds: float, probes: int,
     daemons = []
     try:
         benchmark = _redis_benchmark(redis, seconds)
+        local = daemon_class("--no-journal")
+        try:  # the ceiling: the same client, local keys, one daemon, no store
+            ceiling, ceiling_cpu = _rate([local], seconds, "local", 40, None, fleet=False)
+        finally:
+            local.close()
         for host in ("a", "b", "c"):
             daemons.append(daemon_class("--store", redis.url, env={"DEBOUNCE_HOST_ID": host}))
-        _submissions(rows, daemons, seconds, benchmark, many, redis)
+        _submissions(rows, daemons, seconds, benchmark, many, redis, (ceiling, ceiling_cpu))
         _latency(rows, daemons, probes, percentile)
     finally:
         for daemon in daemons:
@@ -115,7 +125,7 @@ def _cpu(pid: int) -> float:
 
 
 def _rate(daemons: list, seconds: float, prefix: str, keys: int,
-          redis: RedisServer) -> tuple[float, float]:
+          redis: RedisServer | None, fleet: bool = True) -> tuple[float, float]:
     """Submissions per second over 8 connections (spread over the daemons), each cycling
     through its share of ``keys`` keys (delay an hour: they all stay pending); every key is
     submitted once before the clock starts, so ``keys`` are pending while it runs. Also the
@@ -128,7 +138,7 @@ def _rate(daemons: list, seconds: float, prefix: str, keys: int,
     errors: list[str] = []
 
     def sender(index: int) -> None:
-        lines = [_request(f"{prefix}{index}-{k}", False, 3600.0, ["true"])
+        lines = [_request(f"{prefix}{index}-{k}", False, 3600.0, ["true"], fleet)
                  for k in range(share)]
         i = 0
         try:
@@ -155,7 +165,7 @@ def _rate(daemons: list, seconds: float, prefix: str, keys: int,
     threads = [threading.Thread(target=sender, args=(i,)) for i in range(8)]
     for t in threads:
         t.start()
-    pids = [daemon.proc.pid for daemon in daemons] + [redis.proc.pid]
+    pids = [daemon.proc.pid for daemon in daemons] + ([redis.proc.pid] if redis else [])
     try:
         barrier.wait()  # all filled
         cpu = sum(_cpu(pid) for pid in pids)
@@ -175,16 +185,23 @@ def _rate(daemons: list, seconds: float, prefix: str, keys: int,
 
 
 def _submissions(rows: list[tuple[str, str, str]], daemons: list, seconds: float,
-                 benchmark: float | None, many: int, redis: RedisServer) -> None:
+                 benchmark: float | None, many: int, redis: RedisServer,
+                 ceiling: tuple[float, float]) -> None:
     few, few_cpu = _rate(daemons, seconds, "few", 40, redis)
     lots, lots_cpu = _rate(daemons, seconds, "many", many, redis)
+    local, local_cpu = ceiling
     if benchmark is not None:
         rows.append(("fleet: redis-benchmark -t set -c 8, same redis-server",
                      f"{benchmark:,.0f} SETs/s", "the yardstick, measured in this run"))
+    rows.append(("fleet: the ceiling, LOCAL --no-wait submissions, 1 daemon, 8 connections",
+                 f"{local:,.0f} submissions/s",
+                 (f"{local / benchmark:.3f}x redis-benchmark; " if benchmark else "")
+                 + f"the same client, no store, no journal; daemon CPU {local_cpu * 1e6:.1f} us "
+                 "each"))
     for pending, rate in ((40, few), (many, lots)):
         ratio = f"{rate / benchmark:.3f}x redis-benchmark" if benchmark else "no redis-benchmark"
         rows.append((f"fleet: submissions, 3 daemons, 8 connections, {pending:,} keys pending",
-                     f"{rate:,.0f} submissions/s", ratio))
+                     f"{rate:,.0f} submissions/s", f"{ratio}, {rate / local:.2f}x the ceiling"))
     rows.append((f"fleet: time a submission, 40 and {many:,} keys pending",
                  f"{1e6 / few:.1f} us, {1e6 / lots:.1f} us",
                  f"{few / lots:.2f}x from 40 to {many:,} (wall clock / submissions)"))

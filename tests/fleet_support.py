@@ -36,13 +36,14 @@ def free_port() -> int:
 class Redis:
     """One redis-server on a loopback port, with its data in a directory of its own."""
 
-    def __init__(self, root: Path, aof: bool = False) -> None:
+    def __init__(self, root: Path, aof: bool = False, args: tuple[str, ...] = ()) -> None:
         if REDIS is None:
             pytest.skip("redis-server is not installed (.ci/run installs Debian's "
                         "redis-server); the fleet's tests need a real one")
         self.root = root
         self.port = free_port()
         self.aof = aof
+        self.args = args  # more of redis-server's options (--requirepass PASSWORD, say)
         self.proc: subprocess.Popen[bytes] | None = None
         self.start()
 
@@ -57,6 +58,7 @@ class Redis:
             args += ["--appendonly", "yes", "--appendfsync", "always"]
         else:
             args += ["--appendonly", "no"]
+        args += self.args
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_until(self.answers, timeout=10)
 
@@ -64,7 +66,7 @@ class Redis:
         try:
             with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as s:
                 s.sendall(b"PING\r\n")
-                return s.recv(16).startswith(b"+PONG")
+                return s.recv(16).startswith((b"+PONG", b"-NOAUTH"))  # (up, password or not)
         except OSError:
             return False
 

@@ -72,7 +72,8 @@ def test_quick_bench_runs_and_prints_every_figure():
                   "memory slope, journal, socket", "memory slope, journal, stdin"):
         assert label in names, f"{label} missing from:\n{names}"
     if shutil.which("redis-server"):  # (without it the fleet's row says "skipped")
-        for label in ("fleet: submissions, 3 daemons", "fleet: due to start",
+        for label in ("fleet: submissions, 3 daemons", "fleet: the ceiling, LOCAL",
+                      "fleet: due to start",
                       "fleet: start to a waiter on another host"):
             assert label in names, f"{label} missing from:\n{names}"
     assert any("x python -c pass" in note for _name, _value, note in rows)

@@ -13,6 +13,7 @@ import asyncio
 import inspect
 import json
 import shutil
+import subprocess
 import tempfile
 from collections.abc import Iterator
 from dataclasses import asdict
@@ -22,7 +23,7 @@ from typing import Any
 import pytest
 
 from debounce_cli.daemon.fleet import state as fs
-from debounce_cli.daemon.fleet.layout import channel, tag_of
+from debounce_cli.daemon.fleet.layout import StoreDown, channel, state_key, tag_of
 from debounce_cli.daemon.fleet.memory import MemoryStore
 from debounce_cli.daemon.fleet.store import SLACK_BEHIND, Store
 from debounce_cli.rules import Options
@@ -51,19 +52,28 @@ def submitting(inv: int, host: str = "a", token: str = "") -> Any:
 
 
 class RoundTrips:
-    """Counts the round trips to Redis: every send on a connection (a pipeline is one)."""
+    """Counts the round trips to Redis: every send on a connection (a pipeline is one),
+    redis-py's or the steps' own (``wire``)."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         from redis.asyncio.connection import AbstractConnection
 
+        from debounce_cli.daemon.fleet.wire import Wire
+
         self.count = 0
         send = AbstractConnection.send_packed_command
+        write = Wire._write
 
         async def counted(connection: Any, *args: Any, **kwargs: Any) -> Any:
             self.count += 1
             return await send(connection, *args, **kwargs)
 
+        def written(wire: Any, *args: Any, **kwargs: Any) -> Any:
+            self.count += 1
+            return write(wire, *args, **kwargs)
+
         monkeypatch.setattr(AbstractConnection, "send_packed_command", counted)
+        monkeypatch.setattr(Wire, "_write", written)
 
 
 def test_a_submission_on_a_key_this_host_knows_is_one_round_trip(redis, monkeypatch):
@@ -81,6 +91,45 @@ def test_a_submission_on_a_key_this_host_knows_is_one_round_trip(redis, monkeypa
             await store.close()
 
     asyncio.run(main())
+
+
+def test_a_store_with_a_password_and_a_database_number_is_used_as_its_url_says():
+    """redis://:PASSWORD@host:port/3: the steps and the reader of events log in, and the
+    keys land in database 3; a wrong password is a store that cannot be reached, named
+    without the password."""
+    root = Path(tempfile.mkdtemp(prefix="dbs-", dir="/tmp"))
+    server = Redis(root, args=("--requirepass", "s3cret"))
+    url = f"redis://:s3cret@127.0.0.1:{server.port}/3"
+
+    async def main() -> None:
+        store, other = Store(url), Store(url)
+        wrong = Store(f"redis://:nope@127.0.0.1:{server.port}/3")
+        try:
+            store.follow("k", b"0-0")
+            assert await store.read(100) == []  # subscribed
+            await other.update("k", submitting(1, "b"))
+            got = await store.read(5000)
+            assert [(event["t"], event["host"]) for _, _, event in got] == [("pending", "b")]
+            landed, _, _ = await store.update("k", submitting(2))
+            assert isinstance(landed, fs.InSlot) and landed.coalesced == 2
+            with pytest.raises(StoreDown) as refused:
+                await wrong.update("k", submitting(3))
+            assert "***" in str(refused.value) and "nope" not in str(refused.value)
+        finally:
+            await store.close()
+            await other.close()
+            await wrong.close()
+
+    try:
+        asyncio.run(main())
+        cli = ["redis-cli", "-p", str(server.port), "--no-auth-warning", "-a", "s3cret"]
+        in_3 = subprocess.run([*cli, "-n", "3", "--scan"], capture_output=True, text=True)
+        in_0 = subprocess.run([*cli, "-n", "0", "--scan"], capture_output=True, text=True)
+        assert f"{state_key(tag_of('k'))}" in in_3.stdout.split()
+        assert in_0.stdout.split() == []
+    finally:
+        server.stop()
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def test_hosts_with_stale_views_of_a_key_compute_their_steps_again_and_none_is_lost(redis):
@@ -207,6 +256,39 @@ def test_a_hosts_own_events_reach_its_reader_without_reading_them_back(redis):
                 seen += [event["coalesced"] for _, _, event in got]
             assert seen == [1, 2, 3, 4, 5]
             assert await mine.read(200) == []  # nothing twice
+        finally:
+            await mine.close()
+            await other.close()
+
+    asyncio.run(main())
+
+
+def test_a_reader_whose_connection_was_cut_hears_every_followed_key_again(redis):
+    """The reader's connection is cut while it is busy, and then it follows one key more:
+    the news of the key it followed before still reaches it (a subscriber connection made
+    anew for the one new key would have left the others unheard for good)."""
+
+    async def main() -> None:
+        mine, other = Store(redis.url), Store(redis.url)
+        try:
+            mine.follow("old", b"0-0")
+            assert await mine.read(100) == []  # subscribed
+            await other.redis.client_kill_filter(_type="pubsub")
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 10
+            while mine.notices.pubsub.wire.transport is not None:  # (the cut is heard)
+                assert loop.time() < deadline, "the cut connection was never noticed"
+                await asyncio.sleep(0.01)
+            mine.follow("new", b"0-0")
+            await mine.unblock_reader()  # as the daemon does for a key it now follows
+            await other.update("old", submitting(1, "b"))
+            heard: list[tuple[str, str]] = []
+            while ("old", "pending") not in heard:
+                assert loop.time() < deadline, f"the old key's news never came: {heard}"
+                try:
+                    heard += [(key, event["t"]) for key, _, event in await mine.read(500)]
+                except StoreDown:
+                    pass  # (the cut, said once: the next read subscribes anew)
         finally:
             await mine.close()
             await other.close()

@@ -249,6 +249,7 @@ class TimedStore:
             finally:
                 metrics.store_call(name, time.perf_counter() - t0, ok)
 
+        self.__dict__[name] = timed  # (made once: the store's methods do not change)
         return timed
 
     async def update(self, key: str, step: Callable[..., Any], *args: Any, **kwargs: Any

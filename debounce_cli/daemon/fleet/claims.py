@@ -70,6 +70,7 @@ class Claims:
         self.submitted: dict[int, str] = {}  # invocation id -> key, the newest SUBMITTED_KEPT
         self.seen_runs = 0  # the highest run id the store gave us
         self.timers: dict[str, asyncio.TimerHandle] = {}
+        self.armed: dict[str, float] = {}  # key -> when (loop time) its timer claims it
         self.claiming: set[str] = set()
 
     def busy(self) -> bool:
@@ -155,8 +156,8 @@ class Claims:
             budget = (None if submitter is None
                       else max(0.0, began + ANSWER_WITHIN - self.link.loop.time()))
             try:
-                landed, latest, st = await asyncio.wait_for(
-                    self.link.store.update(key, step), budget)
+                async with asyncio.timeout(budget):
+                    landed, latest, st = await self.link.store.update(key, step)
                 break
             except (StoreDown, TimeoutError) as exc:
                 if isinstance(exc, TimeoutError):
@@ -215,19 +216,38 @@ class Claims:
 
     def disown(self, key: str) -> None:
         self.owned.pop(key, None)
+        self.armed.pop(key, None)
         timer = self.timers.pop(key, None)
         if timer is not None:
             timer.cancel()
 
     def arm(self, key: str, due: float) -> None:
-        timer = self.timers.pop(key, None)
+        """Claim ``key`` at ``due`` (the store's clock). A later due time, as every
+        submission that defers the key gives, keeps the timer: it fires at the earlier time
+        and sets itself again (a timer cancelled and made anew at every submission cost
+        more than the rest of the submission's bookkeeping here)."""
+        loop = self.link.loop
+        at = loop.time() + max(0.0, due - self.link.store_now())
+        timer = self.timers.get(key)
+        if timer is not None and key in self.armed and timer.when() <= at:
+            self.armed[key] = at
+            return
         if timer is not None:
             timer.cancel()
-        at = self.link.loop.time() + max(0.0, due - self.link.store_now())
-        self.timers[key] = self.link.loop.call_at(at, lambda: self.claim_soon(key, False))
+        self.armed[key] = at
+        self.timers[key] = loop.call_at(at, lambda: self._due(key))
+
+    def _due(self, key: str) -> None:
+        at = self.armed.pop(key, None)
+        if at is not None and at > self.link.loop.time():  # deferred since it was set
+            self.armed[key] = at
+            self.timers[key] = self.link.loop.call_at(at, lambda: self._due(key))
+            return
+        self.claim_soon(key, False)
 
     def claim_soon(self, key: str, take_over: bool) -> None:
         self.timers.pop(key, None)
+        self.armed.pop(key, None)
         if not self.link.lease_fresh():
             # A host whose lease is stale starts nothing: again once a heartbeat got through.
             self.timers[key] = self.link.loop.call_later(

@@ -28,6 +28,7 @@ from debounce_cli.daemon.fleet.layout import (
     tag_of,
 )
 from debounce_cli.daemon.fleet.record import Event
+from debounce_cli.daemon.fleet.wire import Subscriber
 
 if TYPE_CHECKING:
     from debounce_cli.daemon.fleet.store import Store
@@ -163,13 +164,17 @@ class Notices:
             # (no health check: a PING would race the reader on its own connection)
             settings = {k: v for k, v in self.store.settings.items()
                         if k != "health_check_interval"}
-            if self.store.cluster:
-                node = self.store.redis.get_default_node()
-                self.listener = aioredis.Redis(host=node.host, port=node.port, **settings)
+            wire = self.store.wire
+            if wire is not None:  # (the lean connection, as the steps')
+                self.pubsub = Subscriber(wire.address, wire.name)
             else:
-                self.listener = aioredis.Redis.from_url(self.store.url, max_connections=1,
-                                                        **settings)
-            self.pubsub = self.listener.pubsub()
+                if self.store.cluster:
+                    node = self.store.redis.get_default_node()
+                    self.listener = aioredis.Redis(host=node.host, port=node.port, **settings)
+                else:
+                    self.listener = aioredis.Redis.from_url(self.store.url, max_connections=1,
+                                                            **settings)
+                self.pubsub = self.listener.pubsub()
             # Subscribed to something from the start, so that reading never finds the
             # connection idle; after a reconnection every key is read again.
             await self.pubsub.subscribe(self.wake_channel)
@@ -198,7 +203,9 @@ class Notices:
         deadline = loop.time() + block_ms / 1000
         try:
             await self.store.ready()
-            pubsub = await self._listen()
+            pubsub = self.pubsub
+            if pubsub is None or self.subscribe or self.unsubscribe:
+                pubsub = await self._listen()
             while True:
                 while not self.dirty and not self.own:
                     left = deadline - loop.time()
@@ -212,7 +219,8 @@ class Notices:
                     while message is not None:
                         self._heard(message)
                         message = await pubsub.get_message(timeout=0)
-                    await self._listen()
+                    if self.subscribe or self.unsubscribe:
+                        await self._listen()
                 found = await self._read_dirty() if self.dirty else []
                 if self.own:  # (before what was read: they are older)
                     found, self.own = self.own + found, []
@@ -232,7 +240,8 @@ class Notices:
             async def close() -> None:
                 try:
                     await pubsub.aclose()
-                    await listener.aclose()
+                    if listener is not None:
+                        await listener.aclose()
                 except _FAILED:
                     pass
 

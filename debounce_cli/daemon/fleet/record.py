@@ -160,18 +160,18 @@ class KeyState(rules.KeyRecord):
         return None
 
 
-def _plain(obj: Any) -> Any:
+def _plain(obj: Any) -> dict[str, Any]:
     """``dataclasses.asdict`` without its deep copies (a job's environment is large, and
-    ``dumps`` runs at every step): the dataclasses become dicts, their values are shared."""
-    names = _FIELDS.get(type(obj))
-    if names is None:
-        if not hasattr(obj, "__dataclass_fields__"):
-            return obj
-        names = _FIELDS[type(obj)] = tuple(f.name for f in fields(obj))
-    return {name: _plain(getattr(obj, name)) for name in names}
-
-
-_FIELDS: dict[type, tuple[str, ...]] = {}
+    ``dumps`` runs at every step): the dataclasses become dicts, their values are shared.
+    Only the record's own dataclasses are looked into (a value of any other type is taken
+    as it is, without a look at each: this runs at every step)."""
+    out = {}
+    for name in _FIELDS[type(obj)]:
+        value = getattr(obj, name)
+        if type(value) in _FIELDS:
+            value = _plain(value)
+        out[name] = value
+    return out
 
 
 def _known(cls: Any, fields: dict[str, Any] | None) -> Any:
@@ -185,6 +185,9 @@ def _known(cls: Any, fields: dict[str, Any] | None) -> Any:
     return cls(**known)
 
 
+#: The fields of the dataclasses a record is made of, in order.
+_FIELDS: dict[type, tuple[str, ...]] = {
+    cls: tuple(f.name for f in fields(cls)) for cls in (KeyState, Pending, Running, Last, Options)}
 _TIMES = ("quiet_at", "timer_first", "edge_at", "lead_after")  # -inf is stored as null
 _SCALARS = ("key", "quiet_at", "max_from", "timer_first", "edge_at", "lead_after", "leader",
             "seq", "burst_run")

@@ -10,8 +10,9 @@ computed from (its SHA-1) and that the step's time is within ``SLACK_BEHIND``/``
 of the store's ``TIME``, and writes the state, appends the events, sets the key in the index
 and (on one Redis) the history, all at once. When the check fails the script answers the
 state as it is and its ``TIME``, and the step is computed again on them: the rules are never
-written twice, and a host whose view is stale pays one more round trip. Steps that fall in
-one turn of the event loop go out in one pipeline.
+written twice, and a host whose view is stale pays one more round trip. Steps that come while
+others are in flight go out together next, on a connection of their own (``wire.Wire``: the
+hot path without redis-py's layers; redis-py on a Redis Cluster or over TLS).
 
 Each step's last event id is published on the key's channel (``debounce:ev:T``); the one
 reader subscribes to the channels of the keys it follows and reads a key's stream only when
@@ -22,18 +23,16 @@ in the ``{fleet}`` slot, is written just after the step.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
 import secrets
 import time
-from typing import Any, NamedTuple
+from typing import Any
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from debounce_cli.daemon.fleet.layout import (
@@ -47,7 +46,6 @@ from debounce_cli.daemon.fleet.layout import (
     LEASES,
     RUNS,
     STEP,
-    STEP_SHA,
     Beat,
     Step,
     StoreDown,
@@ -60,6 +58,7 @@ from debounce_cli.daemon.fleet.layout import (
 )
 from debounce_cli.daemon.fleet.notices import FAILED as _FAILED
 from debounce_cli.daemon.fleet.notices import Notices
+from debounce_cli.daemon.fleet.pipeline import Pipeline
 from debounce_cli.daemon.fleet.record import Event, KeyState
 from debounce_cli.daemon.fleet.url import display
 
@@ -75,19 +74,9 @@ SLACK_AHEAD = 0.05
 #: Keys' states this host keeps to compute steps on, at most (the oldest are forgotten: a
 #: step on one of those costs a second round trip; each holds its job's environment).
 CACHE_KEYS = 20_000
-#: Steps sent in one pipeline, at most.
-BATCH = 256
 
 
-class _Call(NamedTuple):
-    """One step's script call, waiting for the next pipeline."""
-
-    keys: list[str]
-    args: list[Any]
-    answer: asyncio.Future[Any]
-
-
-class Store:
+class Store(Pipeline):
     def __init__(self, url: str) -> None:
         self.name = display(url)
         # A pooled connection that went stale (the store restarted) is replaced at once, and
@@ -111,9 +100,7 @@ class Store:
         self.cache: dict[str, bytes | None] = {}
         #: The store's TIME minus our monotonic clock, as last measured.
         self.offset: float | None = None
-        self.calls: list[_Call] = []  # steps waiting for the pipeline in flight
-        self.sending = False
-        self.sender: asyncio.Future[None] | None = None
+        super().__init__()
         self.notices = Notices(self)  # the reader of the followed keys' events
 
     async def ready(self) -> None:
@@ -142,6 +129,7 @@ class Store:
                 await client.aclose()
                 await client.connection_pool.disconnect()
         self.cluster = bool(info.get("cluster_enabled"))
+        self._wire_for(self.url, self.name, self.cluster)
         try:
             await self.redis.script_load(STEP)  # (on every primary of a cluster)
         except _FAILED:
@@ -160,6 +148,8 @@ class Store:
     async def close(self) -> None:
         if self.sender is not None:
             self.sender.cancel()
+        if self.wire is not None:
+            self.wire.close()
         listener = await self.notices.close()
         clients = (self.reader, self.redis, listener)
         for client in {id(c): c for c in clients if c is not None}.values():
@@ -329,57 +319,6 @@ class Store:
         cache[key] = raw  # (the newest last: the oldest go first when there are too many)
         if len(cache) > CACHE_KEYS:
             del cache[next(iter(cache))]
-
-    def _call(self, keys: list[str], args: list[Any]) -> asyncio.Future[Any]:
-        """The step's script call, in the next pipeline (one at a time is in flight; the
-        steps that come meanwhile go together in the next)."""
-        answer: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self.calls.append(_Call(keys, args, answer))
-        if not self.sending:
-            self.sending = True
-            self.sender = asyncio.ensure_future(self._send())
-        return answer
-
-    async def _send(self) -> None:
-        calls: list[_Call] = []
-        try:
-            while self.calls:
-                calls, self.calls = self.calls[:BATCH], self.calls[BATCH:]
-                try:
-                    replies = await self._pipeline(calls, sha=True)
-                    again = [i for i, r in enumerate(replies) if isinstance(r, NoScriptError)]
-                    if again:  # a store that restarted has forgotten the script
-                        redone = await self._pipeline([calls[i] for i in again], sha=False)
-                        for i, reply in zip(again, redone, strict=True):
-                            replies[i] = reply
-                except Exception as exc:  # noqa: BLE001 - each step hears it
-                    for call in calls:
-                        if not call.answer.done():
-                            call.answer.set_exception(exc)
-                    continue
-                for call, reply in zip(calls, replies, strict=True):
-                    if call.answer.done():
-                        continue
-                    if isinstance(reply, Exception):
-                        call.answer.set_exception(reply)
-                    else:
-                        self._measured(reply[1], reply[2])
-                        call.answer.set_result(reply)
-                calls = []
-        finally:
-            self.sending = False
-            for call in calls + self.calls:  # cancelled (the daemon stops)
-                call.answer.cancel()
-            self.calls = []
-
-    async def _pipeline(self, calls: list[_Call], sha: bool) -> list[Any]:
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for call in calls:
-                if sha:
-                    pipe.evalsha(STEP_SHA, len(call.keys), *call.keys, *call.args)
-                else:
-                    pipe.eval(STEP, len(call.keys), *call.keys, *call.args)
-            return list(await pipe.execute(raise_on_error=False))
 
     async def name_run(self, run: int, key: str) -> None:
         """Which key fleet run ``run`` belongs to (``--run N`` from any host)."""
