@@ -28,7 +28,9 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any
 
-from fleet_sim import Caller, Sim
+from fleet_sim import Caller, Sim, SimHost
+
+from debounce_cli.daemon.fleet.layout import StoreDown
 
 KEYS = ("k1", "k2", "k3")
 HOSTS = "abcd"
@@ -41,13 +43,51 @@ class Round:
     callers: list[tuple[str, str, Caller]] = field(default_factory=list)  # host, key, caller
 
 
-def play(seed: int, lease: float = 2.0, steps: int = 60) -> tuple[Sim, Round]:
+def _options(rnd: random.Random, rich: bool) -> dict[str, Any]:
+    """A submission's options: the on-busy mode, and with ``rich`` the rest of them too
+    (leading and trailing edges, max-wait, collect, a timeout, no-defer)."""
+    options: dict[str, Any] = {"on_busy": rnd.choice(["queue", "queue", "restart", "ignore"])}
+    if not rich:
+        return options
+    if rnd.random() < 0.25:
+        options["leading"] = True
+        options["trailing"] = rnd.random() < 0.5
+    if rnd.random() < 0.2:
+        options["max_wait"] = rnd.choice([0.5, 1.5])
+    if rnd.random() < 0.2:
+        options["collect"] = True
+    if rnd.random() < 0.1:
+        options["timeout"] = rnd.choice([0.2, 2.0])
+    if rnd.random() < 0.1:
+        options["defer"] = False
+    if rnd.random() < 0.1:
+        options["on_busy"] = "signal"
+    return options
+
+
+async def _control(host: SimHost, what: str, key: str) -> None:
+    """``debounce flush``, ``cancel`` or ``kill`` on ``key`` from ``host`` (the store may
+    refuse it, as it may refuse a client)."""
+    try:
+        if what == "flush":
+            await host.fleet.flush(key)
+        elif what == "cancel":
+            await host.fleet.cancel(key)
+        else:
+            await host.fleet.kill(key, None)
+    except StoreDown:
+        pass
+
+
+def play(seed: int, lease: float = 2.0, steps: int = 60, rich: bool = False
+         ) -> tuple[Sim, Round]:
     """One round: ``steps`` actions a quarter second apart, then every fault healed and a
-    minute of quiet so that everything that can end, ends."""
+    minute of quiet so that everything that can end, ends. With ``rich``: every option,
+    job slots (``daemon --jobs 1`` on one host), and flush, cancel and kill from any host."""
     rnd = random.Random(seed)
     sim = Sim(lease=lease)
     rec = Round(seed)
-    hosts = [sim.host(name) for name in HOSTS]
+    hosts = [sim.host(name, jobs=1 if rich and name == "a" else None) for name in HOSTS]
     sim.run_for(lease * 1.5)
     dead: set[str] = set()
     frozen: dict[str, float] = {}  # host -> when it thaws
@@ -75,10 +115,15 @@ def play(seed: int, lease: float = 2.0, steps: int = 60) -> tuple[Sim, Round]:
             host = rnd.choice(live)
             key = rnd.choice(KEYS)
             seconds = rnd.choice([0.0, 0.3, 1.0, 3.0, 8.0])
-            options: dict[str, Any] = {"on_busy": rnd.choice(["queue", "queue", "restart",
-                                                              "ignore"])}
+            options = _options(rnd, rich)
             caller = host.submit(key, seconds, delay=rnd.choice([0.0, 0.25, 1.0]), **options)
             rec.callers.append((host.name, key, caller))
+        elif rich and roll < 0.6 + 0.04 and live:
+            host = rnd.choice(live)
+            what = rnd.choice(["flush", "cancel", "kill"])
+            key = rnd.choice(KEYS)
+            sim.loop.create_task(_control(host, what, key))
+            rec.faults.append(f"{now:.2f} {what} {key} from {host.name}")
         elif roll < 0.65 and len(live) > 2:
             host = rnd.choice(live)
             dead.add(host.name)
@@ -166,11 +211,13 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=50)
+    parser.add_argument("--rich", action="store_true",
+                        help="every option, job slots, and flush, cancel and kill")
     args = parser.parse_args()
     failures = 0
     for n in range(args.rounds):
         seed = args.seed * 100_003 + n
-        sim, rec = play(seed)
+        sim, rec = play(seed, rich=args.rich)
         try:
             broken = check(sim, rec)
         finally:

@@ -296,6 +296,21 @@ def test_random_faults_break_no_invariant() -> None:
         assert broken == [], f"seed {seed}: {broken}\n" + "\n".join(rec.faults)
 
 
+def test_random_faults_with_every_option_and_control_break_no_invariant() -> None:
+    """The same with ``--rich``: every option (leading and trailing edges, max-wait,
+    collect, timeouts, no-defer, on-busy signal), a host with one job slot, and flush,
+    cancel and kill from any host among the faults."""
+    from fleet_chaos import check, play
+
+    for seed in range(100, 112):
+        sim, rec = play(seed, rich=True)
+        try:
+            broken = check(sim, rec)
+        finally:
+            sim.close()
+        assert broken == [], f"seed {seed}: {broken}\n" + "\n".join(rec.faults)
+
+
 def test_a_fleet_waiter_is_told_the_store_is_unreachable_and_then_where_its_key_stands(
         sim: Sim) -> None:
     """Issue 19, item 6: a waiter showed "due, key busy" for a whole store outage. It is told
