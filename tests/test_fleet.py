@@ -154,8 +154,8 @@ def test_a_host_killed_before_its_run_is_taken_over_once(fleet):
 def test_a_host_killed_during_its_run_reports_it_lost_and_it_never_runs_twice(fleet):
     out = fleet.hosts[0].work / "runs.txt"
     command = ["sh", "-c", f'echo "$DEBOUNCE_HOST" >> {out}; sleep 30']
-    procs = submit_in_order(fleet, "l", [(1, ["--delay", "0.5s", "--", *command]),
-                                         (0, ["--delay", "0.5s", "--", *command])])
+    procs = submit_in_order(fleet, "l", [(1, ["--delay", "1.5s", "--", *command]),
+                                         (0, ["--delay", "1.5s", "--", *command])])
     wait_until(lambda: runs_in(out), timeout=15)
     fleet.hosts[0].kill9()
     code, _, err = finish(procs[0])
@@ -169,8 +169,8 @@ def test_a_host_killed_during_its_run_reports_it_lost_and_it_never_runs_twice(fl
 
 def test_a_frozen_host_does_not_run_what_another_took_over(fleet):
     out = fleet.hosts[0].work / "runs.txt"
-    procs = submit_in_order(fleet, "z", [(1, ["--delay", "0.5s", "--", *record(out), "b"]),
-                                         (0, ["--delay", "0.5s", "--", *record(out), "a"])])
+    procs = submit_in_order(fleet, "z", [(1, ["--delay", "1.5s", "--", *record(out), "b"]),
+                                         (0, ["--delay", "1.5s", "--", *record(out), "a"])])
     assert fleet.hosts[0].daemon is not None
     os.kill(fleet.hosts[0].daemon.pid, signal.SIGSTOP)
     try:
@@ -524,7 +524,7 @@ def test_a_redis_cluster_serves_the_fleet():
         procs = []
         for key in keys:
             procs += submit_in_order(fleet, key, [
-                (h, ["--delay", "0.5s", "--", *record(out), key]) for h in (0, 1, 2)])
+                (h, ["--delay", "1.5s", "--", *record(out), key]) for h in (0, 1, 2)])
         for proc in procs:
             code, stdout, err = finish(proc)
             assert code == 0, err

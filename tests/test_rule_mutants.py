@@ -68,7 +68,7 @@ for index, where in enumerate(sys.argv[1:]):
         out = os.open(os.path.join(where, "pytest.out"), os.O_WRONLY | os.O_CREAT, 0o600)
         os.dup2(out, 1)
         os.dup2(out, 2)
-        code = pytest.main(["-q", "-x", "-p", "no:cacheprovider", "-W",
+        code = pytest.main(["-q", "-x", "-n", "0", "-p", "no:cacheprovider", "-W",
                             "ignore::pytest.PytestAssertRewriteWarning", "tests/test_rules.py"])
         sys.stdout.flush()
         os._exit(int(code))
