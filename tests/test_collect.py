@@ -21,7 +21,7 @@ def _lint(world, *args: str):
     script.write_text('#!/bin/sh\necho "lint $*"\necho "$*" >> runs.txt\n'
                       'cat "$DEBOUNCE_BATCH" >> batches.txt\n')
     script.chmod(0o755)
-    return world.popen("run", "--collect", "--delay", "500ms", "--", "./lint", *args)
+    return world.popen("run", "--collect", "--delay", "2s", "--", "./lint", *args)
 
 
 def test_collect_without_a_key_batches_calls_that_differ_in_their_last_argument(world):

@@ -36,7 +36,8 @@ def start_daemon(world) -> int:
 
 
 def submit_in_order(world, key: str, calls: list[tuple[list[str], dict]]) -> list:
-    """Start one background ``debounce run`` per call, each accepted before the next starts.
+    """Start one background ``debounce run`` per call, each accepted before the next starts
+    (their delay must outlast a client's start and a ``status``: 2 s holds on a busy machine).
 
     ``calls`` holds (args, popen keyword arguments); all must use ``--key key``. Ordering is
     established by waiting until ``status`` shows the pending invocation standing for one more
@@ -82,7 +83,7 @@ def test_callers_coalesce_into_one_run_of_the_last_argv(world):
     log = world.work / "runs.log"
     script = f'echo "$1" >> {log}; exit 7'
     calls = [
-        (["--delay", "1s", "--key", "k", "--json", "--", "sh", "-c", script, "sh", f"call{i}"], {})
+        (["--delay", "2s", "--key", "k", "--json", "--", "sh", "-c", script, "sh", f"call{i}"], {})
         for i in (1, 2, 3)
     ]
     start_daemon(world)
@@ -105,7 +106,7 @@ def test_callers_coalesce_into_one_run_of_the_last_argv(world):
 def test_output_reaches_every_coalesced_waiter(world):
     script = 'echo "OUT-$1"; echo "ERR-$1" >&2'
     calls = [
-        (["--delay", "1s", "--key", "out", "--", "sh", "-c", script, "sh", f"n{i}"], {})
+        (["--delay", "2s", "--key", "out", "--", "sh", "-c", script, "sh", f"n{i}"], {})
         for i in (1, 2, 3)
     ]
     start_daemon(world)
@@ -179,7 +180,7 @@ def test_cwd_and_environment_of_the_latest_caller_win(world):
         f'printf "%s\\n" "$(pwd -P)" "$MYVAR" "$DEBOUNCE_KEY" "$DEBOUNCE_RUN_ID" '
         f'"$DEBOUNCE_COALESCED" > {out}'
     )
-    args = ["--delay", "1s", "--key", "envkey", "--json", "--", "sh", "-c", script]
+    args = ["--delay", "2s", "--key", "envkey", "--json", "--", "sh", "-c", script]
     env1 = dict(world.env, MYVAR="one")
     env2 = dict(world.env, MYVAR="two")
     start_daemon(world)
@@ -222,7 +223,7 @@ def test_seed_key_template_coalesces_by_first_two_arguments(world):
     notify.write_text(f'#!/bin/sh\necho "$@" >> {log}\n')
     notify.chmod(0o755)
     template = "#{1}:#{2}"
-    base = ["--delay", "1s", "--key", template, "--json", "--", str(notify)]
+    base = ["--delay", "2s", "--key", template, "--json", "--", str(notify)]
     start_daemon(world)
     a, b = submit_in_order(world, "#1:#2",
                            [([*base, "1", "2", "a"], {}), ([*base, "1", "2", "b"], {})])

@@ -41,7 +41,7 @@ def value(samples, name: str, **labels: str) -> float:
 
 def test_metrics_count_submissions_coalescing_runs_and_outcomes(world):
     for _ in range(3):
-        proc = world.run("run", "--no-wait", "--key", "docs", "--delay", "300ms", "--",
+        proc = world.run("run", "--no-wait", "--key", "docs", "--delay", "2s", "--",
                          "true")
         assert proc.returncode == 0, proc.stderr
     assert world.run("wait", "--key", "docs").returncode == 0
