@@ -161,7 +161,7 @@ def _bent(line: bytes, how: int, where: int) -> bytes:
     return line
 
 
-@settings(max_examples=1500, deadline=None)
+@settings(max_examples=600, deadline=None)
 @given(st.lists(st.tuples(_FIELDS, st.permutations(["argv", "cwd", "env", "key", "options",
                                                       "wait", "type", "extra"]),
                           st.integers(0, 12), st.integers(0, 10_000)), min_size=1, max_size=6))
