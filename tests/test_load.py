@@ -71,7 +71,7 @@ def test_fifty_clients_waiting_on_one_key_share_one_run(world):
     log = world.work / "runs.log"
     status(world)
     procs = [
-        world.popen("run", "--key", "one", "--delay", "3s", "--json", "--",
+        world.popen("run", "--key", "one", "--delay", "6s", "--json", "--",
                     "sh", "-c", f"echo x >> {log}; exit 5")
         for _ in range(50)
     ]
