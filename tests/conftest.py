@@ -13,7 +13,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -152,8 +153,10 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.slow)
 
 
-@pytest.fixture
-def world():
+@contextmanager
+def new_world() -> Iterator[World]:
+    """A World in a fresh directory, its daemon and processes stopped and the directory
+    removed afterwards."""
     root = Path(tempfile.mkdtemp(prefix="dbt-", dir="/tmp"))
     w = World(root)
     try:
@@ -161,3 +164,21 @@ def world():
     finally:
         w.cleanup()
         shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def world():
+    with new_world() as w:
+        yield w
+
+
+@pytest.fixture
+def sim():
+    """Fleet hosts on fake time (``fleet_sim``), a lease of 10 s."""
+    from fleet_sim import Sim
+
+    s = Sim(lease=10.0)
+    try:
+        yield s
+    finally:
+        s.close()

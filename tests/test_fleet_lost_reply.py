@@ -9,7 +9,6 @@ import json
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,15 +22,6 @@ from debounce_cli.scheduler import Options
 from conftest import lines, wait_until
 from fleet_proxy import Proxy
 from fleet_support import Host, Redis
-
-
-@pytest.fixture
-def sim() -> Iterator[Sim]:
-    s = Sim(lease=10.0)
-    try:
-        yield s
-    finally:
-        s.close()
 
 
 def test_a_lost_answer_is_retried_and_the_command_runs_once(sim: Sim) -> None:

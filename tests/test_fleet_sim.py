@@ -5,21 +5,11 @@ covering the Redis store itself."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 
 import pytest
 from fleet_sim import Sim, SimHost, SimProcess
 
 from debounce_cli import protocol
-
-
-@pytest.fixture
-def sim() -> Iterator[Sim]:
-    s = Sim(lease=10.0)
-    try:
-        yield s
-    finally:
-        s.close()
 
 
 def test_one_run_on_the_latest_host_and_every_caller_gets_it(sim: Sim) -> None:

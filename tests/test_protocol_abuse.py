@@ -10,9 +10,7 @@ from __future__ import annotations
 import json
 import os
 import random
-import shutil
 import socket
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -21,7 +19,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import World, status_pid
+from conftest import new_world, status_pid
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -167,13 +165,8 @@ def one_world():
     """One daemon for every malformed line: each case checks that the very daemon it started
     with still serves (a crash shows in the case that caused it; the next case starts
     afresh), and sparing a daemon's start-up and stop per case saves most of their time."""
-    root = Path(tempfile.mkdtemp(prefix="dbt-", dir="/tmp"))
-    w = World(root)
-    try:
+    with new_world() as w:
         yield w
-    finally:
-        w.cleanup()
-        shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.mark.slow  # (a real daemon, as the world fixture's tests are)
