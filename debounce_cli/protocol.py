@@ -582,17 +582,34 @@ if _json is not None:
     #: One encoder for every message (compact separators; records through _plain).
     _ENCODE = _json.make_encoder(None, _plain, _json.encode_basestring_ascii, None, ":", ",",
                                  False, False, True)
+    _QUOTE = _json.encode_basestring_ascii
 else:  # pragma: no cover - other Pythons
     import json as _json_module
 
     _SCAN = _json_module.JSONDecoder().scan_once
     _SCANSTRING = _json_module.decoder.scanstring
     _ENCODE = _json_module.JSONEncoder(separators=(",", ":"), default=_plain).iterencode
+    _QUOTE = _json_module.encoder.encode_basestring_ascii
 
 
 def encode(msg: Message) -> bytes:
     """One line of JSON, newline included."""
     return ("".join(_ENCODE(msg.to_dict(), 0)) + "\n").encode()
+
+
+def accepted_line(inv_id: int, key: str, state: str, due_in: float | None,
+                  coalesced: int) -> bytes:
+    """``encode(Accepted(id=inv_id, ...))``, byte for byte, without making the message: every
+    submission is answered with one."""
+    if due_in is None:
+        due = "null"
+    elif type(due_in) is float and due_in - due_in == 0.0:  # finite: JSON writes its repr
+        due = repr(due_in)
+    else:
+        return encode(Accepted(id=inv_id, key=key, state=state, due_in=due_in,
+                               coalesced=coalesced))
+    return (f'{{"type":"accepted","id":{inv_id!r},"key":{_QUOTE(key)},"state":{_QUOTE(state)},'
+            f'"due_in":{due},"coalesced":{coalesced!r}}}\n').encode()
 
 
 def decode(line: bytes, kinds: dict[str, type[Message]], limit: int = MAX_MESSAGE) -> Message:

@@ -16,6 +16,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 from debounce_cli import protocol
+from debounce_cli.daemon import records
 from debounce_cli.daemon.config import Config
 from debounce_cli.daemon.fleet.coordinator import Fleet
 from debounce_cli.daemon.fleet.execution import Execution
@@ -23,7 +24,7 @@ from debounce_cli.daemon.fleet.memory import Memory, MemoryStore
 from debounce_cli.daemon.jobs import Job, RunSpec
 from debounce_cli.daemon.runs import Runs
 from debounce_cli.rules import Options
-from debounce_cli.scheduler import Scheduler
+from debounce_cli.scheduler import Invocation, Scheduler
 
 EPOCH = 1_800_000_000.0  # the store's clock, in seconds since 1970, at loop time 0
 
@@ -197,6 +198,9 @@ class Caller:
     # Submitter
     def answered(self, msg: protocol.Message) -> None:
         self.answer = msg
+
+    def accepted(self, inv: Invocation, now: float) -> None:
+        self.answer = records.accepted_msg(inv, now)
 
     # Waiter
     def raw(self, line: bytes) -> None:

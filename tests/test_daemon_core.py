@@ -24,7 +24,7 @@ from debounce_cli.daemon.handlers import Context
 from debounce_cli.daemon.jobs import RunSpec
 from debounce_cli.journal import JournalError
 from debounce_cli.protocol import Accepted, Cancelled, Done, Error, Finished, Pending, Started
-from debounce_cli.scheduler import Run, Scheduler
+from debounce_cli.scheduler import Invocation, Run, Scheduler
 
 WALL = 1_800_000_000.0  # FakeClock's wall offset: wall time is WALL + monotonic time
 
@@ -143,6 +143,9 @@ class FakeClient:
         self.raw(protocol.encode(msg))
 
     answered = finish = send  # the submission's answer; a run's Finished or Cancelled
+
+    def accepted(self, inv: Invocation, now: float) -> None:
+        self.raw(records.accepted_line(inv, now))  # the bytes a connection sends
 
     def close(self) -> None:
         self.closed += 1

@@ -15,6 +15,7 @@ from test_daemon_core import FakeClient, FakeRuns
 
 from debounce_cli import protocol
 from debounce_cli.clock import SystemClock
+from debounce_cli.daemon import records
 from debounce_cli.daemon.config import Config
 from debounce_cli.daemon.core import Core
 from debounce_cli.daemon.handlers import Context, handle_run
@@ -57,6 +58,8 @@ def test_submissions_read_in_the_next_pass_of_the_loop_share_one_commit(tmp_path
         reply = handle_run(ctx, client, request(f"k{index}"))
         assert reply is None
         client.answered = lambda msg, c=client: answered(c, msg)  # type: ignore[method-assign]
+        client.accepted = (  # type: ignore[method-assign]
+            lambda inv, now, c=client: answered(c, records.accepted_msg(inv, now)))
 
     def answered(client: FakeClient, msg: protocol.Message) -> None:
         assert commits, "answered before any commit"
@@ -193,3 +196,15 @@ def test_the_daemons_decoder_reads_a_known_environment_once():
     assert first.env == env and second.env is first.env
     assert second == protocol.decode(lines[1], protocol.REQUESTS)
 
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(min_value=0, max_value=2**63 - 1), st.text(), st.text(),
+       st.none() | st.floats(allow_nan=True, allow_infinity=True) | st.integers(0, 10**6),
+       st.integers(min_value=1, max_value=2**63 - 1))
+def test_the_accepted_answer_is_made_as_encode_makes_it(inv_id, key, state, due_in, coalesced):
+    """Every submission's answer is written straight as bytes (``protocol.accepted_line``):
+    the client must read exactly what encoding the message would give, whatever the key."""
+    made = protocol.accepted_line(inv_id, key, state, due_in, coalesced)
+    assert made == protocol.encode(protocol.Accepted(id=inv_id, key=key, state=state,
+                                                     due_in=due_in, coalesced=coalesced))

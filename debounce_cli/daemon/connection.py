@@ -27,6 +27,7 @@ from debounce_cli.daemon import records
 from debounce_cli.daemon.handlers import HANDLERS, Context
 from debounce_cli.logfile import HEADER_SIZE, NOTE, read_records
 from debounce_cli.protocol import ProtocolError
+from debounce_cli.scheduler import Invocation
 from debounce_cli.states import BAD_REQUEST, REFUSED
 
 #: A connection must send its hello and request within this many seconds.
@@ -212,21 +213,29 @@ class Connection(asyncio.Protocol):
 
     def answered(self, msg: protocol.Message) -> None:
         """The answer owed after the commit: send it, then go on with the lines held back."""
+        if self.waiting and isinstance(msg, protocol.Error):
+            self.owed = False
+            self.refuse(msg.message, msg.code)
+            self.ctx.core.detach(self)
+            return
+        self._answer(protocol.encode(msg))
+
+    def accepted(self, inv: Invocation, now: float) -> None:
+        """The submission is accepted (the answer of most requests, made straight as bytes)."""
+        self._answer(records.accepted_line(inv, now))
+
+    def _answer(self, line: bytes) -> None:
         self.owed = False
+        if not self.closed and self.transport is not None:
+            self.transport.write(line)
         if self.waiting:
-            if isinstance(msg, protocol.Error):
-                self.refuse(msg.message, msg.code)
-                self.ctx.core.detach(self)
-                return
             self.acked = True
-            self.write(msg)
             held, self.held = self.held, []
             for line in held:
                 self.raw(line)
             if self.finishing:
                 self.close()
             return
-        self.write(msg)
         self._arm()
         self._process()
         if self.eof and not self.owed:

@@ -376,7 +376,7 @@ class Core:
         if ack.submitter is None:
             return
         if failure is None:
-            ack.submitter.answered(records.accepted_msg(inv, now))
+            ack.submitter.accepted(inv, now)
         else:
             ack.submitter.answered(protocol.Error(
                 message=f"cannot store the invocation: {failure}", code=REFUSED))

@@ -61,6 +61,17 @@ def accepted_msg(inv: Invocation, now: float) -> protocol.Accepted:
                              due_in=due_in(head, now), coalesced=head.coalesced)
 
 
+def accepted_line(inv: Invocation, now: float) -> bytes:
+    """:func:`accepted_msg`, encoded (``protocol.accepted_line``: the answer to every
+    submission, made without the message)."""
+    head = inv.head()
+    if head.run is not None:
+        return protocol.accepted_line(inv.id, head.key, head.run.state, None,
+                                      head.run.coalesced)
+    return protocol.accepted_line(inv.id, head.key, head.state, due_in(head, now),
+                                  head.coalesced)
+
+
 def output_line(fd: int, data: bytes) -> bytes:
     """One Output message, encoded once for all the waiters of a run."""
     return protocol.encode(

@@ -28,7 +28,7 @@ from debounce_cli.daemon.jobs import Job, check_key, parse_options
 from debounce_cli.durations import DurationError, parse_duration
 from debounce_cli.options import BY_NAME, DURATION, RUN_OPTIONS, expand
 from debounce_cli.protocol import ProtocolError
-from debounce_cli.scheduler import Options
+from debounce_cli.scheduler import Invocation, Options
 
 #: JSON field -> (option field, negated). Negated flags are accepted by their flag's name too
 #: ("no_defer": true is "defer": false).
@@ -117,6 +117,9 @@ class _Line:
         if isinstance(msg, protocol.Error):
             _report(self.number, msg.message)
             self.waiter.failures += 1
+
+    def accepted(self, inv: Invocation, now: float) -> None:
+        pass  # a line accepted is said by its run's outcome, not here
 
 
 #: Bytes read from stdin at a time; the lines of each read go to the loop in one callback.

@@ -12,7 +12,7 @@ from typing import Any, Protocol
 
 from debounce_cli import protocol
 from debounce_cli.daemon import records
-from debounce_cli.scheduler import Run
+from debounce_cli.scheduler import Invocation, Run
 
 
 class Waiter(Protocol):
@@ -43,6 +43,10 @@ class Submitter(Protocol):
     """Who is owed the answer to a submission once the turn's commit is done."""
 
     def answered(self, msg: protocol.Message) -> None: ...
+
+    def accepted(self, inv: Invocation, now: float) -> None:
+        """The answer is ``records.accepted_msg(inv, now)``: made only by a submitter that
+        sends it."""
 
 
 def unique(waiters: Iterable[Any]) -> list[Any]:
