@@ -25,6 +25,7 @@ from typing import BinaryIO
 from debounce_cli import protocol
 from debounce_cli.daemon import records
 from debounce_cli.daemon.handlers import HANDLERS, Context
+from debounce_cli.daemon.reading import SharedReader
 from debounce_cli.logfile import HEADER_SIZE, NOTE, read_records
 from debounce_cli.protocol import ProtocolError
 from debounce_cli.scheduler import Invocation
@@ -62,7 +63,7 @@ class ServerState:
     changed: Callable[[], None] = field(default=lambda: None)
 
 
-class Connection(asyncio.Protocol):
+class Connection(SharedReader):
     """A client on the socket; a :class:`~debounce_cli.daemon.waiters.Waiter` once it waits."""
 
     def __init__(self, state: ServerState, ctx: Context) -> None:
