@@ -13,8 +13,14 @@ environment and options stay in its row until it finishes, for that).
 
 What is written is a snapshot, not a log of events: the scheduler reports which keys and runs
 changed (its ``observer``), and :meth:`Journal.commit` writes each changed key's current
-pending invocation, or deletes the row when nothing is pending any more. A key touched a
-thousand times in one turn costs one row write.
+pending invocation, or that nothing is pending any more. A key touched a thousand times in
+one turn costs one row write. Those rows are appended to the ``intake`` table, in the order
+of their commits, rather than put in their place in ``pending``: a commit of eight keys then
+writes one or two pages instead of eight scattered ones (each a 4 KiB frame in the WAL).
+Every ``FOLD`` rows or so a commit folds the intake into ``pending`` (each key it names
+written once, in its current state) and empties it. The pending invocations are those of
+``pending`` with the intake's rows laid over them in order, a row without an ``id`` saying
+that the key has none.
 
 The database runs in WAL mode with ``synchronous=NORMAL``: a commit survives the daemon's death
 (``kill -9``, a crash, an OOM kill) because it is in the operating system's hands before the
@@ -67,6 +73,25 @@ CREATE TABLE IF NOT EXISTS pending (
     state TEXT NOT NULL,
     PRIMARY KEY (socket, key)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS intake (
+    seq INTEGER PRIMARY KEY,
+    socket TEXT NOT NULL,
+    key TEXT NOT NULL,
+    id INTEGER,
+    argv TEXT,
+    cwd TEXT,
+    env_id INTEGER,
+    options TEXT,
+    received_at REAL,
+    due_at REAL,
+    first_at REAL,
+    coalesced INTEGER,
+    leading_edge INTEGER,
+    state TEXT,
+    batch TEXT,
+    covered TEXT,
+    covered_more INTEGER
+);
 CREATE TABLE IF NOT EXISTS runs (
     socket TEXT NOT NULL,
     run_id INTEGER NOT NULL,
@@ -100,6 +125,11 @@ CREATE TABLE IF NOT EXISTS batches (
     PRIMARY KEY (socket, key, seq)
 ) WITHOUT ROWID;
 """
+
+#: The intake is folded into ``pending`` by the commit that would take it past this many rows,
+#: or past twice as many rows as keys it names (so it never holds much more than the keys
+#: changed since the last fold).
+FOLD = 4096
 
 #: Cancelled invocations remembered for ``debounce wait --invocation`` (the newest).
 CANCELLED_KEPT = 10_000
@@ -230,6 +260,9 @@ class Journal:
         #: its items are in the ``batches`` table. A batch only grows at its end (what was
         #: committed cannot be taken back), so each commit writes only the new items.
         self.batch_rows: dict[str, tuple[list[Any], int]] = {}
+        #: The keys the intake has rows of, and how many rows it has (see FOLD).
+        self.intake_keys: set[str] = set()
+        self.intake_rows = 0
 
     # ------------------------------------------------------------------ opening
     def open(self) -> None:
@@ -299,18 +332,24 @@ class Journal:
         return bool(self.dirty_keys or self.dirty_runs or self.forgotten_runs
                     or self.cancellations)
 
-    def commit(self, scheduler: Scheduler, wall_offset: float) -> None:
+    def commit(self, scheduler: Scheduler, wall_offset: float, fold: bool = False) -> None:
         """Write every changed key and run in one transaction; raise JournalError on failure.
 
         ``wall_offset`` turns the scheduler's monotonic times into wall-clock times. On failure
         nothing is forgotten: the same changes are written by the next commit that succeeds.
+        With ``fold`` (a daemon that stops) the intake is folded into ``pending`` now.
         """
-        if not self.dirty:
+        if not (self.dirty or (fold and self.intake_rows)):
             return
         batch_rows: dict[str, tuple[list[Any], int] | None] = {}
+        keys = self.dirty_keys
+        added = self.intake_rows + len(keys)
+        fold = bool(self.intake_rows) and (fold or added > max(FOLD, 2 * len(self.intake_keys)))
+        if fold:
+            keys = self.intake_keys | keys
         with self._transaction() as db:
             gone, rows = [], []
-            for key in self.dirty_keys:
+            for key in keys:
                 ks = scheduler.keys.get(key)
                 inv = ks.pending if ks is not None else None
                 if inv is None:
@@ -320,16 +359,13 @@ class Journal:
                 batch = inv.batch if inv is not None else ()
                 if batch or key in self.batch_rows:
                     batch_rows[key] = self._write_batch(db, key, batch)
-            if gone:
+            if fold:
                 db.executemany("DELETE FROM pending WHERE socket = ? AND key = ?", gone)
-            if rows:
-                db.executemany(
-                    "INSERT OR REPLACE INTO pending (socket, key, id, argv, cwd, env_id, "
-                    "options, received_at, due_at, first_at, coalesced, leading_edge, state, "
-                    "batch, covered, covered_more) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    rows,
-                )
+                db.executemany(f"INSERT OR REPLACE INTO pending {_PENDING_COLUMNS}", rows)
+                db.execute("DELETE FROM intake WHERE socket = ?", (self.socket,))
+            else:
+                db.executemany("INSERT INTO intake (socket, key) VALUES (?, ?)", gone)
+                db.executemany(f"INSERT INTO intake {_PENDING_COLUMNS}", rows)
             for run in self.dirty_runs.values():
                 self._write_run(db, run)
             if self.forgotten_runs:
@@ -342,6 +378,12 @@ class Journal:
                     [(self.socket, inv_id, _t(key), when)
                      for key, ids, when in self.cancellations for inv_id in ids],
                 )
+        if fold:
+            self.intake_keys.clear()
+            self.intake_rows = 0
+        else:
+            self.intake_keys |= keys
+            self.intake_rows = added
         for key, written in batch_rows.items():  # only once the commit holds them
             if written is None:
                 self.batch_rows.pop(key, None)
@@ -497,19 +539,27 @@ class Journal:
         db = self.db
         assert db is not None
         pending = []
-        rows = db.execute(
-            "SELECT p.key, p.id, p.argv, p.cwd, e.env, p.options, p.received_at, p.due_at, "
-            "p.first_at, p.coalesced, p.leading_edge, p.state, p.batch, p.covered, "
-            "p.covered_more FROM pending p "
-            "LEFT JOIN envs e ON e.id = p.env_id WHERE p.socket = ? ORDER BY p.received_at",
-            (self.socket,),
-        )
+        columns = ("p.key, p.id, p.argv, p.cwd, e.env, p.options, p.received_at, p.due_at, "
+                   "p.first_at, p.coalesced, p.leading_edge, p.state, p.batch, p.covered, "
+                   "p.covered_more")
+        # The table's rows, then the intake's over them in their order (see the module).
+        latest = {row[0]: row for row in db.execute(
+            f"SELECT {columns} FROM pending p LEFT JOIN envs e ON e.id = p.env_id "
+            "WHERE p.socket = ?", (self.socket,))}
+        for row in db.execute(
+                f"SELECT {columns} FROM intake p LEFT JOIN envs e ON e.id = p.env_id "
+                "WHERE p.socket = ? ORDER BY p.seq", (self.socket,)):
+            latest[row[0]] = row
+            self.intake_keys.add(_s(row[0]))
+            self.intake_rows += 1
+        rows = sorted((row for row in latest.values() if row[1] is not None),
+                      key=lambda row: row[6])  # by received_at
         batches: dict[str, list[list[str]]] = {}
         for key, argv in db.execute(
                 "SELECT key, argv FROM batches WHERE socket = ? ORDER BY key, seq",
                 (self.socket,)):
             batches.setdefault(_s(key), []).append(json.loads(argv))
-        for row in rows.fetchall():
+        for row in rows:
             (key, inv_id, argv, cwd, env, options, received, due, first, coalesced, leading,
              state, batch, covered, covered_more) = row
             key = _s(key)
@@ -541,8 +591,9 @@ class Journal:
         # Invocation ids name --no-defer keys (KEY#ID): never hand out one a run already had.
         max_id = db.execute(
             "SELECT max(m) FROM (SELECT max(id) AS m FROM pending WHERE socket = ? "
+            "UNION ALL SELECT max(id) FROM intake WHERE socket = ? "
             "UNION ALL SELECT max(inv_id) FROM runs WHERE socket = ?)",
-            (self.socket, self.socket),
+            (self.socket, self.socket, self.socket),
         ).fetchone()[0]
         max_run = db.execute(
             "SELECT max(run_id) FROM runs WHERE socket = ?", (self.socket,)
@@ -580,9 +631,10 @@ class Journal:
         db.execute(
             "DELETE FROM envs WHERE socket = ? AND id NOT IN "
             "(SELECT env_id FROM pending WHERE socket = ?) AND id NOT IN "
+            "(SELECT env_id FROM intake WHERE socket = ? AND env_id IS NOT NULL) AND id NOT IN "
             "(SELECT env_id FROM runs WHERE socket = ? AND finished_at IS NULL "
             " AND env_id IS NOT NULL)",
-            (self.socket, self.socket, self.socket),
+            (self.socket, self.socket, self.socket, self.socket),
         )
         self.env_ids.clear()
         self.env_objects.clear()
@@ -678,6 +730,14 @@ class Journal:
                 "cancelled WHERE socket = ? ORDER BY inv_id DESC LIMIT 1 OFFSET ?)",
                 (self.socket, self.socket, CANCELLED_KEPT))
         return files
+
+
+#: The columns of a pending invocation's row, in ``pending`` and in ``intake``.
+_PENDING_COLUMNS = (
+    "(socket, key, id, argv, cwd, env_id, options, received_at, due_at, first_at, coalesced, "
+    "leading_edge, state, batch, covered, covered_more) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
 
 
 @functools.lru_cache(maxsize=4096)

@@ -456,6 +456,11 @@ class Core:
                 handle.cancel()
         self.timer = self.retry = None
         if self.journal is not None:
+            try:  # the intake folded into its table: what an older daemon would read too
+                self.journal.commit(self.scheduler, self.clock.wall() - self.clock.monotonic(),
+                                    fold=True)
+            except JournalError:
+                pass  # (the next daemon reads the intake as it is)
             self.journal.close()
 
 
