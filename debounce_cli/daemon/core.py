@@ -382,7 +382,13 @@ class Core:
                 message=f"cannot store the invocation: {failure}", code=REFUSED))
 
     def _carry_out(self, effect: Effect) -> None:
-        if isinstance(effect, StartRun):
+        if type(effect) is Updated:  # first: every submission makes one
+            if effect.invocation.waiters:  # --no-wait submissions have nobody to tell
+                pending = records.pending_msg(effect.invocation, self.clock.monotonic())
+                line = protocol.encode(pending)
+                for waiter in unique(effect.invocation.waiters):
+                    waiter.raw(line)
+        elif isinstance(effect, StartRun):
             run, inv = effect.run, effect.run.invocation
             self.metrics.run_started(run.key, self.clock.wall() - run.due_wall)
             self.runs.start(RunSpec(run.id, run.key, records.job_of(inv), inv.options,
@@ -423,12 +429,6 @@ class Core:
                 for waiter in joining:
                     waiter.start(run.id, started, log)
                     waiter.replay(lambda: self.runs.output_so_far(run.id, path))
-        elif isinstance(effect, Updated):
-            if effect.invocation.waiters:  # --no-wait submissions have nobody to tell
-                pending = records.pending_msg(effect.invocation, self.clock.monotonic())
-                line = protocol.encode(pending)
-                for waiter in unique(effect.invocation.waiters):
-                    waiter.raw(line)
         elif isinstance(effect, Cancelled):
             cancelled = protocol.Cancelled(key=effect.invocation.key)
             for waiter in unique(effect.waiters):
