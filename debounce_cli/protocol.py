@@ -655,6 +655,9 @@ class RequestDecoder:
 
     def __init__(self) -> None:
         self.envs: list[tuple[str, dict[str, str]]] = []
+        #: The fields before a known environment (the command line and its directory, as
+        #: the client writes them), by their text, checked: a script sends the same ones.
+        self.heads: list[tuple[str, dict[str, Any]]] = []
 
     def decode(self, line: bytes) -> Message:
         if line.startswith(_RUN_START) and len(line) <= MAX_MESSAGE:
@@ -676,10 +679,10 @@ class RequestDecoder:
 
     def _known_env(self, text: str) -> RunRequest | None:
         """A request with a known environment (``"env":`` right after a comma, then its
-        text), in two C calls: the fields before the environment and those after it, each
-        closed into an object of its own. Both end where they must, or it is not taken:
-        then the environment is a member of the request's own object (the fields before
-        it parse as whole members), and the scanner would have read exactly its text."""
+        text): the fields before the environment (:meth:`_head`) and those after it, each
+        read as an object of its own. Both end where they must, or it is not taken: then
+        the environment is a member of the request's own object (the fields before it parse
+        as whole members), and the scanner would have read exactly its text."""
         at = text.find('"env":{', len(_RUN_START))
         if at < 0 or text[at - 1] != ",":
             return None
@@ -690,11 +693,12 @@ class RequestDecoder:
                 break
         else:
             return None
+        head = self._head(text, at - 1)
+        if head is None:
+            return None
         end = start + len(env_text)
+        more: dict[str, Any] = {}
         try:
-            fields, after = _SCAN(text[: at - 1] + "}", 0)
-            if after != at:
-                return None
             char = text[end]
             if char == ",":
                 if text[end + 1] != '"':
@@ -703,23 +707,47 @@ class RequestDecoder:
                 more, after = _SCAN(tail, 0)
                 if tail[after:].strip(_WHITESPACE) or "env" in more or "type" in more:
                     return None
-                fields.update(more)
             elif char != "}" or text[end + 1:].strip(_WHITESPACE):
                 return None
         except Exception:  # noqa: BLE001 - whatever it is, decode() words it
             return None
-        if fields.pop("type", None) != "run" or "env" in fields:
+        if _has_surrogate_escape(text, end, len(text)):
             return None
-        if _has_surrogate_escape(text, 0, start) or _has_surrogate_escape(text, end, len(text)):
+        try:
+            _checked(more, RunRequest.schema, "run")
+        except ProtocolError:
+            return None
+        if index:
+            envs.insert(0, envs.pop(index))
+        return RunRequest(**head, **more, env=env) if not more.keys() & head.keys() else (
+            RunRequest(**{**head, **more, "env": env}))  # a field twice: the last one counts
+
+    def _head(self, text: str, cut: int) -> dict[str, Any] | None:
+        """The fields of ``text[:cut]`` (the request up to the comma before its ``env``),
+        checked, without ``type``; or None: let :func:`decode` say what it is. Remembered
+        by their text (the last ``KEPT``), so a head seen before is not read again."""
+        heads = self.heads
+        for index, (head_text, known) in enumerate(heads):
+            if len(head_text) == cut and text.startswith(head_text):
+                if index:
+                    heads.insert(0, heads.pop(index))
+                return known
+        try:
+            scanned, after = _SCAN(text[:cut] + "}", 0)
+        except Exception:  # noqa: BLE001 - whatever it is, decode() words it
+            return None
+        fields: dict[str, Any] = scanned  # an object: the text begins with "{"
+        if after != cut + 1 or fields.pop("type", None) != "run" or "env" in fields:
+            return None
+        if _has_surrogate_escape(text, 0, cut):
             return None
         try:
             _checked(fields, RunRequest.schema, "run")
         except ProtocolError:
             return None
-        if index:
-            envs.insert(0, envs.pop(index))
-        fields["env"] = env
-        return RunRequest(**fields)
+        heads.insert(0, (text[:cut], fields))
+        del heads[self.KEPT:]
+        return fields
 
     def _fields(self, text: str) -> RunRequest | None:
         """``text`` read a field at a time; a new environment's text is remembered."""

@@ -208,3 +208,37 @@ def test_the_accepted_answer_is_made_as_encode_makes_it(inv_id, key, state, due_
     made = protocol.accepted_line(inv_id, key, state, due_in, coalesced)
     assert made == protocol.encode(protocol.Accepted(id=inv_id, key=key, state=state,
                                                      due_in=due_in, coalesced=coalesced))
+
+
+#: Few command lines, directories and environments, so that lines of one sequence share the
+#: text before and at the environment (what the decoder remembers), bent now and then.
+_SHARED_FIELDS = st.fixed_dictionaries(
+    {"argv": _mostly(st.sampled_from([["true"], ["make", "-C", "docs"], ["é", "\udcff"],
+                                      ["\ud83d"]])),  # (a lone surrogate: refused)
+     "cwd": _mostly(st.sampled_from(["/", "/srv/app", "/tmp/é", "/\udc00"])),
+     "env": _mostly(st.sampled_from(_ENVS[:3])),
+     "key": _mostly(_PLAIN),
+     "options": _mostly(st.sampled_from([{}, {"delay": 1.0}])),
+     "wait": _mostly(st.booleans())})
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(_SHARED_FIELDS, st.integers(0, 14), st.integers(0, 10_000)),
+                min_size=2, max_size=10))
+def test_lines_sharing_what_the_decoder_remembers_are_read_as_decode_reads_them(lines):
+    """The same, with lines in the client's order whose command line, directory and
+    environment repeat: a remembered head or environment must never stand for text that
+    differs from it, however little."""
+    decoder = protocol.RequestDecoder()
+    order = ["argv", "cwd", "env", "key", "options", "wait"]
+    for fields, how, where in lines:
+        line = _bent(_request_line(fields, order), how, where)
+        try:
+            expected: object = protocol.decode(line, protocol.REQUESTS)
+        except protocol.ProtocolError as exc:
+            expected = str(exc)
+        try:
+            got: object = decoder.decode(line)
+        except protocol.ProtocolError as exc:
+            got = str(exc)
+        assert got == expected, line
