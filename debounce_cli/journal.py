@@ -128,8 +128,10 @@ CREATE TABLE IF NOT EXISTS batches (
 
 #: The intake is folded into ``pending`` by the commit that would take it past this many rows,
 #: or past twice as many rows as keys it names (so it never holds much more than the keys
-#: changed since the last fold).
+#: changed since the last fold), or past FOLD_BYTES of rows (a key standing for many
+#: invocations keeps their ids in its row: up to 1,000 of them, 7 KB).
 FOLD = 4096
+FOLD_BYTES = 1 << 20
 
 #: Cancelled invocations remembered for ``debounce wait --invocation`` (the newest).
 CANCELLED_KEPT = 10_000
@@ -260,9 +262,11 @@ class Journal:
         #: its items are in the ``batches`` table. A batch only grows at its end (what was
         #: committed cannot be taken back), so each commit writes only the new items.
         self.batch_rows: dict[str, tuple[list[Any], int]] = {}
-        #: The keys the intake has rows of, and how many rows it has (see FOLD).
+        #: The keys the intake has rows of, how many rows it has, and about how many bytes
+        #: (see FOLD).
         self.intake_keys: set[str] = set()
         self.intake_rows = 0
+        self.intake_bytes = 0
 
     # ------------------------------------------------------------------ opening
     def open(self) -> None:
@@ -344,7 +348,8 @@ class Journal:
         batch_rows: dict[str, tuple[list[Any], int] | None] = {}
         keys = self.dirty_keys
         added = self.intake_rows + len(keys)
-        fold = bool(self.intake_rows) and (fold or added > max(FOLD, 2 * len(self.intake_keys)))
+        fold = bool(self.intake_rows) and (fold or self.intake_bytes > FOLD_BYTES
+                                           or added > max(FOLD, 2 * len(self.intake_keys)))
         if fold:
             keys = self.intake_keys | keys
         with self._transaction() as db:
@@ -380,10 +385,12 @@ class Journal:
                 )
         if fold:
             self.intake_keys.clear()
-            self.intake_rows = 0
+            self.intake_rows = self.intake_bytes = 0
         else:
             self.intake_keys |= keys
             self.intake_rows = added
+            self.intake_bytes += sum(_ROW_BYTES + len(row[3]) + len(row[14] or "")
+                                     for row in rows) + _ROW_BYTES * len(gone)
         for key, written in batch_rows.items():  # only once the commit holds them
             if written is None:
                 self.batch_rows.pop(key, None)
@@ -552,6 +559,7 @@ class Journal:
             latest[row[0]] = row
             self.intake_keys.add(_s(row[0]))
             self.intake_rows += 1
+            self.intake_bytes += _ROW_BYTES + len(row[2] or "") + len(row[13] or "")
         rows = sorted((row for row in latest.values() if row[1] is not None),
                       key=lambda row: row[6])  # by received_at
         batches: dict[str, list[list[str]]] = {}
@@ -731,6 +739,9 @@ class Journal:
                 (self.socket, self.socket, CANCELLED_KEPT))
         return files
 
+
+#: About what a pending row takes besides its command line and its covered ids.
+_ROW_BYTES = 128
 
 #: The columns of a pending invocation's row, in ``pending`` and in ``intake``.
 _PENDING_COLUMNS = (

@@ -35,12 +35,14 @@ def _pending(sched: Scheduler) -> dict[str, tuple[int, list[str], int, float]]:
 
 
 @settings(max_examples=150, deadline=None)
-@given(steps=st.lists(step, max_size=60), fold_at=st.sampled_from([1, 3, 4096]))
+@given(steps=st.lists(step, max_size=60), fold_at=st.sampled_from([1, 3, 4096]),
+       fold_bytes=st.sampled_from([300, 1 << 20]))
 def test_a_new_daemon_finds_the_pending_invocations_the_last_commit_held(
         tmp_path_factory: pytest.TempPathFactory, steps: list[tuple[str, str, float]],
-        fold_at: int) -> None:
+        fold_at: int, fold_bytes: int) -> None:
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(journal_module, "FOLD", fold_at)
+        patch.setattr(journal_module, "FOLD_BYTES", fold_bytes)
         _replay_and_reload(str(tmp_path_factory.mktemp("state")), steps)
 
 
@@ -133,3 +135,25 @@ def test_a_daemon_that_stops_leaves_its_intake_folded_into_the_table(tmp_path: P
     finally:
         db.close()
     assert rows == {"k0": '["c8"]', "k1": '["c9"]', "k2": '["c6"]', "k3": '["c7"]'}
+
+
+def test_a_key_standing_for_many_invocations_does_not_swell_the_intake(tmp_path: Path) -> None:
+    """A hot key's row carries the ids it stands for (up to 1,000: 7 KB): commits of it fold
+    by size, so the journal holds a megabyte or two of them, not every commit's copy."""
+    state = str(tmp_path)
+    clock = FakeClock(now=100.0, wall_offset=0.0)
+    journal = Journal(state, SOCKET)
+    journal.open()
+    sched = Scheduler(clock.monotonic, observer=journal.observe)
+    for _ in range(1500):
+        sched.submit("hot", Options(delay=60.0), Job(["make"], "/", {}))
+        journal.commit(sched, 0.0)
+    assert journal.db is not None
+    held = journal.db.execute("SELECT count(*), sum(length(covered)) FROM intake").fetchone()
+    journal.close()
+    assert held[1] <= 2 << 20, held  # (every copy kept: 5.0 MB)
+    again = Journal(state, SOCKET)
+    again.open()
+    (inv,) = again.load().pending
+    again.close()
+    assert inv.coalesced == 1500 and inv.covered is not None and len(inv.covered) == 1000
