@@ -76,9 +76,11 @@ SLACK_AHEAD = 0.05
 #: step on one of those costs a second round trip; each holds its job's environment).
 CACHE_KEYS = 20_000
 #: Of those, the most recently stepped on kept as objects too, at most: a step on one of
-#: them starts from a copy rather than from parsing the stored form (a parse was a tenth
-#: of a submission's CPU time; an object takes about five times its stored form's memory).
-OBJECT_KEYS = 2_048
+#: them (a busy key) starts from a copy rather than from parsing the stored form (a parse
+#: was a tenth of a submission's CPU time). Few: an object takes about five times its stored
+#: form's memory, and with 2,048 the objects kept alive made every step on keys beyond them
+#: dearer (the collector's work: 10,000 keys pending cost up to 1.2x what 40 did).
+OBJECT_KEYS = 256
 
 
 class Store(Pipeline):
