@@ -75,11 +75,8 @@ SLACK_AHEAD = 0.05
 #: Keys' states this host keeps to compute steps on, at most (the oldest are forgotten: a
 #: step on one of those costs a second round trip; each holds its job's environment).
 CACHE_KEYS = 20_000
-#: Of those, the most recently stepped on kept as objects too, at most: a step on one of
-#: them (a busy key) starts from a copy rather than from parsing the stored form (a parse
-#: was a tenth of a submission's CPU time). Few: an object takes about five times its stored
-#: form's memory, and with 2,048 the objects kept alive made every step on keys beyond them
-#: dearer (the collector's work: 10,000 keys pending cost up to 1.2x what 40 did).
+#: Of those, the busiest kept as objects too: a step on one starts from a copy, not a parse
+#: of the stored form (a tenth of a submission's CPU). Few: an object is ~5x its stored form.
 OBJECT_KEYS = 256
 
 
@@ -105,8 +102,7 @@ class Store(Pipeline):
         #: key -> its state as this host last wrote or read it (``None``: it had none), to
         #: compute the next step on; the store checks it is still current.
         self.cache: dict[str, bytes | None] = {}
-        #: key -> (its stored form in ``cache``, that state as an object never changed: steps
-        #: change copies), for the OBJECT_KEYS keys stepped on last.
+        #: key -> (its stored form in ``cache``, as an object), the OBJECT_KEYS last stepped on
         self.objects: dict[str, tuple[bytes, KeyState]] = {}
         #: The store's TIME minus our monotonic clock, as last measured.
         self.offset: float | None = None
@@ -328,9 +324,8 @@ class Store(Pipeline):
                         "attempts in a row; try again")
 
     def _hold(self, key: str, raw: bytes, st: KeyState) -> None:
-        """``st`` is ``raw`` as an object (``raw`` is what ``cache`` holds for ``key``): the
-        next step on the key starts from a copy of it. Callers are handed ``st`` too; nobody
-        changes it."""
+        """``st`` is ``raw`` (what ``cache`` holds for ``key``) as an object, never changed:
+        the next step on the key starts from a copy of it."""
         objects = self.objects
         objects.pop(key, None)
         objects[key] = (raw, st)
@@ -422,9 +417,7 @@ class Store(Pipeline):
         self.notices.unfollow(key)
 
     def hand_own(self, sink: Callable[[list[tuple[str, bytes, Event]]], None]) -> None:
-        """This host's own steps' events go to ``sink`` as each step is done, not through
-        ``read`` (see ``Notices.hand_own``)."""
-        self.notices.hand_own(sink)
+        self.notices.hand_own(sink)  # (our own steps' events go there, not through read)
 
     async def read(self, block_ms: int) -> list[tuple[str, bytes, Event]]:
         return await self.notices.read(block_ms)
