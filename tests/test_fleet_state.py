@@ -5,6 +5,7 @@ busy-key rules across hosts."""
 from __future__ import annotations
 
 import json
+import random
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -327,3 +328,57 @@ def test_a_run_younger_than_a_lease_is_never_recorded_lost() -> None:
     assert isinstance(taken, fs.Nothing)
     taken, _ = fs.claim(st, host="b", now=130.0, run_id=2, may_take_over=True, silent=10.0)
     assert isinstance(taken, fs.Start) and taken.running.host == "b"
+
+
+def test_a_copy_of_a_state_steps_as_the_stored_form_does_and_leaves_it_unchanged() -> None:
+    """The store steps on copies of the states it keeps as objects: every kind of step on a
+    copy gives what it gives on the state parsed from its stored form, and the state copied
+    is never changed (a copy that shared a list, a slot or a run with it would fail this)."""
+    rng = random.Random(5)
+    st = fs.KeyState("k")
+    now = 1000.0
+
+    def a_step(st: fs.KeyState, n: int) -> tuple[object, list[fs.Event]]:
+        kind = rng.choice(["submit"] * 5 + ["collect"] * 2 + ["claim"] * 4 + [
+            "finish", "unclaim", "kill", "signal", "cancel", "flush", "lose"])
+        r = st.running
+        if kind in ("submit", "collect"):
+            opts = Options(delay=rng.choice([0.0, 0.5, 2.0]), collect=kind == "collect",
+                           on_busy=rng.choice(["queue", "restart", "signal", "ignore"]))
+            job = {"argv": ["make", str(rng.random())], "cwd": "/", "env": {"A": "1"}}
+            return fs.submit(st, inv=n, host=rng.choice("ab"), job=job,
+                             options=opts, now=now,  # (now and then a retry of an earlier one)
+                             token=f"t:{n if rng.random() < 0.9 else rng.randrange(1, n + 1)}")
+        if kind == "claim":
+            p = st.pending
+            host = p.host if p is not None and rng.random() < 0.8 else "b"
+            return fs.claim(st, host=host, now=now, run_id=n,
+                            may_take_over=rng.random() < 0.5, slot_free=rng.random() < 0.6)
+        if r is None:
+            return fs.flush(st, now=now) if kind == "flush" else fs.cancel(st)
+        if kind == "finish":
+            return fs.finish(st, run=r, exit_code=0, outcome=states.EXITED, now=now)
+        if kind == "unclaim":
+            return fs.unclaim(st, run=r, now=now)
+        if kind == "lose":
+            return fs.lose(st, run=r, now=now)
+        if kind in ("kill", "signal"):
+            return fs.kill(st, signal="USR1" if kind == "signal" else None)
+        return fs.cancel(st) if kind == "cancel" else fs.flush(st, now=now)
+
+    kinds_seen: set[str] = set()
+    for n in range(1, 3001):
+        now += rng.choice([0.0, 0.1, 1.0, 3.0])
+        stored = st.dumps()
+        state = rng.getstate()
+        on_parsed = fs.KeyState.loads("k", stored)
+        result_parsed, events_parsed = a_step(on_parsed, n)
+        rng.setstate(state)  # (the same step again, on a copy)
+        copy = st.copy()
+        result_copy, events_copy = a_step(copy, n)
+        assert st.dumps() == stored  # the state copied is as it was
+        assert copy.dumps() == on_parsed.dumps()
+        assert events_copy == events_parsed and repr(result_copy) == repr(result_parsed)
+        kinds_seen.add(type(result_copy).__name__)
+        st = copy
+    assert {"InSlot", "InRun", "Start", "Queued", "Busy", "Last", "Running"} <= kinds_seen

@@ -263,6 +263,49 @@ def test_a_hosts_own_events_reach_its_reader_without_reading_them_back(redis):
     asyncio.run(main())
 
 
+def test_a_hosts_own_events_go_where_it_said_without_waking_its_reader(redis):
+    """With a place for them (``hand_own``), a step's own events go there as soon as the
+    step is done, and the step's notice does not wake the reader; another host's news does,
+    at once."""
+
+    async def main() -> None:
+        mine, other = Store(redis.url), Store(redis.url)
+        try:
+            handed: list[tuple[str, int]] = []
+            mine.hand_own(lambda batch: handed.extend(
+                (key, event["coalesced"]) for key, _, event in batch))
+            mine.follow("k", b"0-0")
+            assert await mine.read(100) == []  # subscribed
+            wire = mine.notices.pubsub.wire
+            pushed = wire.on_push
+            notices: list[Any] = []
+
+            def counted(reply: Any) -> None:
+                notices.append(reply)
+                pushed(reply)
+
+            wire.on_push = counted
+            reading = asyncio.ensure_future(mine.read(10_000))
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 5
+            for inv in range(1, 4):
+                await mine.update("k", submitting(inv))
+            while len(notices) < 3:  # the three steps' notices have come in
+                assert loop.time() < deadline, "the steps' notices never came"
+                await asyncio.sleep(0.005)
+            await asyncio.sleep(0)  # (a reader woken by them would be done by now)
+            assert handed == [("k", 1), ("k", 2), ("k", 3)]
+            assert not reading.done()
+            await other.update("k", submitting(1, "b"))
+            got = await asyncio.wait_for(reading, 2.0)  # another host's news: read at once
+            assert [(event["host"], event["coalesced"]) for _, _, event in got] == [("b", 4)]
+        finally:
+            await mine.close()
+            await other.close()
+
+    asyncio.run(main())
+
+
 def test_a_reader_whose_connection_was_cut_hears_every_followed_key_again(redis):
     """The reader's connection is cut while it is busy, and then it follows one key more:
     the news of the key it followed before still reaches it (a subscriber connection made

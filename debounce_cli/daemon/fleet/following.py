@@ -3,8 +3,9 @@
 One reader reads the streams of every key this host follows (a waiter, a pending invocation
 or a run of it here): the store tells it which keys have news, and it reads those; each event
 goes to the waiters (``waiting.deliver``) and then to the rest of this daemon (``on_event``:
-our own pending invocation and runs). ``wait``, ``wait --run`` and ``logs`` on fleet keys are
-here too.
+our own pending invocation and runs). The events of this host's own steps come from the
+store as soon as each step is done (``take``), not through the reader. ``wait``, ``wait
+--run`` and ``logs`` on fleet keys are here too.
 """
 
 from __future__ import annotations
@@ -53,6 +54,10 @@ class Following:
         #: (key, run) -> the last output chunk handed out: a chunk published twice (its
         #: pipeline retried after a lost answer) is handed out once.
         self.out_seen: dict[tuple[str, int], int] = {}
+        self.heard: set[str] = set()  # keys with news since the last sweep
+        hand_own = getattr(link.store, "hand_own", None)
+        if hand_own is not None:  # (a store that reads our own events back has none)
+            hand_own(self.take)
 
     def busy(self) -> bool:
         return any(not kw.empty() for kw in self.waiting.values())
@@ -364,7 +369,6 @@ class Following:
         """The one reader of every followed key's stream: the store's reader hears which
         keys have news and reads only those, so a read costs what it finds, not how many
         keys are followed. Keys nobody here needs any more are let go once a SWEEP."""
-        heard: set[str] = set()
         swept = self.link.clock.monotonic()
         while not self.link.closing:
             if not self.followers:
@@ -386,26 +390,31 @@ class Following:
             if self.store_out:
                 self.store_out = False
                 await self._store_back()
-            for key, eid, event in batch:
-                follower = self.followers.get(key)
-                if follower is None:
-                    continue
-                heard.add(key)
-                follower.last = eid
-                if event.get("t") == "out" and "n" in event:
-                    chunk = (key, event["run"])
-                    if event["n"] <= self.out_seen.get(chunk, 0):
-                        continue  # published twice (a retried pipeline): handed out once
-                    self.out_seen[chunk] = event["n"]
-                follower.remember(eid, event)
-                self.dispatch(key, event, event_id(eid))
+            self.take(batch)
             now = self.link.clock.monotonic()
             if now - swept >= SWEEP:
-                self._sweep(heard)
-                heard = set()
+                self._sweep(self.heard)
+                self.heard = set()
                 swept = now
-            if batch:
-                self.link.changed()  # the last waiter may be done: the server's idle check
+
+    def take(self, batch: list[tuple[str, bytes, dict[str, Any]]]) -> None:
+        """Events of followed keys, in the order of their streams (what the reader read, or
+        what this host's own steps added), to the waiters and the rest of the daemon."""
+        for key, eid, event in batch:
+            follower = self.followers.get(key)
+            if follower is None:
+                continue
+            self.heard.add(key)
+            follower.last = eid
+            if event.get("t") == "out" and "n" in event:
+                chunk = (key, event["run"])
+                if event["n"] <= self.out_seen.get(chunk, 0):
+                    continue  # published twice (a retried pipeline): handed out once
+                self.out_seen[chunk] = event["n"]
+            follower.remember(eid, event)
+            self.dispatch(key, event, event_id(eid))
+        if batch:
+            self.link.changed()  # the last waiter may be done: the server's idle check
 
     def _sweep(self, heard: set[str]) -> None:
         """Let go of the keys nobody here needs any more (and that had no news lately)."""

@@ -94,6 +94,10 @@ class MemoryStore:
         self.paused.set()  # set: not paused
         self.lose_replies = False
         self.positions: dict[str, bytes] = {}  # the keys the reader follows, and from where
+        #: Where this host's own events go once their step is done (as the Redis store's
+        #: ``hand_own``), and those on their way there.
+        self.sink: Callable[[list[tuple[str, bytes, Event]]], None] | None = None
+        self.own: list[tuple[str, bytes, Event]] = []
         if memory.changed is None:
             memory.changed = asyncio.Event()
 
@@ -177,6 +181,7 @@ class MemoryStore:
         last_before = st.last
         result, events = step(st, m.now())
         after = st.dumps()
+        latest = m.latest(key)
         if after != before or events:
             m.states[key] = after
             for event in events:
@@ -185,7 +190,22 @@ class MemoryStore:
                 m.history.insert(0, st.last.record(key))
                 del m.history[history:]
         self._reply(applied=after != before or bool(events))
+        if events and self.sink is not None and self.positions.get(key) == latest:
+            # The reader had read all before them: they go to the sink, and it moves on.
+            added = [_raw(eid) for eid, _ in m.streams[key][-len(events):]]
+            if not self.own:
+                asyncio.get_running_loop().call_soon(self._drain)
+            self.own += [(key, eid, event) for eid, event in zip(added, events, strict=True)]
+            self.positions[key] = added[-1]
         return result, m.latest(key), st
+
+    def hand_own(self, sink: Callable[[list[tuple[str, bytes, Event]]], None]) -> None:
+        self.sink = sink
+
+    def _drain(self) -> None:
+        own, self.own = self.own, []
+        if own and self.sink is not None:
+            self.sink(own)
 
     async def name_run(self, run: int, key: str) -> None:
         try:
@@ -230,6 +250,7 @@ class MemoryStore:
 
     def follow(self, key: str, since: bytes) -> None:
         self.positions[key] = since
+        self.own = [entry for entry in self.own if entry[0] != key]  # read from ``since``
 
     def unfollow(self, key: str) -> None:
         self.positions.pop(key, None)
@@ -244,10 +265,12 @@ class MemoryStore:
             out = [(key, _raw(eid), event) for key, last in self.positions.items()
                    for eid, event in m.streams.get(key, []) if eid > _parse(last)]
             left = deadline - loop.time()
-            if out or left <= 1e-6:  # (a timer that close fires at once: no wait at all)
+            if out or self.own or left <= 1e-6:  # (a timer that close fires at once)
                 for key, eid, _ in out:
                     if key in self.positions:
                         self.positions[key] = eid
+                if self.own:  # (before what was read: they are older)
+                    out, self.own = self.own + out, []
                 return out
             m.changed.clear()
             try:

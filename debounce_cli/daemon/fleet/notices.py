@@ -5,8 +5,11 @@ Each step publishes its key's latest event id on the key's channel (``layout.cha
 reader subscribes to the channels of the keys it follows and reads a key's stream only when
 told it grew, so its cost follows the events, not the keys followed (on a Redis Cluster
 too: its nodes pass every publication on to each other). A host's own steps hand their
-events to it directly (``own_events``): it need not read them back. Output of runs executing
-here goes into the streams through ``publish``.
+events to it directly (``own_events``): it need not read them back, and when the daemon has
+said where they go (``hand_own``), they go there as soon as the step is done, without the
+reader. On the lean connection (``wire.Subscriber``) notices are heard as they come in, and
+the reader is woken only for news: the notice of a step of this host's own costs no wake.
+Output of runs executing here goes into the streams through ``publish``.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import redis.asyncio as aioredis
@@ -65,6 +69,9 @@ class Notices:
         self.listener: Any = None  # the connection the pubsub is on
         self.listening = asyncio.Lock()  # one change of the subscriptions at a time
         self.background: set[asyncio.Future[None]] = set()  # (closing old listeners, waking)
+        #: Where this host's own events go once their step is done (see ``hand_own``).
+        self.sink: Callable[[list[tuple[str, bytes, Event]]], None] | None = None
+        self.draining = False  # a hand-over of our own events is on its way
 
     async def close(self) -> Any:
         """Unsubscribe; returns the connection the subscriptions were on, for the store to
@@ -111,7 +118,9 @@ class Notices:
         if notice is not None and position is not None and (
                 event_id(notice) > event_id(position)):
             self.dirty.add(key)
-            if self.waiting:  # the reader waits for a notice: give it one
+            if isinstance(self.pubsub, Subscriber):
+                self.pubsub.wire.wake()
+            elif self.waiting:  # the reader waits for a notice: give it one
                 self.waiting = False
                 task = asyncio.ensure_future(self._wake())
                 self.background.add(task)
@@ -131,6 +140,23 @@ class Notices:
             return  # (not followed, or the reader is behind or ahead: it reads them)
         self.own.extend(zip((key,) * len(ids), ids, events, strict=True))
         self.positions[key] = ids[-1]
+        if self.sink is not None:
+            if not self.draining:  # (once the step's caller has taken its answer)
+                self.draining = True
+                asyncio.get_running_loop().call_soon(self._drain)
+        elif isinstance(self.pubsub, Subscriber):
+            self.pubsub.wire.wake()  # (its notice wakes nobody: see _pushed)
+
+    def hand_own(self, sink: Callable[[list[tuple[str, bytes, Event]]], None]) -> None:
+        """This host's own events go to ``sink`` as soon as their step is done (in order,
+        and before anything newer the reader reads: both take them from ``own``)."""
+        self.sink = sink
+
+    def _drain(self) -> None:
+        self.draining = False
+        if self.own and self.sink is not None:
+            own, self.own = self.own, []
+            self.sink(own)
 
     def follow(self, key: str, since: bytes) -> None:
         """The reader reads ``key``'s events after ``since`` from now on (again from there,
@@ -166,7 +192,7 @@ class Notices:
                         if k != "health_check_interval"}
             wire = self.store.wire
             if wire is not None:  # (the lean connection, as the steps')
-                self.pubsub = Subscriber(wire.address, wire.name)
+                self.pubsub = Subscriber(wire.address, wire.name, self._pushed)
             else:
                 if self.store.cluster:
                     node = self.store.redis.get_default_node()
@@ -213,12 +239,16 @@ class Notices:
                         return []
                     self.waiting = True
                     try:
-                        message = await pubsub.get_message(timeout=left)
+                        if isinstance(pubsub, Subscriber):  # (heard as they come: _pushed)
+                            await pubsub.wire.wait(left)
+                        else:
+                            message = await pubsub.get_message(timeout=left)
+                            while message is not None:
+                                self._heard(message["type"], message.get("channel"),
+                                            message["data"])
+                                message = await pubsub.get_message(timeout=0)
                     finally:
                         self.waiting = False
-                    while message is not None:
-                        self._heard(message)
-                        message = await pubsub.get_message(timeout=0)
                     if self.subscribe or self.unsubscribe:
                         await self._listen()
                 found = await self._read_dirty() if self.dirty else []
@@ -249,19 +279,32 @@ class Notices:
             self.background.add(task)
             task.add_done_callback(self.background.discard)
 
-    def _heard(self, message: dict[str, Any]) -> None:
-        key = self.channels.get(message.get("channel") or b"")
+    def _pushed(self, reply: Any) -> None:
+        """A message on the lean subscriber connection, as it comes: the reader is woken
+        only when a key has news for it."""
+        if isinstance(reply, list) and len(reply) == 3:
+            kind, name, data = reply
+            if self._heard(kind.decode() if isinstance(kind, bytes) else str(kind), name, data):
+                assert isinstance(self.pubsub, Subscriber)
+                self.pubsub.wire.wake()
+
+    def _heard(self, kind: str, name: Any, data: Any) -> bool:
+        """A confirmation or notice on a key's channel; whether the key has news now."""
+        key = self.channels.get(name or b"")
         if key is None or key not in self.positions:
-            return
-        if message["type"] == "subscribe":
+            return False
+        if kind == "subscribe":
             self.dirty.add(key)  # (subscribed: what came before, its stream has)
-        elif message["type"] == "message":
+            return True
+        if kind == "message":
             if key in self.stepping:  # (most likely that step's own events)
                 held = self.deferred.get(key)
-                if held is None or event_id(message["data"]) > event_id(held):
-                    self.deferred[key] = message["data"]
-            elif event_id(message["data"]) > event_id(self.positions[key]):
+                if held is None or event_id(data) > event_id(held):
+                    self.deferred[key] = data
+            elif event_id(data) > event_id(self.positions[key]):
                 self.dirty.add(key)
+                return True
+        return False
 
     async def _read_dirty(self) -> list[tuple[str, bytes, Event]]:
         keys = list(self.dirty)[:1000]

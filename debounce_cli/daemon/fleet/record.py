@@ -147,6 +147,13 @@ class KeyState(rules.KeyRecord):
             st.leader = st.pending.slot == old_leader
         return st
 
+    def copy(self) -> KeyState:
+        """A copy a step may change without changing this one (the store keeps the states
+        of its busiest keys as objects, and steps on copies: a copy costs a fraction of
+        ``loads``). What steps never change in place is shared: a job's argv and
+        environment, the options, a newer version's fields."""
+        return _copied(self)  # type: ignore[no-any-return]
+
     def idle(self) -> bool:
         return self.pending is None and self.running is None
 
@@ -174,6 +181,28 @@ def _plain(obj: Any) -> dict[str, Any]:
     return out
 
 
+_new = object.__new__
+_set = object.__setattr__
+
+
+def _copied(obj: Any) -> Any:
+    """``obj`` (a record's dataclass) with its dataclasses copied, and a copy of each of
+    their lists and dicts (one level: their items are shared)."""
+    cls = type(obj)
+    new = _new(cls)
+    for name in _FIELDS[cls]:
+        value = getattr(obj, name)
+        kind = type(value)
+        if kind is list:
+            value = value[:]
+        elif kind is dict:
+            value = value.copy()
+        elif kind in _COPIED:
+            value = _copied(value)
+        _set(new, name, value)
+    return new
+
+
 def _known(cls: Any, fields: dict[str, Any] | None) -> Any:
     """``cls`` from the stored fields it knows (a newer version's extra fields are left)."""
     if not fields:
@@ -188,6 +217,8 @@ def _known(cls: Any, fields: dict[str, Any] | None) -> Any:
 #: The fields of the dataclasses a record is made of, in order.
 _FIELDS: dict[type, tuple[str, ...]] = {
     cls: tuple(f.name for f in fields(cls)) for cls in (KeyState, Pending, Running, Last, Options)}
+#: The dataclasses a copy of a record copies (``Options`` is frozen: shared).
+_COPIED = frozenset((KeyState, Pending, Running, Last))
 _TIMES = ("quiet_at", "timer_first", "edge_at", "lead_after")  # -inf is stored as null
 _SCALARS = ("key", "quiet_at", "max_from", "timer_first", "edge_at", "lead_after", "leader",
             "seq", "burst_run")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 #: A connection unused this long is opened anew before the next command (a NAT or a
@@ -158,6 +159,8 @@ class Wire:
         self.watchdog: asyncio.TimerHandle | None = None
         self.used = 0.0
         self.opened = False  # (a connection was made once)
+        #: A subscriber's messages go here as they come, rather than to ``message``.
+        self.on_push: Callable[[Any], None] | None = None
 
     # ------------------------------------------------------------------ connection
     async def _open(self) -> asyncio.Transport:
@@ -256,9 +259,11 @@ class Wire:
     # ------------------------------------------------------------------ replies
     def replied(self, reply: Any) -> None:
         if self.push:
+            if self.on_push is not None:  # heard as it comes: nothing queued, nobody woken
+                self.on_push(reply)
+                return
             self.messages.append(reply)
-            if self.heard is not None and not self.heard.done():
-                self.heard.set_result(None)
+            self.wake()
             return
         if not self.batches:
             return  # (an answer to a command whose batch has failed already)
@@ -317,6 +322,25 @@ class Wire:
                 self.heard = None
         return self.messages.popleft() if self.messages else None
 
+    async def wait(self, timeout: float) -> None:
+        """Wait up to ``timeout`` for ``wake`` (a subscriber whose messages go to
+        ``on_push``); fails if the connection is or gets lost."""
+        if self.transport is None:
+            raise Lost(f"the connection to the store {self.name} is closed")
+        loop = asyncio.get_running_loop()
+        heard = self.heard = loop.create_future()
+        timer = loop.call_later(timeout, _wake, heard)
+        try:
+            await heard
+        finally:
+            timer.cancel()
+            self.heard = None
+
+    def wake(self) -> None:
+        """End a ``wait`` or ``message`` under way (if any)."""
+        if self.heard is not None and not self.heard.done():
+            self.heard.set_result(None)
+
     def close(self) -> None:
         if self.transport is not None:
             self._drop(self.transport)
@@ -333,8 +357,10 @@ class Subscriber:
     """A subscriber connection on a ``Wire``, with the calls of redis-py's ``PubSub`` that the
     reader of events makes (``notices``), and its messages as redis-py gives them."""
 
-    def __init__(self, address: Address, name: str) -> None:
+    def __init__(self, address: Address, name: str,
+                 on_message: Callable[[Any], None] | None = None) -> None:
         self.wire = Wire(address, name, push=True)
+        self.wire.on_push = on_message
 
     async def subscribe(self, *channels: str) -> None:
         await self.wire.send([("SUBSCRIBE", *channels)])
