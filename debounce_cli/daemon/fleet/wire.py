@@ -17,6 +17,8 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
+from debounce_cli.daemon.reading import SharedReader
+
 #: A connection unused this long is opened anew before the next command (a NAT or a
 #: firewall may have dropped it without a word; redis-py's health check, without its PING).
 IDLE_REOPEN = 30.0
@@ -97,7 +99,7 @@ def parse(buf: bytearray, pos: int) -> tuple[Any, int]:
     raise Lost(f"unexpected reply from the store: {bytes(buf[pos:end + 2])[:40]!r}")
 
 
-class _Protocol(asyncio.Protocol):
+class _Protocol(SharedReader):  # (reads into the daemon's one buffer)
     def __init__(self, wire: Wire) -> None:
         self.wire = wire
         self.buf = bytearray()
