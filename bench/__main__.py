@@ -280,14 +280,28 @@ def journal_commits(daemon: Daemon) -> int:
     return 0
 
 
-#: The transport's floor for the submission figures: an asyncio server that answers every
+#: The floors of the submission figures. With "canned", an asyncio server that answers every
 #: line with the same canned line, reading nothing of it (no decoding, no scheduling, no
-#: journal): what the event loop, the transport and the kernel cost per request.
+#: journal): what the event loop, the transport and the kernel cost per request. With
+#: "decode", the same server reads each line with the daemon's own decoder and answers it with
+#: the daemon's own accepted line: what a daemon costs that only reads and answers.
 _ANSWERING_SERVER = """
 import asyncio, sys
 REPLY = b'{"type":"accepted","id":1,"key":"k","state":"pending","due_in":1.0,"coalesced":1}\\n'
 # Read as the daemon reads (daemon/reading.py): into one buffer, not a fresh one per read.
 BUFFER = memoryview(bytearray(256 * 1024))
+if sys.argv[2] == "decode":
+    from debounce_cli import protocol
+    DECODER = protocol.RequestDecoder()
+
+    def answer(line):
+        msg = DECODER.decode(line)
+        if isinstance(msg, protocol.RunRequest):
+            return protocol.accepted_line(1, msg.key, "pending", 1.0, 1)
+        return REPLY
+else:
+    def answer(line):
+        return REPLY
 
 class Answer(asyncio.BufferedProtocol):
     def connection_made(self, transport):
@@ -298,10 +312,11 @@ class Answer(asyncio.BufferedProtocol):
 
     def buffer_updated(self, nbytes):
         self.buffer += BUFFER[:nbytes]
-        lines = self.buffer.count(b"\\n")
-        if lines:
-            self.buffer = self.buffer[self.buffer.rindex(b"\\n") + 1:]
-            self.transport.write(REPLY * lines)
+        end = self.buffer.rfind(b"\\n") + 1
+        if end:
+            lines = self.buffer[:end].splitlines(keepends=True)
+            self.buffer = self.buffer[end:]
+            self.transport.write(b"".join(map(answer, lines)))
 
 async def main():
     await asyncio.get_running_loop().create_unix_server(Answer, sys.argv[1])
@@ -315,13 +330,13 @@ asyncio.run(main())
 class AnsweringServer(Daemon):
     """:data:`_ANSWERING_SERVER` on a socket of its own, driven as a daemon is."""
 
-    def __init__(self) -> None:
+    def __init__(self, mode: str = "canned") -> None:
         # Not Daemon.__init__: no state directory, and the hello gets the canned line too.
         self.root = Path(tempfile.mkdtemp(prefix="dbb-", dir="/tmp"))
         self.socket = str(self.root / "echo.sock")
-        self.proc = subprocess.Popen([sys.executable, "-c", _ANSWERING_SERVER, self.socket],
-                                     stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                     stderr=subprocess.DEVNULL)
+        self.proc = subprocess.Popen([sys.executable, "-c", _ANSWERING_SERVER, self.socket,
+                                      mode], cwd=ROOT, stdin=subprocess.DEVNULL,
+                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
         assert self.proc.stdout is not None
         if self.proc.stdout.readline() != b"ready\n":
             raise RuntimeError("the answering server did not start")
@@ -333,8 +348,9 @@ def bench_submissions(rows: list[tuple[str, str, str]], seconds: float) -> None:
                                                  options={"delay": 3600.0}, wait=False))
     floor = loads_floor(sample)
     measured = []
-    for journal in ("--journal", "--no-journal", "floor"):
-        daemon = AnsweringServer() if journal == "floor" else Daemon(journal)
+    for journal in ("--journal", "--no-journal", "floor", "reading"):
+        daemon = (AnsweringServer() if journal == "floor" else AnsweringServer("decode")
+                  if journal == "reading" else Daemon(journal))
         try:
             counts = [0] * 8
             stop = time.monotonic() + seconds
@@ -374,7 +390,7 @@ def bench_submissions(rows: list[tuple[str, str, str]], seconds: float) -> None:
             if journal == "--journal":
                 commits = journal_commits(daemon)
                 batch = f", {sum(counts) / max(1, commits):.1f} submissions per commit"
-            if journal != "floor":
+            if journal not in ("floor", "reading"):
                 rows.append((f"submit: 8 connections, {name}", f"{rate:,.0f} submissions/s",
                              f"daemon CPU {used / elapsed:.0%}{batch}, {faults:.2f} page "
                              "faults per submission"))
@@ -389,6 +405,13 @@ def bench_submissions(rows: list[tuple[str, str, str]], seconds: float) -> None:
                          f"{per * 1e6:.1f} µs, {per / floor:.2f}x json.loads",
                          "an asyncio server answering each line with a canned line, reading "
                          "none of it, the same load: event loop, transport and kernel"))
+            continue
+        if name == "reading":
+            rows.append(("submit: reading and answering alone, CPU per request",
+                         f"{per * 1e6:.1f} µs, {per / floor:.2f}x json.loads",
+                         "the same server reading each line with the daemon's decoder "
+                         "(environments remembered) and answering with its accepted line; no "
+                         "options, scheduling, metrics or journal"))
             continue
         rows.append((f"submit: daemon CPU per submission, {name}",
                      f"{per * 1e6:.1f} µs, {per / floor:.2f}x json.loads",
