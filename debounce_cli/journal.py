@@ -517,22 +517,20 @@ class Journal:
         # the last one's argument.
         batch = run.invocation.batch
         batch_json = json.dumps([p.argv for p in batch]) if unfinished and batch else None
-        db.execute(
-            "INSERT OR REPLACE INTO runs (socket, run_id, key, argv, cwd, coalesced, started_at, "
-            "due_at, inv_id, finished_at, exit_code, outcome, pid, log_path, env_id, options, "
-            "batch, covered, covered_more) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (
-                self.socket, run.id, _t(run.key), self._argv_json(job.argv), _t(job.cwd),
-                run.coalesced,
-                run.started_wall, run.due_wall, run.invocation.id,
-                run.finished_wall if run.state == FINISHED else None,
-                run.exit_code if run.state == FINISHED else None,
-                run.outcome if run.state == FINISHED else None,
-                job.pid, job.log_path, env_id, options, batch_json,
-                *_covered_columns(run.covered),
-            ),
+        values = (
+            self._argv_json(job.argv), _t(job.cwd), run.coalesced,
+            run.started_wall, run.due_wall, run.invocation.id,
+            run.finished_wall if run.state == FINISHED else None,
+            run.exit_code if run.state == FINISHED else None,
+            run.outcome if run.state == FINISHED else None,
+            job.pid, job.log_path, env_id, options, batch_json,
+            *_covered_columns(run.covered), self.socket, run.id,
         )
+        # A run is written when it starts, when its pid is known and when it ends: its row
+        # is updated in place after the first (a quarter of the cost of replacing it, which
+        # rewrites its entry in the index by key as well).
+        if db.execute(_UPDATE_RUN, values).rowcount == 0:
+            db.execute(_INSERT_RUN, (*values[-2:], _t(run.key), *values[:-2]))
 
     # ------------------------------------------------------------------ start-up
     def load(self) -> Restored:
@@ -739,6 +737,15 @@ class Journal:
                 (self.socket, self.socket, CANCELLED_KEPT))
         return files
 
+
+#: A run's row: every column but its socket, id and key (which never change), then those.
+_RUN_FIELDS = ("argv", "cwd", "coalesced", "started_at", "due_at", "inv_id", "finished_at",
+               "exit_code", "outcome", "pid", "log_path", "env_id", "options", "batch",
+               "covered", "covered_more")
+_UPDATE_RUN = (f"UPDATE runs SET {', '.join(f'{name} = ?' for name in _RUN_FIELDS)} "
+               "WHERE socket = ? AND run_id = ?")
+_INSERT_RUN = (f"INSERT OR REPLACE INTO runs (socket, run_id, key, {', '.join(_RUN_FIELDS)}) "
+               f"VALUES ({', '.join('?' * (len(_RUN_FIELDS) + 3))})")
 
 #: About what a pending row takes besides its command line and its covered ids.
 _ROW_BYTES = 128
