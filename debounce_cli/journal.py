@@ -348,8 +348,8 @@ class Journal:
         batch_rows: dict[str, tuple[list[Any], int] | None] = {}
         keys = self.dirty_keys
         added = self.intake_rows + len(keys)
-        fold = bool(self.intake_rows) and (fold or self.intake_bytes > FOLD_BYTES
-                                           or added > max(FOLD, 2 * len(self.intake_keys)))
+        fold = fold or (bool(self.intake_rows) and (
+            self.intake_bytes > FOLD_BYTES or added > max(FOLD, 2 * len(self.intake_keys))))
         if fold:
             keys = self.intake_keys | keys
         with self._transaction() as db:
@@ -548,6 +548,7 @@ class Journal:
                    "p.first_at, p.coalesced, p.leading_edge, p.state, p.batch, p.covered, "
                    "p.covered_more")
         # The table's rows, then the intake's over them in their order (see the module).
+        self.intake_keys, self.intake_rows, self.intake_bytes = set(), 0, 0
         latest = {row[0]: row for row in db.execute(
             f"SELECT {columns} FROM pending p LEFT JOIN envs e ON e.id = p.env_id "
             "WHERE p.socket = ?", (self.socket,))}
@@ -565,6 +566,9 @@ class Journal:
                 "SELECT key, argv FROM batches WHERE socket = ? ORDER BY key, seq",
                 (self.socket,)):
             batches.setdefault(_s(key), []).append(json.loads(argv))
+        # Rows of a batch the last daemon left: the first write of their key replaces them
+        # all (kept unknown, they outlived their run and came back with the next batch).
+        self.batch_rows = {key: ([], 0) for key in batches}
         for row in rows:
             (key, inv_id, argv, cwd, env, options, received, due, first, coalesced, leading,
              state, batch, covered, covered_more) = row
@@ -598,8 +602,9 @@ class Journal:
         max_id = db.execute(
             "SELECT max(m) FROM (SELECT max(id) AS m FROM pending WHERE socket = ? "
             "UNION ALL SELECT max(id) FROM intake WHERE socket = ? "
+            "UNION ALL SELECT max(inv_id) FROM cancelled WHERE socket = ? "
             "UNION ALL SELECT max(inv_id) FROM runs WHERE socket = ?)",
-            (self.socket, self.socket, self.socket),
+            (self.socket, self.socket, self.socket, self.socket),
         ).fetchone()[0]
         max_run = db.execute(
             "SELECT max(run_id) FROM runs WHERE socket = ?", (self.socket,)

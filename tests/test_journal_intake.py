@@ -157,3 +157,17 @@ def test_a_key_standing_for_many_invocations_does_not_swell_the_intake(tmp_path:
     (inv,) = again.load().pending
     again.close()
     assert inv.coalesced == 1500 and inv.covered is not None and len(inv.covered) == 1000
+
+
+def test_a_stop_whose_last_turn_was_not_committed_still_leaves_no_intake(tmp_path: Path) -> None:
+    """The stop's commit carries the last turn's changes straight into the table, even when
+    the intake was empty: nothing is left where a daemon of an earlier version would not look."""
+    journal = Journal(str(tmp_path), SOCKET)
+    journal.open()
+    sched = Scheduler(FakeClock(now=100.0, wall_offset=0.0).monotonic, observer=journal.observe)
+    sched.submit("k", Options(delay=60.0), Job(["late"], "/", {}))
+    journal.commit(sched, 0.0, fold=True)
+    assert journal.db is not None
+    assert journal.db.execute("SELECT count(*) FROM intake").fetchone()[0] == 0
+    assert journal.db.execute("SELECT argv FROM pending").fetchall() == [('["late"]',)]
+    journal.close()

@@ -232,8 +232,8 @@ class Connection(SharedReader):
         if self.waiting:
             self.acked = True
             held, self.held = self.held, []
-            for line in held:
-                self.raw(line)
+            for event in held:
+                self.raw(event)
             if self.finishing:
                 self.close()
             return
