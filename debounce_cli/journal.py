@@ -267,6 +267,8 @@ class Journal:
         self.intake_keys: set[str] = set()
         self.intake_rows = 0
         self.intake_bytes = 0
+        #: Runs not finished whose row a commit wrote: the next write of each is an update.
+        self.run_rows: set[int] = set()
 
     # ------------------------------------------------------------------ opening
     def open(self) -> None:
@@ -396,6 +398,12 @@ class Journal:
                 self.batch_rows.pop(key, None)
             else:
                 self.batch_rows[key] = written
+        for run in self.dirty_runs.values():
+            if run.state == FINISHED:
+                self.run_rows.discard(run.id)
+            else:
+                self.run_rows.add(run.id)
+        self.run_rows.difference_update(self.forgotten_runs)
         self.dirty_keys.clear()
         self.dirty_runs.clear()
         self.forgotten_runs.clear()
@@ -529,7 +537,7 @@ class Journal:
         # A run is written when it starts, when its pid is known and when it ends: its row
         # is updated in place after the first (a quarter of the cost of replacing it, which
         # rewrites its entry in the index by key as well).
-        if db.execute(_UPDATE_RUN, values).rowcount == 0:
+        if run.id not in self.run_rows or db.execute(_UPDATE_RUN, values).rowcount == 0:
             db.execute(_INSERT_RUN, (*values[-2:], _t(run.key), *values[:-2]))
 
     # ------------------------------------------------------------------ start-up
