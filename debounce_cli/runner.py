@@ -209,11 +209,13 @@ class RunProcess:
         assert child is not None
         status = await child.exited
         # What the command wrote before it exited is still in the pipes: read it, but do not
-        # wait for a background child that keeps them open.
-        try:
-            await asyncio.wait_for(asyncio.shield(child.drained), DRAIN_GRACE)
-        except TimeoutError:
-            pass
+        # wait for a background child that keeps them open. (Mostly both pipes have ended by
+        # now: then no timer, shield and wait.)
+        if not child.drained.done():
+            try:
+                await asyncio.wait_for(asyncio.shield(child.drained), DRAIN_GRACE)
+            except TimeoutError:
+                pass
         if self.kill_at is not None:
             await self._until_group_gone(self.kill_at)
         child.close()
