@@ -362,7 +362,8 @@ class Watcher:
         self.written += 1
         names: list[str] = []
         try:
-            for suffix, items, end in (("", lines, b"\n"), ("0", paths, b"\0")):
+            # (".0" for the exact list: "changed-1" + "0" was the tenth burst's "changed-10")
+            for suffix, items, end in (("", lines, b"\n"), (".0", paths, b"\0")):
                 name = os.path.join(self.tmpdir, f"changed-{self.written}{suffix}")
                 flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
                 fd = os.open(name, flags, 0o600)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 from pathlib import Path
@@ -67,15 +68,26 @@ def test_a_big_burst_reaches_one_run_through_a_private_file(world):
         'stat -c %a "$f" > "$0/mode"; stat -c %a "$(dirname "$f")" > "$0/dirmode"; '
         'printf %s "${DEBOUNCE_CHANGED_PATHS+set}" > "$0/env"'
     )
-    watch, _log = _start(world, "--delay", "3s", "src", "--", "sh", "-c", script, str(out))
+    watch, log = _start(world, "--delay", "3s", "src", "--", "sh", "-c", script, str(out))
     names = [src / (f"{i:05d}-" + "n" * 120) for i in range(4200)]
     for name in names:
         name.write_text("")
-    wait_until(lambda: len(lines(out / "list")) >= len(names), timeout=30)
+
+    def listed_or_settled() -> bool:
+        if len(lines(out / "list")) >= len(names):
+            return True
+        return (out / "list").exists() and not any(
+            k["pending"] or k["running"] for k in status(world)["keys"])
+
+    wait_until(listed_or_settled, timeout=60, interval=0.2)
     _idle(world)
     runs = _history(world)
-    assert [run["exit_code"] for run in runs] == [0], runs
-    assert set(lines(out / "list")) == {str(name) for name in names}
+    listed = lines(out / "list")
+    assert len(listed) == len(names) and [run["exit_code"] for run in runs] == [0], (
+        f"{len(listed)} of {len(names)} names listed; runs (status, coalesced): "
+        f"{[(run['exit_code'], run['coalesced']) for run in runs]}; the watcher said: "
+        f"{log.read_text()[-2000:]!r}")
+    assert set(listed) == {str(name) for name in names}
     assert (out / "mode").read_text().strip() == "600"
     assert (out / "dirmode").read_text().strip() == "700"
     assert (out / "env").read_text() == ""  # too big for the environment: unset
@@ -278,3 +290,25 @@ def test_forgetting_the_dashes_says_how_to_write_it(world):
     r = world.run("watch", "nowhere", "--", "true")  # with the dashes: just the path
     assert r.returncode == 2 and "'nowhere' does not exist" in r.stderr
     assert USAGE_HINT not in r.stderr
+
+
+def test_every_bursts_lists_get_files_of_their_own_while_earlier_ones_are_kept():
+    """The lists of a burst stay until its run has read them, so a watcher holds many at
+    once: the tenth burst's list must not be refused because the first one's exact list
+    is there (they were named changed-10 both; the tenth burst was dropped with "cannot
+    write the list of changed paths", and a run that ended a big burst never came)."""
+    from debounce_cli.watch import Watcher
+
+    watcher = Watcher("/nonexistent.sock", ["true"], "k", {}, quiet=True)
+    written = []
+    try:
+        for n in range(1, 112):
+            written.append(watcher._write_lists([f"/p/{n}"], [f"/p/{n}"]))
+        names = [name for pair in written for name in pair]
+        assert len(set(names)) == len(names)
+        lines_file, exact_file = written[9]  # the tenth burst's
+        assert Path(lines_file).read_text() == "/p/10\n"
+        assert Path(exact_file).read_bytes() == b"/p/10\0"
+    finally:
+        if watcher.tmpdir is not None:
+            shutil.rmtree(watcher.tmpdir, ignore_errors=True)
