@@ -80,6 +80,14 @@ def _replay_and_reload(state: str, steps: list[tuple[str, str, float]]) -> None:
     assert restored.next_id > max(ids, default=0)
 
 
+def _opened(tmp_path: Path) -> tuple[Journal, Scheduler]:
+    """A journal in ``tmp_path`` and a scheduler on fake time that reports to it."""
+    journal = Journal(str(tmp_path), SOCKET)
+    journal.open()
+    return journal, Scheduler(FakeClock(now=100.0, wall_offset=0.0).monotonic,
+                              observer=journal.observe)
+
+
 def _wal_frames(path: str) -> int:
     db = sqlite3.connect(path)
     try:
@@ -91,11 +99,7 @@ def _wal_frames(path: str) -> int:
 def test_a_commit_of_new_keys_writes_a_page_or_two_not_one_per_key(tmp_path: Path) -> None:
     """Eight keys among two thousand pending ones: their rows go to the end of the intake,
     not each into its own page of the table (a 4 KiB WAL frame each)."""
-    state = str(tmp_path)
-    clock = FakeClock(now=100.0, wall_offset=0.0)
-    journal = Journal(state, SOCKET)
-    journal.open()
-    sched = Scheduler(clock.monotonic, observer=journal.observe)
+    journal, sched = _opened(tmp_path)
     env = {"PATH": "/usr/bin:/bin", "HOME": "/home/someone"}
     for i in range(2000):
         sched.submit(f"key-{i:05d}", Options(delay=3600.0), Job(["make", "-C", "docs"], "/", env))
@@ -116,11 +120,7 @@ def test_a_commit_of_new_keys_writes_a_page_or_two_not_one_per_key(tmp_path: Pat
 def test_a_daemon_that_stops_leaves_its_intake_folded_into_the_table(tmp_path: Path) -> None:
     """A clean stop folds the intake: the pending table alone holds the work, as a daemon of
     an earlier version reads it."""
-    state = str(tmp_path)
-    clock = FakeClock(now=100.0, wall_offset=0.0)
-    journal = Journal(state, SOCKET)
-    journal.open()
-    sched = Scheduler(clock.monotonic, observer=journal.observe)
+    journal, sched = _opened(tmp_path)
     for i in range(10):
         sched.submit(f"k{i % 4}", Options(delay=60.0), Job([f"c{i}"], "/", {}))
         journal.commit(sched, 0.0)
@@ -140,11 +140,8 @@ def test_a_daemon_that_stops_leaves_its_intake_folded_into_the_table(tmp_path: P
 def test_a_key_standing_for_many_invocations_does_not_swell_the_intake(tmp_path: Path) -> None:
     """A hot key's row carries the ids it stands for (up to 1,000: 7 KB): commits of it fold
     by size, so the journal holds a megabyte or two of them, not every commit's copy."""
+    journal, sched = _opened(tmp_path)
     state = str(tmp_path)
-    clock = FakeClock(now=100.0, wall_offset=0.0)
-    journal = Journal(state, SOCKET)
-    journal.open()
-    sched = Scheduler(clock.monotonic, observer=journal.observe)
     for _ in range(1500):
         sched.submit("hot", Options(delay=60.0), Job(["make"], "/", {}))
         journal.commit(sched, 0.0)
@@ -162,9 +159,7 @@ def test_a_key_standing_for_many_invocations_does_not_swell_the_intake(tmp_path:
 def test_a_stop_whose_last_turn_was_not_committed_still_leaves_no_intake(tmp_path: Path) -> None:
     """The stop's commit carries the last turn's changes straight into the table, even when
     the intake was empty: nothing is left where a daemon of an earlier version would not look."""
-    journal = Journal(str(tmp_path), SOCKET)
-    journal.open()
-    sched = Scheduler(FakeClock(now=100.0, wall_offset=0.0).monotonic, observer=journal.observe)
+    journal, sched = _opened(tmp_path)
     sched.submit("k", Options(delay=60.0), Job(["late"], "/", {}))
     journal.commit(sched, 0.0, fold=True)
     assert journal.db is not None

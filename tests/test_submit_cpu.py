@@ -164,6 +164,20 @@ def _bent(line: bytes, how: int, where: int) -> bytes:
     return line
 
 
+def _reads_as_decode(decoder: protocol.RequestDecoder, line: bytes) -> None:
+    """``decoder`` gives for ``line`` what protocol.decode gives: the message, or the error
+    word for word."""
+    try:
+        expected: object = protocol.decode(line, protocol.REQUESTS)
+    except protocol.ProtocolError as exc:
+        expected = str(exc)
+    try:
+        got: object = decoder.decode(line)
+    except protocol.ProtocolError as exc:
+        got = str(exc)
+    assert got == expected, line
+
+
 @settings(max_examples=600, deadline=None)
 @given(st.lists(st.tuples(_FIELDS, st.permutations(["argv", "cwd", "env", "key", "options",
                                                       "wait", "type", "extra"]),
@@ -172,15 +186,7 @@ def test_the_daemons_decoder_answers_every_line_as_decode_does(lines):
     decoder = protocol.RequestDecoder()  # one for all the lines, as in the daemon
     for fields, order, how, where in lines:
         line = _bent(_request_line(fields, order), how, where)
-        try:
-            expected: object = protocol.decode(line, protocol.REQUESTS)
-        except protocol.ProtocolError as exc:
-            expected = str(exc)
-        try:
-            got: object = decoder.decode(line)
-        except protocol.ProtocolError as exc:
-            got = str(exc)
-        assert got == expected, line
+        _reads_as_decode(decoder, line)
 
 
 def test_the_daemons_decoder_reads_a_known_environment_once():
@@ -233,12 +239,4 @@ def test_lines_sharing_what_the_decoder_remembers_are_read_as_decode_reads_them(
     order = ["argv", "cwd", "env", "key", "options", "wait"]
     for fields, how, where in lines:
         line = _bent(_request_line(fields, order), how, where)
-        try:
-            expected: object = protocol.decode(line, protocol.REQUESTS)
-        except protocol.ProtocolError as exc:
-            expected = str(exc)
-        try:
-            got: object = decoder.decode(line)
-        except protocol.ProtocolError as exc:
-            got = str(exc)
-        assert got == expected, line
+        _reads_as_decode(decoder, line)

@@ -311,17 +311,7 @@ class Wire:
         """The next reply a subscriber connection got, waiting up to ``timeout`` (None when
         none came)."""
         if not self.messages and timeout > 0:
-            if self.transport is None:
-                raise Lost(f"the connection to the store {self.name} is closed")
-            loop = asyncio.get_running_loop()
-            heard = self.heard = loop.create_future()
-            # (a timer that ends the wait, not wait_for: this runs at every notice)
-            timer = loop.call_later(timeout, _wake, heard)
-            try:
-                await heard
-            finally:
-                timer.cancel()
-                self.heard = None
+            await self.wait(timeout)
         return self.messages.popleft() if self.messages else None
 
     async def wait(self, timeout: float) -> None:
@@ -331,6 +321,7 @@ class Wire:
             raise Lost(f"the connection to the store {self.name} is closed")
         loop = asyncio.get_running_loop()
         heard = self.heard = loop.create_future()
+        # (a timer that ends the wait, not wait_for: this runs at every notice)
         timer = loop.call_later(timeout, _wake, heard)
         try:
             await heard
