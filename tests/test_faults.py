@@ -210,7 +210,11 @@ def _limited_daemon(world, nofile: int) -> subprocess.Popen:
 
 def _connect(path: str) -> socket.socket:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.connect(path)
+    try:
+        sock.connect(path)
+    except OSError:
+        sock.close()  # (left open, it fails the next test on its way out)
+        raise
     return sock
 
 
@@ -254,7 +258,14 @@ def test_unfinished_requests_are_bounded_in_all(world):
     socks, refused = [], 0
     try:
         for _ in range(32):  # 128 MiB offered, twice the 64 MiB the daemon holds in all
-            sock = _connect(world.socket)
+            try:
+                sock = _connect(world.socket)
+            except OSError as exc:
+                log = (world.root / "daemon.out").read_text(errors="replace")
+                raise AssertionError(
+                    f"connection {len(socks) + 1}: {exc}; the daemon "
+                    f"{'exited ' + str(proc.poll()) if proc.poll() is not None else 'runs'}"
+                    f", {_rss_kib(proc.pid)} KiB; it said: {log[-2000:]!r}") from None
             socks.append(sock)
             sock.settimeout(10)
             try:
