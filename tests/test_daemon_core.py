@@ -412,6 +412,26 @@ def test_wait_on_a_finished_run_answers_in_the_same_turn_else_not_found(d: Daemo
         assert is_error(d.ask(protocol.WaitRequest(target=target)), states.NOT_FOUND)
 
 
+def test_wait_read_between_a_runs_end_and_its_commit_finds_the_run(d: Daemon) -> None:
+    """The run has ended and the scheduler let it go, but the turn's commit (after which the
+    daemon remembers finished runs) has not run yet: a ``wait`` read then, by key, run id or
+    invocation, still gets the run's end, once that commit is done (it exited 117, "no key
+    pending, running or finished", in CI)."""
+    d.run(["make"], wait=False)
+    d.loop.advance_to(1.0)
+    d.loop.advance_to(2.0)
+    d.core.run_exited(1, 4)  # the turn is not ended: its commit is still to come
+    waiters = []
+    for target, by in (("k", "key"), ("1", "run"), ("1", "invocation")):
+        waiter = FakeClient()
+        assert d.ask(protocol.WaitRequest(target=target, by=by), waiter) is None, (target, by)
+        assert waiter.got == []  # nothing before the commit
+        waiters.append(waiter)
+    d.loop.run_soon()
+    for waiter in waiters:
+        assert waiter.got[-1] == finished(1, 1, ["make"], 4, 1, 1.0, 2.0)
+
+
 def test_flush_starts_the_pending_run_at_once(d: Daemon) -> None:
     client, _ = d.run(["make"])
     d.loop.advance_to(0.3)

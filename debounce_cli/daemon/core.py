@@ -214,16 +214,27 @@ class Core:
         ks = self.scheduler.keys.get(key)
         if ks is not None and (ks.pending or ks.running):
             return ks.pending or ks.running
-        return self.recent.last_by_key.get(key)
+        ended = [run for run in self._ending() if run.key == key]
+        return ended[-1] if ended else self.recent.last_by_key.get(key)
 
     def find_run(self, run_id: int) -> Run | None:
-        return self.scheduler.runs.get(run_id) or self.recent.by_id.get(run_id)
+        found = self.scheduler.runs.get(run_id) or self.recent.by_id.get(run_id)
+        return found or next((run for run in self._ending() if run.id == run_id), None)
+
+    def _ending(self) -> list[Run]:
+        """Runs that have ended in this turn, whose end the next commit records: the
+        scheduler has let them go and the memory of finished runs has them only once that
+        commit is done (a ``wait`` read in between found nothing, and exited 117)."""
+        return [effect.run for effect in self.outbox if isinstance(effect, RunFinished)
+                and not effect.joined]
 
     def find_invocation(self, inv_id: int) -> Invocation | Run | RunRecord | str | None:
         """What stands for invocation ``inv_id``: the pending invocation it was coalesced
         into, else the run executing for it, else the latest finished run that covered it
         (in memory or in the journal), else the key it was cancelled from (a ``str``)."""
-        found = self.scheduler.standing_for(inv_id) or self.recent.covering(inv_id)
+        found = self.scheduler.standing_for(inv_id) or self.recent.covering(inv_id) or next(
+            (run for run in self._ending()
+             if run.invocation.id == inv_id or inv_id in run.covered), None)
         if found is not None:
             return found
         if self.journal is not None:
