@@ -18,6 +18,7 @@ import os
 import re
 import sys
 import threading
+from collections import deque
 from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple
 
@@ -124,6 +125,8 @@ class _Line:
 
 #: Bytes read from stdin at a time; the lines of each read go to the loop in one callback.
 READ_SIZE = 1 << 16
+#: Lines submitted per turn of the loop, at most (see StdinSource).
+LINES_PER_TURN = 32
 #: The longest line taken, in bytes (its end of line not counted).
 MAX_LINE = 1 << 20
 TOO_LONG = (f"longer than {MAX_LINE >> 20} MiB, the most a stdin line may hold; pass long "
@@ -135,7 +138,11 @@ class StdinSource:
 
     The thread reads the file descriptor itself (``os.read``), not ``sys.stdin``: a thread
     blocked inside a buffered reader at interpreter shutdown (Ctrl-C, SIGTERM) aborts the
-    process. The lines of each read reach the loop together, in one callback.
+    process. The lines of each read reach the loop together, in one callback, and are
+    submitted ``LINES_PER_TURN`` a turn, in their order: a read of hundreds of lines due at
+    once has its first runs recorded and spawning while the rest are read (one commit of them
+    all kept the spawner idle until the last was parsed: bench's 300 lines came 1.32-1.37x
+    the floor, 1.21-1.37x this way, five rounds each in turns).
     """
 
     def __init__(self, core: Core, defaults: dict[str, Any]) -> None:
@@ -149,6 +156,10 @@ class StdinSource:
         self.fleet: Any = None  # the fleet (daemon.fleet.coordinator.Fleet), with a store
         self.base = Base(os.getcwd(), dict(os.environ))
         self.base_env = core.shared.env(self.base.env)
+        #: Lines handed over and not yet submitted, in order; the end of input waits for them.
+        self.queue: deque[tuple[int, bytes | None]] = deque()
+        self.draining = False
+        self.ended = False
 
     def start(self, loop: asyncio.AbstractEventLoop, fd: int = 0) -> None:
         def hand_over(callback: Callable[..., None], *args: Any) -> bool:
@@ -198,8 +209,21 @@ class StdinSource:
         threading.Thread(target=reader, name="stdin", daemon=True).start()
 
     def lines(self, batch: list[tuple[int, bytes | None]]) -> None:
-        for number, raw in batch:
-            self.line(number, raw)
+        self.queue.extend(batch)
+        if not self.draining:
+            self._drain()
+
+    def _drain(self) -> None:
+        """Submit the next ``LINES_PER_TURN`` lines; the rest in the next turns (each turn's
+        commit lets those lines' runs start)."""
+        queue = self.queue
+        for _ in range(min(LINES_PER_TURN, len(queue))):
+            self.line(*queue.popleft())
+        self.draining = bool(queue)
+        if queue:
+            asyncio.get_running_loop().call_soon(self._drain)
+        elif self.ended:
+            self._eof()
 
     def line(self, number: int, raw: bytes | None) -> None:
         """Submit one line; ``None`` stands for a line longer than ``MAX_LINE``."""
@@ -245,6 +269,9 @@ class StdinSource:
         self.waiter.failures += 1
 
     def _eof(self) -> None:
+        self.ended = True
+        if self.draining:
+            return  # once the lines before it are submitted
         self.open = False
         self.on_eof()
 
