@@ -139,11 +139,14 @@ def test_runs_due_while_the_disk_is_full_wait_and_run_once(world):
     log = world.work / "runs.log"
     with tiny_state_dir(world) as env:
         mnt = Path(env["DEBOUNCE_STATE_DIR"])
+        # Due 3 s on: three clients and the filling take well under that even on a busy
+        # machine (with 300 ms the first one was due, and ran, before the disk was full).
+        submitted = time.monotonic()
         for n in range(3):
-            no_wait(world, f"k{n}", "300ms", "sh", "-c", f"echo k{n} >> {log}", env=env)
+            no_wait(world, f"k{n}", "3s", "sh", "-c", f"echo k{n} >> {log}", env=env)
         fill(mnt / "filler")
-        due = time.monotonic() + 1.0
-        wait_until(lambda: time.monotonic() > due, timeout=5)  # well past their due time
+        assert time.monotonic() - submitted < 3.0, "the disk was filled after they were due"
+        wait_until(lambda: time.monotonic() > submitted + 4.0, timeout=8)  # past due
         assert lines(log) == [], "a run started that its journal could not record"
         kill9(world.socket)
         (mnt / "filler").unlink()
@@ -158,11 +161,12 @@ def test_a_clean_stop_on_a_full_disk_runs_nothing_twice(world):
     log = world.work / "runs.log"
     with tiny_state_dir(world) as env:
         mnt = Path(env["DEBOUNCE_STATE_DIR"])
+        submitted = time.monotonic()  # (due 3 s on: the disk is full well before, as above)
         for n in range(2):
-            no_wait(world, f"s{n}", "200ms", "sh", "-c", f"echo s{n} >> {log}", env=env)
+            no_wait(world, f"s{n}", "3s", "sh", "-c", f"echo s{n} >> {log}", env=env)
         fill(mnt / "filler")
-        due = time.monotonic() + 0.8
-        wait_until(lambda: time.monotonic() > due, timeout=5)
+        assert time.monotonic() - submitted < 3.0, "the disk was filled after they were due"
+        wait_until(lambda: time.monotonic() > submitted + 4.0, timeout=8)
         stopped = world.run("stop", env=env)
         assert stopped.returncode == 0, stopped.stderr
         (mnt / "filler").unlink()

@@ -13,7 +13,6 @@ import os
 import select
 import shlex
 import signal
-import socket
 import subprocess
 import threading
 import time
@@ -23,7 +22,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_durability import fill, history, kill9, pid_gone
-from test_faults import Session, _limited_daemon
+from test_faults import Session, _connect, _limited_daemon
 
 from debounce_cli import protocol
 from debounce_cli.clock import FakeClock
@@ -397,15 +396,20 @@ def test_a_slow_reader_of_a_huge_output_is_told_what_a_full_log_disk_lost(world)
 def test_a_client_refused_for_too_many_connections_exits_116(world):
     """Issue 23, item 6: the daemon refuses with the code "refused", and the client reads it,
     but exits 112 ("unreachable") instead of 116 ("refused")."""
-    _limited_daemon(world, 64)  # room for a few dozen connections
+    proc = _limited_daemon(world, 64)  # room for a few dozen connections
     socks = []
     try:
         refused = False
         while not refused:  # until the daemon says no (to one of a few more, eight at a time)
             for _ in range(8):
-                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-                sock.connect(world.socket)
-                socks.append(sock)
+                try:
+                    socks.append(_connect(world.socket))
+                except OSError as exc:
+                    log = (world.root / "daemon.out").read_text(errors="replace")
+                    raise AssertionError(
+                        f"connection {len(socks) + 1}: {exc}; the daemon "
+                        f"{'exited ' + str(proc.poll()) if proc.poll() is not None else 'runs'}"
+                        f"; it said: {log[-2000:]!r}") from None
             ready, _, _ = select.select(socks, [], [], 0.2)
             refused = any(b"too many connections" in sock.recv(4096) for sock in ready)
             assert len(socks) < 500
