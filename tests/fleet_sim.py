@@ -200,7 +200,7 @@ class Caller:
         self.answer = msg
 
     def accepted(self, inv: Invocation, now: float) -> None:
-        self.answer = records.accepted_msg(inv, now)
+        self.answer = protocol.decode(records.accepted_line(inv, now), protocol.REPLIES)
 
     # Waiter
     def raw(self, line: bytes) -> None:

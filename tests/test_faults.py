@@ -212,6 +212,18 @@ def _limited_daemon(world, nofile: int) -> subprocess.Popen:
     return proc
 
 
+def _connect_to_limited(world, proc: subprocess.Popen, n: int) -> socket.socket:
+    """Connection ``n`` to a :func:`_limited_daemon`; when it fails, the test says whether
+    the daemon still runs, its memory and what it said."""
+    try:
+        return _connect(world.socket)
+    except OSError as exc:
+        log = (world.root / "daemon.out").read_text(errors="replace")
+        state = f"exited {proc.poll()}" if proc.poll() is not None else "runs"
+        raise AssertionError(f"connection {n}: {exc}; the daemon {state}, "
+                             f"{_rss_kib(proc.pid)} KiB; it said: {log[-2000:]!r}") from None
+
+
 def _connect(path: str) -> socket.socket:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
@@ -262,14 +274,7 @@ def test_unfinished_requests_are_bounded_in_all(world):
     socks, refused = [], 0
     try:
         for _ in range(32):  # 128 MiB offered, twice the 64 MiB the daemon holds in all
-            try:
-                sock = _connect(world.socket)
-            except OSError as exc:
-                log = (world.root / "daemon.out").read_text(errors="replace")
-                raise AssertionError(
-                    f"connection {len(socks) + 1}: {exc}; the daemon "
-                    f"{'exited ' + str(proc.poll()) if proc.poll() is not None else 'runs'}"
-                    f", {_rss_kib(proc.pid)} KiB; it said: {log[-2000:]!r}") from None
+            sock = _connect_to_limited(world, proc, len(socks) + 1)
             socks.append(sock)
             sock.settimeout(10)
             try:

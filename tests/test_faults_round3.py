@@ -22,7 +22,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_durability import fill, history, kill9, pid_gone
-from test_faults import Session, _connect, _limited_daemon
+from test_faults import Session, _connect_to_limited, _limited_daemon
 
 from debounce_cli import protocol
 from debounce_cli.clock import FakeClock
@@ -402,14 +402,7 @@ def test_a_client_refused_for_too_many_connections_exits_116(world):
         refused = False
         while not refused:  # until the daemon says no (to one of a few more, eight at a time)
             for _ in range(8):
-                try:
-                    socks.append(_connect(world.socket))
-                except OSError as exc:
-                    log = (world.root / "daemon.out").read_text(errors="replace")
-                    raise AssertionError(
-                        f"connection {len(socks) + 1}: {exc}; the daemon "
-                        f"{'exited ' + str(proc.poll()) if proc.poll() is not None else 'runs'}"
-                        f"; it said: {log[-2000:]!r}") from None
+                socks.append(_connect_to_limited(world, proc, len(socks) + 1))
             ready, _, _ = select.select(socks, [], [], 0.2)
             refused = any(b"too many connections" in sock.recv(4096) for sock in ready)
             assert len(socks) < 500

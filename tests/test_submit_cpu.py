@@ -59,7 +59,8 @@ def test_submissions_read_in_the_next_pass_of_the_loop_share_one_commit(tmp_path
         assert reply is None
         client.answered = lambda msg, c=client: answered(c, msg)  # type: ignore[method-assign]
         client.accepted = (  # type: ignore[method-assign]
-            lambda inv, now, c=client: answered(c, records.accepted_msg(inv, now)))
+            lambda inv, now, c=client: answered(
+                c, protocol.decode(records.accepted_line(inv, now), protocol.REPLIES)))
 
     def answered(client: FakeClient, msg: protocol.Message) -> None:
         assert commits, "answered before any commit"

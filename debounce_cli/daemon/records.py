@@ -51,19 +51,9 @@ def pending_msg(inv: Invocation, now: float) -> protocol.Pending:
                             coalesced=inv.coalesced)
 
 
-def accepted_msg(inv: Invocation, now: float) -> protocol.Accepted:
-    """Where a submission landed: the invocation that stands for it now, or its run."""
-    head = inv.head()
-    if head.run is not None:
-        return protocol.Accepted(id=inv.id, key=head.key, state=head.run.state, due_in=None,
-                                 coalesced=head.run.coalesced)
-    return protocol.Accepted(id=inv.id, key=head.key, state=head.state,
-                             due_in=due_in(head, now), coalesced=head.coalesced)
-
-
 def accepted_line(inv: Invocation, now: float) -> bytes:
-    """:func:`accepted_msg`, encoded (``protocol.accepted_line``: the answer to every
-    submission, made without the message)."""
+    """Where a submission landed (the invocation that stands for it now, or its run), as
+    the encoded Accepted answer (``protocol.accepted_line``: made without the message)."""
     head = inv.head()
     if head.run is not None:
         return protocol.accepted_line(inv.id, head.key, head.run.state, None,

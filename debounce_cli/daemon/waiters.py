@@ -45,7 +45,7 @@ class Submitter(Protocol):
     def answered(self, msg: protocol.Message) -> None: ...
 
     def accepted(self, inv: Invocation, now: float) -> None:
-        """The answer is ``records.accepted_msg(inv, now)``: made only by a submitter that
+        """The answer is ``records.accepted_line(inv, now)``: made only by a submitter that
         sends it."""
 
 
