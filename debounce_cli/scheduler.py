@@ -275,6 +275,11 @@ class Scheduler:
         self.pending_count = 0  # keys with a pending invocation
         self.borrowed = 0  # job slots held by runs of the fleet (see borrow)
         self.draining = False  # shutting down: runs are stopped and nothing new starts
+        #: At most this many due invocations are decided per event (None: all): the daemon
+        #: decides a burst of thousands in steps, so the first runs start (after a commit of
+        #: their own) while the rest wait their step; :meth:`next_deadline` says when the next
+        #: one is (at once, while some are overdue).
+        self.due_per_step: int | None = None
         self._seq = itertools.count()
         self._ids = itertools.count(first_id)
         self._run_ids = itertools.count(first_run_id)
@@ -660,12 +665,19 @@ class Scheduler:
             effects.append(RunFinished(run, waiters, joined=True))
 
     def _advance(self, now: float, effects: list[Effect]) -> None:
-        # Pending invocations whose quiet period has passed.
+        # Pending invocations whose quiet period has passed, in the order they fell due.
+        left = self.due_per_step
         while self._due and self._due[0][0] <= now:
-            due, _, inv = heapq.heappop(self._due)
-            if inv.state != PENDING or inv.due != due:
-                continue  # superseded, rescheduled or gone since this entry was pushed
-            self._ready(self.keys[inv.key], now, effects)
+            due, _, inv = self._due[0]
+            if inv.state == PENDING and inv.due == due:
+                if left is not None:
+                    if left <= 0:
+                        break  # the next step decides the rest (see due_per_step)
+                    left -= 1
+                heapq.heappop(self._due)
+                self._ready(self.keys[inv.key], now, effects)
+            else:  # superseded, rescheduled or gone since this entry was pushed
+                heapq.heappop(self._due)
         while self._bursts and self._bursts[0][0] <= now:
             _, _, key = heapq.heappop(self._bursts)
             ks = self.keys.get(key)

@@ -19,7 +19,7 @@ from debounce_cli import protocol, states
 from debounce_cli.clock import FakeClock
 from debounce_cli.daemon import handlers, records
 from debounce_cli.daemon.config import Config
-from debounce_cli.daemon.core import Core
+from debounce_cli.daemon.core import DUE_PER_TURN, Core
 from debounce_cli.daemon.handlers import Context
 from debounce_cli.daemon.jobs import RunSpec
 from debounce_cli.journal import JournalError
@@ -410,6 +410,39 @@ def test_wait_on_a_finished_run_answers_in_the_same_turn_else_not_found(d: Daemo
     assert len(d.runs.started) == 1
     for target in ("nope", "42"):  # neither a key nor a run id known
         assert is_error(d.ask(protocol.WaitRequest(target=target)), states.NOT_FOUND)
+
+
+def test_a_burst_due_at_once_starts_its_first_runs_before_the_rest_is_decided() -> None:
+    """A thousand keys falling due together were decided, committed and handed over whole
+    before the first could start (35-50 ms on the bench's machine): now a step of
+    DUE_PER_TURN at a time, each committed before its runs are handed over, all at the due
+    time and in the order they fell due."""
+    decided_at_commit: list[int] = []
+    decided_at_start: list[int] = []
+
+    class Recording(StubJournal):
+        def commit(self, scheduler: Scheduler, wall_offset: float) -> None:
+            decided_at_commit.append(len(scheduler.runs))
+
+    d = make_daemon(Recording())
+    count = 2 * DUE_PER_TURN + 10
+    for i in range(count):
+        d.run(key=f"k{i:04}", wait=False, delay=1.0)
+    d.loop.run_soon()
+    start = d.runs.start
+
+    def recording_start(spec: RunSpec) -> None:
+        decided_at_start.append(len(d.core.scheduler.runs))
+        start(spec)
+
+    d.runs.start = recording_start  # type: ignore[method-assign]
+    d.loop.advance_to(2.0)
+    assert [run.key for run in d.runs.started] == [f"k{i:04}" for i in range(count)]
+    assert {run.started_at for run in d.runs.started} == {1.0}
+    # The first run is handed over when only the first step is decided, and committed.
+    assert decided_at_start[0] == DUE_PER_TURN
+    assert DUE_PER_TURN in decided_at_commit
+    assert decided_at_commit[-1] == count
 
 
 def test_wait_read_between_a_runs_end_and_its_commit_finds_the_run(d: Daemon) -> None:

@@ -58,9 +58,10 @@ DEFAULT_OPTIONS = Options()
 class Sim:
     """A Scheduler on a FakeClock that records every effect with the time it happened."""
 
-    def __init__(self, jobs: int | None = None) -> None:
+    def __init__(self, jobs: int | None = None, due_per_step: int | None = None) -> None:
         self.clock = FakeClock()
         self.sched = Scheduler(self.clock, jobs=jobs)
+        self.sched.due_per_step = due_per_step
         self.log: list[tuple[float, Any]] = []
 
     def _record(self, effects: list[Any]) -> list[Any]:
@@ -80,9 +81,13 @@ class Sim:
             if deadline is None or deadline > until:
                 break
             self.clock.set(max(self.clock.now, deadline))
+            heap = len(self.sched._due)
             effects = self._record(self.sched.tick())
             after = self.sched.next_deadline()
-            assert effects or after is None or after > self.clock.now, (
+            # (In steps, a step may decide only invocations that wait for their key: no
+            # effect, but fewer left to decide.)
+            assert effects or after is None or after > self.clock.now or (
+                len(self.sched._due) < heap), (
                 f"tick() at {self.clock.now} did nothing and left deadline {after} due: "
                 "the daemon would spin"
             )
@@ -698,11 +703,29 @@ def _expected_runs(
     return sorted(runs, key=lambda r: (r[0], r[2]))
 
 
+def test_what_falls_due_at_once_is_decided_in_steps_in_the_order_it_fell_due():
+    """``due_per_step``: the daemon decides a burst a step at a time (each step committed
+    before its runs start); the rest stays due, so the next deadline is now."""
+    sim = Sim(due_per_step=2)
+    for i, key in enumerate("edcba"):  # due at 1.0 .. 1.4, in this order
+        sim.submit(key, at=0.0, payload=key, options=Options(delay=1.0 + i / 10))
+    sim.clock.set(2.0)  # all five are overdue at once
+    steps = []
+    while (deadline := sim.sched.next_deadline()) is not None:
+        assert deadline <= 2.0  # the rest is due at once, not at some later time
+        steps.append([e.run.invocation.payload for e in sim._record(sim.sched.tick())
+                      if isinstance(e, StartRun)])
+    assert steps == [["e", "d"], ["c", "b"], ["a"]]
+    assert {run.started_at for run in sim.runs()} == {2.0}
+
+
 @settings(max_examples=300, deadline=None, database=None)
-@given(steps=SUBMISSIONS)
-def test_property_every_caller_is_told_once_and_the_last_call_of_each_burst_runs(steps):
-    """Random calls of three keys with random gaps and delays, every run ending at once."""
-    sim = Sim()
+@given(steps=SUBMISSIONS, due_per_step=st.sampled_from([None, 1, 2]))
+def test_property_every_caller_is_told_once_and_the_last_call_of_each_burst_runs(
+        steps, due_per_step):
+    """Random calls of three keys with random gaps and delays, every run ending at once;
+    also with what falls due at once decided one or two a step, as the daemon does."""
+    sim = Sim(due_per_step=due_per_step)
     submissions: list[tuple[str, float, float]] = []
     invocations: list[Invocation] = []
     at = 0.0
@@ -778,12 +801,14 @@ def test_property_every_caller_is_told_once_and_the_last_call_of_each_burst_runs
     on_busy=st.sampled_from(["queue", "restart", "ignore"]),
     jobs=st.sampled_from([None, 1, 2]),
     obeys_term=st.booleans(),
+    due_per_step=st.sampled_from([None, 1, 2]),
 )
 def test_property_runs_that_take_time_never_overlap_and_lose_no_caller(
-    steps, durations, on_busy, jobs, obeys_term
+    steps, durations, on_busy, jobs, obeys_term, due_per_step
 ):
-    """Random calls, run lengths, --on-busy modes and --jobs: no caller lost, no key run twice."""
-    sim = Sim(jobs=jobs)
+    """Random calls, run lengths, --on-busy modes and --jobs: no caller lost, no key run twice
+    (also when what falls due at once is decided a few a step)."""
+    sim = Sim(jobs=jobs, due_per_step=due_per_step)
     exits: dict[int, tuple[float, Run]] = {}  # run id -> (exit time, run)
     handled = 0
     started = 0

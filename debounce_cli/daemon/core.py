@@ -49,6 +49,11 @@ from debounce_cli.states import REFUSED, RUNNING
 
 #: Seconds between attempts to commit after a failed commit (a full disk).
 RETRY = 1.0
+#: Due invocations decided per step (``Scheduler.due_per_step``). A burst of a thousand keys
+#: falling due at once used to be decided, committed and handed to the runs' room whole before
+#: its first run could start (35-50 ms); in steps of this many, the first runs start after a
+#: commit of their own while the next step waits for the following turn of the loop.
+DUE_PER_TURN = 64
 
 
 class Handle(Protocol):
@@ -115,6 +120,8 @@ class Core:
         self.loop = loop
         self.scheduler = scheduler
         self.journal = journal
+        self.ledger = ledger
+        scheduler.due_per_step = DUE_PER_TURN
         if journal is not None:
             scheduler.observer = journal.observe
         if runs is None:
@@ -278,11 +285,17 @@ class Core:
 
     # ------------------------------------------------------------------ from the runs
     def run_started(self, spec: RunSpec) -> None:
-        """Its process exists now: commit its pid soon (the next daemon needs it to clean up)."""
+        """Its process exists now: its pid goes into the journal with the next commit.
+
+        With a started ledger that commit need not be forced: the ledger's line (written
+        before the exec) tells the next daemon the run started, and that daemon finds what is
+        left of it by the marks in its processes' environments, not by pid. Without one, the
+        pid is the only evidence: it is committed at the end of this turn."""
         run = self.scheduler.runs.get(spec.id)
         if self.journal is not None and run is not None:
             self.journal.note_run(run)
-            self.apply([])
+            if self.ledger is None:
+                self.apply([])
 
     def run_timed_out(self, run_id: int) -> None:
         self.scheduler.timed_out(run_id)  # (the runs' room stops it)
