@@ -19,7 +19,13 @@ from debounce_cli import protocol, states
 from debounce_cli.clock import FakeClock
 from debounce_cli.daemon import handlers, records
 from debounce_cli.daemon.config import Config
-from debounce_cli.daemon.core import DUE_PER_TURN, Core
+from debounce_cli.daemon.core import (
+    COMMIT_DELAY,
+    COMMIT_SIBLINGS,
+    DUE_PER_TURN,
+    NOTE_AFTER,
+    Core,
+)
 from debounce_cli.daemon.handlers import Context
 from debounce_cli.daemon.jobs import RunSpec
 from debounce_cli.journal import JournalError
@@ -225,12 +231,12 @@ class Daemon:
         return reply.keys
 
 
-def make_daemon(journal: Any = None) -> Daemon:
+def make_daemon(journal: Any = None, ledger: str | None = None) -> Daemon:
     clock = FakeClock(now=0.0, wall_offset=WALL)
     loop, runs, shutdowns = FakeLoop(clock), FakeRuns(), []
     runs.scheduler = Scheduler(clock.monotonic, wall=clock.wall)
     core = Core(Config(socket="/nonexistent/daemon.sock"), clock, loop, runs.scheduler,
-                journal, runs=runs)
+                journal, runs=runs, ledger=ledger)
     ctx = Context(core=core, jobs=None, shutdown=lambda: shutdowns.append(1))
     return Daemon(clock, loop, core, runs, ctx, shutdowns)
 
@@ -443,6 +449,79 @@ def test_a_burst_due_at_once_starts_its_first_runs_before_the_rest_is_decided() 
     assert decided_at_start[0] == DUE_PER_TURN
     assert DUE_PER_TURN in decided_at_commit
     assert decided_at_commit[-1] == count
+
+
+def test_among_many_runs_ends_share_a_commit_unless_something_is_in_a_hurry() -> None:
+    """Group commit: with COMMIT_SIBLINGS runs or more executing, the commit that records an
+    end waits COMMIT_DELAY for more ends; a submission (or a run to start) meanwhile has it
+    done at once. Nobody hears of an end before a commit holds it."""
+    commits: list[float] = []
+
+    class Recording(StubJournal):
+        def commit(self, scheduler: Scheduler, wall_offset: float) -> None:
+            commits.append(d.clock.now)
+
+    d = make_daemon(Recording())
+    clients = [d.run(key=f"k{i}")[0] for i in range(COMMIT_SIBLINGS + 4)]
+    d.loop.advance_to(1.0)  # all of them start
+    ids = [run.id for run in d.runs.started]
+    commits.clear()
+    d.core.run_exited(ids[0], 0)
+    d.loop.run_soon()
+    d.loop.advance_to(1.0 + COMMIT_DELAY / 2)
+    d.core.run_exited(ids[1], 0)
+    d.loop.run_soon()
+    assert commits == [] and Finished not in clients[0].kinds()  # not recorded, not told
+    d.loop.advance_to(1.0 + COMMIT_DELAY)
+    assert commits == [1.0 + COMMIT_DELAY]  # one commit for both
+    assert Finished in clients[0].kinds() and Finished in clients[1].kinds()
+
+    d.core.run_exited(ids[2], 0)  # waits again...
+    d.loop.run_soon()
+    assert len(commits) == 1
+    d.run(key="new")  # ...until a submission wants its answer
+    d.loop.run_soon()
+    assert commits == [1.0 + COMMIT_DELAY, 1.0 + COMMIT_DELAY]
+    assert Finished in clients[2].kinds()
+
+    for run_id in ids[3:]:  # few runs left executing: each end is committed at once
+        d.core.run_exited(run_id, 0)
+    d.loop.run_soon()
+    assert all(Finished in client.kinds() for client in clients)
+    assert d.loop.live_timers() == [2.0 + COMMIT_DELAY]  # only the "new" key's due time
+
+
+@pytest.mark.parametrize("ledger", [None, "/nonexistent/started"])
+def test_a_runs_pid_is_noted_at_once_without_a_ledger_and_after_a_while_with_one(
+        ledger: str | None) -> None:
+    """Without a started ledger the pid is the only evidence of a start: committed at once.
+    With one, only a run still executing NOTE_AFTER later is noted (its pid and log, for the
+    history of a run lost in a crash); a short one is written once, at its end."""
+    noted: list[tuple[float, int]] = []
+
+    class Recording(StubJournal):
+        def note_run(self, run: Run) -> None:
+            noted.append((d.clock.now, run.id))
+
+    d = make_daemon(Recording(), ledger=ledger)
+    start = d.runs.start
+
+    def starting(spec: RunSpec) -> None:
+        start(spec)
+        d.core.run_started(spec)  # as runs.Runs reports it once the process exists
+
+    d.runs.start = starting  # type: ignore[method-assign]
+    d.run(key="long", wait=False)
+    d.run(key="short", wait=False)
+    d.loop.advance_to(1.0)
+    long_run, short_run = (run.id for run in d.runs.started)
+    d.loop.advance_to(1.0 + NOTE_AFTER / 2)
+    d.core.run_exited(short_run, 0)
+    d.loop.advance_to(2.0)
+    if ledger is None:
+        assert noted == [(1.0, long_run), (1.0, short_run)]
+    else:
+        assert noted == [(1.0 + NOTE_AFTER, long_run)]
 
 
 def test_wait_read_between_a_runs_end_and_its_commit_finds_the_run(d: Daemon) -> None:

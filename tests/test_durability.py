@@ -244,6 +244,35 @@ def test_a_run_executing_at_kill_9_dies_and_is_recorded_as_lost(world):
         _reap(child_pid)
 
 
+def test_the_output_of_a_run_lost_at_kill_9_can_still_be_read(world):
+    """A run's log is named in the journal soon after its start (core.NOTE_AFTER), not only
+    at its end, so `debounce logs` finds what a run lost in a crash wrote. (Its start itself
+    is recorded by the started ledger, so no commit is forced for it.)"""
+    import sqlite3
+
+    pid_file = world.work / "main.pid"
+    status(world)
+    no_wait(world, "lost", "10ms", "sh", "-c",
+            f"echo before the crash; echo $$ > {pid_file}; exec sleep 300")
+    wait_until(lambda: lines(pid_file), timeout=10)
+    main_pid = int(lines(pid_file)[0])
+
+    def noted() -> bool:
+        with contextlib.closing(sqlite3.connect(world.state / "journal.db")) as db:
+            return bool(db.execute("SELECT 1 FROM runs WHERE run_id = 1 AND log_path IS NOT "
+                                   "NULL AND pid = ?", (main_pid,)).fetchall())
+
+    try:
+        wait_until(noted, timeout=10)
+        kill9(world.socket)
+        wait_until(lambda: pid_gone(main_pid), timeout=5)
+        assert [r["outcome"] for r in history(world) if r["key"] == "lost"] == ["lost"]
+        logs = world.run("logs", "1")
+        assert (logs.returncode, logs.stdout) == (0, "before the crash\n"), logs.stderr
+    finally:
+        _reap(main_pid)
+
+
 def test_processes_left_by_a_run_at_kill_9_are_killed_by_the_next_daemon(world):
     main_pid, child_pid = _start_a_long_run(world)
     try:

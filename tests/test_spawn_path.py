@@ -442,3 +442,23 @@ def test_a_log_that_cannot_be_made_at_the_first_output_is_said_once_and_the_run_
     daemon_said = daemon_log.read_text()
     assert daemon_said.count("run 2 keeps no log: cannot create it (Is a directory)") == 1, \
         daemon_said
+
+
+@pytest.mark.parametrize("command", [["echo", "hi"], ["./hello"]])
+def test_a_run_whose_directory_is_gone_by_its_start_says_so_and_ends_126(world, command):
+    """The directory is entered by the spawner just before the exec (a command found in PATH),
+    or found missing when a command named by a relative path is looked for: either way one
+    line naming the directory, and 126, as a shell says of what it cannot run."""
+    gone = world.work / "gone"
+    gone.mkdir()
+    script = gone / "hello"
+    script.write_text("#!/bin/sh\necho hi\n")
+    script.chmod(0o755)
+    waiting = world.popen("run", "--key", "gone", "--delay", "1s", "--", *command, cwd=gone)
+    wait_until(lambda: any(k["key"] == "gone" and k["pending"]
+                           for k in status(world)["keys"]), timeout=15)
+    shutil.rmtree(gone)
+    out, err = waiting.communicate(timeout=30)
+    assert waiting.returncode == 126, err
+    assert out == ""
+    assert f"debounce: cannot enter {gone}: No such file or directory" in err

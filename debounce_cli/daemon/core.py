@@ -54,6 +54,14 @@ RETRY = 1.0
 #: its first run could start (35-50 ms); in steps of this many, the first runs start after a
 #: commit of their own while the next step waits for the following turn of the loop.
 DUE_PER_TURN = 64
+#: Seconds after its start that a run still executing has its pid noted in the journal, when
+#: a started ledger speaks for its start (see Core.run_started).
+NOTE_AFTER = 0.1
+#: Group commit: with at least this many runs executing, the commit that records a run's end
+#: waits up to COMMIT_DELAY seconds for more ends to hold (see Core.apply). Their waiters hear
+#: of the end that much later; a burst of a thousand short runs commits a fraction as often.
+COMMIT_SIBLINGS = 16
+COMMIT_DELAY = 0.003
 
 
 class Handle(Protocol):
@@ -135,11 +143,15 @@ class Core:
         self.outbox: list[Effect] = []
         self.acks: list[Ack] = []
         self.flush_handle: Handle | None = None
+        self.flush_later = False  # flush_handle is a lazy commit's timer (see apply)
         self.timer: TimerHandle | None = None
         self.retention_due = False
         #: Runs decided but not yet recorded (the commit failed): they start once one succeeds.
         self.held: list[StartRun] = []
         self.retry: TimerHandle | None = None
+        #: Runs started whose pid is not noted in the journal yet (see run_started).
+        self.unnoted: list[Run] = []
+        self.note_timer: TimerHandle | None = None
         #: Called after every turn's effects, for the server's idle check.
         self.settled: Callable[[], None] = lambda: None
         #: Called when a local run ends: a fleet run waiting for a job slot may take it.
@@ -285,17 +297,39 @@ class Core:
 
     # ------------------------------------------------------------------ from the runs
     def run_started(self, spec: RunSpec) -> None:
-        """Its process exists now: its pid goes into the journal with the next commit.
+        """Its process exists now: its pid and log go into the journal.
 
-        With a started ledger that commit need not be forced: the ledger's line (written
-        before the exec) tells the next daemon the run started, and that daemon finds what is
-        left of it by the marks in its processes' environments, not by pid. Without one, the
-        pid is the only evidence: it is committed at the end of this turn."""
+        Without a started ledger the pid is the next daemon's only evidence that the run
+        started: it is committed at the end of this turn. With one, the ledger's line (written
+        before the exec) is that evidence, and the next daemon finds what is left of the run
+        by the marks in its processes' environments, not by pid: a run still executing
+        ``NOTE_AFTER`` seconds from now is noted then (so the history of a run lost in a crash
+        names its pid and log), and one that has ended by then is written once, at its end.
+        In a burst of short runs that is one write of each run fewer."""
         run = self.scheduler.runs.get(spec.id)
-        if self.journal is not None and run is not None:
+        if self.journal is None or run is None:
+            return
+        if self.ledger is None:
             self.journal.note_run(run)
-            if self.ledger is None:
-                self.apply([])
+            self.apply([])
+            return
+        self.unnoted.append(run)
+        if self.note_timer is None:
+            self.note_timer = self.loop.call_at(self.clock.monotonic() + NOTE_AFTER,
+                                                self._note_started)
+
+    def _note_started(self) -> None:
+        """Runs started since the last call and executing still: their pid and log are
+        committed now."""
+        self.note_timer = None
+        runs, self.unnoted = self.unnoted, []
+        noted = False
+        for run in runs:
+            if run.state == RUNNING and self.journal is not None:
+                self.journal.note_run(run)
+                noted = True
+        if noted:
+            self.apply([], lazy=True)
 
     def run_timed_out(self, run_id: int) -> None:
         self.scheduler.timed_out(run_id)  # (the runs' room stops it)
@@ -303,16 +337,34 @@ class Core:
     def run_exited(self, run_id: int, code: int) -> None:
         self.retention_due = True  # after the commit that records this run
         effects = self.scheduler.run_exited(run_id, code)
-        self.apply(effects)
+        # Among many runs executing, the commit that records an end waits a moment for the
+        # next ends (group commit, as PostgreSQL's commit_delay with commit_siblings), unless
+        # a run is to start with it.
+        self.apply(effects, lazy=len(self.scheduler.runs) >= COMMIT_SIBLINGS and not any(
+            type(effect) is StartRun for effect in effects))
         self.slot_freed()
 
     # ------------------------------------------------------------------ effects and commits
-    def apply(self, effects: list[Effect]) -> None:
-        """Queue effects until the end of this turn of the loop, when the commit is done."""
+    def apply(self, effects: list[Effect], lazy: bool = False) -> None:
+        """Queue effects until the end of this turn of the loop, when the commit is done.
+
+        ``lazy``: nothing in them is in a hurry (the ends of runs among many that execute):
+        with a journal, the commit may wait ``COMMIT_DELAY`` for more to hold, unless
+        something that is in a hurry comes meanwhile."""
         self.outbox.extend(effects)
-        if self.flush_handle is None:
-            self.flush_handle = self.loop.call_soon(
-                self._flush if self.journal is None else self._gather)
+        handle = self.flush_handle
+        if handle is None:
+            if lazy and self.journal is not None:
+                self.flush_handle = self.loop.call_at(self.clock.monotonic() + COMMIT_DELAY,
+                                                      self._flush)
+                self.flush_later = True
+            else:
+                self.flush_handle = self.loop.call_soon(
+                    self._flush if self.journal is None else self._gather)
+        elif self.flush_later and not lazy:
+            handle.cancel()
+            self.flush_later = False
+            self.flush_handle = self.loop.call_soon(self._gather)
 
     def _gather(self) -> None:
         """With a journal, the commit waits one more pass of the loop: the requests that
@@ -337,6 +389,7 @@ class Core:
         a commit covers them: it is retried every ``RETRY`` seconds.
         """
         self.flush_handle = None
+        self.flush_later = False
         failure = None
         if self.journal is not None:
             began = time.perf_counter()  # real time taken, whatever the injected clock says
@@ -475,10 +528,10 @@ class Core:
         self.apply(self.scheduler.tick())
 
     def close(self) -> None:
-        for handle in (self.timer, self.retry):
+        for handle in (self.timer, self.retry, self.note_timer):
             if handle is not None:
                 handle.cancel()
-        self.timer = self.retry = None
+        self.timer = self.retry = self.note_timer = None
         if self.journal is not None:
             try:  # the intake folded into its table: what an older daemon would read too
                 self.journal.commit(self.scheduler, self.clock.wall() - self.clock.monotonic(),
