@@ -25,6 +25,17 @@ RESERVE = 1024 * 1024
 CHECK_EVERY = 256 * 1024
 
 
+def make_empty(path: str) -> None:
+    """The log of a finished run that wrote nothing (no file was made for it): an empty file,
+    for a reader about to open it. Nothing is done when it exists, or cannot be made (the
+    reader then says why it cannot read it)."""
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                         | os.O_CLOEXEC, 0o600))
+    except OSError:
+        pass
+
+
 class LogWriter:
     """Append-only writer; after a write error (a full disk) it stops and says so once.
 

@@ -464,6 +464,24 @@ def test_history_and_logs(world):
     assert unknown.returncode == 117, unknown.stderr
 
 
+def test_a_run_that_wrote_nothing_has_an_empty_log_without_a_file_made_for_it(world):
+    """No file is made for a run that writes nothing (a burst of such runs would pay for a
+    file each): `debounce logs` and a late `wait` find an empty log all the same, also from
+    the next daemon, and neither says anything was lost."""
+    proc = world.run("run", "--key", "quiet", "--delay", "10ms", "--", "true")
+    assert proc.returncode == 0, proc.stderr
+    [row] = history(world, "quiet")
+    [log_dir] = (world.state / "logs").iterdir()  # (one directory per socket)
+    assert not (log_dir / f"{row['run_id']}.log").exists()
+    late = world.run("wait", "--run", str(row["run_id"]))
+    assert (late.returncode, late.stdout, late.stderr) == (0, "", "")
+    assert world.run("stop").returncode == 0
+    for _ in range(2):  # a new daemon; then the file made for the first reader
+        shown = world.run("logs", str(row["run_id"]))
+        assert (shown.returncode, shown.stdout, shown.stderr) == (0, "", "")
+        assert (log_dir / f"{row['run_id']}.log").stat().st_size == 0
+
+
 def test_log_retention_keeps_only_the_newest_logs_of_a_key(world):
     start_daemon_by_hand(world, "--keep-logs", "2")
     four_runs_of_h(world)

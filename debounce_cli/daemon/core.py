@@ -31,6 +31,7 @@ from debounce_cli.daemon.metrics import Metrics
 from debounce_cli.daemon.recent import RecentRuns
 from debounce_cli.daemon.waiters import RunWaiters, Submitter, Waiter, unique
 from debounce_cli.journal import Journal, JournalError
+from debounce_cli.logfile import make_empty
 from debounce_cli.protocol import RunRecord
 from debounce_cli.scheduler import (
     Cancelled,
@@ -487,8 +488,9 @@ class Core:
             msg = records.finished_msg(run)
             if effect.joined:  # they joined it after it ended: its output first, from its log
                 started = protocol.encode(records.started_msg(run))
-                self.runs.log_of(run.id)  # (its log is made now, if it was left for later)
                 log = records.job_of(run.invocation).log_path
+                if log is not None:
+                    make_empty(log)  # a run that wrote nothing left no file (daemon.runs)
                 for waiter in waiters:
                     waiter.start(run.id, started, log)
                     waiter.replay(lambda: self.runs.output_so_far(run.id, log))

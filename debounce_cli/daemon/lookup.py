@@ -19,6 +19,7 @@ from debounce_cli.daemon.context import (
     not_found,
 )
 from debounce_cli.daemon.core import Core, run_id_of
+from debounce_cli.logfile import make_empty
 from debounce_cli.scheduler import Invocation, Run
 from debounce_cli.states import FINISHED, NOT_FOUND
 
@@ -218,8 +219,6 @@ def handle_logs(ctx: Context, client: Client, req: protocol.LogsRequest) -> Repl
     if not record.log_path:
         return protocol.Error(message=f"the log of run {record.run_id} is no longer kept",
                               code=NOT_FOUND)
-    ended = core.find_run(record.run_id)
-    if ended is not None:
-        core.runs.log_of(ended.id)  # a run that ended in a burst may have left it unmade
+    make_empty(record.log_path)  # a run that wrote nothing left no file (daemon.runs)
     return protocol.LogsReply(run_id=record.run_id, key=record.key, log_path=record.log_path,
                               running=False)

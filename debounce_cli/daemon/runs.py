@@ -107,8 +107,9 @@ class Runs:
         self.procs: dict[int, RunProcess] = {}
         self.active: dict[int, Active] = {}  # the runs handed over whose end is not reported
         self.logs: dict[int, LogWriter] = {}
-        #: Logs not on disk yet (no output so far): made when the spawns of a burst are done,
-        #: or at once when a reader asks (:meth:`make_log`). See ``LogWriter(lazy=True)``.
+        #: Logs of executing runs not on disk yet (no output so far): made at the first
+        #: output, or when a reader asks (:meth:`make_log`); never, for a run that writes
+        #: nothing. See ``LogWriter(lazy=True)``.
         self.unmade: dict[int, tuple[LogWriter, Job]] = {}
         self.buffers: dict[int, list[tuple[int, bytes]]] = {}  # output of runs without a log
         self.to_spawn: deque[tuple[Active, RunProcess]] = deque()
@@ -295,19 +296,6 @@ class Runs:
             print(f"debounce: run {run_id} keeps no log: {log.error}", file=sys.stderr)
             job.log_path = None
 
-    def _make_logs(self) -> None:
-        """Make the logs that runs which ended during a burst of spawns left unmade, a few
-        per turn, once nothing waits to be spawned: a finished run's log exists for
-        ``debounce logs`` (also after a restart), even when the run wrote nothing. (A run
-        that still executes makes its log at its first output, its end, or a reader's ask.)"""
-        if self.to_spawn or self.starting:
-            return  # the spawns first; the last one calls this again
-        ended = [run_id for run_id, (log, _job) in self.unmade.items() if log.closed]
-        for run_id in ended[:SPAWNS_PER_TURN]:
-            self.make_log(run_id)
-        if len(ended) > SPAWNS_PER_TURN:
-            self.loop.call_soon(self._make_logs)
-
     def output_so_far(self, run_id: int, path: str | None) -> Iterable[tuple[int, bytes]]:
         """What a waiter joining the run late missed: from memory, else from its log
         (``path``, which the run's job keeps after the run has ended)."""
@@ -325,8 +313,6 @@ class Runs:
         while self.tasks:
             await asyncio.wait(list(self.tasks))
             await asyncio.sleep(0)  # let the last commit and answers go out
-        for run_id in list(self.unmade):  # every finished run's log exists for the next daemon
-            self.make_log(run_id)
         if self.retain_handle is not None:  # nothing runs: retain now, not after the close
             self._retain_now()
 
@@ -374,8 +360,10 @@ class Runs:
         log = self.logs.pop(run_id, None)
         if log is not None:
             log.close()
-            if not log.made and not (self.to_spawn or self.starting):
-                self.make_log(run_id)  # nothing waits to be spawned: now, not later
+            # A run that wrote nothing leaves no file: `debounce logs` makes an empty one when
+            # asked (lookup.handle_logs). Creating a file costs 0.2-0.6 ms of the daemon's
+            # time in a burst, while the burst's commands want the same disk and cores.
+            self.unmade.pop(run_id, None)
         self.events.run_exited(run_id, code)
 
     def _done_executing(self, task: asyncio.Task[None]) -> None:
@@ -395,8 +383,6 @@ class Runs:
             await proc.start()
         finally:
             self.starting -= 1
-            if self.unmade and not (self.to_spawn or self.starting):
-                self.loop.call_soon(self._make_logs)  # the burst is spawned
         if proc.pid is not None:
             spec.job.pid = proc.pid
             self.events.run_started(spec)
