@@ -482,6 +482,22 @@ def test_a_run_that_wrote_nothing_has_an_empty_log_without_a_file_made_for_it(wo
         assert (log_dir / f"{row['run_id']}.log").stat().st_size == 0
 
 
+def test_a_log_left_beside_a_deleted_journal_is_not_taken_for_a_new_runs_output(world):
+    """Run ids start again with a new journal: the old run 1's log must not pass for the
+    empty log of the new run 1 (which has no file of its own, made only when asked)."""
+    old = world.run("run", "--key", "q", "--delay", "10ms", "--", "echo", "old output")
+    assert old.returncode == 0, old.stderr
+    assert world.run("stop").returncode == 0
+    for suffix in ("", "-wal", "-shm"):
+        with contextlib.suppress(FileNotFoundError):
+            (world.state / f"journal.db{suffix}").unlink()
+    new = world.run("run", "--key", "q", "--delay", "10ms", "--", "true")
+    assert new.returncode == 0, new.stderr
+    assert [row["run_id"] for row in history(world, "q")] == [1]
+    shown = world.run("logs", "1")
+    assert (shown.returncode, shown.stdout, shown.stderr) == (0, "", "")
+
+
 def test_log_retention_keeps_only_the_newest_logs_of_a_key(world):
     start_daemon_by_hand(world, "--keep-logs", "2")
     four_runs_of_h(world)

@@ -115,13 +115,17 @@ def restore(config: Config, clock: Clock) -> State:
     _put_back(scheduler, restored, clock)
     ledger = os.path.join(state_dir, f"started-{digest}")
     _settle(journal, scheduler, restored.unfinished, ledger, digest, clock)
-    _remove_batch_files(log_dir)
+    _remove_leftovers(log_dir, restored.next_run_id)
     return State(scheduler, journal, log_dir, ledger)
 
 
-def _remove_batch_files(log_dir: str) -> None:
+def _remove_leftovers(log_dir: str, next_run_id: int) -> None:
     """The ``$DEBOUNCE_BATCH`` files a killed daemon left (its runs' processes are gone by
-    now, see _settle): this socket's log directory is ours alone, and no run has started."""
+    now, see _settle), and logs named for runs that do not exist yet (left beside a journal
+    that was deleted): a run that writes nothing gets no file, and its empty log is made
+    when asked only if no file of that name is there (``logfile.make_empty``), so such a file
+    would be taken for its output. This socket's log directory is ours alone, and no run has
+    started."""
     if not log_dir:
         return
     try:
@@ -129,7 +133,9 @@ def _remove_batch_files(log_dir: str) -> None:
     except OSError:
         return
     for name in names:
-        if name.startswith("batch-"):
+        stem, _, suffix = name.partition(".")
+        if name.startswith("batch-") or (
+                suffix == "log" and stem.isdigit() and int(stem) >= next_run_id):
             try:
                 os.unlink(os.path.join(log_dir, name))
             except OSError:
