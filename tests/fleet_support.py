@@ -178,6 +178,16 @@ class Host(World):
         self.daemon.kill()
         self.daemon.wait()
 
+    def store_calls(self, op: str) -> int:
+        """How many calls of ``op`` this host's daemon has made to the store (its metrics)."""
+        proc = self.run("metrics")
+        assert proc.returncode == 0, proc.stderr
+        prefix = f'debounce_fleet_store_round_trip_seconds_count{{op="{op}"}} '
+        for line in proc.stdout.splitlines():
+            if line.startswith(prefix):
+                return int(line[len(prefix):])
+        return 0
+
     def fleet_status(self) -> list[dict]:
         proc = self.run("status", "--fleet", "--json")
         assert proc.returncode == 0, proc.stderr

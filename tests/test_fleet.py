@@ -277,8 +277,12 @@ def test_a_store_restarted_empty_loses_no_accepted_invocation(tmp_path):
         out = fleet.hosts[0].work / "runs.txt"
         procs = submit_in_order(fleet, "e", [(0, ["--delay", "3s", "--", *record(out), "a"]),
                                              (1, ["--delay", "3s", "--", *record(out), "b"])])
+        asked = fleet.hosts[2].store_calls("now")
         waiter = fleet.hosts[2].popen("wait", "e")
-        time.sleep(0.3)  # the waiter files itself (nothing below waits on it)
+        # Filed in the same step as its host's read of the store's clock (only `wait` and
+        # `status --fleet` read it). A waiter arriving while the store is down is refused
+        # (116): a fixed 0.3 s was not always enough on a loaded machine.
+        wait_until(lambda: fleet.hosts[2].store_calls("now") > asked, timeout=15)
         redis.stop()
         redis.start()
         results = [finish(p, timeout=60) for p in (*procs, waiter)]
@@ -339,19 +343,28 @@ def test_a_run_in_flight_reports_once_the_store_is_back(redis):
     fleet = Fleet(redis, extra={h: ("--lease", "6s") for h in "abc"})
     try:
         marker = fleet.hosts[0].work / "started"
-        command = ["sh", "-c", f"touch {marker}; sleep 1.5; echo done; exit 5"]
+        ended = fleet.hosts[0].work / "ended"
+        command = ["sh", "-c", f"touch {marker}; echo begun; sleep 1.5; echo done; "
+                               f"touch {ended}; exit 5"]
         runner = fleet.hosts[0].popen("run", "--fleet", "--key", "inflight", "--delay", "0",
                                       "--", *command)
         wait_until(marker.exists, timeout=15)
-        waiter = fleet.hosts[1].popen("wait", "inflight")
-        time.sleep(0.3)  # the waiter files itself (nothing below waits on it)
+        followed = fleet.hosts[1].work / "waiter.out"
+        with open(followed, "w") as out:
+            waiter = fleet.hosts[1].popen("wait", "inflight", stdout=out)
+        # It follows the run once it has the output so far (waiting a fixed 0.3 s instead
+        # failed on a loaded machine: the waiter came after the store had gone, 116).
+        wait_until(lambda: "begun" in followed.read_text(), timeout=15)
         redis.stop()
-        time.sleep(2.0)  # the run ends while the store is down
+        wait_until(ended.exists, timeout=15)  # the run ends while the store is down
         assert runner.poll() is None and waiter.poll() is None
         redis.start()
-        for proc in (runner, waiter):
-            code, stdout, err = finish(proc)
-            assert (code, stdout) == (5, "done\n"), err + "".join(h.log() for h in fleet.hosts)
+        code, stdout, err = finish(runner)
+        assert (code, stdout) == (5, "begun\ndone\n"), err + "".join(
+            h.log() for h in fleet.hosts)
+        code, _, err = finish(waiter)
+        assert (code, followed.read_text()) == (5, "begun\ndone\n"), err + "".join(
+            h.log() for h in fleet.hosts)
         history = fleet.hosts[2].fleet_history()
         assert [(r["exit_code"], r["outcome"]) for r in history] == [(5, "exited")]
     finally:
