@@ -343,8 +343,10 @@ def test_a_run_in_flight_reports_once_the_store_is_back(redis):
     fleet = Fleet(redis, extra={h: ("--lease", "6s") for h in "abc"})
     try:
         marker = fleet.hosts[0].work / "started"
+        go = fleet.hosts[0].work / "go"
         ended = fleet.hosts[0].work / "ended"
-        command = ["sh", "-c", f"touch {marker}; echo begun; sleep 1.5; echo done; "
+        command = ["sh", "-c", f"touch {marker}; echo begun; "
+                               f"while [ ! -e {go} ]; do sleep 0.05; done; echo done; "
                                f"touch {ended}; exit 5"]
         runner = fleet.hosts[0].popen("run", "--fleet", "--key", "inflight", "--delay", "0",
                                       "--", *command)
@@ -356,7 +358,8 @@ def test_a_run_in_flight_reports_once_the_store_is_back(redis):
         # failed on a loaded machine: the waiter came after the store had gone, 116).
         wait_until(lambda: "begun" in followed.read_text(), timeout=15)
         redis.stop()
-        wait_until(ended.exists, timeout=15)  # the run ends while the store is down
+        go.touch()  # the run ends while the store is down (well within the lease's guard)
+        wait_until(ended.exists, timeout=15)
         assert runner.poll() is None and waiter.poll() is None
         redis.start()
         code, stdout, err = finish(runner)
