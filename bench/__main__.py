@@ -719,7 +719,7 @@ def bench_stdin_lateness(rows: list[tuple[str, str, str]], lines: int, singles: 
 
 
 def spawner_pid(daemon: Daemon) -> int | None:
-    """The pid of the daemon's spawner (runner._SPAWNER), a child of the daemon."""
+    """The pid of the daemon's spawner (spawner.PROGRAM), a child of the daemon."""
     try:
         with open(f"/proc/{daemon.proc.pid}/task/{daemon.proc.pid}/children") as f:
             children = [int(pid) for pid in f.read().split()]

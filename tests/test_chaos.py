@@ -134,7 +134,7 @@ def comm(pid: int) -> str:
 
 
 def is_spawner(pid: int) -> bool:
-    """Whether ``pid`` is a daemon's spawner (``python -I -S -c ...``, see runner._SPAWNER)."""
+    """Whether ``pid`` is a daemon's spawner (``python -I -S -c ...``, see spawner.PROGRAM)."""
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
             return b"\0-I\0-S\0-c\0" in f.read()

@@ -293,7 +293,7 @@ def test_a_full_disk_and_kill_9_never_run_acknowledged_work_twice(world, small_t
 
 
 def spawner_of(daemon_pid: int) -> int | None:
-    """The daemon's spawner: its child ``python -I -S -c ...`` (see runner._SPAWNER)."""
+    """The daemon's spawner: its child ``python -I -S -c ...`` (see spawner.PROGRAM)."""
     from test_chaos import children, is_spawner
 
     found = [pid for pid in children(daemon_pid) if is_spawner(pid)]
