@@ -77,7 +77,7 @@ class LogWriter:
             self.made = True
             self.error = f"cannot create it ({exc.strerror or exc})"
             return False
-        if self.closed:  # made for its readers after the run's end: nothing more comes
+        if self.closed:  # (made after its writer was done: no descriptor is kept open)
             self.close()
         return True
 

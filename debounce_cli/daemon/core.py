@@ -324,13 +324,11 @@ class Core:
         """Runs started since the last call and executing still: their pid and log are
         committed now."""
         self.note_timer = None
-        runs, self.unnoted = self.unnoted, []
-        noted = False
-        for run in runs:
-            if run.state == RUNNING and self.journal is not None:
+        executing = [run for run in self.unnoted if run.state == RUNNING]
+        self.unnoted = []
+        if executing and self.journal is not None:
+            for run in executing:
                 self.journal.note_run(run)
-                noted = True
-        if noted:
             self.apply([], lazy=True)
 
     def run_timed_out(self, run_id: int) -> None:
